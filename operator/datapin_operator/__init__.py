@@ -1,0 +1,1 @@
+"""datapin operator: Dataset CRD, revision pinning and sidecar injection (issue 5)."""

@@ -1,0 +1,235 @@
+"""The node cache: a directory laid out exactly like DVC's cache.
+
+Objects live at `files/md5/ab/cdef...` (DVC 3) or `ab/cdef...` (legacy DVC 2), so a DVC cache
+can serve as a node cache and the other way round (`dvc checkout` works from a cache datapin
+filled). Everything datapin keeps for itself sits under `.datapin/`, which DVC never looks at:
+
+    .datapin/tmp/         objects being written (one file per writer, flock-held while open)
+    .datapin/quarantine/  objects that failed their md5, kept for inspection, never linked
+
+Contract, relied on by every reader and by the linker:
+
+* An object at its final name is complete, verified and mode 0444. It got there only by
+  writing a temp file in `.datapin/tmp/` while hashing, checking the md5, fsyncing, and then
+  `link(tmp, final)`: `link` never replaces, so concurrent writers of one object are safe (the
+  first wins, the rest drop their identical copy) and an object that a hardlinked tree shares
+  is never swapped under it.
+* A writer holds an exclusive `flock` on its temp file until it is done. A temp file whose lock
+  can be taken belongs to a dead writer and is removed by `clean_temp` — this works across the
+  PID namespaces of different pods on one node, where PIDs would not.
+* Objects are trusted once in place (a warm start must cost metadata only). `verify` re-hashes
+  on request and moves a bad object to quarantine, so it is never linked again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Final
+
+from .errors import CorruptObjectError, os_error
+from .hashing import DVC2_CHUNK, Layout, ObjectHasher, hash_file
+from .manifest import Manifest
+from .revision import Revision
+
+OBJECT_MODE: Final = 0o444
+_PRIVATE: Final = ".datapin"
+
+
+class NodeCache:
+    """A DVC-compatible object cache rooted at `root`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self._prefix = {layout: f"{self.root}/{layout.prefix()}" for layout in Layout}
+        self.tmp_dir = self.root / _PRIVATE / "tmp"
+        self.quarantine_dir = self.root / _PRIVATE / "quarantine"
+
+    def __repr__(self) -> str:
+        return f"NodeCache({str(self.root)!r})"
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def path(self, oid: str, layout: Layout) -> str:
+        """Where object `oid` (`<md5>` or `<md5>.dir`) lives in `layout`."""
+        return f"{self._prefix[layout]}{oid[:2]}/{oid[2:]}"
+
+    def prefix(self, layout: Layout) -> str:
+        """`path(oid, layout) == prefix(layout) + oid[:2] + "/" + oid[2:]`, for hot loops."""
+        return self._prefix[layout]
+
+    def find(
+        self, oid: str, layouts: tuple[Layout, ...] = (Layout.DVC3, Layout.LEGACY)
+    ) -> Layout | None:
+        """The first layout holding `oid`, or None."""
+        for layout in layouts:
+            if os.path.lexists(self.path(oid, layout)):
+                return layout
+        return None
+
+    # -- manifests ----------------------------------------------------------------------------
+
+    def load_manifest(self, revision: Revision, layout: Layout) -> Manifest:
+        """Read, md5-check and parse the `.dir` of `revision`; a bad one is quarantined."""
+        path = self.path(revision.oid, layout)
+        with open(path, "rb") as f:
+            data = f.read()
+        hasher = ObjectHasher(layout)
+        hasher.update(data)
+        if hasher.hexdigest() != revision.md5:
+            self.quarantine(revision.oid, layout)
+            raise CorruptObjectError(
+                oids=[revision.oid], cache=str(self.root), detail="manifest bytes fail their md5"
+            )
+        return Manifest.parse(data, source=path)
+
+    # -- inserting ----------------------------------------------------------------------------
+
+    def insert_file(self, src: str | os.PathLike[str], oid: str, layout: Layout) -> int:
+        """Copy `src` into the cache as `oid`, verifying its md5. Returns the bytes copied.
+
+        Raises `CorruptObjectError` (and leaves the cache untouched) if the bytes do not hash
+        to `oid`.
+        """
+        md5 = oid.removesuffix(".dir")
+        with self.writer(oid, layout) as w, open(src, "rb", buffering=0) as f:
+            while chunk := f.read(DVC2_CHUNK):
+                w.write(chunk)
+            if w.hexdigest() != md5:
+                raise CorruptObjectError(
+                    oids=[oid], cache=str(self.root), detail=f"{src} does not hash to its name"
+                )
+            return w.size
+
+    def insert_bytes(self, data: bytes, oid: str, layout: Layout) -> None:
+        """Insert in-memory bytes as `oid` (verified like any other insert)."""
+        with self.writer(oid, layout) as w:
+            w.write(data)
+            if w.hexdigest() != oid.removesuffix(".dir"):
+                raise CorruptObjectError(
+                    oids=[oid], cache=str(self.root), detail="bytes do not hash to their name"
+                )
+
+    def writer(self, oid: str, layout: Layout) -> ObjectWriter:
+        """A temp file that becomes object `oid` when the `with` block exits cleanly."""
+        return ObjectWriter(self, oid, layout)
+
+    # -- verifying ----------------------------------------------------------------------------
+
+    def verify(self, oid: str, layout: Layout) -> bool:
+        """Re-hash `oid`; a mismatch moves it to quarantine and returns False."""
+        try:
+            actual = hash_file(self.path(oid, layout), layout)
+        except FileNotFoundError:
+            return False
+        if actual == oid.removesuffix(".dir"):
+            return True
+        self.quarantine(oid, layout)
+        return False
+
+    def quarantine(self, oid: str, layout: Layout) -> Path | None:
+        """Move `oid` out of the cache into `.datapin/quarantine/`; None if it was gone."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        target = self.quarantine_dir / f"{layout}-{oid}-{int(time.time())}-{secrets.token_hex(4)}"
+        try:
+            os.rename(self.path(oid, layout), target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def clean_temp(self) -> int:
+        """Remove temp files of dead writers (their flock is free). Returns how many."""
+        removed = 0
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            path = self.tmp_dir / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
+
+
+class ObjectWriter:
+    """Writes one object through a locked temp file; see the module contract."""
+
+    __slots__ = ("_cache", "_fd", "_hasher", "_layout", "_oid", "_tmp", "size")
+
+    def __init__(self, cache: NodeCache, oid: str, layout: Layout) -> None:
+        self._cache = cache
+        self._oid = oid
+        self._layout = layout
+        self._hasher = ObjectHasher(layout)
+        self._fd = -1
+        self._tmp = ""
+        self.size = 0
+
+    def __enter__(self) -> ObjectWriter:
+        tmp_dir = self._cache.tmp_dir
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp = f"{tmp_dir}/{self._oid}.{secrets.token_hex(6)}.tmp"
+        try:
+            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise os_error(str(self._cache.root), exc, volume="node cache") from exc
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise os_error(str(self._cache.root), exc, volume="node cache") from exc
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self._install()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            os.close(self._fd)  # releases the flock last, after the temp name is gone
+
+    def _install(self) -> None:
+        final = self._cache.path(self._oid, self._layout)
+        try:
+            os.fchmod(self._fd, OBJECT_MODE)
+            # Durable before visible: a machine crash must not leave a short object under a
+            # verified name.
+            os.fsync(self._fd)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.link(self._tmp, final)
+        except FileExistsError:
+            pass  # another writer installed the same bytes first
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                os.rename(self._tmp, final)  # filesystems without hardlinks
+            else:
+                raise os_error(str(self._cache.root), exc, volume="node cache") from exc

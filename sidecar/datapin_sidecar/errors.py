@@ -1,0 +1,170 @@
+"""Every error datapin raises on purpose, and the exit code each maps to.
+
+The hierarchy (in the style of httpx: one base, a branch per thing that went wrong)::
+
+    DatapinError                      exit 1 unless a subclass says otherwise
+    ├── UsageError                    2  a bad argument or option value
+    ├── RevisionError                 3  the revision the user named cannot be read
+    │   └── ManifestError             3  a `.dir`/`.dvc`/`dvc.lock` is malformed or unsafe
+    ├── ObjectsMissingError           4  objects are in neither the node cache nor the remote
+    ├── CorruptObjectError            5  objects fail their md5 and cannot be repaired
+    ├── DestinationError              6  the destination cannot take the tree
+    │                                    (not ours, read-only, no space, permission)
+    ├── LinkError                     7  the requested link strategy is impossible here
+    └── RemoteError                   8  the remote cannot be read
+
+Every message names the thing at fault and says how to fix it, because the people reading it
+are looking at `kubectl describe pod`, not at our source. Values are keyword-only so a raise
+site reads as a sentence, and the structured fields stay available to callers (the CLI, the
+sidecar's termination message, metrics by reason) without parsing the text.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+#: How many object ids an error lists before it says "and N more".
+_SHOWN = 5
+
+
+def _some(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    more = len(items) - _SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+class DatapinError(Exception):
+    """Base class: an error we raise on purpose, with a message fit for users."""
+
+    exit_code = 1
+    #: A short stable label for metrics and logs (`fetch_errors_total{reason=...}`).
+    reason = "error"
+
+
+class UsageError(DatapinError):
+    """A bad argument or option value."""
+
+    exit_code = 2
+    reason = "usage"
+
+
+class RevisionError(DatapinError):
+    """The revision named cannot be resolved or read."""
+
+    exit_code = 3
+    reason = "revision"
+
+
+class ManifestError(RevisionError):
+    """A DVC manifest (`.dir`), `.dvc` file or `dvc.lock` is malformed or unsafe."""
+
+    reason = "manifest"
+
+    def __init__(self, *, manifest: str, problem: str, entry: str | None = None) -> None:
+        self.manifest = manifest
+        self.entry = entry
+        self.problem = problem
+        where = f"entry {entry}: " if entry is not None else ""
+        super().__init__(
+            f"invalid DVC manifest {manifest}: {where}{problem}. "
+            "Fix: regenerate it with `dvc add`/`dvc commit` (a hand-edited or truncated "
+            "manifest cannot be materialised safely)"
+        )
+
+
+class ObjectsMissingError(DatapinError):
+    """Objects a revision needs are in neither the node cache nor the remote."""
+
+    exit_code = 4
+    reason = "missing"
+
+    def __init__(self, *, oids: Sequence[str], cache: str, remote: str | None) -> None:
+        self.oids = tuple(oids)
+        self.cache = cache
+        self.remote = remote
+        where = f"node cache {cache}" + (f" nor remote {remote}" if remote else "")
+        fix = (
+            "run `dvc push` for this revision from the repository that made it"
+            if remote
+            else "pass --remote with the DVC remote that holds them, or `dvc push` them"
+        )
+        super().__init__(
+            f"{len(self.oids)} object(s) not found in {where}: {_some(self.oids)}. Fix: {fix}"
+        )
+
+
+class CorruptObjectError(DatapinError):
+    """Objects fail their md5 check and no remote could supply a good copy."""
+
+    exit_code = 5
+    reason = "corrupt"
+
+    def __init__(self, *, oids: Sequence[str], cache: str, detail: str) -> None:
+        self.oids = tuple(oids)
+        self.cache = cache
+        super().__init__(
+            f"{len(self.oids)} corrupt object(s) in {cache}: {_some(self.oids)} ({detail}). "
+            "They were moved to quarantine and not linked. Fix: pass --remote to fetch good "
+            "copies, or `dvc push` them again from a clean cache"
+        )
+
+
+class DestinationError(DatapinError):
+    """The destination cannot take the tree: not ours, read-only, full, or not permitted."""
+
+    exit_code = 6
+    reason = "destination"
+
+    def __init__(self, *, dest: str, problem: str, fix: str) -> None:
+        self.dest = dest
+        self.problem = problem
+        super().__init__(f"destination {dest}: {problem}. Fix: {fix}")
+
+
+class LinkError(DatapinError):
+    """The requested link strategy cannot work between the cache and the destination."""
+
+    exit_code = 7
+    reason = "link"
+
+    def __init__(self, *, strategy: str, cache: str, dest: str, detail: str) -> None:
+        self.strategy = strategy
+        super().__init__(
+            f"--link {strategy} is not possible from cache {cache} to destination {dest} "
+            f"({detail}). Fix: use --link auto, or put both on one XFS volume made with "
+            "`mkfs.xfs -m reflink=1`"
+        )
+
+
+class RemoteError(DatapinError):
+    """The remote cannot be read at all (as opposed to single objects missing from it)."""
+
+    exit_code = 8
+    reason = "remote"
+
+    def __init__(self, *, remote: str, problem: str, fix: str) -> None:
+        self.remote = remote
+        super().__init__(f"remote {remote}: {problem}. Fix: {fix}")
+
+
+def os_error(where: str, exc: OSError, *, volume: str = "destination") -> Exception:
+    """The user-facing error for an OSError writing under `where`, or `exc` itself.
+
+    Space and permission failures are the user's to fix and get a `DestinationError` naming
+    the volume; anything else is unexpected and propagates as it is.
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DestinationError(
+            dest=where,
+            problem=f"no space left on the {volume} volume",
+            fix="free space (the node agent's GC evicts unused objects) or use a larger volume",
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DestinationError(
+            dest=where,
+            problem=f"cannot write to the {volume} ({os.strerror(exc.errno)})",
+            fix=f"mount the {volume} read-write for datapin (consumers get trees read-only)",
+        )
+    return exc

@@ -1,0 +1,140 @@
+"""What a user can name as a revision, and the DVC files that name one.
+
+A revision is a DVC object id: `<md5>.dir` for a directory (the md5 of its `.dir` manifest) or
+`<md5>` for a single file. That id is content-addressed, so it *is* the pin: git tags and
+branches are resolved to one by the operator (issue 5), never by the materialiser.
+
+`.dvc` files and `dvc.lock` name revisions through their `outs`. Whether an out uses the DVC 3
+layout or the legacy one is recorded per out: DVC 3 writes `hash: md5`, DVC 2 wrote nothing,
+and DVC 3 keeps reading and pushing legacy outs in the legacy layout. `Out.layout` carries that
+through so the cache looks in the right place without guessing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from .errors import ManifestError, RevisionError
+from .hashing import Layout
+
+_REV: Final = re.compile(r"([0-9a-f]{32})(\.dir)?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Revision:
+    """A DVC object id naming a tree (`is_dir`) or a single file."""
+
+    md5: str
+    is_dir: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Revision:
+        m = _REV.fullmatch(text.strip().lower())
+        if m is None:
+            raise RevisionError(
+                f"revision {text!r} is not a DVC object id. Fix: pass `<32 hex>.dir` for a "
+                "directory (the `md5:` of its .dvc file or dvc.lock out) or `<32 hex>` for a "
+                "single file"
+            )
+        return cls(md5=m.group(1), is_dir=m.group(2) is not None)
+
+    @property
+    def oid(self) -> str:
+        """The name of the object in a cache: `<md5>.dir` or `<md5>`."""
+        return self.md5 + (".dir" if self.is_dir else "")
+
+    def __str__(self) -> str:
+        return self.oid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Out:
+    """One output of a `.dvc` file or `dvc.lock` stage."""
+
+    path: str
+    revision: Revision
+    layout: Layout
+    size: int | None = None
+    nfiles: int | None = None
+
+
+def read_dvc_file(path: str | Path) -> list[Out]:
+    """The outs of a `.dvc` file."""
+    doc = _load_yaml(Path(path))
+    outs = doc.get("outs") if isinstance(doc, dict) else None
+    if not isinstance(outs, list) or not outs:
+        raise ManifestError(manifest=str(path), problem="no `outs:` list (is it a .dvc file?)")
+    return [_out(str(path), item, index) for index, item in enumerate(outs)]
+
+
+def read_dvc_lock(path: str | Path) -> dict[str, list[Out]]:
+    """The outs of every stage in a `dvc.lock` (schema 2.0), by stage name."""
+    doc = _load_yaml(Path(path))
+    stages = doc.get("stages") if isinstance(doc, dict) else None
+    if not isinstance(stages, dict):
+        raise ManifestError(manifest=str(path), problem="no `stages:` mapping (is it dvc.lock?)")
+    result: dict[str, list[Out]] = {}
+    for name, stage in stages.items():
+        outs = stage.get("outs", []) if isinstance(stage, dict) else None
+        if not isinstance(outs, list):
+            raise ManifestError(
+                manifest=str(path), entry=f"stage {name!r}", problem="`outs` is not a list"
+            )
+        result[str(name)] = [_out(f"{path} stage {name!r}", o, i) for i, o in enumerate(outs)]
+    return result
+
+
+def find_out(outs: list[Out], target: str, *, source: str) -> Out:
+    """The out whose path is `target` (normalised), or a clear error listing the choices."""
+    wanted = target.strip("/")
+    for out in outs:
+        if out.path.strip("/") == wanted:
+            return out
+    names = ", ".join(sorted(o.path for o in outs)) or "none"
+    raise RevisionError(f"{source} has no out {target!r}; its outs are: {names}")
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        with path.open("rb") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise RevisionError(f"DVC file {path} does not exist. Fix: check the path") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(manifest=str(path), problem=f"not valid YAML ({exc})") from None
+
+
+def _out(source: str, item: Any, index: int) -> Out:
+    if not isinstance(item, dict):
+        raise ManifestError(manifest=source, entry=f"outs[{index}]", problem="not a mapping")
+    path, md5 = item.get("path"), item.get("md5")
+    if not isinstance(path, str) or not isinstance(md5, str):
+        raise ManifestError(
+            manifest=source, entry=f"outs[{index}]", problem="an out needs `path` and `md5`"
+        )
+    hash_name = item.get("hash")
+    if hash_name not in (None, "md5"):
+        raise ManifestError(
+            manifest=source,
+            entry=f"outs[{index}] {path!r}",
+            problem=f"hash {hash_name!r} is not supported (only md5)",
+        )
+    try:
+        revision = Revision.parse(md5)
+    except RevisionError as exc:
+        raise ManifestError(
+            manifest=source, entry=f"outs[{index}] {path!r}", problem=str(exc)
+        ) from None
+    size, nfiles = item.get("size"), item.get("nfiles")
+    return Out(
+        path=path,
+        revision=revision,
+        layout=Layout.DVC3 if hash_name == "md5" else Layout.LEGACY,
+        size=size if isinstance(size, int) else None,
+        nfiles=nfiles if isinstance(nfiles, int) else None,
+    )
