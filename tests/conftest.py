@@ -1,0 +1,137 @@
+"""Shared pytest fixtures: real filesystems (XFS with reflinks, the root filesystem) and real DVC
+repositories (DVC 3 and legacy DVC 2.58).
+
+Design:
+
+- Expensive things are session-scoped and built once: one 4G sparse reflink XFS volume
+  (``xfs_mount``) and one repository per DVC version (``dvc3_fixture``, ``dvc2_fixture``).
+  Tests get isolation from cheap function-scoped children: ``xfs_dir`` / ``rootfs_dir`` are fresh
+  empty directories removed afterwards even if the test left read-only trees behind, and
+  :func:`tests.support.dvcrepo.dvc_checkout` clones rather than touching the shared repo.
+- ``fs_dir`` is parametrised over ``xfs`` and ``rootfs``, so a test written once runs on a
+  reflink filesystem and on one without reflinks (ext4 here), covering both link strategies.
+- ``small_xfs`` is a fresh 320M volume per test, for ENOSPC behaviour that must not leak into
+  other tests.
+- Tests that use these fixtures are marked automatically with the ``xfs`` / ``dvc`` markers
+  declared in pyproject (``fs_dir`` only for its ``xfs`` variant), so ``-m "not xfs"`` selects
+  the rest explicitly. Markers only select; they never skip.
+- When the machine lacks something (root, xfsprogs, loop devices, the DVC executables), the
+  fixture calls ``pytest.skip`` with the reason and the fix; ``-ra`` in pyproject prints it.
+  Nothing else is skipped or hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import rmtree_robust
+from tests.support.dvcrepo import DvcFixture, DvcUnavailable, make_dvc_repo, sample_files
+from tests.support.xfs import MIN_XFS_SIZE, XfsUnavailable, xfs_volume
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_XFS_FIXTURES = frozenset({"xfs_mount", "xfs_dir", "small_xfs"})
+_DVC_FIXTURES = frozenset({"dvc3_fixture", "dvc2_fixture"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Add the ``xfs`` / ``dvc`` markers to tests that (statically) request those fixtures."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if names & _XFS_FIXTURES or params.get("fs_dir") == "xfs":
+            item.add_marker(pytest.mark.xfs)
+        if names & _DVC_FIXTURES:
+            item.add_marker(pytest.mark.dvc)
+
+
+@pytest.fixture(scope="session")
+def xfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Mountpoint of a session-wide 4G (sparse) XFS volume with ``reflink=1``."""
+    workdir = tmp_path_factory.mktemp("xfs-session")
+    try:
+        with xfs_volume("4G", workdir=workdir, reflink=True) as mnt:
+            yield mnt
+    except XfsUnavailable as exc:
+        pytest.skip(f"no XFS volume: {exc.reason}")
+
+
+@pytest.fixture
+def xfs_dir(xfs_mount: Path) -> Iterator[Path]:
+    """A fresh empty directory on the shared reflink XFS volume, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="t-", dir=xfs_mount))
+    try:
+        yield path
+    finally:
+        rmtree_robust(path)
+
+
+def _rootfs_base(tmp_path: Path) -> Path:
+    """A writable directory on the root filesystem: pytest's tmp_path if it is (not tmpfs)."""
+    root_dev = os.stat("/").st_dev
+    for candidate in (tmp_path, Path("/var/tmp"), REPO_ROOT.parent):
+        try:
+            if candidate.is_dir() and os.stat(candidate).st_dev == root_dev:
+                return candidate
+        except OSError:
+            continue
+    pytest.skip(
+        f"no writable directory on the root filesystem among {tmp_path}, /var/tmp, "
+        f"{REPO_ROOT.parent}: run with --basetemp=<dir on the root fs>"
+    )
+
+
+@pytest.fixture
+def rootfs_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh empty directory on the root filesystem (ext4 here: no reflinks), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="rootfs-", dir=_rootfs_base(tmp_path)))
+    try:
+        yield path
+    finally:
+        rmtree_robust(path)
+
+
+@pytest.fixture(params=["xfs", "rootfs"], ids=["xfs", "rootfs"])
+def fs_dir(request: pytest.FixtureRequest) -> Path:
+    """A fresh directory on XFS-with-reflink, then on the root filesystem: one test, both."""
+    name = "xfs_dir" if request.param == "xfs" else "rootfs_dir"
+    path: Path = request.getfixturevalue(name)
+    return path
+
+
+@pytest.fixture
+def small_xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Mountpoint of a fresh 320M reflink XFS volume (~250 MiB free), for ENOSPC tests."""
+    workdir = tmp_path_factory.mktemp("xfs-small")
+    try:
+        with xfs_volume(MIN_XFS_SIZE, workdir=workdir, reflink=True) as mnt:
+            yield mnt
+    except XfsUnavailable as exc:
+        pytest.skip(f"no XFS volume: {exc.reason}")
+
+
+def _dvc_fixture(tmp_path_factory: pytest.TempPathFactory, version: int) -> DvcFixture:
+    try:
+        return make_dvc_repo(
+            tmp_path_factory.mktemp(f"dvc{version}"), sample_files(), version=version
+        )
+    except DvcUnavailable as exc:
+        pytest.skip(f"no DVC {version}: {exc.reason}")
+
+
+@pytest.fixture(scope="session")
+def dvc3_fixture(tmp_path_factory: pytest.TempPathFactory) -> DvcFixture:
+    """A git+DVC 3 repo tracking ``sample_files()`` as ``data/``, pushed to a directory remote."""
+    return _dvc_fixture(tmp_path_factory, 3)
+
+
+@pytest.fixture(scope="session")
+def dvc2_fixture(tmp_path_factory: pytest.TempPathFactory) -> DvcFixture:
+    """Same with DVC 2.58: legacy layout, ``md5-dos2unix`` object names."""
+    return _dvc_fixture(tmp_path_factory, 2)
