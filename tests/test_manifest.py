@@ -15,7 +15,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from datapin_sidecar.errors import ManifestError, RevisionError
 from datapin_sidecar.hashing import Layout, ObjectHasher, hash_file, is_text_block
 from datapin_sidecar.manifest import Manifest, diff

@@ -86,7 +86,7 @@ class NodeCache:
             raise CorruptObjectError(
                 oids=[revision.oid], cache=str(self.root), detail="manifest bytes fail their md5"
             )
-        return Manifest.parse(data, source=path)
+        return Manifest.parse(data, source=f"{revision.oid} (at {path})")
 
     # -- inserting ----------------------------------------------------------------------------
 
