@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.errors import (
     CorruptObjectError,
@@ -27,6 +26,7 @@ from datapin_sidecar.linker import Strategy
 from datapin_sidecar.materialize import Request, materialize
 from datapin_sidecar.remote import DirectoryRemote
 from datapin_sidecar.revision import Revision
+
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
 

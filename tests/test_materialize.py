@@ -12,13 +12,14 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.errors import LinkError
+from datapin_sidecar.hashing import Layout
 from datapin_sidecar.linker import Linker, LinkMode, Strategy
 from datapin_sidecar.materialize import Request, Result, materialize
 from datapin_sidecar.remote import DirectoryRemote
 from datapin_sidecar.revision import Revision
+
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
 from tests.support.xfs import free_bytes, shared_extents
@@ -108,21 +109,12 @@ def test_reflinks_share_extents_and_cost_no_space(xfs_dir: Path) -> None:
     after = free_bytes(xfs_dir)
     assert result.modes == {"reflink": 4}
     assert not result.read_only
-    for name in big:
+    for name, data in big.items():
         clone = xfs_dir / "pod" / "current" / name
         assert shared_extents(clone), f"{name} does not share extents with the cache"
-        assert (
-            os.stat(clone).st_ino
-            != os.stat(cache.path(object_name(big[name]), rev_layout(cache))).st_ino
-        )
+        assert os.stat(clone).st_ino != os.stat(cache.path(object_name(data), Layout.DVC3)).st_ino
     # 32 MiB of clones: free space moves by metadata only (well under 1 MiB).
     assert before - after < 1 << 20, f"free space dropped by {before - after} bytes"
-
-
-def rev_layout(cache: NodeCache):  # type: ignore[no-untyped-def]
-    from datapin_sidecar.hashing import Layout
-
-    return Layout.DVC3
 
 
 def test_hardlink_mode_is_read_only_and_shares_the_cache_inode(
@@ -133,7 +125,7 @@ def test_hardlink_mode_is_read_only_and_shares_the_cache_inode(
     assert result.read_only
     assert result.mode == "hardlink"
     linked = fs_dir / "pod" / "current" / "labels.csv"
-    obj = cache.path(object_name(FILES_A["labels.csv"]), rev_layout(cache))
+    obj = cache.path(object_name(FILES_A["labels.csv"]), Layout.DVC3)
     assert os.stat(linked).st_ino == os.stat(obj).st_ino
     assert stat.S_IMODE(os.stat(linked).st_mode) == 0o444
 
@@ -239,7 +231,7 @@ def test_rematerialise_is_a_noop_without_reading_the_manifest(
     dest = fs_dir / "pod"
     first = run(cache, rev, dest)
     # Remove the manifest from the cache: a no-op must not need it.
-    dir_path = Path(cache.path(rev.oid, rev_layout(cache)))
+    dir_path = Path(cache.path(rev.oid, Layout.DVC3))
     dir_path.unlink()
     again = run(cache, rev, dest)
     assert again.noop
@@ -272,13 +264,13 @@ def test_missing_objects_are_fetched_once_from_a_directory_remote(fs_dir: Path) 
     warm = run(cache, rev, fs_dir / "pod2", remote=DirectoryRemote(remote_dir))
     assert (warm.hits, warm.misses, warm.fetched_objects) == (len(FILES_A), 0, 0)
     # Objects landed in the DVC layout, read-only.
-    obj = Path(cache.path(object_name(FILES_A["labels.csv"]), rev_layout(cache)))
+    obj = Path(cache.path(object_name(FILES_A["labels.csv"]), Layout.DVC3))
     assert stat.S_IMODE(obj.stat().st_mode) == 0o444
 
 
 def test_single_file_revision(fs_dir: Path, cache: NodeCache) -> None:
     data = b"model weights"
     oid = object_name(data)
-    cache.insert_bytes(data, oid, rev_layout(cache))
+    cache.insert_bytes(data, oid, Layout.DVC3)
     run(cache, Revision.parse(oid), fs_dir / "pod", file_name="model.bin")
     assert published(fs_dir / "pod" / "current") == {"model.bin": data}
