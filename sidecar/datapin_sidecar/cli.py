@@ -67,9 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--link-name", default="current", help="name of the published symlink (default: current)"
     )
-    m.add_argument(
-        "--file-name", help="file name for a single-file revision (default: the md5)"
-    )
+    m.add_argument("--file-name", help="file name for a single-file revision (default: the md5)")
     m.add_argument(
         "--verify",
         action="store_true",

@@ -36,7 +36,9 @@ from .errors import ManifestError
 
 _MD5_HEX: Final = re.compile(r"[0-9a-f]{32}")
 # DVC's exact output: `[{"md5": "<32 hex>", "relpath": "<json string>"}, ...]`.
-_CANONICAL: Final = re.compile(rb'\{"md5": "([0-9a-f]{32})", "relpath": "((?:[^"\\]|\\.)*)"\}')
+_CANONICAL: Final = re.compile(
+    rb'\{"md5": "([0-9a-f]{32})", "relpath": "((?:[^"\\\x00-\x1f]|\\.)*)"\}'
+)
 
 
 class Entry(NamedTuple):
@@ -160,9 +162,9 @@ class _Builder:
             source=self.source,
         )
         self._paths = bytearray()
-        if not _is_sorted(manifest):
+        if not _validate(manifest):
             manifest = _sorted(manifest)
-        _validate(manifest)
+            _validate(manifest)
         return manifest
 
 
@@ -178,19 +180,26 @@ def _parse_canonical(data: bytes, builder: _Builder) -> bool:
     end = len(data) - 1
     match = _CANONICAL.match
     add = builder.add
+    # The regex guarantees 32 lowercase hex digits and a JSON string without raw control
+    # characters, so the common entry skips `add`'s checks and goes straight to the buffers.
+    paths, offsets, md5s = builder._paths, builder._offsets, builder._md5s
+    fromhex = bytes.fromhex
     while True:
         m = match(data, pos)
         if m is None:
             return False
-        raw = m.group(2)
+        md5, raw = m.group(1, 2)
         if b"\\" in raw:
             try:
                 relpath = json.loads(b'"' + raw + b'"').encode("utf-8", "surrogatepass")
             except ValueError:
                 return False
+            add(relpath, md5.decode("ascii"))  # escapes may hide a NUL: full checks
         else:
-            relpath = raw
-        add(relpath, m.group(1).decode("ascii"))
+            offsets.append(len(paths))
+            paths += raw
+            paths += b"\0"
+            md5s += fromhex(md5.decode("ascii"))
         pos = m.end()
         if pos == end:
             return True
@@ -227,15 +236,6 @@ def _parse_general(data: bytes, builder: _Builder) -> None:
         builder.add(item[0].encode("utf-8", "surrogatepass"), item[1])
 
 
-def _is_sorted(m: Manifest) -> bool:
-    prev = b""
-    for i, (path, _) in enumerate(m.iter_raw()):
-        if i and path < prev:
-            return False
-        prev = path
-    return True
-
-
 def _sorted(m: Manifest) -> Manifest:
     order = sorted(range(len(m)), key=m.relpath_bytes)
     builder = _Builder(m.source)
@@ -245,10 +245,15 @@ def _sorted(m: Manifest) -> Manifest:
     return builder.build()
 
 
-def _validate(m: Manifest) -> None:
+def _validate(m: Manifest) -> bool:
+    """Check every path; False (and nothing checked past it) if the order is not sorted."""
     source = m.source
     files: list[bytes] = []  # files that are prefixes of the current path, nested
+    prev = b""
     for path, _ in m.iter_raw():
+        if path < prev:
+            return False
+        prev = path
         problem = _path_problem(path)
         if problem:
             raise ManifestError(manifest=source, entry=_show(path), problem=problem)
@@ -265,9 +270,20 @@ def _validate(m: Manifest) -> None:
                     problem=f"{_show(top)} is both a file and a parent directory of it",
                 )
         files.append(path)
+    return True
 
 
 def _path_problem(path: bytes) -> str | None:  # noqa: PLR0911 - one return per rule
+    # Fast path for the usual clean ASCII path: no segment can be empty, '.' or '..'.
+    if (
+        path
+        and path[0] not in b"/."
+        and path[-1] != 0x2F
+        and b"//" not in path
+        and b"/." not in path
+        and path.isascii()
+    ):
+        return None
     if not path:
         return "empty relpath"
     if path.startswith(b"/"):

@@ -208,14 +208,11 @@ class Workspace:
         old = self.published()
         tmp = self.dest / f".{self.link_name}.tmp-{secrets.token_hex(4)}"
 
+        # No fsync: trees are not made durable either (that would cost a log flush per
+        # materialise), and a rebooted node starts new pods with new workspaces anyway.
         def swap() -> None:
             os.symlink(f".revs/{md5}", tmp)
             os.rename(tmp, self.link)
-            dfd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
 
         self._os(swap)
         if old and old != md5 and self.tree(old).is_dir():
