@@ -7,6 +7,7 @@ proved by the filesystem (shared extents, free space), never by a return code.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -16,7 +17,8 @@ from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.errors import LinkError
 from datapin_sidecar.hashing import Layout
 from datapin_sidecar.linker import Linker, LinkMode, Strategy
-from datapin_sidecar.materialize import Request, Result, materialize
+from datapin_sidecar.materialize import Progress, Request, Result, materialize
+from datapin_sidecar.progress import Reporter
 from datapin_sidecar.remote import DirectoryRemote
 from datapin_sidecar.revision import Revision
 
@@ -274,3 +276,44 @@ def test_single_file_revision(fs_dir: Path, cache: NodeCache) -> None:
     cache.insert_bytes(data, oid, Layout.DVC3)
     run(cache, Revision.parse(oid), fs_dir / "pod", file_name="model.bin")
     assert published(fs_dir / "pod" / "current") == {"model.bin": data}
+
+
+def test_one_md5_two_layouts_two_trees(fs_dir: Path, cache: NodeCache) -> None:
+    """Legacy names CRLF text by its LF form, so one `.dir` md5 can name two different trees.
+
+    The layout (from the `.dvc` file) picks the tree; trees of different layouts never share
+    entries, and each is published under its own key.
+    """
+    crlf = b"a,b\r\n1,2\r\n"
+    lf = crlf.replace(b"\r\n", b"\n")
+    assert object_name(crlf, Layout.LEGACY) == object_name(lf, Layout.DVC3)
+    legacy = put_revision(cache, {"t.csv": crlf, "same.bin": b"\x00bin"}, layout=Layout.LEGACY)
+    modern = put_revision(cache, {"t.csv": lf, "same.bin": b"\x00bin"}, layout=Layout.DVC3)
+    assert legacy == modern  # byte-identical manifests
+    dest = fs_dir / "pod"
+    first = run(cache, legacy, dest, layout=Layout.LEGACY)
+    assert published(dest / "current")["t.csv"] == crlf
+    assert os.readlink(dest / "current") == f".revs/{legacy.md5}-legacy"
+    switched = run(cache, modern, dest, layout=Layout.DVC3)
+    assert published(dest / "current") == {"t.csv": lf, "same.bin": b"\x00bin"}
+    assert (first.base, switched.base) == ("fresh", "fresh")
+    # auto prefers DVC 3 and accepts what is published: a no-op now.
+    assert run(cache, modern, dest).noop
+    back = run(cache, legacy, dest, layout=Layout.LEGACY)
+    assert not back.noop
+    assert published(dest / "current")["t.csv"] == crlf
+
+
+def test_progress_bar_on_a_tty_and_lines_elsewhere() -> None:
+    tty = io.StringIO()
+    bar = Reporter(tty, tty=True, interval=0)
+    bar(Progress(phase="link", done=50, total=100))
+    bar(Progress(phase="done", done=100, total=100))
+    assert "\r  link [############------------]  50% 50/100" in tty.getvalue()
+    assert tty.getvalue().endswith("\r\x1b[K")  # the bar is erased before the summary
+    log = io.StringIO()
+    lines = Reporter(log, tty=False, interval=3600)
+    lines(Progress(phase="link", done=0, total=100))
+    lines(Progress(phase="link", done=50, total=100))  # within the interval: not printed
+    lines(Progress(phase="fetch", done=1, total=4))  # a new phase always is
+    assert log.getvalue() == "progress: link 0/100 (0%)\nprogress: fetch 1/4 (25%)\n"

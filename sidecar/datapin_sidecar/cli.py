@@ -32,6 +32,7 @@ from typing import TextIO
 
 from .cache import NodeCache
 from .errors import DatapinError, UsageError
+from .hashing import Layout
 from .linker import Strategy
 from .materialize import Request, Result, materialize
 from .progress import Reporter
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         help="how files are made from cache objects (default: auto = reflink, hardlink, copy)",
     )
     m.add_argument("--remote", type=Path, help="a DVC directory remote to fetch missing objects")
+    m.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", *(layout.value for layout in Layout)],
+        help="cache layout of the revision: dvc3 (`hash: md5` in its .dvc file), legacy "
+        "(DVC 2), or auto (dvc3 if present, else legacy)",
+    )
     m.add_argument(
         "--link-name", default="current", help="name of the published symlink (default: current)"
     )
@@ -110,6 +118,7 @@ def _materialize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         verify=args.verify,
         keep_spare=not args.no_spare,
         file_name=args.file_name,
+        layout=None if args.layout == "auto" else Layout(args.layout),
     )
     reporter = None if args.quiet else Reporter(err, tty=err.isatty())
     try:

@@ -46,7 +46,7 @@ from .linker import Linker, LinkMode, Strategy
 from .manifest import Manifest, diff
 from .remote import Remote
 from .revision import Revision
-from .workspace import TreeInfo, Workspace
+from .workspace import TreeInfo, Workspace, tree_key
 
 #: How often (in entries) the progress callback is called.
 PROGRESS_EVERY = 2048
@@ -66,6 +66,10 @@ class Request:
     keep_spare: bool = True
     #: The file name of a single-file revision (a `.dvc` out's path); default: the md5.
     file_name: str | None = None
+    #: The layout the revision was pushed in (a `.dvc` out says: `hash: md5` means DVC 3).
+    #: None = auto: DVC 3 if the cache or remote has it there, else legacy. The same `.dir`
+    #: md5 can exist in both layouts naming different bytes, so callers that know, say.
+    layout: Layout | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +169,7 @@ class _Run:
         if noop is not None:
             return noop
         self.layout = self._resolve_layout()
+        key = tree_key(rev.md5, self.layout)
         manifest = self._manifest()
         if self.req.verify:
             self._verify(manifest)
@@ -177,7 +182,7 @@ class _Run:
         carried_read_only = False
         build: Path | None = None
         try:
-            build = self.ws.take_spare(rev.md5) if base == "spare" else self.ws.new_build(rev.md5)
+            build = self.ws.take_spare(key) if base == "spare" else self.ws.new_build(key)
             if base_info is None or base_path is None:
                 self._link_entries(manifest, build)
             else:
@@ -208,17 +213,17 @@ class _Run:
                 modes={m: n for m, n in total_modes.items() if n > 0},
                 read_only=read_only,
             )
-            self.ws.commit(build, rev.md5, info)
+            self.ws.commit(build, key, info)
             build = None
         finally:
             if build is not None:
                 self.ws.discard(build)
-        self.ws.publish(rev.md5, keep_spare=self.req.keep_spare)
+        self.ws.publish(key, keep_spare=self.req.keep_spare)
         self._tick("done", len(manifest))
         return Result(
             revision=rev.oid,
             path=str(self.ws.link),
-            tree=str(self.ws.tree(rev.md5)),
+            tree=str(self.ws.tree(key)),
             files=len(manifest),
             bytes=info.bytes,
             modes=run_modes,
@@ -238,13 +243,17 @@ class _Run:
     def _noop(self, recovered: tuple[str, ...]) -> Result | None:
         """The revision is already published: O(1), no manifest read."""
         md5 = self.req.revision.md5
-        if self.ws.published() != md5 or not self.ws.tree(md5).is_dir():
+        key = self.ws.published()
+        if key not in {tree_key(md5, layout) for layout in self._layouts()}:
             return None
-        info = self.ws.info(md5)
+        assert key is not None  # noqa: S101 - for mypy: None is never a tree key
+        if not self.ws.tree(key).is_dir():
+            return None
+        info = self.ws.info(key)
         return Result(
             revision=self.req.revision.oid,
             path=str(self.ws.link),
-            tree=str(self.ws.tree(md5)),
+            tree=str(self.ws.tree(key)),
             files=info.files if info else 0,
             bytes=info.bytes if info else 0,
             # Without its record we cannot prove the tree has no hardlinks: say read-only.
@@ -253,11 +262,14 @@ class _Run:
             recovered=recovered,
         )
 
+    def _layouts(self) -> tuple[Layout, ...]:
+        return (self.req.layout,) if self.req.layout else (Layout.DVC3, Layout.LEGACY)
+
     def _resolve_layout(self) -> Layout:
         oid = self.req.revision.oid
-        layout = self.cache.find(oid)
+        layout = self.cache.find(oid, self._layouts())
         if layout is None and self.req.remote is not None:
-            layout = self.req.remote.find(oid, (Layout.DVC3, Layout.LEGACY))
+            layout = self.req.remote.find(oid, self._layouts())
             if layout is not None and self.req.revision.is_dir:
                 self.req.remote.fetch(self.cache, oid, layout)
         if layout is None:
@@ -289,6 +301,10 @@ class _Run:
     def _choose_base(self, read_only: bool) -> tuple[str, Path | None, TreeInfo | None]:
         def usable(info: TreeInfo | None) -> bool:
             if info is None or (info.read_only and not read_only):
+                return False
+            # One md5 names different bytes in the two layouts (a legacy CRLF text object is
+            # named by its LF form), so entries are only comparable within one layout.
+            if info.layout != self.layout:
                 return False
             old = Revision.parse(info.revision)
             return old.is_dir and self.req.revision.is_dir and self.cache.find(old.oid) is not None

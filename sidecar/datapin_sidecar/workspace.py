@@ -27,6 +27,11 @@ Rules:
 * Meta files are keyed by md5, not by directory name, so retiring a tree to the spare renames
   one directory and nothing else; a meta file with no tree of its md5 is removed.
 * A destination that is not empty and has no marker is not ours: we refuse to touch it.
+
+Trees are named by a *key*: the revision's md5 for the DVC 3 layout, `<md5>-legacy` for the
+legacy one. The key carries the layout because one `.dir` md5 can name two different trees:
+legacy names a CRLF text file by the md5 of its LF form, so a legacy manifest and a DVC 3
+manifest of the LF-converted files are byte-identical. (`<md5>` in the layout above is the key.)
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Final, TypeVar
 from .errors import DestinationError, UsageError, os_error
 
 MARKER_TEXT: Final = "datapin workspace 1\n"
-_MD5: Final = re.compile(r"[0-9a-f]{32}")
+_KEY: Final = re.compile(r"[0-9a-f]{32}(?:-legacy)?")
 _LINK_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _T = TypeVar("_T")
 
@@ -150,13 +155,13 @@ class Workspace:
     # -- reading state ------------------------------------------------------------------------
 
     def published(self) -> str | None:
-        """The md5 `<link>` points at, or None."""
+        """The tree key `<link>` points at, or None."""
         try:
             target = os.readlink(self.link)
         except (FileNotFoundError, OSError):
             return None
         name = target.removeprefix(".revs/")
-        return name if _MD5.fullmatch(name) and name != target else None
+        return name if _KEY.fullmatch(name) and name != target else None
 
     def tree(self, md5: str) -> Path:
         return self.revs / md5
@@ -256,7 +261,7 @@ class Workspace:
                     remove_tree(path)
                     actions.append(f"removed {name}")
                 have_spare = True
-            elif _MD5.fullmatch(name) and name != published:
+            elif _KEY.fullmatch(name) and name != published:
                 if not have_spare and self.info(name) is not None:
                     os.rename(path, self.revs / f".spare-{name}")
                     have_spare = True
@@ -273,6 +278,11 @@ class Workspace:
                 (self.dest / name).unlink()
                 actions.append(f"removed {name}")
         return actions
+
+
+def tree_key(md5: str, layout: str) -> str:
+    """The directory name of a revision's tree under `.revs` (see the module doc)."""
+    return md5 if layout == "dvc3" else f"{md5}-legacy"
 
 
 def remove_tree(path: Path) -> None:
