@@ -3,7 +3,7 @@
     datapin materialize --cache DIR --rev MD5.dir --dest DIR
                         [--link auto|reflink|hardlink|copy] [--remote DIR]
 
-Exit codes (also in docs/cli.md; scripts and the sidecar's termination message rely on them):
+Exit codes (also in the README; scripts and the sidecar's termination message rely on them):
 
     0  the revision is published (or already was)
     1  an unexpected error (a bug: please report it with the message)

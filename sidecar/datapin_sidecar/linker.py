@@ -105,10 +105,13 @@ class Linker:
 
     def _probe(self, cache_tmp: str, dest_dir: str) -> tuple[LinkMode, ...]:
         token = secrets.token_hex(6)
-        src = os.path.join(cache_tmp, f"probe-{token}")
-        dst = os.path.join(dest_dir, f".probe-{token}")
-        with open(src, "wb") as f:
-            f.write(b"x")
+        src = os.path.join(cache_tmp, f"probe-{token}.tmp")
+        # Named like a build, so a destination's recovery removes a probe a killed run left.
+        dst = os.path.join(dest_dir, f".build-probe-{token}")
+        # Held under flock like any cache temp file, so a concurrent clean_temp leaves it be.
+        fd = os.open(src, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"x")
         failures: list[str] = []
         try:
             working = []
@@ -127,6 +130,7 @@ class Linker:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(src)
+            os.close(fd)
         if not working:
             raise LinkError(
                 strategy=self.strategy.value,

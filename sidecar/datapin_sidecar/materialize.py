@@ -128,7 +128,7 @@ def materialize(
     old_umask = os.umask(0o022)  # consumers of any uid must be able to read the tree
     try:
         with ws.locked():
-            recovered = tuple(ws.recover())
+            recovered = tuple(ws.recovered)
             request.cache.clean_temp()
             run = _Run(request, ws, linker or Linker(request.strategy), progress)
             result = run.execute(recovered)

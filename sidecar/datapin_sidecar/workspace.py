@@ -97,6 +97,8 @@ class Workspace:
         self.revs = self.dest / ".revs"
         self.meta_dir = self.revs / ".meta"
         self._lock_fd = -1
+        #: What `locked()` cleaned up on entry (debris of crashed runs), for the result.
+        self.recovered: list[str] = []
 
     # -- ownership and locking ----------------------------------------------------------------
 
@@ -108,7 +110,7 @@ class Workspace:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_fd = fd
-            self.recover()
+            self.recovered = self.recover()
             yield self
         finally:
             self._lock_fd = -1
@@ -125,13 +127,28 @@ class Workspace:
             entries = []
         except NotADirectoryError:
             raise self._not_ours("it is a file, not a directory") from None
-        if entries:
+        if entries and not self._half_claimed(entries):
             shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
             raise self._not_ours(f"it holds files datapin did not create ({shown})")
+        # The marker goes in last: until it is there, only our own names exist in DEST, and a
+        # run killed half-way is recognised by `_half_claimed` and simply claims again.
         self._os(lambda: self.meta_dir.mkdir(parents=True, exist_ok=True))
         tmp = self.revs / f".datapin.tmp-{secrets.token_hex(4)}"
         self._os(lambda: tmp.write_text(MARKER_TEXT))
         os.rename(tmp, marker)
+
+    def _half_claimed(self, entries: list[str]) -> bool:
+        """DEST holds nothing but what an interrupted `_claim` creates."""
+        if entries != [".revs"]:
+            return False
+        try:
+            inside = os.listdir(self.revs)
+        except OSError:
+            return False
+        return all(
+            (n == ".meta" and not os.listdir(self.meta_dir)) or n.startswith(".datapin.tmp-")
+            for n in inside
+        )
 
     def _check_link(self) -> None:
         if self.link.is_symlink() or not os.path.lexists(self.link):
@@ -237,10 +254,20 @@ class Workspace:
         """Remove a failed build; the published tree is untouched."""
         remove_tree(build)
 
-    def _remove_tree(self, path: Path, md5: str) -> None:
-        remove_tree(path)
+    def _remove_tree(self, path: Path, key: str) -> None:
+        """Delete a tree so that a crash at any point cannot leave a trusted partial tree.
+
+        The meta goes first (a tree without meta is never reused), then the tree is renamed
+        to a `.build-` name (debris by definition) before the slow rmtree.
+        """
         with contextlib.suppress(FileNotFoundError):
-            (self.meta_dir / f"{md5}.json").unlink()
+            (self.meta_dir / f"{key}.json").unlink()
+        trash = self.revs / f".build-trash-{secrets.token_hex(4)}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        remove_tree(trash)
 
     def recover(self) -> list[str]:
         """Remove what crashed runs left; keep the published tree and one spare.
@@ -256,11 +283,11 @@ class Workspace:
                 remove_tree(path)
                 actions.append(f"removed {name}")
             elif name.startswith(".spare-"):
-                md5 = name.removeprefix(".spare-")
-                if have_spare or self.info(md5) is None:
+                if have_spare or self.info(name.removeprefix(".spare-")) is None:
                     remove_tree(path)
                     actions.append(f"removed {name}")
-                have_spare = True
+                else:
+                    have_spare = True
             elif _KEY.fullmatch(name) and name != published:
                 if not have_spare and self.info(name) is not None:
                     os.rename(path, self.revs / f".spare-{name}")
