@@ -17,6 +17,7 @@ import pytest
 from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.errors import CorruptObjectError
 from datapin_sidecar.hashing import Layout
+from datapin_sidecar.manifest import Manifest
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
@@ -91,3 +92,20 @@ def test_concurrent_writers_and_materialisers(fs_dir: Path) -> None:
     for data in files.values():
         assert node.verify(object_name(data), Layout.DVC3)
     assert list(node.tmp_dir.iterdir()) == []
+
+
+def test_parsed_manifest_is_reused_and_rebuilt_when_damaged(fs_dir: Path) -> None:
+    cache = NodeCache(fs_dir / "cache")
+    rev = put_revision(cache, {"a": b"1", "b/c": b"2"})
+    first = cache.load_manifest(rev, Layout.DVC3)
+    (parsed,) = cache.manifests_dir.iterdir()
+    second = cache.load_manifest(rev, Layout.DVC3)
+    assert list(second) == list(first)
+    parsed.write_bytes(b"garbage")
+    third = cache.load_manifest(rev, Layout.DVC3)
+    assert list(third) == list(first)
+    assert Manifest.from_bytes(parsed.read_bytes(), source="x") is not None  # rewritten
+    # Without its .dir the parsed form is not trusted: the revision is gone from the cache.
+    os.unlink(cache.path(rev.oid, Layout.DVC3))
+    with pytest.raises(FileNotFoundError):
+        cache.load_manifest(rev, Layout.DVC3)

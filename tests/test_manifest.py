@@ -204,3 +204,29 @@ def test_legacy_hasher_is_independent_of_write_chunking() -> None:
     for i in range(0, len(data), 4099):
         pieces.update(data[i : i + 4099])
     assert whole.hexdigest() == pieces.hexdigest()
+
+
+def test_parsed_form_round_trips_and_refuses_damage() -> None:
+    m = Manifest.from_entries([("a/b", MD5A), ("données", MD5B), ("z", MD5A)], source="t")
+    blob = m.to_bytes()
+    back = Manifest.from_bytes(blob, source="t")
+    assert back is not None
+    assert list(back) == list(m)
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 1
+    assert Manifest.from_bytes(bytes(flipped), source="t") is None
+    assert Manifest.from_bytes(blob[:-5], source="t") is None
+    assert Manifest.from_bytes(b"not a manifest", source="t") is None
+
+
+def test_diff_fast_path_for_content_only_changes() -> None:
+    n = 1000
+    old = Manifest.from_entries([(f"f{i:04d}", f"{i:032x}") for i in range(n)], source="o")
+    changed = {3, 17, 500, 999}
+    new = Manifest.from_entries(
+        [(f"f{i:04d}", f"{i + (10**6 if i in changed else 0):032x}") for i in range(n)],
+        source="n",
+    )
+    plan = diff(old, new)
+    assert sorted(plan.add) == sorted(plan.remove) == sorted(changed)
+    assert plan.unchanged == n - len(changed)

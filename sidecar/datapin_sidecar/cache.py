@@ -6,6 +6,8 @@ filled). Everything datapin keeps for itself sits under `.datapin/`, which DVC n
 
     .datapin/tmp/         objects being written (one file per writer, flock-held while open)
     .datapin/quarantine/  objects that failed their md5, kept for inspection, never linked
+    .datapin/manifests/   parsed `.dir` manifests (flat buffers + CRC), a pure speed-up: used
+                          only while the `.dir` is in the cache, re-parsed if damaged
 
 Contract, relied on by every reader and by the linker:
 
@@ -49,6 +51,7 @@ class NodeCache:
         self._prefix = {layout: f"{self.root}/{layout.prefix()}" for layout in Layout}
         self.tmp_dir = self.root / _PRIVATE / "tmp"
         self.quarantine_dir = self.root / _PRIVATE / "quarantine"
+        self.manifests_dir = self.root / _PRIVATE / "manifests"
 
     def __repr__(self) -> str:
         return f"NodeCache({str(self.root)!r})"
@@ -75,8 +78,22 @@ class NodeCache:
     # -- manifests ----------------------------------------------------------------------------
 
     def load_manifest(self, revision: Revision, layout: Layout) -> Manifest:
-        """Read, md5-check and parse the `.dir` of `revision`; a bad one is quarantined."""
+        """Read, md5-check and parse the `.dir` of `revision`; a bad one is quarantined.
+
+        The parsed form is kept in `.datapin/manifests/` and used while the `.dir` itself is
+        still in the cache: a switch reads two manifests, and parsing JSON was most of its cost.
+        """
         path = self.path(revision.oid, layout)
+        source = f"{revision.oid} (at {path})"
+        parsed = self.manifests_dir / f"{layout}-{revision.oid}"
+        if os.path.exists(path):
+            try:
+                with open(parsed, "rb") as f:
+                    cached = Manifest.from_bytes(f.read(), source=source)
+                if cached is not None:
+                    return cached
+            except FileNotFoundError:
+                pass
         with open(path, "rb") as f:
             data = f.read()
         hasher = ObjectHasher(layout)
@@ -86,7 +103,20 @@ class NodeCache:
             raise CorruptObjectError(
                 oids=[revision.oid], cache=str(self.root), detail="manifest bytes fail their md5"
             )
-        return Manifest.parse(data, source=f"{revision.oid} (at {path})")
+        manifest = Manifest.parse(data, source=source)
+        self._keep_parsed(parsed, manifest)
+        return manifest
+
+    def _keep_parsed(self, target: Path, manifest: Manifest) -> None:
+        """Best effort: a cache we cannot write to still materialises, just slower."""
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(manifest.to_bytes())
+            os.rename(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     # -- inserting ----------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import os
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,14 +374,15 @@ class _Run:
         add_iter = iter(carry[0]) if carry is not None else None
         next_add = next(add_iter, -1) if add_iter is not None else -1
         base_root = os.fsencode(carry[1]) + b"/" if carry is not None else b""
-        wanted = iter(only) if only is not None else None
-        next_wanted = next(wanted, -1) if wanted is not None else -1
+        # A recycled tree needs only the planned entries: visit those by index rather than
+        # scanning the whole manifest for them.
+        entries: Iterator[tuple[int, tuple[bytes, bytes]]] = (
+            ((i, manifest.entry_raw(i)) for i in only)
+            if only is not None
+            else enumerate(manifest.iter_raw())
+        )
         done = 0
-        for index, (rel, raw) in enumerate(manifest.iter_raw()):
-            if wanted is not None:
-                if index != next_wanted:
-                    continue
-                next_wanted = next(wanted, -1)
+        for index, (rel, raw) in entries:
             cut = rel.rfind(b"/")
             if cut > 0:
                 parent = rel[:cut]

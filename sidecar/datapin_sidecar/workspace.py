@@ -214,6 +214,10 @@ class Workspace:
 
     def commit(self, build: Path, md5: str, info: TreeInfo) -> None:
         """Record `info` and move the finished `build` to `.revs/<md5>`."""
+        # A spare of the same revision that could not be reused (say a hardlink tree when this
+        # run wants reflinks) would share the meta file keyed by the same name: drop it first.
+        if (self.revs / f".spare-{md5}").exists():
+            self._remove_tree(self.revs / f".spare-{md5}", md5)
         meta = self.meta_dir / f"{md5}.json"
         tmp = self.meta_dir / f".{md5}.json.tmp-{secrets.token_hex(4)}"
 
