@@ -200,6 +200,23 @@ class NodeCache:
         return removed
 
 
+def create_locked(directory: Path, stem: str) -> tuple[int, str]:
+    """Create `directory/<stem>.<random>.tmp` and return it open and flock-held.
+
+    Between creating a file and locking it, another process's `clean_temp` may take the free
+    lock and unlink the file as a dead writer's. So after locking we check that the file still
+    has a name, and start over with a new one if it lost it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = f"{directory}/{stem}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return fd, path
+        os.close(fd)
+
+
 class ObjectWriter:
     """Writes one object through a locked temp file; see the module contract."""
 
@@ -215,14 +232,10 @@ class ObjectWriter:
         self.size = 0
 
     def __enter__(self) -> ObjectWriter:
-        tmp_dir = self._cache.tmp_dir
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp = f"{tmp_dir}/{self._oid}.{secrets.token_hex(6)}.tmp"
         try:
-            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self._fd, self._tmp = create_locked(self._cache.tmp_dir, self._oid)
         except OSError as exc:
             raise os_error(str(self._cache.root), exc, volume="node cache") from exc
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

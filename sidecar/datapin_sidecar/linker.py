@@ -31,8 +31,10 @@ import os
 import secrets
 from collections import Counter
 from enum import StrEnum
+from pathlib import Path
 from typing import Final
 
+from .cache import create_locked
 from .errors import LinkError, os_error
 
 FICLONE: Final = 0x40049409
@@ -105,12 +107,10 @@ class Linker:
 
     def _probe(self, cache_tmp: str, dest_dir: str) -> tuple[LinkMode, ...]:
         token = secrets.token_hex(6)
-        src = os.path.join(cache_tmp, f"probe-{token}.tmp")
         # Named like a build, so a destination's recovery removes a probe a killed run left.
         dst = os.path.join(dest_dir, f".build-probe-{token}")
         # Held under flock like any cache temp file, so a concurrent clean_temp leaves it be.
-        fd = os.open(src, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd, src = create_locked(Path(cache_tmp), "probe")
         os.write(fd, b"x")
         failures: list[str] = []
         try:
