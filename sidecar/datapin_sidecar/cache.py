@@ -109,14 +109,24 @@ class NodeCache:
 
     def _keep_parsed(self, target: Path, manifest: Manifest) -> None:
         """Best effort: a cache we cannot write to still materialises, just slower."""
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        # Written through a locked temp file in tmp/, like objects: if we are killed, the
+        # next clean_temp removes it, and a concurrent clean_temp cannot take it from us.
+        tmp = ""
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(manifest.to_bytes())
-            os.rename(tmp, target)
+            fd, tmp = create_locked(self.tmp_dir, target.name)
+            try:
+                blob = manifest.to_bytes()
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(tmp, target)
+            finally:
+                os.close(fd)
         except OSError:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp:
+                    os.unlink(tmp)
 
     # -- inserting ----------------------------------------------------------------------------
 
