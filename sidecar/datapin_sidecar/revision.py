@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from .errors import ManifestError, RevisionError
 from .hashing import Layout
 
@@ -100,6 +98,9 @@ def find_out(outs: list[Out], target: str, *, source: str) -> Out:
 
 
 def _load_yaml(path: Path) -> Any:
+    # Imported here: only DVC files need YAML, and every CLI start would pay ~11 ms for it.
+    import yaml  # noqa: PLC0415
+
     try:
         with path.open("rb") as f:
             return yaml.safe_load(f)
