@@ -32,6 +32,7 @@ import zlib
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Final, NamedTuple
 
 from .errors import ManifestError
@@ -214,40 +215,60 @@ def _show(relpath: bytes) -> str:
     return repr(relpath.decode("utf-8", "backslashreplace"))
 
 
+#: Per entry, DVC's format adds `{"md5": "`, 32 hex, `", "relpath": "`, `"}` to the relpath.
+_ENTRY_OVERHEAD: Final = 58
+#: Between two entries; cannot occur inside a JSON string, whose quotes are escaped.
+_BOUNDARY: Final = b'"}, {"md5": "'
+#: Work in slices of about this many bytes: C-speed scans with bounded transient memory.
+_CHUNK: Final = 1 << 22
+
+
+def _spans(blob: bytes, sep: bytes, keep: int) -> Iterator[tuple[int, int]]:
+    """`(start, end)` slices of `blob` of about `_CHUNK` bytes, cut `keep` bytes into a `sep`."""
+    start = 0
+    while start < len(blob):
+        cut = blob.find(sep, start + _CHUNK)
+        end = len(blob) if cut < 0 else cut + keep
+        yield start, end
+        start = end
+
+
 def _parse_canonical(data: bytes, builder: _Builder) -> bool:
-    """Parse DVC's exact format; False if the bytes are in any other (valid or not) shape."""
+    """Parse DVC's exact format; False if the bytes are in any other (valid or not) shape.
+
+    Entries are found with `findall` per slice, then checked to tile the document exactly:
+    n - 1 boundaries (which no JSON string can contain) and a total length that leaves room
+    for nothing but `[`, `]` and the `, ` separators.
+    """
     if data == b"[]":
         return True
-    pos = 1
-    end = len(data) - 1
-    match = _CANONICAL.match
-    add = builder.add
-    # The regex guarantees 32 lowercase hex digits and a JSON string without raw control
-    # characters, so the common entry skips `add`'s checks and goes straight to the buffers.
+    if not data.startswith(b'[{"md5": "') or not data.endswith(b'"}]'):
+        return False
+    expected = data.count(_BOUNDARY) + 1
+    count = length = 0
     paths, offsets, md5s = builder._paths, builder._offsets, builder._md5s
-    fromhex = bytes.fromhex
-    while True:
-        m = match(data, pos)
-        if m is None:
-            return False
-        md5, raw = m.group(1, 2)
-        if b"\\" in raw:
+    for start, end in _spans(data, _BOUNDARY, 2):
+        found = _CANONICAL.findall(data, start, end)
+        raws = [raw for _, raw in found]
+        count += len(raws)
+        length += sum(map(len, raws))
+        if b"\\" in data[start:end]:
             try:
-                relpath = json.loads(b'"' + raw + b'"').encode("utf-8", "surrogatepass")
+                raws = [
+                    json.loads(b'"' + r + b'"').encode("utf-8", "surrogatepass")
+                    if b"\\" in r
+                    else r
+                    for r in raws
+                ]
             except ValueError:
                 return False
-            add(relpath, md5.decode("ascii"))  # escapes may hide a NUL: full checks
-        else:
-            offsets.append(len(paths))
-            paths += raw
-            paths += b"\0"
-            md5s += fromhex(md5.decode("ascii"))
-        pos = m.end()
-        if pos == end:
-            return True
-        if data[pos : pos + 2] != b", ":
-            return False
-        pos += 2
+            if any(b"\0" in r for r in raws):
+                return False  # the general parser names the entry
+        md5s += bytes.fromhex(b"".join(md5 for md5, _ in found).decode("ascii"))
+        offsets.extend(accumulate((len(r) + 1 for r in raws[:-1]), initial=len(paths)))
+        paths += b"\0".join(raws)
+        paths += b"\0"
+    return count == expected and len(data) == 2 + 2 * (count - 1) + _ENTRY_OVERHEAD * count + length
 
 
 def _parse_general(data: bytes, builder: _Builder) -> None:
@@ -288,7 +309,44 @@ def _sorted(m: Manifest) -> Manifest:
 
 
 def _validate(m: Manifest) -> bool:
-    """Check every path; False (and nothing checked past it) if the order is not sorted."""
+    """Check every path; False if the order is not sorted (the caller sorts and retries).
+
+    The common manifest is checked with C-speed operations on slices of the path buffer:
+    pattern scans for every unsafe-segment rule, `sorted` for order, sets for duplicates and
+    for paths that are also directories. Anything a scan flags goes to `_validate_exact`,
+    which walks the entries one by one and names the offending one.
+    """
+    blob = m._paths
+    if not blob:
+        return True
+    if not blob.isascii() or blob.startswith((b"/", b".", b"\0")):
+        return _validate_exact(m)
+    if any(bad in blob for bad in (b"\0/", b"/\0", b"//", b"/.", b"\0.", b"\0\0")):
+        return _validate_exact(m)
+    dirs: set[bytes] = set()
+    last = b""
+    for start, end in _spans(blob, b"\0", 1):
+        chunk = blob[start : end - 1].split(b"\0")
+        if chunk[0] <= last or chunk != sorted(chunk) or len(set(chunk)) != len(chunk):
+            return _validate_exact(m)
+        dirs.update(path.rpartition(b"/")[0] for path in chunk)
+        last = chunk[-1]
+    for parent in list(dirs):
+        ancestor = parent
+        while b"/" in ancestor:
+            ancestor = ancestor.rpartition(b"/")[0]
+            if ancestor in dirs:
+                break
+            dirs.add(ancestor)
+    dirs.discard(b"")
+    for start, end in _spans(blob, b"\0", 1):
+        if not dirs.isdisjoint(blob[start : end - 1].split(b"\0")):
+            return _validate_exact(m)
+    return True
+
+
+def _validate_exact(m: Manifest) -> bool:
+    """Entry by entry: False if unsorted, else raise naming the first bad entry, or True."""
     source = m.source
     files: list[bytes] = []  # files that are prefixes of the current path, nested
     prev = b""
