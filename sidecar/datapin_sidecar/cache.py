@@ -104,6 +104,7 @@ class NodeCache:
                 oids=[revision.oid], cache=str(self.root), detail="manifest bytes fail their md5"
             )
         manifest = Manifest.parse(data, source=source)
+        del data  # tens of MB for a large revision: not held while the parsed form is written
         self._keep_parsed(parsed, manifest)
         return manifest
 
@@ -115,10 +116,10 @@ class NodeCache:
         try:
             fd, tmp = create_locked(self.tmp_dir, target.name)
             try:
-                blob = manifest.to_bytes()
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for part in manifest.blob_parts():
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, target)
             finally:
