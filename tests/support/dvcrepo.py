@@ -94,7 +94,11 @@ def find_dvc(version: int) -> Path:
             f"or set {var} to a DVC {version}.x `dvc` executable"
         )
     try:
-        out = run([exe, "--version"], env=_base_env(), timeout=60).stdout.strip()
+        out = run(
+            [exe, "--version"],
+            env=hermetic_env(Path(tempfile.gettempdir()) / "datapin-dvc-probe"),
+            timeout=60,
+        ).stdout.strip()
     except CommandError as exc:
         raise DvcUnavailable(
             f"DVC {version} at {exe} ({source}) does not run: {exc} - re-run scripts/setup"
@@ -136,34 +140,36 @@ class DvcFixture:
         return self.repo / f"{self.name}.dvc"
 
 
-def _base_env() -> dict[str, str]:
-    """The caller's environment minus anything that would leak into DVC/git runs."""
+def hermetic_env(private: Path, *, who: str = "tests") -> dict[str, str]:
+    """The caller's environment made safe for DVC/git runs, with DVC's state under `private`.
+
+    Drops anything that would leak in (DVC_*, GIT_*, Python path settings), disables analytics
+    and user/system config, and names a git identity. Shared by the tests and the benchmark.
+    """
     drop_prefixes = ("DVC_", "GIT_")
     drop = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes) and k not in drop}
     env.update(
         DVC_NO_ANALYTICS="1",
+        # DVC 2.58 reads DVC_SYSTEM_CONFIG_DIR for *both* the system and the global config dir
+        # (a bug in its dvc/dirs.py); pointing both at one absent directory disables both.
+        DVC_GLOBAL_CONFIG_DIR=str(private / "no-user-config"),
+        DVC_SYSTEM_CONFIG_DIR=str(private / "no-user-config"),
+        DVC_SITE_CACHE_DIR=str(private / "site-cache"),
         GIT_CONFIG_NOSYSTEM="1",
         GIT_CONFIG_GLOBAL=os.devnull,
         GIT_TERMINAL_PROMPT="0",
-        GIT_AUTHOR_NAME="datapin tests",
-        GIT_AUTHOR_EMAIL="tests@datapin.invalid",
-        GIT_COMMITTER_NAME="datapin tests",
-        GIT_COMMITTER_EMAIL="tests@datapin.invalid",
+        GIT_AUTHOR_NAME=f"datapin {who}",
+        GIT_AUTHOR_EMAIL=f"{who}@datapin.invalid",
+        GIT_COMMITTER_NAME=f"datapin {who}",
+        GIT_COMMITTER_EMAIL=f"{who}@datapin.invalid",
         LC_ALL="C.UTF-8",
     )
     return env
 
 
 def _repo_env(repo: Path) -> dict[str, str]:
-    env = _base_env()
-    private = repo / ".dvc" / "tmp"
-    # DVC 2.58 reads DVC_SYSTEM_CONFIG_DIR for *both* the system and the global config dir (a bug
-    # in its dvc/dirs.py); pointing both at the same absent directory disables both either way.
-    env["DVC_GLOBAL_CONFIG_DIR"] = str(private / "no-user-config")
-    env["DVC_SYSTEM_CONFIG_DIR"] = str(private / "no-user-config")
-    env["DVC_SITE_CACHE_DIR"] = str(private / "site-cache")
-    return env
+    return hermetic_env(repo / ".dvc" / "tmp")
 
 
 def run_dvc(
