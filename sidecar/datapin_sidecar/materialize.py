@@ -307,7 +307,11 @@ class _Run:
             if info.layout != self.layout:
                 return False
             old = Revision.parse(info.revision)
-            return old.is_dir and self.req.revision.is_dir and self.cache.find(old.oid) is not None
+            return (
+                old.is_dir
+                and self.req.revision.is_dir
+                and self.cache.find(old.oid, (Layout(info.layout),)) is not None
+            )
 
         spare = self.ws.spare()
         if spare is not None:

@@ -64,7 +64,9 @@ class TreeInfo:
     layout: str  # the cache layout its objects came from
     files: int
     bytes: int
-    modes: dict[str, int] = field(default_factory=dict)  # link mode -> files, all runs
+    # Link mode -> files linked, summed over every build this tree was recycled through
+    # (so entries since removed still count): informational, never used for decisions.
+    modes: dict[str, int] = field(default_factory=dict)
     read_only: bool = False  # some files are hardlinks to the cache: mount it readOnly
 
     def to_json(self) -> str:
