@@ -158,12 +158,12 @@ def summary(r: Result) -> str:
         head = f"datapin: {r.revision} is already published at {r.path} (nothing to do)"
     else:
         head = f"datapin: published {r.revision} at {r.path}"
-    mix = ", ".join(f"{n} {m}" for m, n in sorted(r.modes.items())) or "none this run"
+    mix = ", ".join(f"{n} {m}" for m, n in sorted(r.modes.items()))
     ro = "yes (hardlinks into the cache: mount it readOnly)" if r.read_only else "no"
     lines = [
         head,
         f"  files       {r.files} ({_size(r.bytes)})",
-        f"  link mode   {r.mode} ({mix})",
+        f"  link mode   {r.mode} ({mix})" if mix else "  link mode   nothing linked this run",
         f"  read-only   {ro}",
         f"  cache       {r.hits} hits ({_size(r.hit_bytes)}), {r.misses} misses, "
         f"{r.fetched_objects} objects fetched ({_size(r.fetched_bytes)})",
