@@ -1023,7 +1023,8 @@ class DvcRemote:
 #: DVC's own section-name rule (dvc/config.py `_parse_named`), applied after lower-casing.
 _NAMED_SECTION: Final = re.compile(r'\s*remote\s*"(.*)"\s*')
 _TRIPLE_QUOTED: Final = re.compile(r"""('''|\"\"\")(.*?)\1\s*(?:#.*)?""", re.DOTALL)
-_QUOTED: Final = re.compile(r"""(['"])(.*?)\1\s*(?:#.*)?""", re.DOTALL)
+#: One quoted value: the quote does not occur inside (DVC then picks the other quote).
+_QUOTED: Final = re.compile(r"""(?:'([^']*)'|"([^"]*)")\s*(?:#.*)?""")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1045,7 +1046,7 @@ def _configobj_value(raw: str) -> str | None:
         return triple.group(2) if triple else None
     if raw.startswith(("'", '"')):
         quoted = _QUOTED.fullmatch(raw)
-        return quoted.group(2) if quoted else None
+        return (quoted.group(1) or quoted.group(2) or "") if quoted else None
     value = raw.split("#", 1)[0].rstrip()
     return None if "," in value else value
 
