@@ -5,6 +5,9 @@ can serve as a node cache and the other way round (`dvc checkout` works from a c
 filled). Everything datapin keeps for itself sits under `.datapin/`, which DVC never looks at:
 
     .datapin/tmp/         objects being written (one file per writer, flock-held while open)
+    .datapin/fetch/       objects being downloaded: `<layout>-<oid>` is both the partial file
+                          and the node-wide lock that makes each object download once; a
+                          large one has a `<layout>-<oid>.parts` journal so a crash resumes
     .datapin/quarantine/  objects that failed their md5, kept for inspection, never linked
     .datapin/manifests/   parsed `.dir` manifests (flat buffers + CRC), a pure speed-up: used
                           only while the `.dir` is in the cache, re-parsed if damaged
@@ -19,6 +22,12 @@ Contract, relied on by every reader and by the linker:
 * A writer holds an exclusive `flock` on its temp file until it is done. A temp file whose lock
   can be taken belongs to a dead writer and is removed by `clean_temp` — this works across the
   PID namespaces of different pods on one node, where PIDs would not.
+* A download slot (`.datapin/fetch/<layout>-<oid>`) has a fixed name, so every process that
+  wants the object opens the same file: the one that gets its flock downloads, the others see
+  it busy and wait for the object instead of fetching it again. A slot whose lock is free
+  belongs to nobody: the next claimant resumes it (with a journal) or starts it over. It is
+  installed exactly like a temp file (`link`, then unlink the slot, then release the lock), so
+  a waiter that gets the lock on an unlinked slot knows the object is in place.
 * Objects are trusted once in place (a warm start must cost metadata only). `verify` re-hashes
   on request and moves a bad object to quarantine, so it is never linked again.
 """
@@ -52,6 +61,7 @@ class NodeCache:
         self.tmp_dir = self.root / _PRIVATE / "tmp"
         self.quarantine_dir = self.root / _PRIVATE / "quarantine"
         self.manifests_dir = self.root / _PRIVATE / "manifests"
+        self.fetch_dir = self.root / _PRIVATE / "fetch"
 
     def __repr__(self) -> str:
         return f"NodeCache({str(self.root)!r})"
@@ -160,6 +170,37 @@ class NodeCache:
         """A temp file that becomes object `oid` when the `with` block exits cleanly."""
         return ObjectWriter(self, oid, layout)
 
+    # -- download slots -------------------------------------------------------------------------
+
+    def claim(self, oid: str, layout: Layout) -> Slot | None:
+        """The download slot of `oid`, locked for us; None while another process holds it.
+
+        The caller must check `present()` after claiming: the object may have been installed
+        by someone else between its own lookup and this claim.
+        """
+        path = f"{self.fetch_dir}/{layout}-{oid}"
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                self.fetch_dir.mkdir(parents=True, exist_ok=True)
+                continue
+            except OSError as exc:
+                raise os_error(str(self.root), exc, volume="node cache") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            if os.fstat(fd).st_nlink > 0:
+                return Slot(self, oid, layout, fd, path)
+            # We locked a slot its owner had just installed and unlinked: look again (the
+            # object is most likely in place now; the caller's present() check will say).
+            os.close(fd)
+
+    def present(self, oid: str, layout: Layout) -> bool:
+        return os.path.lexists(self.path(oid, layout))
+
     # -- verifying ----------------------------------------------------------------------------
 
     def verify(self, oid: str, layout: Layout) -> bool:
@@ -186,7 +227,11 @@ class NodeCache:
     # -- recovery -----------------------------------------------------------------------------
 
     def clean_temp(self) -> int:
-        """Remove temp files of dead writers (their flock is free). Returns how many."""
+        """Remove temp files of dead writers (their flock is free). Returns how many.
+
+        Download slots of dead downloaders are left alone: the next claimant of the object
+        resumes or restarts them, and the node agent's GC removes the rest.
+        """
         removed = 0
         try:
             names = os.listdir(self.tmp_dir)
@@ -272,18 +317,75 @@ class ObjectWriter:
             os.close(self._fd)  # releases the flock last, after the temp name is gone
 
     def _install(self) -> None:
-        final = self._cache.path(self._oid, self._layout)
         try:
             os.fchmod(self._fd, OBJECT_MODE)
             # Durable before visible: a machine crash must not leave a short object under a
             # verified name.
             os.fsync(self._fd)
+        except OSError as exc:  # ENOSPC surfaces here with delayed allocation
+            raise os_error(str(self._cache.root), exc, volume="node cache") from exc
+        install(self._cache, self._tmp, self._oid, self._layout)
+
+
+def install(cache: NodeCache, src: str, oid: str, layout: Layout) -> None:
+    """Give the verified, durable, 0444 file `src` its object name; never replaces one.
+
+    The one way any object enters the cache (temp files and download slots alike).
+    """
+    final = cache.path(oid, layout)
+    try:
+        try:
+            os.link(src, final)
+        except FileNotFoundError:
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.link(self._tmp, final)
-        except FileExistsError:
-            pass  # another writer installed the same bytes first
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                os.rename(self._tmp, final)  # filesystems without hardlinks
-            else:
-                raise os_error(str(self._cache.root), exc, volume="node cache") from exc
+            os.link(src, final)
+    except FileExistsError:
+        pass  # another writer installed the same bytes first
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            os.rename(src, final)  # filesystems without hardlinks
+        else:
+            raise os_error(str(cache.root), exc, volume="node cache") from exc
+
+
+class Slot:
+    """A claimed download slot: a locked, fixed-name partial file (see the module contract).
+
+    The downloader writes at any offset (`fd`), then either `install`s it after checking the
+    md5 and making it durable, or `release`s it: kept for a later resume, or `discard`ed.
+    """
+
+    __slots__ = ("cache", "fd", "layout", "oid", "path")
+
+    def __init__(self, cache: NodeCache, oid: str, layout: Layout, fd: int, path: str) -> None:
+        self.cache = cache
+        self.oid = oid
+        self.layout = layout
+        self.fd = fd
+        self.path = path
+
+    @property
+    def journal(self) -> str:
+        return self.path + ".parts"
+
+    def install(self) -> None:
+        """The slot's bytes become the object. The caller verified them and made them durable
+        (one `syncfs` per batch of slots is much cheaper than an fsync each)."""
+        try:
+            os.fchmod(self.fd, OBJECT_MODE)
+            install(self.cache, self.path, self.oid, self.layout)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the slot and its journal, then release the lock (in that order)."""
+        for path in (self.journal, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.release()
+
+    def release(self) -> None:
+        """Unlock and keep what is on disk, for the next claimant to resume."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,7 +1,9 @@
 """`datapin`: the command line.
 
-    datapin materialize --cache DIR --rev MD5.dir --dest DIR
-                        [--link auto|reflink|hardlink|copy] [--remote DIR]
+    datapin materialize --cache DIR --dest DIR (--rev MD5.dir | --dvc-repo PATH --target T)
+                        [--link auto|reflink|hardlink|copy]
+                        [--remote DIR | --remote s3://BUCKET/PREFIX [--endpoint-url URL]
+                         [--region R] [--credentials-dir DIR | --env-file FILE]]
 
 Exit codes (also in the README; scripts and the sidecar's termination message rely on them):
 
@@ -16,6 +18,16 @@ Exit codes (also in the README; scripts and the sidecar's termination message re
     8  the remote cannot be read
   130  interrupted
 
+Remotes: a DVC directory remote (a path), or S3 / Backblaze B2 (`s3://bucket/prefix` with
+`--endpoint-url`, the name the AWS CLI and s5cmd use). With `--dvc-repo`, the remote, its
+endpoint and the revision come from the repository itself (`.dvc/config`, `.dvc/config.local`,
+the target's `.dvc` file or `dvc.lock`), so a user who followed the DVC + B2 tutorial passes
+nothing else. Keys come from `--credentials-dir` (a mounted Secret, re-read when it rotates),
+`--env-file` (the tutorial's `.env`), `.dvc/config.local`, or the environment
+(`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, or B2's `B2_APPLICATION_KEY_ID`/
+`B2_APPLICATION_KEY`), first found wins. Keys are never accepted as arguments: those show in
+`ps` and shell history.
+
 The summary goes to stdout (or JSON with `--json`, for scripts); progress and errors go to
 stderr, so `datapin ... --json | jq` works.
 """
@@ -23,10 +35,13 @@ stderr, so `datapin ... --json | jq` works.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -36,8 +51,20 @@ from .hashing import Layout
 from .linker import Strategy
 from .materialize import Request, Result, materialize
 from .progress import Reporter
-from .remote import DirectoryRemote
-from .revision import Revision
+from .remote import DirectoryRemote, Remote
+from .revision import Revision, resolve_target
+from .s3 import FetchOptions, S3Remote
+from .s3config import (
+    Addressing,
+    ChainCredentials,
+    CredentialSource,
+    EnvCredentials,
+    RemoteConfig,
+    SecretDirCredentials,
+    StaticCredentials,
+    credentials_from_env_file,
+    read_dvc_remote,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,9 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "missing from --remote) and publish it as DEST/<link-name> -> .revs/<md5>.",
     )
     m.add_argument("--cache", required=True, type=Path, help="node cache (a DVC cache dir)")
-    m.add_argument(
-        "--rev", required=True, help="DVC object id: <md5>.dir (directory) or <md5> (file)"
-    )
+    m.add_argument("--rev", help="DVC object id: <md5>.dir (directory) or <md5> (file)")
     m.add_argument("--dest", required=True, type=Path, help="destination directory")
     m.add_argument(
         "--link",
@@ -64,7 +89,41 @@ def _parser() -> argparse.ArgumentParser:
         choices=[s.value for s in Strategy],
         help="how files are made from cache objects (default: auto = reflink, hardlink, copy)",
     )
-    m.add_argument("--remote", type=Path, help="a DVC directory remote to fetch missing objects")
+    m.add_argument(
+        "--remote",
+        help="where missing objects come from: s3://BUCKET/PREFIX (S3, Backblaze B2) or the "
+        "path of a DVC directory remote (default with --dvc-repo: the repo's default remote)",
+    )
+    dvc = m.add_argument_group("taking the revision and remote from a DVC repository")
+    dvc.add_argument("--dvc-repo", type=Path, help="root of the DVC repository")
+    dvc.add_argument(
+        "--target",
+        help="data.dvc, data.dvc:PATH, a stage output PATH or dvc.lock:PATH (needs --dvc-repo)",
+    )
+    dvc.add_argument("--remote-name", help="which DVC remote (default: the repo's default)")
+    s3 = m.add_argument_group("S3 / Backblaze B2")
+    s3.add_argument("--endpoint-url", help="e.g. https://s3.us-west-002.backblazeb2.com")
+    s3.add_argument("--region", help="SigV4 region (default: from a B2 endpoint, else us-east-1)")
+    s3.add_argument(
+        "--addressing",
+        default="auto",
+        choices=[a.value for a in Addressing],
+        help="path-style or virtual-host bucket addressing (default: auto)",
+    )
+    s3.add_argument("--ca-bundle", type=Path, help="CA certificates to verify the endpoint")
+    s3.add_argument(
+        "--no-verify-tls", action="store_true", help="do not verify the endpoint's certificate"
+    )
+    s3.add_argument(
+        "--credentials-dir",
+        type=Path,
+        help="a mounted Secret: files AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or B2's keyID/"
+        "applicationKey), re-read when the Secret rotates",
+    )
+    s3.add_argument("--env-file", type=Path, help="a .env file with the keys")
+    s3.add_argument(
+        "--jobs", type=int, default=FetchOptions().jobs, help="requests in flight (default: 32)"
+    )
     m.add_argument(
         "--layout",
         default="auto",
@@ -95,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        return _materialize(args, sys.stdout, sys.stderr)
+        return asyncio.run(_materialize(args, sys.stdout, sys.stderr, os.environ))
     except DatapinError as exc:
         print(f"datapin: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -104,25 +163,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _materialize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    revision = Revision.parse(args.rev)
-    if args.file_name is not None and revision.is_dir:
+async def _materialize(
+    args: argparse.Namespace, out: TextIO, err: TextIO, environ: Mapping[str, str]
+) -> int:
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, not {args.jobs}")
+    layout = None if args.layout == "auto" else Layout(args.layout)
+    file_name = args.file_name
+    if args.target is not None:
+        if args.dvc_repo is None:
+            raise UsageError("--target needs --dvc-repo (the repository it is in)")
+        if args.rev is not None:
+            raise UsageError("pass --rev or --target, not both")
+        target = resolve_target(args.dvc_repo, args.target)
+        revision = target.revision
+        layout = layout or target.layout
+        if not revision.is_dir and file_name is None:
+            file_name = Path(target.path).name
+    elif args.rev is not None:
+        revision = Revision.parse(args.rev)
+    else:
+        raise UsageError("name a revision: --rev MD5[.dir], or --dvc-repo PATH --target T")
+    if file_name is not None and revision.is_dir:
         raise UsageError("--file-name is only for single-file revisions (an md5 without .dir)")
-    request = Request(
-        cache=NodeCache(args.cache),
-        revision=revision,
-        dest=args.dest,
-        strategy=Strategy(args.link),
-        remote=DirectoryRemote(args.remote) if args.remote else None,
-        link_name=args.link_name,
-        verify=args.verify,
-        keep_spare=not args.no_spare,
-        file_name=args.file_name,
-        layout=None if args.layout == "auto" else Layout(args.layout),
-    )
     reporter = None if args.quiet else Reporter(err, tty=err.isatty())
     try:
-        result = materialize(request, progress=reporter)
+        async with _open_remote(args, environ) as remote:
+            request = Request(
+                cache=NodeCache(args.cache),
+                revision=revision,
+                dest=args.dest,
+                strategy=Strategy(args.link),
+                remote=remote,
+                link_name=args.link_name,
+                verify=args.verify,
+                keep_spare=not args.no_spare,
+                file_name=file_name,
+                layout=layout,
+            )
+            # The filesystem work is synchronous; the remote's requests run on this loop.
+            result = await asyncio.to_thread(materialize, request, progress=reporter)
     finally:
         if reporter is not None:
             reporter.close()
@@ -131,6 +211,80 @@ def _materialize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(summary(result))
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _open_remote(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> AsyncIterator[Remote | None]:
+    """The remote the options name (see the module doc), opened for the run."""
+    s3_flags = [
+        flag
+        for flag, value in (
+            ("--endpoint-url", args.endpoint_url),
+            ("--region", args.region),
+            ("--ca-bundle", args.ca_bundle),
+            ("--credentials-dir", args.credentials_dir),
+            ("--env-file", args.env_file),
+        )
+        if value is not None
+    ]
+    config: RemoteConfig | None = None
+    repo_sources: list[CredentialSource] = []
+    if args.remote is not None and not args.remote.startswith("s3://"):
+        if "://" in args.remote:
+            raise UsageError(
+                f"--remote {args.remote}: datapin reads s3:// remotes (S3, Backblaze B2) and "
+                "DVC directory remotes (a path)"
+            )
+        if s3_flags:
+            raise UsageError(f"{', '.join(s3_flags)} only apply to an s3:// --remote")
+        yield DirectoryRemote(args.remote)
+        return
+    if args.remote is not None:
+        config = RemoteConfig.from_url(
+            args.remote,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            addressing=Addressing(args.addressing),
+            verify_tls=not args.no_verify_tls,
+            ca_bundle=args.ca_bundle,
+        )
+    elif args.dvc_repo is not None:
+        dvc = read_dvc_remote(args.dvc_repo, args.remote_name)
+        if dvc.directory is not None:
+            yield DirectoryRemote(dvc.directory)
+            return
+        assert dvc.config is not None  # noqa: S101 - read_dvc_remote returns one or the other
+        config = dvc.config
+        if args.endpoint_url or args.region or args.ca_bundle or args.no_verify_tls:
+            config = RemoteConfig.from_url(
+                config.url,
+                endpoint_url=args.endpoint_url or config.endpoint_url,
+                region=args.region or (None if args.endpoint_url else config.region),
+                addressing=Addressing(args.addressing),
+                verify_tls=config.verify_tls and not args.no_verify_tls,
+                ca_bundle=args.ca_bundle or config.ca_bundle,
+            )
+        if dvc.credentials is not None:
+            repo_sources.append(
+                StaticCredentials(dvc.credentials, source=f"{args.dvc_repo}/.dvc/config.local")
+            )
+    elif s3_flags:
+        raise UsageError(f"{', '.join(s3_flags)} need --remote s3://... or --dvc-repo")
+    if config is None:
+        yield None
+        return
+    sources: list[CredentialSource] = []
+    if args.credentials_dir is not None:
+        sources.append(SecretDirCredentials(args.credentials_dir))
+    if args.env_file is not None:
+        sources.append(credentials_from_env_file(args.env_file))
+    # DVC's own order: keys in the repo's config win over the environment.
+    sources += [*repo_sources, EnvCredentials(environ)]
+    credentials = ChainCredentials(sources)
+    async with S3Remote(config, credentials, options=FetchOptions(jobs=args.jobs)) as remote:
+        yield remote
 
 
 def result_dict(result: Result) -> dict[str, object]:
@@ -166,12 +320,16 @@ def summary(r: Result) -> str:
         f"  link mode   {r.mode} ({mix})" if mix else "  link mode   nothing linked this run",
         f"  read-only   {ro}",
         f"  cache       {r.hits} hits ({_size(r.hit_bytes)}), {r.misses} misses, "
-        f"{r.fetched_objects} objects fetched ({_size(r.fetched_bytes)})",
+        f"{r.fetched_objects} objects fetched ({_size(r.fetched_bytes)})"
+        + (f", {r.waited_objects} fetched by another process" if r.waited_objects else ""),
         f"  built from  {r.base} (reused {r.reused}, removed {r.removed})",
         f"  seconds     {r.seconds:.3f}",
     ]
     if r.quarantined:
         lines.append(f"  quarantined {len(r.quarantined)}: {', '.join(r.quarantined[:5])}")
+    if r.retries:
+        tries = ", ".join(f"{n} {why}" for why, n in sorted(r.retries.items()))
+        lines.append(f"  retries     {tries}")
     if r.recovered:
         lines.append(f"  recovered   {'; '.join(r.recovered[:5])}")
     return "\n".join(lines) + "\n"

@@ -80,18 +80,24 @@ class ObjectsMissingError(DatapinError):
     exit_code = 4
     reason = "missing"
 
-    def __init__(self, *, oids: Sequence[str], cache: str, remote: str | None) -> None:
+    def __init__(
+        self, *, oids: Sequence[str], cache: str, remote: str | None, keys: Sequence[str] = ()
+    ) -> None:
         self.oids = tuple(oids)
         self.cache = cache
         self.remote = remote
+        self.keys = tuple(keys)
         where = f"node cache {cache}" + (f" nor remote {remote}" if remote else "")
         fix = (
-            "run `dvc push` for this revision from the repository that made it"
+            "run `dvc push` for this revision from the repository that made it (and check "
+            "that the remote URL and layout are the ones it pushed to)"
             if remote
             else "pass --remote with the DVC remote that holds them, or `dvc push` them"
         )
+        looked = f" (looked for {_some(self.keys)})" if self.keys else ""
         super().__init__(
-            f"{len(self.oids)} object(s) not found in {where}: {_some(self.oids)}. Fix: {fix}"
+            f"{len(self.oids)} object(s) not found in {where}: {_some(self.oids)}{looked}. "
+            f"Fix: {fix}"
         )
 
 
@@ -144,9 +150,18 @@ class RemoteError(DatapinError):
     exit_code = 8
     reason = "remote"
 
-    def __init__(self, *, remote: str, problem: str, fix: str) -> None:
+    def __init__(
+        self, *, remote: str, problem: str, fix: str, keys: Sequence[str] = (), cause: str = ""
+    ) -> None:
         self.remote = remote
-        super().__init__(f"remote {remote}: {problem}. Fix: {fix}")
+        self.problem = problem
+        #: The object keys that failed (all of them; the message shows the first few).
+        self.keys = tuple(keys)
+        #: A short label of what failed (`unreachable`, `access_denied`, `no_bucket`, ...),
+        #: for metrics and tests; never contains request data.
+        self.cause = cause or "remote"
+        some = f" ({len(self.keys)} object(s): {_some(self.keys)})" if self.keys else ""
+        super().__init__(f"remote {remote}: {problem}{some}. Fix: {fix}")
 
 
 def os_error(where: str, exc: OSError, *, volume: str = "destination") -> Exception:

@@ -44,7 +44,7 @@ from .errors import CorruptObjectError, ObjectsMissingError, os_error
 from .hashing import Layout
 from .linker import Linker, LinkMode, Strategy
 from .manifest import Manifest, diff
-from .remote import Remote
+from .remote import FetchReport, Remote
 from .revision import Revision
 from .workspace import TreeInfo, Workspace, tree_key
 
@@ -88,6 +88,8 @@ class Result:
     misses: int = 0  # entries whose object had to be fetched
     fetched_objects: int = 0
     fetched_bytes: int = 0
+    waited_objects: int = 0  # fetched by another process on the node while this one waited
+    retries: dict[str, int] = field(default_factory=dict)  # remote requests retried, by reason
     reused: int = 0  # entries kept from the previous tree
     removed: int = 0  # entries of the previous tree dropped
     base: str = "fresh"  # fresh | published | spare | noop
@@ -156,7 +158,8 @@ class _Run:
         self.counts_before = Counter(linker.counts)
         self.hits = self.hit_bytes = self.misses = self.miss_bytes = 0
         self.removed_bytes = 0
-        self.fetched_objects = self.fetched_bytes = 0
+        self.fetched_objects = self.fetched_bytes = self.waited_objects = 0
+        self.retries: Counter[str] = Counter()
         self.quarantined: list[str] = []
         self.layout = Layout.DVC3
         self.modes: tuple[LinkMode, ...] = ()
@@ -233,6 +236,8 @@ class _Run:
             misses=self.misses,
             fetched_objects=self.fetched_objects,
             fetched_bytes=self.fetched_bytes,
+            waited_objects=self.waited_objects,
+            retries=dict(self.retries),
             reused=reused,
             removed=removed,
             base=base,
@@ -268,17 +273,28 @@ class _Run:
     def _resolve_layout(self) -> Layout:
         oid = self.req.revision.oid
         layout = self.cache.find(oid, self._layouts())
-        if layout is None and self.req.remote is not None:
-            layout = self.req.remote.find(oid, self._layouts())
+        remote = self.req.remote
+        if layout is None and remote is not None:
+            layout = remote.find(oid, self._layouts())
             if layout is not None and self.req.revision.is_dir:
-                self.req.remote.fetch(self.cache, oid, layout)
+                report = remote.fetch(self.cache, [oid], layout)
+                self._count(report)
+                if report.absent or report.corrupt:
+                    self._raise_missing(report.absent, report.corrupt, layout)
         if layout is None:
             raise ObjectsMissingError(
                 oids=[oid],
                 cache=str(self.cache.root),
-                remote=self.req.remote.url if self.req.remote else None,
+                remote=remote.url if remote else None,
+                keys=[remote.key(oid, lay) for lay in self._layouts()] if remote else (),
             )
         return layout
+
+    def _count(self, report: FetchReport) -> None:
+        self.fetched_objects += report.fetched
+        self.fetched_bytes += report.fetched_bytes
+        self.waited_objects += report.waited
+        self.retries.update(report.retries)
 
     def _manifest(self) -> Manifest:
         rev = self.req.revision
@@ -431,20 +447,12 @@ class _Run:
             self._raise_missing(oids, [])
         assert remote is not None  # noqa: S101 - for mypy; _raise_missing raised otherwise
         self._tick("fetch", len(oids))
-        absent: list[str] = []
-        corrupt: list[str] = []
-        for n, oid in enumerate(oids, 1):
-            try:
-                self.fetched_bytes += remote.fetch(self.cache, oid, self.layout)
-                self.fetched_objects += 1
-            except FileNotFoundError:
-                absent.append(oid)
-            except CorruptObjectError:
-                corrupt.append(oid)
-            if n % 256 == 0:
-                self._tick("fetch", len(oids), n)
-        if absent or corrupt:
-            self._raise_missing(absent, corrupt)
+        report = remote.fetch(
+            self.cache, oids, self.layout, lambda n: self._tick("fetch", len(oids), n)
+        )
+        self._count(report)
+        if report.absent or report.corrupt:
+            self._raise_missing(report.absent, report.corrupt, self.layout)
         for i in missing:
             h = manifest.md5(i).encode()
             size = self.linker.link(
@@ -453,7 +461,11 @@ class _Run:
             self.misses += 1
             self.miss_bytes += size
 
-    def _raise_missing(self, absent: list[str], corrupt: list[str]) -> None:
+    def _raise_missing(
+        self, absent: list[str], corrupt: list[str], layout: Layout | None = None
+    ) -> None:
+        remote = self.req.remote
+        layout = layout or self.layout
         bad = [o for o in self.quarantined if o in set(absent)] + corrupt
         if bad:
             raise CorruptObjectError(
@@ -465,7 +477,8 @@ class _Run:
         raise ObjectsMissingError(
             oids=absent,
             cache=str(self.cache.root),
-            remote=self.req.remote.url if self.req.remote else None,
+            remote=remote.url if remote else None,
+            keys=[remote.key(o, layout) for o in absent[:5]] if remote else (),
         )
 
     def _tree_bytes(self, base: TreeInfo | None) -> int:

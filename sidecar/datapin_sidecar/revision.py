@@ -139,3 +139,51 @@ def _out(source: str, item: Any, index: int) -> Out:
         size=size if isinstance(size, int) else None,
         nfiles=nfiles if isinstance(nfiles, int) else None,
     )
+
+
+def resolve_target(repo: str | Path, target: str) -> Out:
+    """The out a DVC target names in `repo`, as `dvc pull TARGET` would find it.
+
+    `data.dvc` (a `.dvc` file with one out, or `data.dvc:path` to pick one of several), `data`
+    (its `data.dvc`), or an output of a pipeline stage: `path` or `dvc.lock:path`.
+    """
+    root = Path(repo)
+    if not (root / ".dvc").is_dir():
+        raise RevisionError(
+            f"{root} is not a DVC repository (no .dvc directory). Fix: pass --dvc-repo with "
+            "the root of the repository that ran `dvc add`/`dvc push`"
+        )
+    file_part, sep, out_part = target.partition(":")
+    if sep and file_part.endswith("dvc.lock"):
+        return _lock_out(root / file_part, out_part)
+    if file_part.endswith(".dvc"):
+        return _dvc_file_out(root / file_part, out_part if sep else None)
+    if (root / f"{target}.dvc").is_file():
+        return _dvc_file_out(root / f"{target}.dvc", None)
+    if (root / "dvc.lock").is_file():
+        return _lock_out(root / "dvc.lock", target)
+    raise RevisionError(
+        f"DVC target {target!r} not found in {root}: no {target}.dvc and no dvc.lock. "
+        "Fix: name a .dvc file (data.dvc) or a stage output listed in dvc.lock"
+    )
+
+
+def _dvc_file_out(path: Path, out: str | None) -> Out:
+    if not path.is_file():
+        raise RevisionError(f"{path} does not exist. Fix: check the path of the .dvc file")
+    outs = read_dvc_file(path)
+    if out is not None:
+        return find_out(outs, out, source=str(path))
+    if len(outs) > 1:
+        names = ", ".join(o.path for o in outs)
+        raise RevisionError(
+            f"{path} has {len(outs)} outs ({names}). Fix: pick one as {path.name}:<path>"
+        )
+    return outs[0]
+
+
+def _lock_out(path: Path, out: str) -> Out:
+    if not path.is_file():
+        raise RevisionError(f"{path} does not exist. Fix: run `dvc repro` and commit dvc.lock")
+    outs = [o for stage in read_dvc_lock(path).values() for o in stage]
+    return find_out(outs, out, source=str(path))

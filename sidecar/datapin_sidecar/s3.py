@@ -1,0 +1,886 @@
+"""Fetch DVC objects from S3 / Backblaze B2 into the node cache: fast, verified, once per node.
+
+Shape of a fetch (`S3Remote.afetch`): a fixed pool of worker tasks takes object ids from one
+iterator, so a 100k-object revision costs a few dozen tasks, not 100k. For each object a
+worker claims the object's download slot in the cache (`NodeCache.claim`, the node-wide lock
+that makes it download once however many processes want it), GETs it, checks its DVC md5 and
+hands the slot to a committer that installs it. Objects another process is downloading are
+set aside and waited for at the end: usually they are in place by then, and if their
+downloader died we download them ourselves.
+
+Requests: a GET with `Range: bytes=0-<part-1>` tells the size (`Content-Range`) and brings a
+small object whole, in one request. Bodies up to `inline_bytes` stay in memory and are written
+and hashed in one worker-thread call. Larger objects are written to their slot as they stream
+(never held in memory) in parts of `part_size` fetched in parallel; a hashing task follows the
+parts in order, so verification overlaps the download. A multi-part object keeps a journal of
+finished parts beside its slot: a killed download resumes from what is on disk, and a
+connection broken mid-part resumes from the last byte received. The md5 is the judge: bytes that
+fail it (a flipped bit in transit, a torn resume) never enter the cache; the object is fetched
+again, whole, a bounded number of times.
+
+Durability: an object must be on disk before its name is, or a machine crash could leave a
+short file under a verified name. An fsync per object costs more than the download of a small
+one, so verified slots are committed in batches: one `syncfs(2)` of the cache filesystem, then
+a `link` each (the cache's own install path).
+
+Errors: 5xx, SlowDown (honouring Retry-After), timeouts, resets and truncated bodies are
+retried with exponential backoff and full jitter, `attempts` times per request. What retrying
+cannot fix stops the whole fetch with a `RemoteError` naming the remote, the objects and the
+likely fix: bad keys (after re-reading rotated credentials once), a missing bucket, a wrong
+region, an endpoint still unreachable after the retry budget. Objects the remote does not have
+are reported back (`FetchReport.absent`) for the materialiser's "missing" error.
+
+Why not aiobotocore: its per-request CPU (model-driven serialisation, event hooks, response
+parsing) is about 1 ms; this path, SigV4 (`sigv4`) over aiohttp, is about 0.3 ms, and on a
+2-core node the client's CPU per request decides small-object throughput (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import email.utils
+import functools
+import os
+import random
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import aiohttp
+import yarl
+
+from . import __version__
+from .cache import NodeCache, Slot
+from .errors import DatapinError, RemoteError, os_error
+from .hashing import DVC2_CHUNK, Layout, ObjectHasher
+from .remote import FetchReport
+from .sigv4 import Signer
+
+if TYPE_CHECKING:
+    from .s3config import CredentialSource, RemoteConfig
+
+T = TypeVar("T")
+MiB: Final = 1024 * 1024
+_JOURNAL_MAGIC: Final = b"datapin-parts 1"
+_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]{1,500})</Message>")
+_RETRYABLE_CODES: Final = frozenset(
+    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}
+)
+_AUTH_CODES: Final = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+     "InvalidToken", "TokenRefreshRequired"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchOptions:
+    """How hard to pull. The defaults suit one node talking to B2 over the internet."""
+
+    #: Requests in flight at once (objects and parts of objects together).
+    jobs: int = 32
+    #: Objects larger than this are fetched in ranged parts of this size, in parallel.
+    part_size: int = 16 * MiB
+    #: Bodies up to this size are read whole into memory; larger ones stream to disk.
+    inline_bytes: int = 1 * MiB
+    #: Attempts per request before an error counts (5xx, SlowDown, timeouts, resets).
+    attempts: int = 6
+    #: Whole-object attempts when the bytes fail their md5.
+    verify_attempts: int = 3
+    backoff_base: float = 0.2
+    backoff_cap: float = 8.0
+    #: The longest Retry-After honoured; a server asking for more gets this.
+    retry_after_cap: float = 30.0
+    connect_timeout: float = 10.0
+    #: Seconds without a byte from the server before a request counts as timed out.
+    read_timeout: float = 60.0
+    #: Threads for file writes and hashing (both release the GIL).
+    io_threads: int = 4
+    #: How long to wait for an object another process on the node is downloading.
+    wait_timeout: float = 900.0
+
+
+class _HTTPError(Exception):
+    """A non-success answer: its status, S3 error code and Retry-After."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None) -> None:
+        super().__init__(f"{status} {code}".strip())
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status >= 500 or self.status == 429 or self.code in _RETRYABLE_CODES
+
+    @property
+    def reason(self) -> str:
+        return self.code or f"http_{self.status}"
+
+
+class _TruncatedError(Exception):
+    """The body ended before the length the server announced."""
+
+
+class _CorruptError(Exception):
+    """The bytes fail their md5."""
+
+
+class _AbsentError(Exception):
+    """The remote does not have the object."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _syncfs(fd: int) -> bool:
+    """`syncfs(2)` on the filesystem of `fd`; False where libc lacks it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.syncfs(fd) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class S3Remote:
+    """A DVC remote on S3 or B2. Use as `async with S3Remote(...) as remote:`.
+
+    The async API (`afind`, `afetch`) runs on the loop that entered the context; the sync
+    `Remote` protocol (`find`, `fetch`), which the materialiser calls from a worker thread,
+    submits to that loop and waits.
+    """
+
+    def __init__(
+        self,
+        config: RemoteConfig,
+        credentials: CredentialSource,
+        *,
+        options: FetchOptions | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options or FetchOptions()
+        self._credentials = credentials
+        self._signer = Signer(region=config.region)
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._io: ThreadPoolExecutor | None = None
+        self._requests: asyncio.Semaphore | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> S3Remote:
+        opts = self.options
+        tls: ssl.SSLContext | bool = False
+        if self.config.resolved_endpoint.startswith("https:"):
+            if self.config.verify_tls:
+                tls = ssl.create_default_context(
+                    cafile=str(self.config.ca_bundle) if self.config.ca_bundle else None
+                )
+            else:
+                tls = False  # the user said so (DVC's `ssl_verify = false`)
+        connector = aiohttp.TCPConnector(
+            limit=opts.jobs, ssl=tls, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=opts.connect_timeout, sock_read=opts.read_timeout
+            ),
+            headers={"User-Agent": f"datapin/{__version__}", "Accept-Encoding": "identity"},
+            skip_auto_headers=("Accept",),
+        )
+        self._loop = asyncio.get_running_loop()
+        self._io = ThreadPoolExecutor(opts.io_threads, thread_name_prefix="datapin-io")
+        self._requests = asyncio.Semaphore(opts.jobs)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        self._session = self._io = self._loop = self._requests = None
+
+    # -- the Remote protocol (sync, from a worker thread) -------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.config.describe()
+
+    def key(self, oid: str, layout: Layout) -> str:
+        return self.config.key(f"{layout.prefix()}{oid[:2]}/{oid[2:]}")
+
+    def find(self, oid: str, layouts: tuple[Layout, ...]) -> Layout | None:
+        return self._call(self.afind(oid, layouts))
+
+    def fetch(
+        self,
+        cache: NodeCache,
+        oids: Sequence[str],
+        layout: Layout,
+        progress: Callable[[int], None] | None = None,
+    ) -> FetchReport:
+        return self._call(self.afetch(cache, oids, layout, progress=progress))
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("S3Remote used outside `async with`")
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:
+                raise RuntimeError("sync S3Remote call on its own loop: use asyncio.to_thread")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
+
+    # -- async API ----------------------------------------------------------------------------
+
+    async def afind(self, oid: str, layouts: tuple[Layout, ...]) -> Layout | None:
+        """The first layout in which the remote has `oid` (a HEAD per layout tried)."""
+        for layout in layouts:
+            key = self.key(oid, layout)
+            try:
+                await self._retrying(key, Counter(), functools.partial(self._head, key))
+            except _AbsentError:
+                continue
+            return layout
+        return None
+
+    async def afetch(
+        self,
+        cache: NodeCache,
+        oids: Iterable[str],
+        layout: Layout,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> FetchReport:
+        """Put `oids` into `cache` (each downloaded at most once on the node); see module doc."""
+        run = _Fetch(self, cache, layout, progress)
+        await run.execute(oids)
+        return run.report
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _signed(self, method: str, key: str) -> tuple[yarl.URL, dict[str, str]]:
+        creds = self._credentials.get()
+        headers = self._signer.headers(
+            method=method,
+            host=self.config.signing_host,
+            path=self.config.canonical_path(key),
+            access_key_id=creds.access_key_id,
+            secret_access_key=creds.secret_access_key,
+            session_token=creds.session_token,
+        )
+        return yarl.URL(self.config.object_url(key), encoded=True), headers
+
+    @contextlib.asynccontextmanager
+    async def _get(
+        self, key: str, start: int, end: int | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET of bytes [start, end] (end None: to the end), raising `_HTTPError` on failure."""
+        assert self._session is not None  # noqa: S101
+        assert self._requests is not None  # noqa: S101
+        url, headers = self._signed("GET", key)
+        if end is not None or start:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+        async with (
+            self._requests,
+            self._session.get(url, headers=headers, allow_redirects=False) as resp,
+        ):
+            if resp.status >= 300:
+                raise await _error_of(resp)
+            yield resp
+
+    async def _head(self, key: str) -> int:
+        assert self._session is not None  # noqa: S101
+        assert self._requests is not None  # noqa: S101
+        url, headers = self._signed("HEAD", key)
+        async with (
+            self._requests,
+            self._session.head(url, headers=headers, allow_redirects=False) as resp,
+        ):
+            if resp.status >= 300:
+                raise await _error_of(resp)
+            return int(resp.headers.get("Content-Length", "0"))
+
+    async def _retrying(
+        self, key: str, retries: Counter[str], attempt: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run `attempt` until it succeeds, retrying what retrying can fix; see module doc."""
+        opts = self.options
+        refreshed = False
+        last = ""
+        for n in range(opts.attempts):
+            try:
+                return await attempt()
+            except _HTTPError as exc:
+                if exc.status == 404 and exc.code in ("NoSuchKey", "", "NotFound"):
+                    raise _AbsentError from None
+                if exc.status in (401, 403) and not refreshed and _auth_failure(exc):
+                    # The Secret may have rotated since we read it: re-read once, then retry.
+                    refreshed = True
+                    before = self._credentials.get()
+                    if self._credentials.refresh() != before:
+                        retries["credentials_rotated"] += 1
+                        continue
+                if not exc.retryable:
+                    raise self._fatal(exc, key) from None
+                last, retry_after = exc.reason, exc.retry_after
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise RemoteError(
+                    remote=self.url,
+                    problem=f"TLS certificate verification failed ({exc.certificate_error})",
+                    fix="pass --ca-bundle with the CA that signed the endpoint's certificate "
+                    "(DVC: `ssl_verify = /path/ca.pem`)",
+                    cause="tls",
+                ) from None
+            except aiohttp.ClientConnectorError as exc:
+                last, retry_after = f"connect: {exc.os_error.strerror or exc}", None
+                if n == opts.attempts - 1:
+                    raise RemoteError(
+                        remote=self.url,
+                        problem=f"cannot connect to {self.config.resolved_endpoint} after "
+                        f"{opts.attempts} attempts ({exc.os_error.strerror or exc})",
+                        fix="check --endpoint-url (DVC: `endpointurl`), DNS, and that the "
+                        "node may reach it (proxies, NetworkPolicy)",
+                        cause="unreachable",
+                    ) from None
+            except (aiohttp.ClientPayloadError, _TruncatedError):
+                last, retry_after = "truncated", None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                last, retry_after = f"connection: {type(exc).__name__}", None
+            except TimeoutError:
+                last, retry_after = "timeout", None
+            retries[last.split(":")[0]] += 1
+            if n < opts.attempts - 1:
+                delay = random.uniform(0, min(opts.backoff_cap, opts.backoff_base * 2**n))  # noqa: S311 - jitter, not crypto
+                if retry_after is not None:
+                    delay = max(delay, min(retry_after, opts.retry_after_cap))
+                await asyncio.sleep(delay)
+        raise _GaveUpError(key, last, opts.attempts)
+
+    def _fatal(self, exc: _HTTPError, key: str) -> RemoteError:
+        """The user-facing error for an answer retrying cannot change."""
+        cfg = self.config
+        creds = self._credentials.describe()
+        code = exc.code or f"HTTP {exc.status}"
+        if exc.code == "NoSuchBucket" or (exc.status == 404 and exc.code == "NoSuchBucket"):
+            return RemoteError(
+                remote=self.url,
+                problem=f"bucket {cfg.bucket!r} does not exist at {cfg.resolved_endpoint}",
+                fix="check the bucket in the remote URL and the endpoint (the bucket's region)",
+                cause="no_bucket",
+            )
+        if exc.code == "InvalidAccessKeyId":
+            return RemoteError(
+                remote=self.url,
+                problem="the access key id is not known to the server (InvalidAccessKeyId)",
+                fix=f"check the key id in {creds} (for B2: the application keyID; the master "
+                "application key cannot use the S3 API)",
+                cause="access_denied",
+            )
+        if exc.code == "SignatureDoesNotMatch":
+            return RemoteError(
+                remote=self.url,
+                problem="the secret key does not match the key id (SignatureDoesNotMatch)",
+                fix=f"check the secret in {creds} (for B2: the applicationKey shown once when "
+                f"the key was made) and that the region {cfg.region!r} matches the endpoint",
+                cause="access_denied",
+            )
+        if exc.status in (401, 403):
+            return RemoteError(
+                remote=self.url,
+                problem=f"access denied reading {key} ({code})",
+                fix=f"give the key in {creds} read and list access to bucket {cfg.bucket!r} "
+                "(B2: an application key restricted to another bucket or prefix is refused)",
+                keys=[key],
+                cause="access_denied",
+            )
+        if exc.status in (301, 307) or exc.code in (
+            "PermanentRedirect",
+            "AuthorizationHeaderMalformed",
+            "IllegalLocationConstraintException",
+        ):
+            return RemoteError(
+                remote=self.url,
+                problem=f"the server says the bucket is in another region ({code})",
+                fix=f"set --region (now {cfg.region!r}) and --endpoint-url to the bucket's "
+                "region (B2: s3.<region>.backblazeb2.com from the bucket's details)",
+                cause="region",
+            )
+        detail = f": {exc.message}" if exc.message else ""
+        return RemoteError(
+            remote=self.url,
+            problem=f"the server refused the request ({code}{detail})",
+            fix="check the remote URL, endpoint and region; report it if they are right",
+            keys=[key],
+            cause=exc.reason,
+        )
+
+
+class _GaveUpError(Exception):
+    """A request still failed after every attempt."""
+
+    def __init__(self, key: str, last: str, attempts: int) -> None:
+        super().__init__(f"{key}: {last} after {attempts} attempts")
+        self.key = key
+        self.last = last
+
+
+def _first_error(group: BaseExceptionGroup[BaseException], cache: NodeCache) -> BaseException:
+    """The error a TaskGroup failure stands for: ours first, then anything else."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, DatapinError):
+            return exc
+    for exc in leaves:
+        if isinstance(exc, OSError):
+            return os_error(str(cache.root), exc, volume="node cache")
+    return leaves[0]
+
+
+def _auth_failure(exc: _HTTPError) -> bool:
+    return exc.code in _AUTH_CODES or not exc.code  # HEAD answers carry no body
+
+
+async def _error_of(resp: aiohttp.ClientResponse) -> _HTTPError:
+    body = b""
+    if resp.method != "HEAD":
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            body = await resp.content.read(64 * 1024)
+    code = _CODE.search(body)
+    message = _MESSAGE.search(body)
+    return _HTTPError(
+        resp.status,
+        code.group(1).decode("utf-8", "replace") if code else "",
+        message.group(1).decode("utf-8", "replace") if message else "",
+        _retry_after(resp.headers.get("Retry-After")),
+    )
+
+
+def _content_range_total(resp: aiohttp.ClientResponse) -> int | None:
+    value = resp.headers.get("Content-Range", "")
+    _, _, total = value.rpartition("/")
+    return int(total) if total.isdigit() else None
+
+
+# -- one fetch --------------------------------------------------------------------------------
+
+
+class _Fetch:
+    """The state of one `afetch`: workers, committer, report."""
+
+    def __init__(
+        self,
+        remote: S3Remote,
+        cache: NodeCache,
+        layout: Layout,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self.remote = remote
+        self.opts = remote.options
+        self.cache = cache
+        self.layout = layout
+        self.progress = progress
+        self.report = FetchReport()
+        self.busy: list[str] = []
+        self.gave_up: list[tuple[str, str]] = []
+        self.done = 0
+        self.loop = asyncio.get_running_loop()
+        assert remote._io is not None  # noqa: S101
+        self.io = remote._io
+        self.committer = _Committer(self)
+
+    async def execute(self, oids: Iterable[str]) -> None:
+        todo = iter(oids)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.opts.jobs):
+                    tg.create_task(self._worker(todo))
+            await self.committer.flush()
+            await self._wait_for_busy()
+            await self.committer.flush()
+        except BaseExceptionGroup as group:
+            raise _first_error(group, self.cache) from None
+        finally:
+            self.committer.abandon()
+        if self.gave_up:
+            keys = [k for k, _ in self.gave_up]
+            last = Counter(why for _, why in self.gave_up).most_common(1)[0][0]
+            raise RemoteError(
+                remote=self.remote.url,
+                problem=f"objects could not be downloaded after {self.opts.attempts} attempts "
+                f"each (last error: {last})",
+                fix="retry later; if it persists, check the remote's status and the node's "
+                "network (the objects already fetched are kept)",
+                keys=keys,
+                cause="gave_up",
+            )
+
+    async def _worker(self, todo: Iterator[str]) -> None:
+        for oid in todo:
+            # In a thread: creating the slot allocates an inode (~100 µs on XFS), which on
+            # the loop thread would hold up every connection.
+            slot = await self._run(_claim, self.cache, oid, self.layout)
+            if slot is None:
+                self.busy.append(oid)
+            elif isinstance(slot, _Present):
+                self.report.present += 1
+                self._tick()
+            else:
+                await self._fetch_claimed(slot)
+
+    def _tick(self) -> None:
+        self.done += 1
+        if self.progress is not None and self.done % 256 == 0:
+            self.progress(self.done)
+
+    async def _fetch_claimed(self, slot: Slot) -> None:
+        """Download the object of a slot we hold; the slot ends installed or released."""
+        oid, key = slot.oid, self.remote.key(slot.oid, self.layout)
+        handed_over = False
+        try:
+            if self.cache.present(oid, self.layout):
+                slot.discard()
+                self.report.present += 1
+                return
+            for attempt in range(self.opts.verify_attempts):
+                try:
+                    size = await self._download(slot, key, resume=attempt == 0)
+                except _CorruptError:
+                    self.report.retries["md5_mismatch"] += 1
+                    continue
+                await self.committer.add(slot, size)
+                handed_over = True
+                self.report.fetched += 1
+                return
+            self.report.corrupt.append(oid)
+        except _AbsentError:
+            self.report.absent.append(oid)
+        except _GaveUpError as exc:
+            self.gave_up.append((key, exc.last))
+        finally:
+            self._tick()
+            if not handed_over:
+                slot.release()  # keep partial bytes (and a journal) for a resume
+
+    async def _download(self, slot: Slot, key: str, *, resume: bool) -> int:
+        """Fill `slot` with the verified object; its size (or _CorruptError, _AbsentError...)."""
+        journal = await self._run(_read_journal, slot.journal) if resume else None
+        if journal is not None:
+            total, part_size, done = journal
+            return await self._parts(slot, key, total, part_size, done, 0)
+        opts = self.opts
+        # What the probe learnt: a small body, or (size, bytes of part 0 already on disk).
+        first: list[bytes | tuple[int, int]] = []
+
+        async def probe() -> None:
+            first.clear()
+            try:
+                async with self.remote._get(key, 0, opts.part_size - 1) as resp:
+                    total = _content_range_total(resp) if resp.status == 206 else None
+                    if total is None:
+                        total = resp.content_length
+                    if total is None:
+                        raise _TruncatedError  # no length: cannot tell a whole body from a cut one
+                    if total <= opts.inline_bytes:
+                        body = await resp.read()
+                        if len(body) != total:
+                            raise _TruncatedError
+                        first.append(body)
+                        return
+                    # Large: part 0 is arriving now; keep what streams in even if the
+                    # connection breaks (the part fetcher resumes it from there).
+                    nparts = -(-total // opts.part_size)
+                    await self._run(_start_parts, slot, total, opts.part_size, nparts)
+                    got = [0]
+                    with contextlib.suppress(aiohttp.ClientPayloadError, aiohttp.ClientError,
+                                             ConnectionError, TimeoutError):  # fmt: skip
+                        await self._write_body(resp, slot.fd, 0, min(total, opts.part_size), got)
+                    first.append((total, got[0]))
+            except _HTTPError as exc:
+                if exc.status != 416:
+                    raise
+                first.append(b"")  # a Range on an empty object: it is empty
+
+        await self.remote._retrying(key, self.report.retries, probe)
+        head = first[0]
+        if isinstance(head, bytes):
+            if not await self._run(_write_small, slot, head):
+                raise _CorruptError
+            self.report.fetched_bytes += len(head)
+            return len(head)
+        total, got0 = head
+        self.report.fetched_bytes += got0
+        nparts = -(-total // opts.part_size)
+        return await self._parts(slot, key, total, opts.part_size, bytearray(nparts), got0)
+
+    async def _parts(  # noqa: PLR0917 - private, called in two places
+        self, slot: Slot, key: str, total: int, part_size: int, done: bytearray, got0: int
+    ) -> int:
+        """Fetch the parts not `done` in parallel (part 0 from byte `got0`), hash in order,
+        verify. See the module doc."""
+        nparts = len(done)
+        self.report.resumed_bytes += sum(
+            min(part_size, total - i * part_size) for i in range(nparts) if done[i]
+        )
+        ready = [asyncio.Event() for _ in range(nparts)]
+        for i in range(nparts):
+            if done[i]:
+                ready[i].set()
+        hasher = ObjectHasher(self.layout)
+
+        async def part(i: int) -> None:
+            start = i * part_size
+            want = min(total, start + part_size) - start
+            got = [got0 if i == 0 else 0]
+
+            async def attempt() -> None:
+                before = got[0]
+                try:
+                    async with self.remote._get(key, start + got[0], start + want - 1) as resp:
+                        await self._write_body(resp, slot.fd, start, want, got)
+                finally:
+                    self.report.fetched_bytes += got[0] - before
+
+            if got[0] < want:
+                await self.remote._retrying(key, self.report.retries, attempt)
+            await self._run(_mark_done, slot.journal, i, nparts)
+            ready[i].set()
+
+        async def hash_in_order() -> None:
+            for i in range(nparts):
+                await ready[i].wait()
+                start = i * part_size
+                end = min(total, start + part_size)
+                await self._run(_hash_range, slot.fd, start, end, hasher)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(hash_in_order())
+            for i in range(nparts):
+                if not done[i]:
+                    tg.create_task(part(i))
+        if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
+            await self._run(_reset, slot)  # a torn resume or bad bytes: start over, whole
+            raise _CorruptError
+        return total
+
+    async def _write_body(
+        self, resp: aiohttp.ClientResponse, fd: int, start: int, want: int, got: list[int]
+    ) -> None:
+        """Write the body to `fd` at `start + got[0]` as it arrives, advancing `got[0]`, so a
+        broken stream leaves `got[0]` where a retry resumes. Raises `_TruncatedError` if short."""
+        async for chunk in resp.content.iter_chunked(MiB):
+            take = chunk[: want - got[0]]
+            await self._run(_pwrite_all, fd, take, start + got[0])
+            got[0] += len(take)
+            if got[0] >= want:
+                return
+        if got[0] < want:
+            raise _TruncatedError
+
+    async def _wait_for_busy(self) -> None:
+        """Wait for objects other processes were downloading; take over from dead ones."""
+        pending = self.busy
+        self.busy = []
+        deadline = time.monotonic() + self.opts.wait_timeout
+        while pending:
+            still: list[str] = []
+            for oid in pending:
+                slot = self.cache.claim(oid, self.layout)
+                if slot is None:
+                    still.append(oid)
+                elif self.cache.present(oid, self.layout):
+                    slot.discard()
+                    self.report.waited += 1
+                    self._tick()
+                else:  # its downloader died or failed: ours now
+                    await self._fetch_claimed(slot)
+            pending = still
+            if pending:
+                if time.monotonic() > deadline:
+                    raise RemoteError(
+                        remote=self.remote.url,
+                        problem=f"another process on this node has held the download of "
+                        f"{len(pending)} object(s) for over {self.opts.wait_timeout:.0f} s",
+                        fix="check the other datapin processes on the node (a stuck "
+                        "download); their slots are in .datapin/fetch/ of the node cache",
+                        keys=[self.remote.key(o, self.layout) for o in pending],
+                        cause="wait_timeout",
+                    )
+                await asyncio.sleep(0.05)
+                await self.committer.flush()
+
+    def _run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return self.loop.run_in_executor(self.io, fn, *args)
+
+
+class _Committer:
+    """Installs verified slots in batches: one syncfs, then a link each (see module doc)."""
+
+    #: Flush when this much is pending, or at the next tick.
+    MAX_OBJECTS: Final = 1024
+    MAX_BYTES: Final = 256 * MiB
+    TICK: Final = 0.25
+
+    def __init__(self, fetch: _Fetch) -> None:
+        self.fetch = fetch
+        self.pending: list[Slot] = []
+        self.bytes = 0
+        self.last = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def add(self, slot: Slot, size: int) -> None:
+        self.pending.append(slot)
+        self.bytes += size
+        if (
+            len(self.pending) >= self.MAX_OBJECTS
+            or self.bytes >= self.MAX_BYTES
+            or time.monotonic() - self.last > self.TICK
+        ):
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            batch, self.pending, self.bytes = self.pending, [], 0
+            self.last = time.monotonic()
+            if batch:
+                await self.fetch._run(_sync_and_install, self.fetch.cache, batch)
+
+    def abandon(self) -> None:
+        """After a failure: release what was not installed (its bytes stay for a resume)."""
+        for slot in self.pending:
+            slot.release()
+        self.pending = []
+
+
+# -- file work, in worker threads ---------------------------------------------------------------
+
+
+class _Present:
+    """Marks an object found in place when its slot was claimed."""
+
+
+_PRESENT: Final = _Present()
+
+
+def _claim(cache: NodeCache, oid: str, layout: Layout) -> Slot | _Present | None:
+    """`cache.claim`, and if the object is already in place, give the slot back at once."""
+    slot = cache.claim(oid, layout)
+    if slot is not None and cache.present(oid, layout):
+        slot.discard()
+        return _PRESENT
+    return slot
+
+
+def _write_small(slot: Slot, body: bytes) -> bool:
+    """Write a whole small object to its slot and check its md5."""
+    hasher = ObjectHasher(slot.layout)
+    hasher.update(body)
+    if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
+        return False
+    view = memoryview(body)
+    offset = 0
+    while offset < len(body):
+        offset += os.pwrite(slot.fd, view[offset:], offset)
+    os.ftruncate(slot.fd, len(body))
+    return True
+
+
+def _read_journal(path: str) -> tuple[int, int, bytearray] | None:
+    """(total, part size, done flags) of a resumable download, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    header, _, flags = data.partition(b"\n")
+    fields = header.split()
+    if len(fields) != 4 or b" ".join(fields[:2]) != _JOURNAL_MAGIC:
+        return None
+    try:
+        total, part_size = int(fields[2]), int(fields[3])
+    except ValueError:
+        return None
+    nparts = max(1, -(-total // part_size)) if part_size > 0 else 0
+    if nparts == 0 or len(flags) != nparts:
+        return None
+    return total, part_size, bytearray(b == ord("1") for b in flags)
+
+
+def _start_parts(slot: Slot, total: int, part_size: int, nparts: int) -> None:
+    """Size the slot and (for more than one part) write a journal with no part done."""
+    os.ftruncate(slot.fd, 0)  # bytes of an abandoned earlier attempt must not survive
+    os.ftruncate(slot.fd, total)
+    if nparts > 1:
+        header = b"%s %d %d\n" % (_JOURNAL_MAGIC, total, part_size)
+        tmp = slot.journal + ".new"
+        with open(tmp, "wb") as f:
+            f.write(header + b"0" * nparts)
+        os.rename(tmp, slot.journal)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _mark_done(journal: str, index: int, nparts: int) -> None:
+    """Record part `index` as on disk. Not fsynced: the md5 check catches a torn resume."""
+    if nparts <= 1:
+        return
+    with open(journal, "r+b") as f:
+        header = f.readline()
+        f.seek(len(header) + index)
+        f.write(b"1")
+
+
+def _hash_range(fd: int, start: int, end: int, hasher: ObjectHasher) -> None:
+    offset = start
+    while offset < end:
+        chunk = os.pread(fd, min(DVC2_CHUNK, end - offset), offset)
+        if not chunk:
+            raise _CorruptError  # shorter than its size: cannot be the object
+        hasher.update(chunk)
+        offset += len(chunk)
+
+
+def _reset(slot: Slot) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(slot.journal)
+    os.ftruncate(slot.fd, 0)
+
+
+def _sync_and_install(cache: NodeCache, batch: list[Slot]) -> None:
+    """Make the batch durable with one syncfs (fsync each where there is none), then install."""
+    if not _syncfs(batch[0].fd):
+        for slot in batch:
+            os.fsync(slot.fd)
+    for slot in batch:
+        slot.install()
