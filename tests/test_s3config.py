@@ -836,6 +836,9 @@ def test_secret_dir_does_not_touch_the_filesystem_within_the_interval(tmp_path: 
     clock = FakeClock()
     source = SecretDirCredentials(secret, clock=clock)
     assert source.get() == creds()
+    clock.advance(1.5)
+    assert source.get() == creds()  # looked (nothing changed): the interval starts again
+    clock.advance(0.5)
     secret.rename(tmp_path / "gone")
     for _ in range(1000):  # a hot download loop
         assert source.get() == creds()
