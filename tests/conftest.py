@@ -12,35 +12,49 @@ Design:
   reflink filesystem and on one without reflinks (ext4 here), covering both link strategies.
 - ``small_xfs`` is a fresh 320M volume per test, for ENOSPC behaviour that must not leak into
   other tests.
-- Tests that use these fixtures are marked automatically with the ``xfs`` / ``dvc`` markers
-  declared in pyproject (``fs_dir`` only for its ``xfs`` variant), so ``-m "not xfs"`` selects
-  the rest explicitly. Markers only select; they never skip.
-- When the machine lacks something (root, xfsprogs, loop devices, the DVC executables), the
-  fixture calls ``pytest.skip`` with the reason and the fix; ``-ra`` in pyproject prints it.
+- S3: one SeaweedFS server per session (``seaweed``); isolation comes from a fresh bucket per
+  test (``s3_bucket``, deleted afterwards, which also returns its volume slots to the server) and
+  a fresh :class:`~tests.support.faultproxy.FaultProxy` per test (``fault_proxy``), so no rule or
+  counter leaks between tests. The DVC push fixtures (``dvc3_s3``, ``dvc2_s3``) are session-wide,
+  each in its own bucket, and must be treated as read-only.
+- Tests that use these fixtures are marked automatically with the ``xfs`` / ``dvc`` / ``s3``
+  markers declared in pyproject (``fs_dir`` only for its ``xfs`` variant), so ``-m "not xfs"``
+  selects the rest explicitly. Markers only select; they never skip.
+- When the machine lacks something (root, xfsprogs, loop devices, the DVC executables, ``weed``),
+  the fixture calls ``pytest.skip`` with the reason and the fix; ``-ra`` in pyproject prints it.
   Nothing else is skipped or hidden.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
 from tests.support import rmtree_robust
+from tests.support.dvcremote import S3DvcFixture, push_dvc_fixture
 from tests.support.dvcrepo import DvcFixture, DvcUnavailable, make_dvc_repo, sample_files
+from tests.support.faultproxy import FaultProxy
+from tests.support.seaweed import SeaweedServer, SeaweedUnavailable, find_weed
 from tests.support.xfs import MIN_XFS_SIZE, XfsUnavailable, xfs_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _XFS_FIXTURES = frozenset({"xfs_mount", "xfs_dir", "small_xfs"})
-_DVC_FIXTURES = frozenset({"dvc3_fixture", "dvc2_fixture"})
+_DVC_FIXTURES = frozenset({"dvc3_fixture", "dvc2_fixture", "dvc3_s3", "dvc2_s3"})
+_S3_FIXTURES = frozenset({"seaweed", "s3_bucket", "fault_proxy", "dvc3_s3", "dvc2_s3"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Add the ``xfs`` / ``dvc`` markers to tests that (statically) request those fixtures."""
+    """Add the ``xfs`` / ``dvc`` / ``s3`` markers to tests that (statically) request those
+    fixtures.
+    """
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         callspec = getattr(item, "callspec", None)
@@ -49,6 +63,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xfs)
         if names & _DVC_FIXTURES:
             item.add_marker(pytest.mark.dvc)
+        if names & _S3_FIXTURES:
+            item.add_marker(pytest.mark.s3)
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +151,67 @@ def dvc3_fixture(tmp_path_factory: pytest.TempPathFactory) -> DvcFixture:
 def dvc2_fixture(tmp_path_factory: pytest.TempPathFactory) -> DvcFixture:
     """Same with DVC 2.58: legacy layout, ``md5-dos2unix`` object names."""
     return _dvc_fixture(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """The session's SeaweedFS S3 server on 127.0.0.1 (random keys), stopped by PID at the end."""
+    try:
+        weed = find_weed()
+    except SeaweedUnavailable as exc:
+        pytest.skip(f"no SeaweedFS S3 server: {exc.reason}")
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed"), weed=weed) as server:
+        yield server
+
+
+def _bucket_name(hint: str) -> str:
+    """A valid, unique S3 bucket name that says which test made it."""
+    base = re.sub(r"[^a-z0-9]+", "-", hint.lower()).strip("-")[:40].strip("-")
+    return f"{base or 't'}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def s3_bucket(seaweed: SeaweedServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Name of a fresh empty bucket on ``seaweed``, deleted with its contents afterwards."""
+    name = seaweed.make_bucket(_bucket_name(request.node.name))
+    yield name
+    try:
+        seaweed.delete_bucket(name)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchBucket":
+            raise  # the test may delete it itself; anything else is a real failure
+
+
+@pytest.fixture
+def fault_proxy(seaweed: SeaweedServer) -> Iterator[FaultProxy]:
+    """A fresh :class:`FaultProxy` in front of ``seaweed`` (no rules), closed afterwards."""
+    with FaultProxy(seaweed.endpoint) as proxy:
+        yield proxy
+
+
+def _dvc_s3(
+    tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer, version: int
+) -> S3DvcFixture:
+    try:
+        return push_dvc_fixture(
+            tmp_path_factory.mktemp(f"dvc{version}-s3"),
+            seaweed,
+            _bucket_name(f"dvc{version}-push"),
+            version=version,
+        )
+    except DvcUnavailable as exc:
+        pytest.skip(f"no DVC {version}: {exc.reason}")
+
+
+@pytest.fixture(scope="session")
+def dvc3_s3(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer) -> S3DvcFixture:
+    """``sample_files()`` pushed by real DVC 3 to ``s3://<own bucket>/dvcstore`` on ``seaweed``
+    (``files/md5/`` layout). Read-only: it is shared by the session.
+    """
+    return _dvc_s3(tmp_path_factory, seaweed, 3)
+
+
+@pytest.fixture(scope="session")
+def dvc2_s3(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer) -> S3DvcFixture:
+    """Same with DVC 2.58: legacy layout, ``md5-dos2unix`` object names. Read-only."""
+    return _dvc_s3(tmp_path_factory, seaweed, 2)
