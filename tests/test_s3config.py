@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import textwrap
 import traceback
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from datapin_sidecar.s3config import (
 )
 
 from tests.support.dvcrepo import DvcUnavailable, find_dvc, run_dvc, run_git
+from tests.support.k8svolume import kubelet_update
 
 #: A secret that must never appear in any message, repr, traceback or log line.
 CANARY = "SUPERSECRET123"
@@ -655,34 +655,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def kubelet_update(directory: Path, data: dict[str, str], stamp: str) -> None:
-    """Update a Secret volume the way kubelet's AtomicWriter does.
-
-    Write the new files into `..<stamp>/`, point a temporary `..data_tmp` symlink at it and
-    rename that over `..data` (the atomic switch), make sure each key has a `KEY -> ..data/KEY`
-    symlink, then remove the previous timestamped directory and keys no longer present.
-    """
-    directory.mkdir(exist_ok=True)
-    data_link = directory / "..data"
-    old = os.readlink(data_link) if data_link.is_symlink() else None
-    new = directory / f"..{stamp}"
-    new.mkdir()
-    for key, value in data.items():
-        (new / key).write_text(value)
-    tmp = directory / "..data_tmp"
-    tmp.symlink_to(new.name)
-    tmp.rename(data_link)
-    for key in data:
-        link = directory / key
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{key}")
-    for entry in directory.iterdir():
-        if not entry.name.startswith("..") and entry.name not in data:
-            entry.unlink()
-    if old is not None:
-        shutil.rmtree(directory / old)
 
 
 def test_secret_dir_reads_a_kubelet_volume(tmp_path: Path) -> None:

@@ -264,7 +264,7 @@ async def _open_remote(
                 region=args.region or (None if args.endpoint_url else config.region),
                 addressing=Addressing(args.addressing),
                 verify_tls=config.verify_tls and not args.no_verify_tls,
-                ca_bundle=args.ca_bundle or config.ca_bundle,
+                ca_bundle=None if args.no_verify_tls else (args.ca_bundle or config.ca_bundle),
             )
         if dvc.credentials is not None:
             repo_sources.append(

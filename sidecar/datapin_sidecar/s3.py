@@ -181,6 +181,8 @@ class S3Remote:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: ThreadPoolExecutor | None = None
         self._requests: asyncio.Semaphore | None = None
+        #: Retries of `find` requests, reported with the next fetch.
+        self._find_retries: Counter[str] = Counter()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -251,11 +253,11 @@ class S3Remote:
     # -- async API ----------------------------------------------------------------------------
 
     async def afind(self, oid: str, layouts: tuple[Layout, ...]) -> Layout | None:
-        """The first layout in which the remote has `oid` (a HEAD per layout tried)."""
+        """The first layout in which the remote has `oid` (a request per layout tried)."""
         for layout in layouts:
             key = self.key(oid, layout)
             try:
-                await self._retrying(key, Counter(), functools.partial(self._head, key))
+                await self._retrying(key, self._find_retries, functools.partial(self._exists, key))
             except _AbsentError:
                 continue
             return layout
@@ -271,6 +273,8 @@ class S3Remote:
     ) -> FetchReport:
         """Put `oids` into `cache` (each downloaded at most once on the node); see module doc."""
         run = _Fetch(self, cache, layout, progress)
+        run.report.retries.update(self._find_retries)
+        self._find_retries.clear()
         await run.execute(oids)
         return run.report
 
@@ -306,17 +310,16 @@ class S3Remote:
                 raise await _error_of(resp)
             yield resp
 
-    async def _head(self, key: str) -> int:
-        assert self._session is not None  # noqa: S101
-        assert self._requests is not None  # noqa: S101
-        url, headers = self._signed("HEAD", key)
-        async with (
-            self._requests,
-            self._session.head(url, headers=headers, allow_redirects=False) as resp,
-        ):
-            if resp.status >= 300:
-                raise await _error_of(resp)
-            return int(resp.headers.get("Content-Length", "0"))
+    async def _exists(self, key: str) -> bool:
+        """Whether `key` exists: a one-byte GET rather than a HEAD, because a HEAD's error
+        answer has no body, so a missing bucket would look like a missing key."""
+        try:
+            async with self._get(key, 0, 0) as resp:
+                await resp.read()
+        except _HTTPError as exc:
+            if exc.status != 416:  # a Range on an empty object: it exists
+                raise
+        return True
 
     async def _retrying(
         self, key: str, retries: Counter[str], attempt: Callable[[], Awaitable[T]]
@@ -618,9 +621,14 @@ class _Fetch:
                     nparts = -(-total // opts.part_size)
                     await self._run(_start_parts, slot, total, opts.part_size, nparts)
                     got = [0]
-                    with contextlib.suppress(aiohttp.ClientPayloadError, aiohttp.ClientError,
-                                             ConnectionError, TimeoutError):  # fmt: skip
+                    try:
                         await self._write_body(resp, slot.fd, 0, min(total, opts.part_size), got)
+                    except (_TruncatedError, aiohttp.ClientPayloadError):
+                        self.report.retries["truncated"] += 1
+                    except (aiohttp.ClientError, ConnectionError):
+                        self.report.retries["connection"] += 1
+                    except TimeoutError:
+                        self.report.retries["timeout"] += 1
                     first.append((total, got[0]))
             except _HTTPError as exc:
                 if exc.status != 416:
