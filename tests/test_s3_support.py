@@ -124,7 +124,7 @@ def test_server_round_trips_objects_and_enforces_sigv4(
     # Authentication is real: anonymous and wrongly signed requests are refused.
     assert Raw(f"{seaweed.endpoint}/{s3_bucket}/z.bin").status == 403
     bad = seaweed.client()
-    bad._request_signer._credentials.secret_key = "wrong"  # noqa: S105 - a forged signature
+    bad._request_signer._credentials.secret_key = "wrong"  # forges a bad signature
     with pytest.raises(botocore.exceptions.ClientError) as err:
         bad.get_object(Bucket=s3_bucket, Key="z.bin")
     assert err.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
