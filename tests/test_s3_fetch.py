@@ -306,11 +306,34 @@ def test_bytes_that_always_fail_their_md5_never_enter_the_cache(
     fault_proxy.flip(7, path=bad[2:], times=None)
     cache = NodeCache(xfs_dir / "cache")
     cfg = config(fault_proxy.endpoint, s3_bucket, "store")
-    with pytest.raises(CorruptObjectError, match=bad):
+    with pytest.raises(CorruptObjectError, match=bad) as info:
         asyncio.run(pull(cache, rev, xfs_dir / "p", cfg, _keys_of(seaweed)))
+    assert f"store/files/md5/{bad[:2]}/{bad[2:]}" in str(info.value)
+    assert "dvc push" in str(info.value)
+    assert len(fault_proxy.gets(bad[2:])) == 3  # FetchOptions.verify_attempts
     assert not cache.present(bad, Layout.DVC3)
     assert not (xfs_dir / "p" / "current").exists()
     assert_cache_sound(cache)
+
+
+def test_a_stalled_response_times_out_and_is_retried(
+    seaweed: SeaweedServer,
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    big_revision: tuple[str, dict[str, bytes]],
+    xfs_dir: Path,
+) -> None:
+    rev, files = big_revision
+    small = hashlib.md5(files["small/b.bin"]).hexdigest()
+    fault_proxy.latency(3.0, path=small[2:], times=1)
+    cfg = config(fault_proxy.endpoint, s3_bucket, "store")
+    started = time.monotonic()
+    result = asyncio.run(
+        pull(NodeCache(xfs_dir / "c"), rev, xfs_dir / "p", cfg, _keys_of(seaweed), read_timeout=0.5)
+    )
+    assert published(xfs_dir / "p" / "current") == files
+    assert result.retries["timeout"] == 1
+    assert time.monotonic() - started < 3.0, "waited for the stalled answer instead of retrying"
 
 
 def test_missing_object_names_the_keys_and_the_fix(

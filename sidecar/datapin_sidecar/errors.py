@@ -107,9 +107,29 @@ class CorruptObjectError(DatapinError):
     exit_code = 5
     reason = "corrupt"
 
-    def __init__(self, *, oids: Sequence[str], cache: str, detail: str) -> None:
+    def __init__(
+        self,
+        *,
+        oids: Sequence[str],
+        cache: str,
+        detail: str = "",
+        remote: str | None = None,
+        keys: Sequence[str] = (),
+    ) -> None:
         self.oids = tuple(oids)
         self.cache = cache
+        self.remote = remote
+        self.keys = tuple(keys)
+        if remote is not None:
+            # Fetched bytes that fail their md5 never enter the cache: nothing to quarantine.
+            looked = f" ({_some(self.keys)})" if self.keys else ""
+            super().__init__(
+                f"{len(self.oids)} object(s) from remote {remote} fail their md5 on every "
+                f"download: {_some(self.oids)}{looked}. They were not cached or linked. Fix: "
+                "`dvc push` them again from a clean cache (`dvc cache` objects that hash to "
+                "their names), or check what rewrites them in transit (a proxy)"
+            )
+            return
         super().__init__(
             f"{len(self.oids)} corrupt object(s) in {cache}: {_some(self.oids)} ({detail}). "
             "They were moved to quarantine and not linked. Fix: pass --remote to fetch good "

@@ -466,13 +466,20 @@ class _Run:
     ) -> None:
         remote = self.req.remote
         layout = layout or self.layout
+        if corrupt and remote is not None:
+            raise CorruptObjectError(
+                oids=corrupt,
+                cache=str(self.cache.root),
+                remote=remote.url,
+                keys=[remote.key(o, layout) for o in corrupt[:5]],
+            )
         bad = [o for o in self.quarantined if o in set(absent)] + corrupt
         if bad:
             raise CorruptObjectError(
                 oids=bad,
                 cache=str(self.cache.root),
                 detail="md5 mismatch"
-                + (f"; remote {self.req.remote.url} has no good copy" if self.req.remote else ""),
+                + (f"; remote {remote.url} has no good copy" if remote else ""),
             )
         raise ObjectsMissingError(
             oids=absent,

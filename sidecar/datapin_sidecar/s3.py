@@ -365,10 +365,10 @@ class S3Remote:
                     ) from None
             except (aiohttp.ClientPayloadError, _TruncatedError):
                 last, retry_after = "truncated", None
+            except TimeoutError:  # before ClientError: aiohttp's timeouts are both
+                last, retry_after = "timeout", None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 last, retry_after = f"connection: {type(exc).__name__}", None
-            except TimeoutError:
-                last, retry_after = "timeout", None
             retries[last.split(":")[0]] += 1
             if n < opts.attempts - 1:
                 delay = random.uniform(0, min(opts.backoff_cap, opts.backoff_base * 2**n))  # noqa: S311 - jitter, not crypto
@@ -625,10 +625,10 @@ class _Fetch:
                         await self._write_body(resp, slot.fd, 0, min(total, opts.part_size), got)
                     except (_TruncatedError, aiohttp.ClientPayloadError):
                         self.report.retries["truncated"] += 1
-                    except (aiohttp.ClientError, ConnectionError):
-                        self.report.retries["connection"] += 1
                     except TimeoutError:
                         self.report.retries["timeout"] += 1
+                    except (aiohttp.ClientError, ConnectionError):
+                        self.report.retries["connection"] += 1
                     first.append((total, got[0]))
             except _HTTPError as exc:
                 if exc.status != 416:
