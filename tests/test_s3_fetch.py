@@ -336,6 +336,33 @@ def test_a_stalled_response_times_out_and_is_retried(
     assert time.monotonic() - started < 3.0, "waited for the stalled answer instead of retrying"
 
 
+def test_a_part_that_keeps_failing_names_its_object(
+    seaweed: SeaweedServer,
+    s3_bucket: str,
+    fault_proxy: FaultProxy,
+    big_revision: tuple[str, dict[str, bytes]],
+    xfs_dir: Path,
+) -> None:
+    """Parts of a large object fail on every attempt: the fetch ends with a RemoteError that
+    names the object's key, the other objects are kept, nothing partial is published."""
+    rev, files = big_revision
+    big = hashlib.md5(files["big.bin"]).hexdigest()
+    fault_proxy.status(503, "ServiceUnavailable", path=big[2:], times=None)
+    cache = NodeCache(xfs_dir / "c")
+    cfg = config(fault_proxy.endpoint, s3_bucket, "store")
+    with pytest.raises(RemoteError, match="after 2 attempts") as info:
+        asyncio.run(
+            pull(cache, rev, xfs_dir / "p", cfg, _keys_of(seaweed), attempts=2, backoff_base=0.01)
+        )
+    assert info.value.cause == "gave_up"
+    assert f"store/files/md5/{big[:2]}/{big[2:]}" in str(info.value)
+    assert "ServiceUnavailable" in str(info.value)
+    assert not (xfs_dir / "p" / "current").exists()
+    small = hashlib.md5(files["small/b.bin"]).hexdigest()
+    assert cache.present(small, Layout.DVC3)
+    assert not cache.present(big, Layout.DVC3)
+
+
 def test_missing_object_names_the_keys_and_the_fix(
     seaweed: SeaweedServer,
     s3_bucket: str,

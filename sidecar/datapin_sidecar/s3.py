@@ -457,9 +457,11 @@ def _first_error(group: BaseExceptionGroup[BaseException], cache: NodeCache) -> 
             leaves.append(exc)
 
     walk(group)
-    for exc in leaves:
-        if isinstance(exc, DatapinError):
-            return exc
+    # The most telling first: ours, then what ends the object (absent, gave up, corrupt).
+    for kinds in (DatapinError, _AbsentError, _GaveUpError, _CorruptError):
+        for exc in leaves:
+            if isinstance(exc, kinds):
+                return exc
     for exc in leaves:
         if isinstance(exc, OSError):
             return os_error(str(cache.root), exc, volume="node cache")
@@ -619,10 +621,10 @@ class _Fetch:
                     # Large: part 0 is arriving now; keep what streams in even if the
                     # connection breaks (the part fetcher resumes it from there).
                     nparts = -(-total // opts.part_size)
-                    await self._run(_start_parts, slot, total, opts.part_size, nparts)
+                    await self._on(slot, _start_parts, slot.journal, total, opts.part_size, nparts)
                     got = [0]
                     try:
-                        await self._write_body(resp, slot.fd, 0, min(total, opts.part_size), got)
+                        await self._write_body(resp, slot, 0, min(total, opts.part_size), got)
                     except (_TruncatedError, aiohttp.ClientPayloadError):
                         self.report.retries["truncated"] += 1
                     except TimeoutError:
@@ -638,7 +640,7 @@ class _Fetch:
         await self.remote._retrying(key, self.report.retries, probe)
         head = first[0]
         if isinstance(head, bytes):
-            if not await self._run(_write_small, slot, head):
+            if not await self._on(slot, _write_small, slot.layout, slot.oid, head):
                 raise _CorruptError
             self.report.fetched_bytes += len(head)
             return len(head)
@@ -671,7 +673,7 @@ class _Fetch:
                 before = got[0]
                 try:
                     async with self.remote._get(key, start + got[0], start + want - 1) as resp:
-                        await self._write_body(resp, slot.fd, start, want, got)
+                        await self._write_body(resp, slot, start, want, got)
                 finally:
                     self.report.fetched_bytes += got[0] - before
 
@@ -685,26 +687,30 @@ class _Fetch:
                 await ready[i].wait()
                 start = i * part_size
                 end = min(total, start + part_size)
-                await self._run(_hash_range, slot.fd, start, end, hasher)
+                await self._on(slot, _hash_range, start, end, hasher)
 
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(hash_in_order())
-            for i in range(nparts):
-                if not done[i]:
-                    tg.create_task(part(i))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(hash_in_order())
+                for i in range(nparts):
+                    if not done[i]:
+                        tg.create_task(part(i))
+        except BaseExceptionGroup as group:
+            # One part's failure stands for the object's: the caller handles plain errors.
+            raise _first_error(group, self.cache) from None
         if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
-            await self._run(_reset, slot)  # a torn resume or bad bytes: start over, whole
+            await self._on(slot, _reset, slot.journal)  # torn resume or bad bytes: redo it whole
             raise _CorruptError
         return total
 
     async def _write_body(
-        self, resp: aiohttp.ClientResponse, fd: int, start: int, want: int, got: list[int]
+        self, resp: aiohttp.ClientResponse, slot: Slot, start: int, want: int, got: list[int]
     ) -> None:
-        """Write the body to `fd` at `start + got[0]` as it arrives, advancing `got[0]`, so a
+        """Write the body to the slot at `start + got[0]` as it arrives, advancing `got[0]`, so a
         broken stream leaves `got[0]` where a retry resumes. Raises `_TruncatedError` if short."""
         async for chunk in resp.content.iter_chunked(MiB):
             take = chunk[: want - got[0]]
-            await self._run(_pwrite_all, fd, take, start + got[0])
+            await self._on(slot, _pwrite_all, take, start + got[0])
             got[0] += len(take)
             if got[0] >= want:
                 return
@@ -742,6 +748,16 @@ class _Fetch:
                     )
                 await asyncio.sleep(0.05)
                 await self.committer.flush()
+
+    def _on(self, slot: Slot, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Run `fn(fd, *args)` in a worker thread on a duplicate of the slot's descriptor.
+
+        A cancelled await does not stop the thread: if the slot were released meanwhile and
+        its descriptor number reused by another open, a write or truncate meant for the slot
+        would hit that file. The duplicate stays valid (the same open file) until the thread
+        is done with it.
+        """
+        return self.loop.run_in_executor(self.io, _with_dup, os.dup(slot.fd), fn, args)
 
     def _run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         return self.loop.run_in_executor(self.io, fn, *args)
@@ -805,17 +821,21 @@ def _claim(cache: NodeCache, oid: str, layout: Layout) -> Slot | _Present | None
     return slot
 
 
-def _write_small(slot: Slot, body: bytes) -> bool:
-    """Write a whole small object to its slot and check its md5."""
-    hasher = ObjectHasher(slot.layout)
+def _with_dup(fd: int, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+    try:
+        return fn(fd, *args)
+    finally:
+        os.close(fd)
+
+
+def _write_small(fd: int, layout: Layout, oid: str, body: bytes) -> bool:
+    """Write a whole small object to its slot if it passes its md5 check."""
+    hasher = ObjectHasher(layout)
     hasher.update(body)
-    if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
+    if hasher.hexdigest() != oid.removesuffix(".dir"):
         return False
-    view = memoryview(body)
-    offset = 0
-    while offset < len(body):
-        offset += os.pwrite(slot.fd, view[offset:], offset)
-    os.ftruncate(slot.fd, len(body))
+    _pwrite_all(fd, body, 0)
+    os.ftruncate(fd, len(body))  # a dead downloader may have left a longer file
     return True
 
 
@@ -840,16 +860,16 @@ def _read_journal(path: str) -> tuple[int, int, bytearray] | None:
     return total, part_size, bytearray(b == ord("1") for b in flags)
 
 
-def _start_parts(slot: Slot, total: int, part_size: int, nparts: int) -> None:
+def _start_parts(fd: int, journal: str, total: int, part_size: int, nparts: int) -> None:
     """Size the slot and (for more than one part) write a journal with no part done."""
-    os.ftruncate(slot.fd, 0)  # bytes of an abandoned earlier attempt must not survive
-    os.ftruncate(slot.fd, total)
+    os.ftruncate(fd, 0)  # bytes of an abandoned earlier attempt must not survive
+    os.ftruncate(fd, total)
     if nparts > 1:
         header = b"%s %d %d\n" % (_JOURNAL_MAGIC, total, part_size)
-        tmp = slot.journal + ".new"
+        tmp = journal + ".new"
         with open(tmp, "wb") as f:
             f.write(header + b"0" * nparts)
-        os.rename(tmp, slot.journal)
+        os.rename(tmp, journal)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -879,10 +899,10 @@ def _hash_range(fd: int, start: int, end: int, hasher: ObjectHasher) -> None:
         offset += len(chunk)
 
 
-def _reset(slot: Slot) -> None:
+def _reset(fd: int, journal: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(slot.journal)
-    os.ftruncate(slot.fd, 0)
+        os.unlink(journal)
+    os.ftruncate(fd, 0)
 
 
 def _sync_and_install(cache: NodeCache, batch: list[Slot]) -> None:

@@ -184,7 +184,8 @@ class SeaweedServer:
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
         self.access_key = "AK" + secrets.token_hex(9).upper()
-        self.secret_key = secrets.token_urlsafe(30)
+        # Never starting with "-": tools (dvc remote modify) would take it for an option.
+        self.secret_key = "S" + secrets.token_urlsafe(30)
         self.ports: dict[str, int] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self._client: Any = None
