@@ -192,8 +192,9 @@ class NodeCache:
             except BlockingIOError:
                 os.close(fd)
                 return None
-            if os.fstat(fd).st_nlink > 0:
-                return Slot(self, oid, layout, fd, path)
+            st = os.fstat(fd)
+            if st.st_nlink > 0:
+                return Slot(self, oid, layout, fd, path, size=st.st_size)
             # We locked a slot its owner had just installed and unlinked: look again (the
             # object is most likely in place now; the caller's present() check will say).
             os.close(fd)
@@ -355,14 +356,21 @@ class Slot:
     md5 and making it durable, or `release`s it: kept for a later resume, or `discard`ed.
     """
 
-    __slots__ = ("cache", "fd", "layout", "oid", "path")
+    __slots__ = ("cache", "fd", "journaled", "layout", "oid", "path", "size")
 
-    def __init__(self, cache: NodeCache, oid: str, layout: Layout, fd: int, path: str) -> None:
+    def __init__(
+        self, cache: NodeCache, oid: str, layout: Layout, fd: int, path: str, *, size: int = 0
+    ) -> None:
         self.cache = cache
         self.oid = oid
         self.layout = layout
         self.fd = fd
         self.path = path
+        #: Bytes in the slot when claimed: > 0 means a dead downloader left some.
+        self.size = size
+        #: Whether a journal may exist (left by a dead downloader, or written by us); saves
+        #: a failing unlink per small object.
+        self.journaled = size > 0
 
     @property
     def journal(self) -> str:
@@ -379,7 +387,7 @@ class Slot:
 
     def discard(self) -> None:
         """Remove the slot and its journal, then release the lock (in that order)."""
-        for path in (self.journal, self.path):
+        for path in (self.journal, self.path) if self.journaled else (self.path,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.release()

@@ -621,6 +621,7 @@ class _Fetch:
                     # Large: part 0 is arriving now; keep what streams in even if the
                     # connection breaks (the part fetcher resumes it from there).
                     nparts = -(-total // opts.part_size)
+                    slot.journaled = True
                     await self._on(slot, _start_parts, slot.journal, total, opts.part_size, nparts)
                     got = [0]
                     try:
@@ -640,7 +641,7 @@ class _Fetch:
         await self.remote._retrying(key, self.report.retries, probe)
         head = first[0]
         if isinstance(head, bytes):
-            if not await self._on(slot, _write_small, slot.layout, slot.oid, head):
+            if not await self._on(slot, _write_small, slot.layout, slot.oid, head, slot.size):
                 raise _CorruptError
             self.report.fetched_bytes += len(head)
             return len(head)
@@ -828,14 +829,16 @@ def _with_dup(fd: int, fn: Callable[..., T], args: tuple[object, ...]) -> T:
         os.close(fd)
 
 
-def _write_small(fd: int, layout: Layout, oid: str, body: bytes) -> bool:
-    """Write a whole small object to its slot if it passes its md5 check."""
+def _write_small(fd: int, layout: Layout, oid: str, body: bytes, found: int) -> bool:
+    """Write a whole small object to its slot (which held `found` bytes) if it passes its
+    md5 check."""
     hasher = ObjectHasher(layout)
     hasher.update(body)
     if hasher.hexdigest() != oid.removesuffix(".dir"):
         return False
     _pwrite_all(fd, body, 0)
-    os.ftruncate(fd, len(body))  # a dead downloader may have left a longer file
+    if found > len(body):
+        os.ftruncate(fd, len(body))  # a dead downloader left more (an attempt at a big one?)
     return True
 
 
