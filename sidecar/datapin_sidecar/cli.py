@@ -53,7 +53,6 @@ from .materialize import Request, Result, materialize
 from .progress import Reporter
 from .remote import DirectoryRemote, Remote
 from .revision import Revision, resolve_target
-from .s3 import FetchOptions, S3Remote
 from .s3config import (
     Addressing,
     ChainCredentials,
@@ -122,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s3.add_argument("--env-file", type=Path, help="a .env file with the keys")
     s3.add_argument(
-        "--jobs", type=int, default=FetchOptions().jobs, help="requests in flight (default: 32)"
+        "--jobs", type=int, default=32, help="requests in flight (default: 32)"
     )
     m.add_argument(
         "--layout",
@@ -283,6 +282,9 @@ async def _open_remote(
     # DVC's own order: keys in the repo's config win over the environment.
     sources += [*repo_sources, EnvCredentials(environ)]
     credentials = ChainCredentials(sources)
+    # Imported here: aiohttp costs ~100 ms of start-up that runs without an S3 remote skip.
+    from .s3 import FetchOptions, S3Remote  # noqa: PLC0415
+
     async with S3Remote(config, credentials, options=FetchOptions(jobs=args.jobs)) as remote:
         yield remote
 
