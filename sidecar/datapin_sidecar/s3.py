@@ -619,7 +619,8 @@ class _Fetch:
 
     async def _download(self, slot: Slot, key: str, *, resume: bool) -> int:
         """Fill `slot` with the verified object; its size (or _CorruptError, _AbsentError...)."""
-        journal = await self._run(_read_journal, slot.journal) if resume else None
+        # Only a slot left with bytes in it can have a journal (a fresh one is empty).
+        journal = await self._run(_read_journal, slot.journal) if resume and slot.size else None
         if journal is not None:
             total, part_size, done = journal
             return await self._parts(slot, key, total, part_size, done, 0)
@@ -734,12 +735,29 @@ class _Fetch:
     ) -> None:
         """Write the body to the slot at `start + got[0]` as it arrives, advancing `got[0]`, so a
         broken stream leaves `got[0]` where a retry resumes. Raises `_TruncatedError` if short."""
-        async for chunk in resp.content.iter_chunked(MiB):
-            take = chunk[: want - got[0]]
-            await self._on(slot, _pwrite_all, take, start + got[0])
-            got[0] += len(take)
-            if got[0] >= want:
-                return
+        # Pieces as the socket delivers them, written with one pwritev per MiB: joining them
+        # into chunks first (iter_chunked) would copy every byte once more.
+        pieces: list[bytes] = []
+        pending = 0
+        try:
+            async for data in resp.content.iter_any():
+                piece = data[: want - got[0] - pending]
+                pieces.append(piece)
+                pending += len(piece)
+                if pending >= MiB or got[0] + pending >= want:
+                    await self._on(slot, _pwritev_all, pieces, start + got[0])
+                    got[0] += pending
+                    pieces, pending = [], 0
+                    if got[0] >= want:
+                        return
+        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+            if pieces:  # keep what came before the break: the retry resumes after it
+                await self._on(slot, _pwritev_all, pieces, start + got[0])
+                got[0] += pending
+            raise
+        if pieces:
+            await self._on(slot, _pwritev_all, pieces, start + got[0])
+            got[0] += pending
         if got[0] < want:
             raise _TruncatedError
 
@@ -906,6 +924,13 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
+    written = os.pwritev(fd, pieces, offset)
+    total = sum(map(len, pieces))
+    if written < total:  # rare (a signal, a full disk on the way): finish it plainly
+        _pwrite_all(fd, b"".join(pieces)[written:], offset + written)
 
 
 def _mark_done(journal: str, index: int, nparts: int) -> None:
