@@ -5,9 +5,9 @@ can serve as a node cache and the other way round (`dvc checkout` works from a c
 filled). Everything datapin keeps for itself sits under `.datapin/`, which DVC never looks at:
 
     .datapin/tmp/         objects being written (one file per writer, flock-held while open)
-    .datapin/fetch/       objects being downloaded: `<layout>-<oid>` is both the partial file
-                          and the node-wide lock that makes each object download once; a
-                          large one has a `<layout>-<oid>.parts` journal so a crash resumes
+    .datapin/fetch/       objects being downloaded: `<ab>/<layout>-<oid>` is both the partial
+                          file and the node-wide lock that makes each object download once;
+                          a large one has a `<layout>-<oid>.parts` journal so a crash resumes
     .datapin/quarantine/  objects that failed their md5, kept for inspection, never linked
     .datapin/manifests/   parsed `.dir` manifests (flat buffers + CRC), a pure speed-up: used
                           only while the `.dir` is in the cache, re-parsed if damaged
@@ -22,7 +22,7 @@ Contract, relied on by every reader and by the linker:
 * A writer holds an exclusive `flock` on its temp file until it is done. A temp file whose lock
   can be taken belongs to a dead writer and is removed by `clean_temp` — this works across the
   PID namespaces of different pods on one node, where PIDs would not.
-* A download slot (`.datapin/fetch/<layout>-<oid>`) has a fixed name, so every process that
+* A download slot (`.datapin/fetch/<ab>/<layout>-<oid>`) has a fixed name, so every process that
   wants the object opens the same file: the one that gets its flock downloads, the others see
   it busy and wait for the object instead of fetching it again. A slot whose lock is free
   belongs to nobody: the next claimant resumes it (with a journal) or starts it over. It is
@@ -178,12 +178,12 @@ class NodeCache:
         The caller must check `present()` after claiming: the object may have been installed
         by someone else between its own lookup and this claim.
         """
-        path = f"{self.fetch_dir}/{layout}-{oid}"
+        path = self.slot_path(oid, layout)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
-                self.fetch_dir.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 continue
             except OSError as exc:
                 raise os_error(str(self.root), exc, volume="node cache") from exc
@@ -198,6 +198,12 @@ class NodeCache:
             # We locked a slot its owner had just installed and unlinked: look again (the
             # object is most likely in place now; the caller's present() check will say).
             os.close(fd)
+
+    def slot_path(self, oid: str, layout: Layout) -> str:
+        """Where `oid`'s download slot lives: sharded like the objects, because every slot is
+        created and removed once per download and one directory would serialise them all on
+        its lock."""
+        return f"{self.fetch_dir}/{oid[:2]}/{layout}-{oid}"
 
     def present(self, oid: str, layout: Layout) -> bool:
         return os.path.lexists(self.path(oid, layout))
