@@ -120,9 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         "applicationKey), re-read when the Secret rotates",
     )
     s3.add_argument("--env-file", type=Path, help="a .env file with the keys")
-    s3.add_argument(
-        "--jobs", type=int, default=32, help="requests in flight (default: 32)"
-    )
+    s3.add_argument("--jobs", type=int, default=32, help="requests in flight (default: 32)")
     m.add_argument(
         "--layout",
         default="auto",
