@@ -42,6 +42,7 @@ import contextlib
 import ctypes
 import email.utils
 import functools
+import itertools
 import os
 import random
 import re
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MiB: Final = 1024 * 1024
+#: Download slots claimed per worker-thread call.
+CLAIM_BATCH: Final = 32
 _JOURNAL_MAGIC: Final = b"datapin-parts 1"
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{1,500})</Message>")
@@ -545,17 +548,26 @@ class _Fetch:
         self.committer = _Committer(self)
 
     async def execute(self, oids: Iterable[str]) -> None:
-        todo = iter(oids)
+        # Claims are made ahead, in batches (one thread hop per batch instead of per object),
+        # and handed to the workers through a short queue.
+        claimed: asyncio.Queue[tuple[str, Slot | _Present | None] | None] = asyncio.Queue(
+            self.opts.jobs
+        )
         try:
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._claimer(iter(oids), claimed))
                 for _ in range(self.opts.jobs):
-                    tg.create_task(self._worker(todo))
+                    tg.create_task(self._worker(claimed))
             await self.committer.flush()
             await self._wait_for_busy()
             await self.committer.flush()
         except BaseExceptionGroup as group:
             raise _first_error(group, self.cache) from None
         finally:
+            while not claimed.empty():  # claimed but never reached: give them back
+                item = claimed.get_nowait()
+                if item is not None and isinstance(item[1], Slot):
+                    item[1].release()
             self.committer.abandon()
         if self.gave_up:
             keys = [k for k, _ in self.gave_up]
@@ -570,11 +582,34 @@ class _Fetch:
                 cause="gave_up",
             )
 
-    async def _worker(self, todo: Iterator[str]) -> None:
-        for oid in todo:
-            # In a thread: creating the slot allocates an inode (~100 µs on XFS), which on
-            # the loop thread would hold up every connection.
-            slot = await self._run(_claim, self.cache, oid, self.layout)
+    async def _claimer(
+        self,
+        todo: Iterator[str],
+        claimed: asyncio.Queue[tuple[str, Slot | _Present | None] | None],
+    ) -> None:
+        """Claim download slots ahead of the workers, `CLAIM_BATCH` per thread hop (creating
+        a slot allocates an inode, which on the loop thread would hold up every connection)."""
+        while batch := list(itertools.islice(todo, CLAIM_BATCH)):
+            future = self._run(_claim_many, self.cache, batch, self.layout)
+            try:
+                results = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                future.add_done_callback(_release_claims)  # the thread may still be claiming
+                raise
+            for n, item in enumerate(zip(batch, results, strict=True)):
+                try:
+                    await claimed.put(item)
+                except asyncio.CancelledError:
+                    _release(results[n:])
+                    raise
+        for _ in range(self.opts.jobs):
+            await claimed.put(None)
+
+    async def _worker(
+        self, claimed: asyncio.Queue[tuple[str, Slot | _Present | None] | None]
+    ) -> None:
+        while (item := await claimed.get()) is not None:
+            oid, slot = item
             if slot is None:
                 self.busy.append(oid)
             elif isinstance(slot, _Present):
@@ -863,6 +898,28 @@ def _claim(cache: NodeCache, oid: str, layout: Layout) -> Slot | _Present | None
         slot.discard()
         return _PRESENT
     return slot
+
+
+def _claim_many(cache: NodeCache, oids: list[str], layout: Layout) -> list[Slot | _Present | None]:
+    claims: list[Slot | _Present | None] = []
+    try:
+        for oid in oids:
+            claims.append(_claim(cache, oid, layout))
+    except BaseException:
+        _release(claims)
+        raise
+    return claims
+
+
+def _release(claims: Sequence[Slot | _Present | None]) -> None:
+    for claim in claims:
+        if isinstance(claim, Slot):
+            claim.release()
+
+
+def _release_claims(future: asyncio.Future[list[Slot | _Present | None]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        _release(future.result())
 
 
 def _with_dup(fd: int, fn: Callable[..., T], args: tuple[object, ...]) -> T:
