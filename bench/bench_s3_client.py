@@ -10,11 +10,12 @@ difference is the client stack's:
 
 * `aiobotocore`: `get_object` + `Body.read()`, B2-safe checksum settings, one client.
 * `datapin-get`: `S3Remote._get` (our signer, one aiohttp session), `resp.read()`.
-* `datapin-fetch`: the real `S3Remote.afetch` into a node cache in /var/tmp: the above plus
+* `datapin-fetch`: the real `S3Remote.afetch` into a node cache on a reflink XFS loop volume
+  (as on a node): the above plus
   claiming, writing, fsyncing and installing each object (what `datapin materialize` pays).
 
 Cases take turns within each round (rotating start); medians of wall time and of the child's
-CPU (user + sys, `resource.getrusage(RUSAGE_CHILDREN)`), per object.
+CPU (user + sys of all its threads, `time.process_time()` around the work), per object.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.seaweed import SeaweedServer  # noqa: E402
+from tests.support.xfs import xfs_volume  # noqa: E402
 
 _CHILD = textwrap.dedent(
     """
-    import asyncio, hashlib, json, shutil, sys, time
+    import asyncio, hashlib, json, os, shutil, sys, time
     from pathlib import Path
     case, endpoint, access, secret, bucket, jobs, keys_file, cache = sys.argv[1:]
     jobs = int(jobs)
@@ -82,16 +83,17 @@ _CHILD = textwrap.dedent(
     async def fetch_case():
         from datapin_sidecar.cache import NodeCache
         from datapin_sidecar.hashing import Layout
-        shutil.rmtree(cache, ignore_errors=True)
         async with remote() as r:
             oids = [k.split("/")[-2] + k.split("/")[-1] for k in keys]
             report = await r.afetch(NodeCache(cache), oids, Layout.DVC3)
             assert report.fetched == len(oids), report
 
-    started = time.monotonic()
+    shutil.rmtree(cache, ignore_errors=True)  # the previous run's; not timed
+    os.sync()
+    started, cpu = time.monotonic(), time.process_time()
     asyncio.run({"aiobotocore": botocore_case, "datapin-get": get_case,
                  "datapin-fetch": fetch_case}[case]())
-    print(json.dumps({"wall": time.monotonic() - started}))
+    print(json.dumps({"wall": time.monotonic() - started, "cpu": time.process_time() - cpu}))
     """
 )
 
@@ -107,7 +109,10 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="datapin-bench-client-", dir="/var/tmp"))
     try:
-        with SeaweedServer(work / "seaweed") as server:
+        with (
+            SeaweedServer(work / "seaweed") as server,
+            xfs_volume("4G", workdir=work) as volume,
+        ):
             bucket = server.make_bucket("client-bench")
             client = server.client()
             keys = []
@@ -123,7 +128,6 @@ def main() -> int:
             for run in range(args.runs):
                 for n in range(len(CASES)):
                     case = CASES[(run + n) % len(CASES)]
-                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
                     out = subprocess.run(
                         [
                             sys.executable,
@@ -136,17 +140,15 @@ def main() -> int:
                             bucket,
                             str(args.jobs),
                             str(keys_file),
-                            str(work / "cache"),
+                            str(volume / "cache"),
                         ],
                         capture_output=True,
                         text=True,
                         check=True,
                         env={**os.environ, "PYTHONPATH": str(REPO / "sidecar")},
                     )
-                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                    wall = json.loads(out.stdout.strip().splitlines()[-1])["wall"]
-                    results[case].append((wall, cpu))
+                    timing = json.loads(out.stdout.strip().splitlines()[-1])
+                    results[case].append((timing["wall"], timing["cpu"]))
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             print(
                 f"## S3 client CPU per object: {args.objects} x {args.size} B, "

@@ -624,14 +624,11 @@ class _Fetch:
             self.progress(self.done)
 
     async def _fetch_claimed(self, slot: Slot) -> None:
-        """Download the object of a slot we hold; the slot ends installed or released."""
+        """Download the object of a slot we hold (the caller saw the object absent after
+        claiming); the slot ends installed or released."""
         oid, key = slot.oid, self.remote.key(slot.oid, self.layout)
         handed_over = False
         try:
-            if self.cache.present(oid, self.layout):
-                slot.discard()
-                self.report.present += 1
-                return
             for attempt in range(self.opts.verify_attempts):
                 try:
                     size = await self._download(slot, key, resume=attempt == 0)
