@@ -658,7 +658,7 @@ class _Fetch:
             return await self._parts(slot, key, total, part_size, done, 0)
         opts = self.opts
         # What the probe learnt: a small body, or (size, bytes of part 0 already on disk).
-        first: list[bytes | tuple[int, int]] = []
+        first: list[bytes | tuple[int, int, int]] = []
 
         async def probe() -> None:
             first.clear()
@@ -677,19 +677,21 @@ class _Fetch:
                         return
                     # Large: part 0 is arriving now; keep what streams in even if the
                     # connection breaks (the part fetcher resumes it from there).
-                    nparts = -(-total // opts.part_size)
+                    # A server that ignores Range (200) sends it all: take it as one part.
+                    part_size = opts.part_size if resp.status == 206 else total
+                    nparts = -(-total // part_size)
                     slot.journaled = True
-                    await self._on(slot, _start_parts, slot.journal, total, opts.part_size, nparts)
+                    await self._on(slot, _start_parts, slot.journal, total, part_size, nparts)
                     got = [0]
                     try:
-                        await self._write_body(resp, slot, 0, min(total, opts.part_size), got)
+                        await self._write_body(resp, slot, 0, min(total, part_size), got)
                     except (_TruncatedError, aiohttp.ClientPayloadError):
                         self.report.retries["truncated"] += 1
                     except TimeoutError:
                         self.report.retries["timeout"] += 1
                     except (aiohttp.ClientError, ConnectionError):
                         self.report.retries["connection"] += 1
-                    first.append((total, got[0]))
+                    first.append((total, got[0], part_size))
             except _HTTPError as exc:
                 if exc.status != 416:
                     raise
@@ -702,10 +704,10 @@ class _Fetch:
                 raise _CorruptError
             self.report.fetched_bytes += len(head)
             return len(head)
-        total, got0 = head
+        total, got0, part_size = head
         self.report.fetched_bytes += got0
-        nparts = -(-total // opts.part_size)
-        return await self._parts(slot, key, total, opts.part_size, bytearray(nparts), got0)
+        nparts = -(-total // part_size)
+        return await self._parts(slot, key, total, part_size, bytearray(nparts), got0)
 
     async def _parts(  # noqa: PLR0917 - private, called in two places
         self, slot: Slot, key: str, total: int, part_size: int, done: bytearray, got0: int
@@ -731,6 +733,10 @@ class _Fetch:
                 before = got[0]
                 try:
                     async with self.remote._get(key, start + got[0], start + want - 1) as resp:
+                        if resp.status == 200:  # Range ignored: the body starts at byte 0
+                            if start:
+                                raise _GaveUpError(key, "the server ignored Range", 1)
+                            got[0] = before = 0
                         await self._write_body(resp, slot, start, want, got)
                 finally:
                     self.report.fetched_bytes += got[0] - before
@@ -772,16 +778,18 @@ class _Fetch:
         pieces: list[bytes] = []
         pending = 0
         try:
+            # Read to the end of the body even once `want` bytes are in: a response left
+            # unfinished makes aiohttp close its connection instead of reusing it.
             async for data in resp.content.iter_any():
                 piece = data[: want - got[0] - pending]
+                if not piece:
+                    continue
                 pieces.append(piece)
                 pending += len(piece)
                 if pending >= MiB or got[0] + pending >= want:
                     await self._on(slot, _pwritev_all, pieces, start + got[0])
                     got[0] += pending
                     pieces, pending = [], 0
-                    if got[0] >= want:
-                        return
         except (aiohttp.ClientError, ConnectionError, TimeoutError):
             if pieces:  # keep what came before the break: the retry resumes after it
                 await self._on(slot, _pwritev_all, pieces, start + got[0])
