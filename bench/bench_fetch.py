@@ -97,6 +97,8 @@ from pathlib import Path
 from datapin_sidecar.manifest import Manifest
 
 from bench.bench_materialize import (
+    SNAPSHOT_ENV,
+    SOURCE_ENV,
     BenchError,
     Sample,
     Target,
@@ -105,10 +107,10 @@ from bench.bench_materialize import (
     machine,
     median,
     pct,
+    pin_sources,
     rm,
     run_timed,
     secs,
-    source_state,
 )
 from tests.support.dvcrepo import hermetic_env
 from tests.support.seaweed import SeaweedServer, find_weed
@@ -119,8 +121,6 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-SNAPSHOT_ENV = "DATAPIN_BENCH_SNAPSHOT"
-SOURCE_ENV = "DATAPIN_BENCH_SOURCE"
 CASES = ("small", "profile", "large", "rss")
 TOOLS = ("datapin", "dvc", "s5cmd", "rclone")
 PREFIX = "store"  # the DVC remote is s3://BUCKET/store
@@ -1112,40 +1112,6 @@ sys.exit(rc)
 # -- main ---------------------------------------------------------------------------------------
 
 
-def pin_sources(at: str | None, argv: Sequence[str]) -> None:
-    """Re-exec this benchmark against a private copy of the package, taken now.
-
-    Same as bench_materialize.pin_sources (see there), for this module.
-    """
-    if os.environ.get(SNAPSHOT_ENV):
-        return
-    snap = Path(tempfile.mkdtemp(prefix="datapin-bench-src-"))
-    package = REPO_ROOT / "sidecar" / "datapin_sidecar"
-    if at is None:
-        shutil.copytree(package, snap / package.name, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        archive = subprocess.run(
-            ["git", "archive", "--format=tar", at, "sidecar/datapin_sidecar"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(
-            ["tar", "-x", "-C", str(snap), "--strip-components=1"], input=archive, check=True
-        )
-    path = os.pathsep.join(
-        p for p in (str(snap), str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
-    )
-    env = {
-        **os.environ,
-        SNAPSHOT_ENV: str(snap),
-        SOURCE_ENV: source_state(at),
-        "PYTHONPATH": path,
-    }
-    args = [sys.executable, "-m", "bench.bench_fetch", *argv]
-    os.execve(sys.executable, args, env)  # noqa: S606 - our own interpreter, no shell
-
-
 def check_pinned() -> None:
     """Both this process and the datapin processes it starts import the private copy."""
     snap = os.environ[SNAPSHOT_ENV]
@@ -1220,7 +1186,7 @@ def find_dvc(args: argparse.Namespace) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    pin_sources(args.at, argv)
+    pin_sources(args.at, argv, module="bench.bench_fetch")
     try:
         return run(args, argv)
     finally:

@@ -1070,8 +1070,10 @@ def source_state(at: str | None) -> str:
     return f"working tree at {commit} + uncommitted changes to {', '.join(dirty)}"
 
 
-def pin_sources(at: str | None, argv: Sequence[str]) -> None:
-    """Re-exec this benchmark against a private copy of the package, taken now.
+def pin_sources(
+    at: str | None, argv: Sequence[str], *, module: str = "bench.bench_materialize"
+) -> None:
+    """Re-exec benchmark `module` against a private copy of the package, taken now.
 
     The CLI runs import datapin afresh each time, and other people edit and commit it while a
     run of ten minutes or more goes on: without a copy, one report would mix versions. The
@@ -1103,7 +1105,7 @@ def pin_sources(at: str | None, argv: Sequence[str]) -> None:
         SOURCE_ENV: source_state(at),
         "PYTHONPATH": path,
     }
-    args = [sys.executable, "-m", "bench.bench_materialize", *argv]
+    args = [sys.executable, "-m", module, *argv]
     os.execve(sys.executable, args, env)  # noqa: S606 - our own interpreter, no shell
 
 
