@@ -1,12 +1,12 @@
 """Fetch DVC objects from S3 / Backblaze B2 into the node cache: fast, verified, once per node.
 
-Shape of a fetch (`S3Remote.afetch`): a fixed pool of worker tasks takes object ids from one
-iterator, so a 100k-object revision costs a few dozen tasks, not 100k. For each object a
-worker claims the object's download slot in the cache (`NodeCache.claim`, the node-wide lock
-that makes it download once however many processes want it), GETs it, checks its DVC md5 and
-hands the slot to a committer that installs it. Objects another process is downloading are
-set aside and waited for at the end: usually they are in place by then, and if their
-downloader died we download them ourselves.
+Shape of a fetch (`S3Remote.afetch`): a claimer task claims each object's download slot in
+the cache (`NodeCache.claim`, the node-wide lock that makes it download once however many
+processes want it), 32 per worker-thread call, and queues the claims for a fixed pool of
+worker tasks, so a 100k-object revision costs a few dozen tasks, not 100k. A worker GETs the
+object, checks its DVC md5 and hands the slot to a committer that installs it. Objects
+another process is downloading are set aside and waited for at the end: usually they are in
+place by then, and if their downloader died we download them ourselves.
 
 Requests: a GET with `Range: bytes=0-<part-1>` tells the size (`Content-Range`) and brings a
 small object whole, in one request. Bodies up to `inline_bytes` stay in memory and are written
