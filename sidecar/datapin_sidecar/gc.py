@@ -1,0 +1,922 @@
+"""Node housekeeping for the node agent: cache GC, abandoned download slots, dead workspaces.
+
+The node agent (one per node) owns a volume rooted at `R`::
+
+    R/cache/                                  the NodeCache (see `cache`)
+    R/cache/.datapin/used/<layout>-<md5>.dir  empty; mtime = last materialise/prefetch (LRU clock)
+    R/cache/.datapin/gc.lock                  flock: one GC at a time
+    R/workspaces/<pod-uid>/.pod.json          written by the pod's sidecar (may be absent)
+    R/workspaces/<pod-uid>/<dataset>/         a datapin workspace (see `workspace`)
+
+It is the only process that deletes cache objects. Everything here is synchronous
+(filesystem-bound; the agent runs it with `asyncio.to_thread`) and keeps no global state.
+
+**What may be evicted.** The roots are the revisions in use: the published and spare tree of
+every workspace on the node (their TreeInfo records revision and layout) plus the agent's
+prefetch list. Their `.dir` objects and every object their manifests name are never evicted.
+Roots are read without taking workspace locks: a race with a sidecar is benign, because a
+tree never depends on the cache entry it came from (trees are reflinks, hardlinks or copies,
+so unlinking the cache's name leaves the tree's bytes alone). Evicting an object a tree still
+uses costs a re-download at worst, never a broken tree. Trees need their revision's `.dir` only
+to be recycled by the next switch, and a materialise without it falls back to a fresh build.
+
+**Which goes first.** Least recently used, by revision: a revision's clock is the mtime of its
+used-file (`touch_used`, written whenever it is materialised or prefetched), or of its `.dir`
+object when it has none. An object takes the newest clock among the non-root revisions that
+name it, so an object shared by an old and a new revision lives as long as the new one; an
+object no revision names (an orphan: a revision whose `.dir` went, a damaged `.dir`, a
+single-file revision) takes its own mtime. A revision's `.dir` goes right after its last
+object at the same clock, so a revision is never left with objects and no manifest to find
+them by. Ties are broken by layout, then path, so a plan is reproducible.
+
+**When to stop.** GC runs when the volume is above the high watermark (bytes or inodes) and
+evicts until both are at or below the low one. Progress is *estimated* per object, because
+statvfs is a volume-wide figure: an object frees `st_blocks * 512` bytes and one inode only if
+the cache holds its last link (`st_nlink == 1`); a hardlinked object frees nothing while a
+tree still links it. The estimate can be wrong both ways: another writer on the volume, or
+extents a reflinked tree outside the roots still shares (a dead pod's workspace not reaped
+yet), make unlinks free less than `st_blocks`; so statvfs is read again every 512 evictions,
+and its figure replaces the estimate when it is lower, and once more when the estimate says
+"done": if the volume is really still above the low watermark, eviction resumes from the
+measured figure. That needs statvfs to be current after unlink. Measured on this project's
+test XFS (kernel 6.18, reflink=1): it is not quite. Unlinking 40 1 MiB files then a 64 MiB one
+and calling statvfs at once showed 34 MiB / 34 inodes freed, not 104 MiB / 41: XFS frees an
+unlinked inode's blocks in a background worker (inodegc), which statfs kicks but does not
+wait for. One more statvfs about a millisecond later showed everything freed, and unlinking
+3000 files of 40 KiB settled within 10 ms. Hence `_settled`: re-read statvfs every 10 ms until
+two readings agree (at most one second, since other writers may never let it settle). A
+lagging reading is harmless at the periodic checks, where only a lower figure is taken.
+
+**Other housekeeping.** `clean_slots` removes download slots whose downloader died long ago
+(their flock is free), and `reap_workspaces` removes the workspaces of pods that are gone;
+the agent should reap before it collects, so that reflinked trees of dead pods stop holding
+extents the GC would otherwise try to free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+import secrets
+import stat
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from .cache import NodeCache
+from .errors import CorruptObjectError, ManifestError, RevisionError, UsageError, os_error
+from .hashing import Layout
+from .revision import Revision
+from .workspace import Workspace, remove_tree
+
+log = logging.getLogger(__name__)
+
+#: Statvfs is read again after this many evictions (a cheap syscall; bounds estimate drift).
+REMEASURE_EVERY: Final = 512
+
+_LAYOUTS: Final = (Layout.DVC3, Layout.LEGACY)
+_SHARD: Final = re.compile(r"[0-9a-f]{2}")
+_OBJECT: Final = re.compile(r"[0-9a-f]{30}(\.dir)?")
+_TREE_KEY: Final = re.compile(r"[0-9a-f]{32}(?:-legacy)?")
+_POD_UID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TRASH: Final = ".trash-"
+_JOURNAL: Final = ".parts"
+_SETTLE_POLL: Final = 0.01
+_SETTLE_MAX: Final = 1.0
+
+
+def _private(cache: NodeCache) -> Path:
+    return cache.root / ".datapin"
+
+
+def _used_dir(cache: NodeCache) -> Path:
+    return _private(cache) / "used"
+
+
+# -- the LRU clock ----------------------------------------------------------------------------
+
+
+def touch_used(
+    cache: NodeCache, revision: Revision, layout: Layout, *, now: float | None = None
+) -> None:
+    """Record that `revision` was just materialised or prefetched on this node (best effort).
+
+    A failure is swallowed: the used-file is only an LRU hint, and a materialise must never
+    fail because the hint could not be written (without it the `.dir`'s mtime is the clock).
+    """
+    path = _used_dir(cache) / f"{layout}-{revision.oid}"
+    times = None if now is None else (now, now)
+    try:
+        try:
+            os.utime(path, times)  # the usual case: one syscall
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            os.utime(path, times)
+    except OSError as exc:
+        log.debug(
+            "could not mark revision %s as used: %s",
+            revision.oid,
+            exc,
+            extra={"revision": revision.oid, "layout": str(layout)},
+        )
+
+
+# -- volume usage -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Watermarks:
+    """GC starts above a high watermark (bytes or inodes) and evicts down to the low ones."""
+
+    high_percent: float = 85.0
+    low_percent: float = 70.0
+    inodes_high_percent: float = 85.0
+    inodes_low_percent: float = 70.0
+
+    def __post_init__(self) -> None:
+        for low_name, high_name in (
+            ("low_percent", "high_percent"),
+            ("inodes_low_percent", "inodes_high_percent"),
+        ):
+            low: float = getattr(self, low_name)
+            high: float = getattr(self, high_name)
+            # Written as negations so that NaN fails every check.
+            if not 0 < high <= 100:
+                raise UsageError(
+                    f"watermark {high_name}={high} is not a percentage of the volume. "
+                    f"Fix: set {high_name} above 0 and at most 100 (default 85)"
+                )
+            if not low > 0:
+                raise UsageError(
+                    f"watermark {low_name}={low} must be above 0 (GC would have to empty the "
+                    f"volume). Fix: set {low_name} between 0 and {high_name} (default 70)"
+                )
+            if not low < high:
+                raise UsageError(
+                    f"watermark {low_name}={low} must be below {high_name}={high}: GC starts "
+                    f"above {high_name} and evicts down to {low_name}. Fix: lower {low_name} "
+                    f"or raise {high_name} (defaults 70 and 85)"
+                )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VolumeUsage:
+    """One statvfs reading. `free_bytes` is what an unprivileged writer can use (f_bavail)."""
+
+    size_bytes: int
+    used_bytes: int
+    free_bytes: int
+    inodes: int
+    inodes_used: int
+    inodes_free: int
+
+    @classmethod
+    def measure(cls, path: str | os.PathLike[str]) -> VolumeUsage:
+        st = os.statvfs(path)
+        return cls(
+            size_bytes=st.f_blocks * st.f_frsize,
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            free_bytes=st.f_bavail * st.f_frsize,
+            inodes=st.f_files,
+            inodes_used=st.f_files - st.f_ffree,
+            inodes_free=st.f_favail,
+        )
+
+    @property
+    def used_percent(self) -> float:
+        """As `df` computes Use%: used / (used + available), so reserved blocks count as full."""
+        usable = self.used_bytes + self.free_bytes
+        return 100.0 * self.used_bytes / usable if usable > 0 else 0.0
+
+    @property
+    def inodes_used_percent(self) -> float:
+        # Filesystems with dynamic inodes (btrfs) report no inode total: never the limit there.
+        return 100.0 * self.inodes_used / self.inodes if self.inodes > 0 else 0.0
+
+
+def _above(usage: VolumeUsage, bytes_percent: float, inodes_percent: float) -> bool:
+    return usage.used_percent > bytes_percent or usage.inodes_used_percent > inodes_percent
+
+
+def _minus(usage: VolumeUsage, freed_bytes: int, freed_inodes: int) -> VolumeUsage:
+    freed_bytes = min(freed_bytes, usage.used_bytes)
+    freed_inodes = min(freed_inodes, usage.inodes_used)
+    return dataclasses.replace(
+        usage,
+        used_bytes=usage.used_bytes - freed_bytes,
+        free_bytes=usage.free_bytes + freed_bytes,
+        inodes_used=usage.inodes_used - freed_inodes,
+        inodes_free=usage.inodes_free + freed_inodes,
+    )
+
+
+def _lower(estimate: VolumeUsage, real: VolumeUsage) -> VolumeUsage:
+    """Per dimension, whichever of the two says less is used."""
+    b = real if real.used_percent < estimate.used_percent else estimate
+    i = real if real.inodes_used_percent < estimate.inodes_used_percent else estimate
+    return VolumeUsage(
+        size_bytes=b.size_bytes,
+        used_bytes=b.used_bytes,
+        free_bytes=b.free_bytes,
+        inodes=i.inodes,
+        inodes_used=i.inodes_used,
+        inodes_free=i.inodes_free,
+    )
+
+
+def _settled(path: Path) -> VolumeUsage:
+    """Statvfs once XFS's background inode reclaim has caught up (see the module doc)."""
+    deadline = time.monotonic() + _SETTLE_MAX
+    last = VolumeUsage.measure(path)
+    while time.monotonic() < deadline:
+        time.sleep(_SETTLE_POLL)
+        now = VolumeUsage.measure(path)
+        if (now.used_bytes, now.inodes_used) == (last.used_bytes, last.inodes_used):
+            return now
+        last = now
+    return last
+
+
+# -- roots ------------------------------------------------------------------------------------
+
+
+def _listdir(path: str | os.PathLike[str]) -> list[str]:
+    """Names in `path`; empty if it is gone or not a directory (things vanish under a scan)."""
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def roots(root: Path, prefetch: Iterable[tuple[Revision, Layout]] = ()) -> set[tuple[str, Layout]]:
+    """`(oid, layout)` of every revision in use on the node: see the module doc.
+
+    A read-only scan of `root/workspaces/*/*/`; no workspace lock is taken.
+    """
+    found = {(revision.oid, layout) for revision, layout in prefetch}
+    workspaces = Path(root) / "workspaces"
+    for pod in _listdir(workspaces):
+        if pod.startswith("."):
+            continue  # a workspace being deleted (`.trash-`)
+        for dataset in _listdir(workspaces / pod):
+            dest = workspaces / pod / dataset
+            if (dest / ".revs" / ".datapin").is_file():
+                found |= _workspace_roots(dest)
+    return found
+
+
+def _workspace_roots(dest: Path) -> set[tuple[str, Layout]]:
+    ws = Workspace(dest)
+    keys: set[str] = set()
+    try:
+        published = ws.published()
+        if published is not None:
+            keys.add(published)
+        spare = ws.spare()
+        if spare is not None:
+            keys.add(spare[0])
+    except OSError as exc:
+        log.debug("workspace %s vanished while scanned: %s", dest, exc, extra={"dest": str(dest)})
+        return set()
+    # A sidecar may publish under another link name than `current`; the published tree of
+    # any link name is a `.revs/<key>` directory.
+    keys.update(name for name in _listdir(ws.revs) if _TREE_KEY.fullmatch(name))
+    found: set[tuple[str, Layout]] = set()
+    for key in sorted(keys):
+        try:
+            info = ws.info(key)
+            if info is None:
+                raise ValueError("no readable meta file")
+            found.add((Revision.parse(info.revision).oid, Layout(info.layout)))
+        except (OSError, ValueError, RevisionError) as exc:
+            # Its objects stay unprotected: evicting them costs a re-download, never the tree.
+            log.debug(
+                "workspace %s: tree %s has unreadable meta (%s); not a GC root",
+                dest,
+                key,
+                exc,
+                extra={"dest": str(dest), "tree": key},
+            )
+    return found
+
+
+# -- the cache inventory ----------------------------------------------------------------------
+
+
+def _walk(cache: NodeCache, layout: Layout) -> Iterator[tuple[str, os.stat_result]]:
+    """`(oid, lstat)` of every object file in `layout`, in path order.
+
+    Only names shaped like objects count: a DVC cache also holds `runs/`, `tmp/` and the like,
+    and the legacy layout's prefix is the cache root itself (where `files/` and `.datapin/`
+    are).
+    """
+    prefix = cache.prefix(layout)
+    for shard in sorted(_listdir(prefix)):
+        if not _SHARD.fullmatch(shard):
+            continue
+        try:
+            with os.scandir(prefix + shard) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if not _OBJECT.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield shard + entry.name, st
+
+
+def scan(cache: NodeCache) -> tuple[int, int]:
+    """`(objects, bytes)` in the cache, both layouts, `.dir` objects included, `.datapin/` not."""
+    objects = size = 0
+    for layout in _LAYOUTS:
+        for _, st in _walk(cache, layout):
+            objects += 1
+            size += st.st_size
+    return objects, size
+
+
+@dataclass(slots=True)
+class _Dir:
+    """A `.dir` object; `clock` is its revision's LRU time."""
+
+    layout: Layout
+    md5: str
+    size: int
+    mtime: float
+    clock: float = 0.0
+    protected: bool = False
+
+
+class _Inventory:
+    """Every object in the cache, lean enough for caches of millions of objects.
+
+    Plain objects are keyed by their 16 raw md5 bytes (what `Manifest.md5_raw` yields, with no
+    hex conversion per manifest entry) and their numbers kept in flat arrays, not in a Python
+    object each: what remains per object is essentially one dict entry.
+    """
+
+    def __init__(self) -> None:
+        self.index: dict[Layout, dict[bytes, int]] = {layout: {} for layout in _LAYOUTS}
+        self.keys: list[bytes] = []
+        self.layout_of = bytearray()  # index into _LAYOUTS
+        self.size = array("q")
+        self.clock = array("d")  # own mtime until a revision names the object
+        self.named = bytearray()  # some non-root revision names it
+        self.protected = bytearray()
+        self.dirs: list[_Dir] = []
+
+    @classmethod
+    def take(cls, cache: NodeCache) -> _Inventory:
+        inv = cls()
+        for n, layout in enumerate(_LAYOUTS):
+            index = inv.index[layout]
+            for oid, st in _walk(cache, layout):
+                if oid.endswith(".dir"):
+                    inv.dirs.append(
+                        _Dir(layout=layout, md5=oid[:32], size=st.st_size, mtime=st.st_mtime)
+                    )
+                    continue
+                key = bytes.fromhex(oid)
+                index[key] = len(inv.keys)
+                inv.keys.append(key)
+                inv.layout_of.append(n)
+                inv.size.append(st.st_size)
+                inv.clock.append(st.st_mtime)
+        inv.named = bytearray(len(inv.keys))
+        inv.protected = bytearray(len(inv.keys))
+        return inv
+
+    @property
+    def objects(self) -> int:
+        return len(self.keys) + len(self.dirs)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.size) + sum(d.size for d in self.dirs)
+
+    def protect(self, key: bytes, layout: Layout) -> None:
+        i = self.index[layout].get(key)
+        if i is not None:
+            self.protected[i] = 1
+
+    def name(self, key: bytes, layout: Layout, clock: float) -> None:
+        i = self.index[layout].get(key)
+        if i is None or self.protected[i]:
+            return
+        if not self.named[i] or clock > self.clock[i]:
+            self.clock[i] = clock
+        self.named[i] = 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    path: str
+    layout: Layout
+    oid: str
+    is_dir: bool
+
+
+def _candidates(cache: NodeCache, inv: _Inventory) -> Iterator[_Candidate]:
+    """Unprotected objects, oldest clock first; a `.dir` after the objects of its clock."""
+    objects = sorted(
+        (i for i in range(len(inv.keys)) if not inv.protected[i]), key=inv.clock.__getitem__
+    )  # stable: equal clocks stay in layout, then path, order
+    dirs = sorted(
+        (d for d in inv.dirs if not d.protected),
+        key=lambda d: (d.clock, _LAYOUTS.index(d.layout), d.md5),
+    )
+    j = 0
+    for i in objects:
+        clock = inv.clock[i]
+        while j < len(dirs) and dirs[j].clock < clock:
+            yield _dir_candidate(cache, dirs[j])
+            j += 1
+        layout = _LAYOUTS[inv.layout_of[i]]
+        oid = inv.keys[i].hex()
+        yield _Candidate(cache.path(oid, layout), layout, oid, is_dir=False)
+    for d in dirs[j:]:
+        yield _dir_candidate(cache, d)
+
+
+def _dir_candidate(cache: NodeCache, d: _Dir) -> _Candidate:
+    oid = d.md5 + ".dir"
+    return _Candidate(cache.path(oid, d.layout), d.layout, oid, is_dir=True)
+
+
+def _plan(cache: NodeCache, inv: _Inventory, root_revisions: set[tuple[str, Layout]]) -> None:
+    """Mark what roots protect and give every other object its LRU clock."""
+    used: dict[str, float] = {}
+    with contextlib.suppress(FileNotFoundError), os.scandir(_used_dir(cache)) as it:
+        for entry in it:
+            with contextlib.suppress(FileNotFoundError):
+                used[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+    for oid, layout in root_revisions:
+        if not oid.endswith(".dir"):
+            with contextlib.suppress(ValueError):  # a single-file revision: the object itself
+                inv.protect(bytes.fromhex(oid), layout)
+    for d in inv.dirs:
+        d.protected = (d.md5 + ".dir", d.layout) in root_revisions
+        d.clock = used.get(f"{d.layout}-{d.md5}.dir", d.mtime)
+    gone: set[int] = set()
+    # Roots first: `name` must know every protected object before it assigns clocks.
+    for d in sorted(inv.dirs, key=lambda d: not d.protected):
+        revision = Revision(md5=d.md5, is_dir=True)
+        try:
+            manifest = cache.load_manifest(revision, d.layout)
+        except (CorruptObjectError, ManifestError, OSError) as exc:
+            # A bad `.dir` is quarantined by load_manifest or, if it parses badly but hashes
+            # right, evicted like any object no revision names: at its own mtime.
+            log.warning(
+                "GC: cannot read manifest %s (%s layout): %s; %s",
+                revision.oid,
+                d.layout,
+                exc,
+                "the objects of this revision in use are not protected"
+                if d.protected
+                else "treating it as an unreferenced object",
+                extra={"revision": revision.oid, "layout": str(d.layout)},
+            )
+            d.clock = d.mtime
+            if not os.path.lexists(cache.path(revision.oid, d.layout)):
+                gone.add(id(d))
+            continue
+        if d.protected:
+            for i in range(len(manifest)):
+                inv.protect(manifest.md5_raw(i), d.layout)
+        else:
+            for i in range(len(manifest)):
+                inv.name(manifest.md5_raw(i), d.layout, d.clock)
+    if gone:  # quarantined just now: no longer in the cache
+        inv.dirs = [d for d in inv.dirs if id(d) not in gone]
+
+
+# -- the GC -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GcReport:
+    """What one `collect` did (or, with `dry_run`, would do)."""
+
+    triggered: bool  # the volume was above a high watermark
+    target_reached: bool  # False only if a triggered GC could not get below the low ones
+    evicted_objects: int  # `.dir` objects included
+    evicted_bytes: int  # sum of st_size
+    freed_bytes_estimate: int  # st_blocks of objects whose last link was the cache's
+    evicted_revisions: tuple[str, ...]  # oids of the `.dir` objects evicted
+    kept_in_use_objects: int  # objects protected by roots (their `.dir` objects included)
+    before: VolumeUsage
+    after: VolumeUsage  # measured (estimated with `dry_run`)
+    cache_objects: int | None  # after eviction; None when not triggered (see `scan`)
+    cache_bytes: int | None
+    seconds: float
+
+
+@contextlib.contextmanager
+def _gc_lock(cache: NodeCache) -> Iterator[None]:
+    path = _private(cache) / "gc.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise os_error(str(cache.root), exc, volume="node cache") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Evictor:
+    """Unlinks candidates and keeps the tally."""
+
+    def __init__(self, cache: NodeCache, *, dry_run: bool) -> None:
+        self.cache = cache
+        self.dry_run = dry_run
+        self.objects = 0
+        self.size = 0
+        self.freed_bytes = 0
+        self.freed_inodes = 0
+        self.revisions: list[str] = []
+
+    def evict(self, c: _Candidate) -> tuple[int, int]:
+        """Remove one candidate; returns the (bytes, inodes) it is expected to free."""
+        freed = self._unlink(c.path)
+        if freed is None:
+            return 0, 0  # gone already (quarantined, or someone else's cleanup)
+        size, freed_bytes, freed_inodes = freed
+        self.objects += 1
+        self.size += size
+        if c.is_dir:
+            self.revisions.append(c.oid)
+            # The parsed manifest is only valid with its `.dir`, and can be tens of MB.
+            for extra in (
+                self.cache.manifests_dir / f"{c.layout}-{c.oid}",
+                _used_dir(self.cache) / f"{c.layout}-{c.oid}",
+            ):
+                more = self._unlink(str(extra))
+                if more is not None:
+                    freed_bytes += more[1]
+                    freed_inodes += more[2]
+        self.freed_bytes += freed_bytes
+        self.freed_inodes += freed_inodes
+        return freed_bytes, freed_inodes
+
+    def _unlink(self, path: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.lstat(path)
+            if not self.dry_run:
+                os.unlink(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise os_error(str(self.cache.root), exc, volume="node cache") from exc
+        # An object that trees still hardlink keeps its blocks and inode after our unlink.
+        last_link = st.st_nlink == 1
+        return st.st_size, st.st_blocks * 512 if last_link else 0, int(last_link)
+
+
+def collect(
+    cache: NodeCache,
+    root_revisions: Iterable[tuple[str, Layout]],
+    watermarks: Watermarks,
+    *,
+    usage: VolumeUsage | None = None,
+    dry_run: bool = False,
+    clock: Callable[[], float] = time.time,
+) -> GcReport:
+    """Evict least recently used objects not in use until the volume is below `watermarks`.
+
+    `root_revisions` is `roots(...)`; `usage` a reading the caller just took (default: measure
+    now); `clock` the time source for `seconds`. With `dry_run` nothing is evicted and `after`
+    is the estimate (manifests are still read as on any run, so a `.dir` that fails its md5
+    is still quarantined). See the module doc for the policy.
+    """
+    started = clock()
+    wm = watermarks
+    root_set = set(root_revisions)
+    with _gc_lock(cache):
+        before = usage if usage is not None else VolumeUsage.measure(cache.root)
+        if not _above(before, wm.high_percent, wm.inodes_high_percent):
+            return GcReport(
+                triggered=False,
+                target_reached=True,
+                evicted_objects=0,
+                evicted_bytes=0,
+                freed_bytes_estimate=0,
+                evicted_revisions=(),
+                kept_in_use_objects=0,
+                before=before,
+                after=before,
+                cache_objects=None,
+                cache_bytes=None,
+                seconds=clock() - started,
+            )
+        if not dry_run:
+            cache.clean_temp()
+        inv = _Inventory.take(cache)
+        _plan(cache, inv, root_set)
+        candidates = _candidates(cache, inv)
+        evictor = _Evictor(cache, dry_run=dry_run)
+        estimate = before
+        exhausted = False
+        tried = 0
+        while True:
+            while _above(estimate, wm.low_percent, wm.inodes_low_percent):
+                candidate = next(candidates, None)
+                if candidate is None:
+                    exhausted = True
+                    break
+                estimate = _minus(estimate, *evictor.evict(candidate))
+                tried += 1
+                if not dry_run and tried % REMEASURE_EVERY == 0:
+                    estimate = _lower(estimate, VolumeUsage.measure(cache.root))
+            if dry_run:
+                after = estimate
+                break
+            after = _settled(cache.root)
+            if exhausted or not _above(after, wm.low_percent, wm.inodes_low_percent):
+                break
+            # Unlinks freed less than estimated (extents a tree outside the roots still
+            # shares, or someone else writing): go on from what the volume says.
+            log.info(
+                "GC: volume still at %.1f%% after the estimate reached the low watermark; "
+                "evicting more",
+                after.used_percent,
+                extra={"used_percent": after.used_percent, "estimate": estimate.used_percent},
+            )
+            estimate = after
+        target_reached = not _above(after, wm.low_percent, wm.inodes_low_percent)
+
+    kept = sum(1 for p in inv.protected if p) + sum(1 for d in inv.dirs if d.protected)
+    if not target_reached:
+        held = sum(s for s, p in zip(inv.size, inv.protected, strict=True) if p) + sum(
+            d.size for d in inv.dirs if d.protected
+        )
+        log.warning(
+            "GC: the node cache volume stays above the low watermark (%.1f%% of bytes, "
+            "%.1f%% of inodes; low %.1f%% / %.1f%%) after evicting every object not in use: "
+            "%d objects (%d bytes) are held by %d revisions in use. Fix: a larger volume, or "
+            "fewer datasets pinned on this node",
+            after.used_percent,
+            after.inodes_used_percent,
+            wm.low_percent,
+            wm.inodes_low_percent,
+            kept,
+            held,
+            len(root_set),
+            extra={"held_bytes": held, "held_objects": kept, "roots": len(root_set)},
+        )
+    report = GcReport(
+        triggered=True,
+        target_reached=target_reached,
+        evicted_objects=evictor.objects,
+        evicted_bytes=evictor.size,
+        freed_bytes_estimate=evictor.freed_bytes,
+        evicted_revisions=tuple(evictor.revisions),
+        kept_in_use_objects=kept,
+        before=before,
+        after=after,
+        cache_objects=inv.objects - evictor.objects,
+        cache_bytes=inv.total_bytes - evictor.size,
+        seconds=clock() - started,
+    )
+    log.info(
+        "GC%s: evicted %d objects (%d bytes, %d revisions); volume %.1f%% -> %.1f%%",
+        " (dry run)" if dry_run else "",
+        report.evicted_objects,
+        report.evicted_bytes,
+        len(report.evicted_revisions),
+        before.used_percent,
+        after.used_percent,
+        extra={
+            "dry_run": dry_run,
+            "evicted_objects": report.evicted_objects,
+            "evicted_bytes": report.evicted_bytes,
+            "evicted_revisions": len(report.evicted_revisions),
+            "kept_in_use_objects": kept,
+            "used_percent_before": before.used_percent,
+            "used_percent_after": after.used_percent,
+            "seconds": report.seconds,
+        },
+    )
+    return report
+
+
+# -- download slots ---------------------------------------------------------------------------
+
+
+def clean_slots(
+    cache: NodeCache, *, max_age: float = 3600.0, clock: Callable[[], float] = time.time
+) -> int:
+    """Remove download slots abandoned longer than `max_age` seconds. Returns how many.
+
+    A slot whose flock is held belongs to a live downloader and is never touched. A free one
+    may still be resumed by the next claimant of its object, which is why only old ones go.
+    Journals (`.parts`) go with their slot, or alone when their slot is gone and they are old.
+    """
+    now = clock()
+    removed = 0
+    for shard in _listdir(cache.fetch_dir):
+        directory = f"{cache.fetch_dir}/{shard}"
+        names = _listdir(directory)
+        slots = {n for n in names if _JOURNAL not in n}
+        for name in sorted(slots):
+            journals = [n for n in names if n.startswith(name + _JOURNAL)]
+            if _remove_slot(f"{directory}/{name}", journals, directory, now, max_age):
+                removed += 1
+        for name in names:
+            if _JOURNAL in name and name[: name.rindex(_JOURNAL)] not in slots:
+                path = f"{directory}/{name}"
+                with contextlib.suppress(FileNotFoundError):
+                    if now - os.lstat(path).st_mtime > max_age:
+                        os.unlink(path)
+    if removed:
+        log.info("removed %d abandoned download slots", removed, extra={"slots": removed})
+    return removed
+
+
+def _remove_slot(
+    path: str, journals: list[str], directory: str, now: float, max_age: float
+) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _abandoned(fd, path, now, max_age):
+            return False
+        # Journals first, the slot last, the lock released after both (as `Slot.discard`).
+        for journal in journals:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{directory}/{journal}")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def _abandoned(fd: int, path: str, now: float, max_age: float) -> bool:
+    """Take the slot's lock (kept until `fd` closes) and say whether it is old and ours."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st = os.fstat(fd)
+        # Installing a slot links it to its object name before unlinking the slot, so a
+        # lock on an installed slot's inode (nlink 1: the object) says nothing about the
+        # file now at `path`, which may be a new claimant's.
+        current = os.lstat(path)
+    except (BlockingIOError, FileNotFoundError):
+        return False  # a live downloader, or finished meanwhile
+    if (current.st_ino, current.st_dev) != (st.st_ino, st.st_dev):
+        return False
+    return now - st.st_mtime > max_age  # a younger one may be resumed by its downloader
+
+
+# -- workspaces of pods that are gone ---------------------------------------------------------
+
+
+def reap_workspaces(
+    root: Path,
+    *,
+    live: Callable[[str], bool],
+    grace: float = 300.0,
+    clock: Callable[[], float] = time.time,
+    warned: set[str] | None = None,
+) -> list[str]:
+    """Remove `root/workspaces/<uid>/` of pods that are gone; returns the uids removed.
+
+    A pod is gone when `live(uid)` is False and both the directory and its `.pod.json` are
+    older than `grace` seconds (a pod just scheduled may not be visible to `live` yet). A
+    workspace some sidecar is materialising into (a `.revs/.lock` is held) is skipped.
+    Removal renames the directory to `.trash-<uid>-<random>` first, so a crash never leaves
+    a half-deleted tree under a pod's uid, and leftover `.trash-*` directories go first.
+
+    Names that are not pod UIDs are left alone and logged once per call, or once per name
+    for the lifetime of `warned` if the caller keeps that set across calls.
+    """
+    workspaces = Path(root) / "workspaces"
+    names = sorted(_listdir(workspaces))
+    for name in names:
+        if name.startswith(_TRASH):
+            _remove(workspaces / name, uid=None)
+    now = clock()
+    removed: list[str] = []
+    odd = [n for n in names if not n.startswith(_TRASH) and not _POD_UID.fullmatch(n)]
+    new_odd = [n for n in odd if warned is None or n not in warned]
+    if new_odd:
+        log.warning(
+            "%s holds %d entries that are not pod UIDs (%s); left alone. Fix: remove them by "
+            "hand if nothing uses them",
+            workspaces,
+            len(new_odd),
+            ", ".join(new_odd[:5]) + (" ..." if len(new_odd) > 5 else ""),
+            extra={"entries": new_odd},
+        )
+        if warned is not None:
+            warned.update(new_odd)
+    for uid in names:
+        if not _POD_UID.fullmatch(uid) or live(uid):
+            continue
+        pod_dir = workspaces / uid
+        if not _older_than(pod_dir, now - grace):
+            continue
+        trash = workspaces / f"{_TRASH}{uid}-{secrets.token_hex(4)}"
+        with contextlib.ExitStack() as locks:
+            if not _lock_all(pod_dir, locks):
+                log.info(
+                    "workspace of gone pod %s is being materialised into; reaping it later",
+                    uid,
+                    extra={"pod_uid": uid},
+                )
+                continue
+            try:
+                os.rename(pod_dir, trash)
+            except OSError as exc:
+                log.warning("cannot remove workspace %s: %s", pod_dir, exc, extra={"pod_uid": uid})
+                continue
+        _remove(trash, uid=uid)
+        removed.append(uid)
+    if removed:
+        log.info(
+            "removed workspaces of %d pods that are gone",
+            len(removed),
+            extra={"pod_uids": removed},
+        )
+    return removed
+
+
+def _older_than(pod_dir: Path, cutoff: float) -> bool:
+    try:
+        st = os.lstat(pod_dir)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_mtime >= cutoff:
+        return False
+    try:
+        return os.lstat(pod_dir / ".pod.json").st_mtime < cutoff
+    except FileNotFoundError:
+        return True  # a sidecar that never wrote one: the directory's age decides
+
+
+def _lock_all(pod_dir: Path, locks: contextlib.ExitStack) -> bool:
+    """Take every dataset's workspace lock without waiting; False if one is held.
+
+    The locks stay held (in `locks`) until the directory is renamed away, so no sidecar can
+    start a materialise in between.
+    """
+    for dataset in _listdir(pod_dir):
+        try:
+            fd = os.open(pod_dir / dataset / ".revs" / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        locks.callback(os.close, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+def _remove(path: Path, *, uid: str | None) -> None:
+    try:
+        remove_tree(path)
+    except OSError as exc:
+        # It keeps its `.trash-` name, so the next reap tries again.
+        log.warning("cannot delete %s: %s", path, exc, extra={"pod_uid": uid})
+
+
+def kubelet_pods_liveness(pods_dir: Path) -> Callable[[str], bool]:
+    """`live(uid)` from kubelet's own records: `pods_dir/<uid>` exists while the pod does.
+
+    Kubelet keeps `/var/lib/kubelet/pods/<uid>` until a deleted pod's volumes are torn down,
+    which is exactly when its workspace stops being needed. Should `pods_dir` itself
+    disappear later (an unmounted volume), every pod counts as live: an empty view of the
+    node must never read as "every pod is gone".
+    """
+    pods = Path(pods_dir)
+    if not pods.is_dir():
+        raise UsageError(
+            f"kubelet pods directory {pods} does not exist, so the node agent cannot tell "
+            "which pods are gone. Fix: mount the kubelet pods directory "
+            "(/var/lib/kubelet/pods) read-only into the node agent at this path, or disable "
+            "workspace reaping"
+        )
+
+    def live(uid: str) -> bool:
+        return (pods / uid).is_dir() or not pods.is_dir()
+
+    return live
