@@ -28,6 +28,7 @@ Design:
 from __future__ import annotations
 
 import os
+import random
 import re
 import secrets
 import tempfile
@@ -41,14 +42,23 @@ from tests.support import rmtree_robust
 from tests.support.dvcremote import S3DvcFixture, push_dvc_fixture
 from tests.support.dvcrepo import DvcFixture, DvcUnavailable, make_dvc_repo, sample_files
 from tests.support.faultproxy import FaultProxy
+from tests.support.prometheus import (
+    PrometheusServer,
+    PrometheusUnavailable,
+    find_prometheus,
+    find_promtool,
+)
 from tests.support.seaweed import SeaweedServer, SeaweedUnavailable, find_weed
 from tests.support.xfs import MIN_XFS_SIZE, XfsUnavailable, xfs_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _XFS_FIXTURES = frozenset({"xfs_mount", "xfs_dir", "small_xfs"})
-_DVC_FIXTURES = frozenset({"dvc3_fixture", "dvc2_fixture", "dvc3_s3", "dvc2_s3"})
-_S3_FIXTURES = frozenset({"seaweed", "s3_bucket", "fault_proxy", "dvc3_s3", "dvc2_s3"})
+_DVC_FIXTURES = frozenset({"dvc3_fixture", "dvc2_fixture", "dvc3_s3", "dvc2_s3", "dvc3_revisions"})
+_PROMETHEUS_FIXTURES = frozenset({"prometheus", "promtool"})
+_S3_FIXTURES = frozenset(
+    {"seaweed", "s3_bucket", "fault_proxy", "dvc3_s3", "dvc2_s3", "dvc3_revisions"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,6 +75,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.dvc)
         if names & _S3_FIXTURES:
             item.add_marker(pytest.mark.s3)
+        if names & _PROMETHEUS_FIXTURES:
+            item.add_marker(pytest.mark.prometheus)
 
 
 @pytest.fixture(scope="session")
@@ -215,3 +227,67 @@ def dvc3_s3(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer) ->
 def dvc2_s3(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer) -> S3DvcFixture:
     """Same with DVC 2.58: legacy layout, ``md5-dos2unix`` object names. Read-only."""
     return _dvc_s3(tmp_path_factory, seaweed, 2)
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    """The session's Prometheus on 127.0.0.1 (1 s scrapes, targets added with ``add_target``),
+    stopped by PID at the end. Tests share it: give each target a unique ``job`` and ``node``
+    label, and remove the target afterwards.
+    """
+    try:
+        binary = find_prometheus()
+    except PrometheusUnavailable as exc:
+        pytest.skip(f"no Prometheus: {exc.reason}")
+    with PrometheusServer(tmp_path_factory.mktemp("prometheus"), binary=binary) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """The ``promtool`` executable (from the prometheus package)."""
+    try:
+        return find_promtool()
+    except PrometheusUnavailable as exc:
+        pytest.skip(f"no promtool: {exc.reason}")
+
+
+def _revision_a_files() -> dict[str, bytes]:
+    rng = random.Random(1)
+    return {f"d{i % 12}/f{i:04d}.bin": rng.randbytes(rng.randint(1, 12_000)) for i in range(240)}
+
+
+def _revision_b_files(a: dict[str, bytes]) -> dict[str, bytes]:
+    """Half of A's files changed, 20 removed, 20 added: a reader seeing a mix would notice."""
+    rng = random.Random(7)
+    b = {k: (rng.randbytes(len(v) + 1) if i % 2 else v) for i, (k, v) in enumerate(a.items())}
+    for k in list(b)[:20]:
+        del b[k]
+    b.update({f"new/g{i}.bin": rng.randbytes(3000) for i in range(20)})
+    return b
+
+
+@pytest.fixture(scope="session")
+def dvc3_revisions(
+    tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer
+) -> tuple[S3DvcFixture, S3DvcFixture]:
+    """Revisions A and B of one dataset (240 files; B changes half), each pushed by real DVC 3
+    to ``s3://<one bucket>/dvcstore`` on ``seaweed``. Read-only: shared by the session.
+    """
+    bucket = _bucket_name("two-revisions")
+    a_files = _revision_a_files()
+    try:
+        a = push_dvc_fixture(
+            tmp_path_factory.mktemp("rev-a"), seaweed, bucket, version=3, files=a_files
+        )
+        b = push_dvc_fixture(
+            tmp_path_factory.mktemp("rev-b"),
+            seaweed,
+            bucket,
+            version=3,
+            files=_revision_b_files(a_files),
+            create_bucket=False,
+        )
+    except DvcUnavailable as exc:
+        pytest.skip(f"no DVC 3: {exc.reason}")
+    return a, b

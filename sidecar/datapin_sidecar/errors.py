@@ -4,6 +4,8 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
 
     DatapinError                      exit 1 unless a subclass says otherwise
     ├── UsageError                    2  a bad argument or option value
+    │   ├── BadSettingsError          2  DATAPIN_* settings that fail validation
+    │   └── AnnotationsError          2  the pod's annotations file cannot be read or parsed
     ├── RevisionError                 3  the revision the user named cannot be read
     │   └── ManifestError             3  a `.dir`/`.dvc`/`dvc.lock` is malformed or unsafe
     ├── ObjectsMissingError           4  objects are in neither the node cache nor the remote
@@ -11,7 +13,8 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── DestinationError              6  the destination cannot take the tree
     │                                    (not ours, read-only, no space, permission)
     ├── LinkError                     7  the requested link strategy is impossible here
-    └── RemoteError                   8  the remote cannot be read
+    ├── RemoteError                   8  the remote cannot be read
+    └── StoppedError                143  SIGTERM arrived before the work was done
 
 Every message names the thing at fault and says how to fix it, because the people reading it
 are looking at `kubectl describe pod`, not at our source. Values are keyword-only so a raise
@@ -48,6 +51,25 @@ class UsageError(DatapinError):
 
     exit_code = 2
     reason = "usage"
+
+
+class BadSettingsError(UsageError):
+    """`DATAPIN_*` settings failed validation: one line per bad field."""
+
+    reason = "settings"
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__(
+            "bad settings (fix the environment variables; `datapin-sidecar settings` lists "
+            "them all):\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+class AnnotationsError(UsageError):
+    """The downward-API annotations file is missing, malformed, or pins nothing usable."""
+
+    reason = "annotations"
 
 
 class RevisionError(DatapinError):
@@ -182,6 +204,16 @@ class RemoteError(DatapinError):
         self.cause = cause or "remote"
         some = f" ({len(self.keys)} object(s): {_some(self.keys)})" if self.keys else ""
         super().__init__(f"remote {remote}: {problem}{some}. Fix: {fix}")
+
+
+class StoppedError(DatapinError):
+    """The program was told to stop (SIGTERM) and cancelled the work in flight."""
+
+    exit_code = 143
+    reason = "stopped"
+
+    def __init__(self) -> None:
+        super().__init__("stopped by SIGTERM before the revision was published")
 
 
 def os_error(where: str, exc: OSError, *, volume: str = "destination") -> Exception:

@@ -64,6 +64,11 @@ class Request:
     link_name: str = "current"
     verify: bool = False
     keep_spare: bool = True
+    #: Seconds a retired tree must have been the spare before it is edited in place. A reader
+    #: that resolved `<link>` before a switch (an open directory, a walk in progress) keeps
+    #: seeing all of its old revision for at least this long; a younger spare is left alone
+    #: and the build carries over from the published tree instead (which is never modified).
+    spare_grace: float = 0.0
     #: The file name of a single-file revision (a `.dvc` out's path); default: the md5.
     file_name: str | None = None
     #: The layout the revision was pushed in (a `.dvc` out says: `hash: md5` means DVC 3).
@@ -86,6 +91,7 @@ class Result:
     hits: int = 0  # entries linked from objects already in the cache
     hit_bytes: int = 0
     misses: int = 0  # entries whose object had to be fetched
+    miss_bytes: int = 0
     fetched_objects: int = 0
     fetched_bytes: int = 0
     waited_objects: int = 0  # fetched by another process on the node while this one waited
@@ -126,7 +132,7 @@ def materialize(
 ) -> Result:
     """Make `request.revision` the published tree of `request.dest`. See the module doc."""
     started = time.monotonic()
-    ws = Workspace(request.dest, link_name=request.link_name)
+    ws = Workspace(request.dest, link_name=request.link_name, grace=request.spare_grace)
     old_umask = os.umask(0o022)  # consumers of any uid must be able to read the tree
     try:
         with ws.locked():
@@ -234,6 +240,7 @@ class _Run:
             hits=self.hits,
             hit_bytes=self.hit_bytes,
             misses=self.misses,
+            miss_bytes=self.miss_bytes,
             fetched_objects=self.fetched_objects,
             fetched_bytes=self.fetched_bytes,
             waited_objects=self.waited_objects,
@@ -330,7 +337,7 @@ class _Run:
             )
 
         spare = self.ws.spare()
-        if spare is not None:
+        if spare is not None and self._spare_old_enough(spare[1]):
             info = self.ws.info(spare[0])
             if usable(info):
                 return "spare", spare[1], info
@@ -340,6 +347,17 @@ class _Run:
             if usable(info):
                 return "published", self.ws.tree(published), info
         return "fresh", None, None
+
+    def _spare_old_enough(self, path: Path) -> bool:
+        if self.req.spare_grace <= 0:
+            return True
+        try:
+            # rename(2) sets the ctime of the directory it moves, so ctime is when the tree
+            # was retired to the spare.
+            retired = os.stat(path).st_ctime
+        except FileNotFoundError:
+            return False
+        return time.time() - retired >= self.req.spare_grace
 
     # -- building -----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ parsing) is about 1 ms; this path, SigV4 (`sigv4`) over aiohttp, is about 0.3 ms
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import email.utils
@@ -47,12 +48,13 @@ import os
 import random
 import re
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aiohttp
 import yarl
@@ -210,6 +212,9 @@ class S3Remote:
         self._requests: asyncio.Semaphore | None = None
         #: Retries of `find` requests, reported with the next fetch.
         self._find_retries: Counter[str] = Counter()
+        self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._calls_lock = threading.Lock()
+        self._aborted = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -275,7 +280,35 @@ class S3Remote:
         with contextlib.suppress(RuntimeError):
             if asyncio.get_running_loop() is loop:
                 raise RuntimeError("sync S3Remote call on its own loop: use asyncio.to_thread")
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
+        if self._aborted:
+            close = getattr(coro, "close", None)
+            if close is not None:
+                close()  # never awaited: say so to the coroutine, not to the warnings filter
+            raise asyncio.CancelledError("S3Remote aborted")
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            coro,  # type: ignore[arg-type]
+            loop,
+        )
+        with self._calls_lock:
+            self._calls.add(future)
+        try:
+            return future.result()
+        finally:
+            with self._calls_lock:
+                self._calls.discard(future)
+
+    def abort(self) -> None:
+        """Cancel every sync call in flight and refuse new ones (thread-safe).
+
+        The materialiser runs in a worker thread blocked in `fetch`; cancelling the submitted
+        coroutine makes `fetch` raise `CancelledError` there, so the build unwinds (claims
+        released, the partial tree discarded) instead of the thread outliving the program.
+        """
+        self._aborted = True
+        with self._calls_lock:
+            calls = list(self._calls)
+        for future in calls:
+            future.cancel()
 
     # -- async API ----------------------------------------------------------------------------
 

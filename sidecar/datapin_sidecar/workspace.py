@@ -8,6 +8,7 @@ Layout of a destination `DEST` managed by datapin::
     DEST/.revs/<md5>/             a complete tree of revision <md5> (normally only the published)
     DEST/.revs/.spare-<md5>/      the previously published tree, kept for recycling
     DEST/.revs/.build-<md5>-<r>/  a tree being built (debris if no one holds the lock)
+    DEST/.revs/.retired-<r>/      a tree no longer needed, deleted once `grace` has passed
     DEST/.revs/.meta/<md5>.json   what is known about the tree(s) of <md5>: link modes, files
     DEST/.<link>.tmp-<r>          a symlink about to replace <link> (debris if left)
 
@@ -27,6 +28,11 @@ Rules:
 * Meta files are keyed by md5, not by directory name, so retiring a tree to the spare renames
   one directory and nothing else; a meta file with no tree of its md5 is removed.
 * A destination that is not empty and has no marker is not ours: we refuse to touch it.
+* With a `grace` (the sidecar's `spare_grace_seconds`), no tree is modified or deleted within
+  `grace` seconds of leaving `<link>`: a tree to delete is renamed to `.retired-<r>` (rename
+  sets its ctime) and removed by a later `recover`/`purge_retired` once its ctime is older than
+  `grace`; the materialiser does not recycle a younger spare. A reader that opened the tree
+  (a directory fd, `os.fwalk`) before a switch keeps seeing all of its revision for `grace`.
 
 Trees are named by a *key*: the revision's md5 for the DVC 3 layout, `<md5>-legacy` for the
 legacy one. The key carries the layout because one `.dir` md5 can name two different trees:
@@ -43,6 +49,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,7 +95,9 @@ class TreeInfo:
 class Workspace:
     """One destination directory. Use `with ws.locked():` around every change."""
 
-    def __init__(self, dest: str | os.PathLike[str], *, link_name: str = "current") -> None:
+    def __init__(
+        self, dest: str | os.PathLike[str], *, link_name: str = "current", grace: float = 0.0
+    ) -> None:
         if not _LINK_NAME.fullmatch(link_name) or link_name == ".revs":
             raise UsageError(
                 f"link name {link_name!r} must be a plain file name (letters, digits, '._-')"
@@ -98,6 +107,7 @@ class Workspace:
         self.link = self.dest / link_name
         self.revs = self.dest / ".revs"
         self.meta_dir = self.revs / ".meta"
+        self.grace = grace
         self._lock_fd = -1
         #: What `locked()` cleaned up on entry (debris of crashed runs), for the result.
         self.recovered: list[str] = []
@@ -268,6 +278,10 @@ class Workspace:
         """
         with contextlib.suppress(FileNotFoundError):
             (self.meta_dir / f"{key}.json").unlink()
+        if self.grace > 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, self.revs / f".retired-{secrets.token_hex(4)}")
+            return
         trash = self.revs / f".build-trash-{secrets.token_hex(4)}"
         try:
             os.rename(path, trash)
@@ -275,12 +289,29 @@ class Workspace:
             return
         remove_tree(trash)
 
+    def purge_retired(self, *, now: float | None = None) -> list[str]:
+        """Delete `.retired-` trees older than `grace` (lock held). Returns their names."""
+        now = time.time() if now is None else now
+        removed = []
+        for name in sorted(os.listdir(self.revs)):
+            if not name.startswith(".retired-"):
+                continue
+            path = self.revs / name
+            try:
+                retired = os.lstat(path).st_ctime
+            except FileNotFoundError:
+                continue
+            if now - retired >= self.grace:
+                remove_tree(path)
+                removed.append(name)
+        return removed
+
     def recover(self) -> list[str]:
         """Remove what crashed runs left; keep the published tree and one spare.
 
         Returns what it removed or converted, for the log.
         """
-        actions: list[str] = []
+        actions: list[str] = [f"removed {n}" for n in self.purge_retired()]
         published = self.published()
         have_spare = False
         for name in sorted(os.listdir(self.revs)):
@@ -288,6 +319,8 @@ class Workspace:
             if name.startswith((".build-", ".datapin.tmp-")):
                 remove_tree(path)
                 actions.append(f"removed {name}")
+            elif name.startswith(".retired-"):
+                continue  # young: purge_retired keeps it for its grace period
             elif name.startswith(".spare-"):
                 if have_spare or self.info(name.removeprefix(".spare-")) is None:
                     remove_tree(path)

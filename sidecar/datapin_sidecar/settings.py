@@ -1,0 +1,285 @@
+"""`Settings` of `datapin-sidecar`: every knob, from `DATAPIN_*` environment variables.
+
+One pydantic-settings model for the program, built once in `main()` and passed down; nothing
+else reads the environment. The operator's webhook (and anyone running the program by hand)
+sets these variables; each field's description is the documentation, and `datapin-sidecar
+settings` prints them all with their defaults.
+
+Datasets are a JSON list in `DATAPIN_DATASETS` because a pod can mount several and each has its
+own remote and Secret. Credentials are never settings: a dataset names the *directory* of a
+mounted Secret (`credentials_dir`), or the keys come from the standard environment variables
+(`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, or B2's names) set by `secretKeyRef`, which only
+works for one dataset per pod.
+
+A bad value fails at start with one line per bad field, naming the variable, what is wrong and
+the value given (settings hold no secrets, and long values are cut).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from .errors import BadSettingsError, RevisionError
+from .revision import Revision
+
+ENV_PREFIX: Final = "DATAPIN_"
+Mode = Literal["once", "run", "agent"]
+_DATASET_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_SHOWN_VALUE: Final = 80
+
+
+class DatasetSettings(BaseModel):
+    """One dataset of the pod (or of the agent's prefetch list): where its objects come from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(description="Dataset name (the Dataset resource's name).")]
+    remote: Annotated[
+        str,
+        Field(
+            description="s3://BUCKET/PREFIX (S3, Backblaze B2) or the path of a DVC directory "
+            "remote.",
+        ),
+    ]
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint, e.g. https://s3.us-west-002.backblazeb2.com."
+    )
+    region: str | None = Field(
+        default=None, description="SigV4 region (default: from a B2 endpoint, else us-east-1)."
+    )
+    addressing: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="Bucket addressing."
+    )
+    verify_tls: bool = Field(default=True, description="Verify the endpoint's certificate.")
+    ca_bundle: Path | None = Field(default=None, description="CA certificates for the endpoint.")
+    credentials_dir: Path | None = Field(
+        default=None,
+        description="Mounted Secret directory holding the keys (AWS_ACCESS_KEY_ID/"
+        "AWS_SECRET_ACCESS_KEY or B2's keyID/applicationKey); re-read when it rotates. "
+        "Default: the standard environment variables.",
+    )
+    access_key_id_file: str | None = Field(
+        default=None,
+        description="File name of the key id in credentials_dir (default: any "
+        "of the AWS, DVC and B2 names).",
+    )
+    secret_access_key_file: str | None = Field(
+        default=None, description="File name of the secret key in credentials_dir."
+    )
+    layout: Literal["auto", "dvc3", "legacy"] = Field(
+        default="auto", description="Cache layout the revisions were pushed in."
+    )
+    pin: str | None = Field(
+        default=None,
+        description="The revision (<md5>.dir) to serve when no annotations file is used.",
+    )
+    ref: str | None = Field(default=None, description="What `pin` was resolved from (display).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if len(value) > 253 or not _DATASET_NAME.fullmatch(value):
+            raise ValueError(
+                "must be a Kubernetes resource name (lower-case letters, digits, '-', '.')"
+            )
+        return value
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, value: str) -> str:
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError("must be s3://BUCKET/PREFIX or a directory path")
+        return value
+
+    @field_validator("pin")
+    @classmethod
+    def _pin(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                Revision.parse(value)
+            except RevisionError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything `datapin-sidecar` reads from its environment (prefix `DATAPIN_`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # -- where things are ----------------------------------------------------------------------
+    root: Path = Field(
+        default=Path("/datapin"),
+        description="Mount point of the node volume (XFS with reflinks). The cache is "
+        "ROOT/cache and pod workspaces ROOT/workspaces/<pod-uid>/<dataset>: one filesystem, "
+        "one mount, so reflinks and hardlinks work between them.",
+    )
+    workspace_dir: Path | None = Field(
+        default=None,
+        description="This pod's workspace (default: ROOT/workspaces/<pod-uid>); for running "
+        "outside Kubernetes.",
+    )
+    datasets: list[DatasetSettings] = Field(
+        default_factory=list,
+        description="JSON list of the pod's datasets: name, remote, endpoint_url, region, "
+        "credentials_dir, layout, pin.",
+    )
+    annotations_file: Path | None = Field(
+        default=None,
+        description="Downward-API file of metadata.annotations; its `datapin.dev/pins` "
+        "annotation names the revisions to serve, followed live in `run` mode.",
+    )
+    # -- the pod (downward API) ----------------------------------------------------------------
+    pod_uid: str | None = Field(default=None, description="metadata.uid of the pod.")
+    pod_name: str = Field(default="", description="metadata.name of the pod (for logs).")
+    pod_namespace: str = Field(default="", description="metadata.namespace (for logs).")
+    node_name: str = Field(default="", description="spec.nodeName (for logs).")
+    # -- materialising -------------------------------------------------------------------------
+    link: Literal["auto", "reflink", "hardlink", "copy"] = Field(
+        default="auto", description="How files are made from cache objects."
+    )
+    link_name: str = Field(default="current", description="Name of the published symlink.")
+    verify: bool = Field(default=False, description="Re-hash every object before linking.")
+    jobs: int = Field(default=32, ge=1, le=1024, description="Remote requests in flight.")
+    spare_grace_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="A retired tree is not recycled for this long after a switch, so readers "
+        "that resolved the link before it keep a complete old tree.",
+    )
+    # -- the service (run, agent) --------------------------------------------------------------
+    http_host: str = Field(default="0.0.0.0", description="Address of /readyz, /metrics.")  # noqa: S104 - kubelet probes the pod IP
+    http_port: int = Field(
+        default=9479, ge=0, le=65535, description="Port of /readyz, /healthz, /metrics."
+    )
+    watch_interval_seconds: float = Field(
+        default=2.0, gt=0, description="How often the annotations file is checked."
+    )
+    retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between retries of a failed switch."
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="How long SIGTERM waits for work to unwind."
+    )
+    termination_message_path: Path = Field(
+        default=Path("/dev/termination-log"),
+        description="Where the reason of a failure is written (kubectl describe shows it).",
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto: text on a TTY, JSON lines otherwise."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level."
+    )
+    # -- the node agent ------------------------------------------------------------------------
+    prefetch_file: Path | None = Field(
+        default=None,
+        description='JSON written by the operator: {"revisions": [{dataset settings + '
+        "pin}]}; the agent keeps these warm in the cache.",
+    )
+    prefetch_interval_seconds: float = Field(
+        default=30.0, gt=0, description="How often the prefetch file is checked."
+    )
+    gc_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often the agent checks the watermarks."
+    )
+    gc_high_percent: float = Field(
+        default=85.0, gt=0, le=100, description="Evict when the volume is fuller than this."
+    )
+    gc_low_percent: float = Field(default=70.0, gt=0, le=100, description="...down to this.")
+    gc_inodes_high_percent: float = Field(
+        default=85.0, gt=0, le=100, description="Evict when more inodes than this are used."
+    )
+    gc_inodes_low_percent: float = Field(default=70.0, gt=0, le=100, description="...down to this.")
+    gc_slot_max_age_seconds: float = Field(
+        default=3600.0, gt=0, description="Abandoned partial downloads older than this go."
+    )
+    kubelet_pods_dir: Path | None = Field(
+        default=None,
+        description="kubelet's pods directory (/var/lib/kubelet/pods, mounted read-only): a "
+        "workspace whose pod has no directory there is removed. Unset: never removed.",
+    )
+    workspace_grace_seconds: float = Field(
+        default=300.0, ge=0, description="A workspace younger than this is never removed."
+    )
+    scan_interval_seconds: float = Field(
+        default=300.0, gt=0, description="How often cache objects and bytes are counted."
+    )
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> Settings:
+        if self.gc_low_percent >= self.gc_high_percent:
+            raise ValueError(
+                "DATAPIN_GC_LOW_PERCENT must be below DATAPIN_GC_HIGH_PERCENT "
+                f"({self.gc_low_percent} >= {self.gc_high_percent})"
+            )
+        if self.gc_inodes_low_percent >= self.gc_inodes_high_percent:
+            raise ValueError(
+                "DATAPIN_GC_INODES_LOW_PERCENT must be below DATAPIN_GC_INODES_HIGH_PERCENT"
+            )
+        names = [d.name for d in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"DATAPIN_DATASETS names a dataset twice: {', '.join(dupes)}")
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.root / "workspaces"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build `Settings` from the environment; raise `BadSettingsError` naming each bad field."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise BadSettingsError(_problems(exc)) from None
+    except SettingsError as exc:
+        # pydantic-settings could not decode a complex value (DATAPIN_DATASETS) as JSON.
+        cause = exc.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if cause else str(exc)
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "a setting"
+        raise BadSettingsError([f"{name}: not valid JSON ({detail})"]) from None
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        if not loc:
+            lines.append(error["msg"].removeprefix("Value error, "))
+            continue
+        name = ENV_PREFIX + loc[0].upper()
+        inner = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
+        value = error.get("input")
+        shown = ""
+        if isinstance(value, str | int | float | bool) and len(loc) > 0:
+            text = str(value)
+            text = text if len(text) <= _SHOWN_VALUE else text[:_SHOWN_VALUE] + "..."
+            shown = f" (got {text!r})"
+        lines.append(f"{name}{inner}: {error['msg'].removeprefix('Value error, ')}{shown}")
+    return lines
+
+
+def describe() -> str:
+    """Every setting with its default and description (`datapin-sidecar settings`)."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "(unset)" if default is None else str(default)
+        if isinstance(default, list):
+            shown = "[]"
+        lines.append(f"{ENV_PREFIX}{name.upper()}  default: {shown}\n    {field.description}")
+    return "\n".join(lines) + "\n"
