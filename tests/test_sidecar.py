@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from datapin_sidecar.annotations import ANNOTATION, format_downward_annotations
 from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.hashing import Layout, hash_file
 
@@ -31,60 +30,7 @@ from tests.support.dvcrepo import tree_bytes
 from tests.support.faultproxy import FaultProxy
 from tests.support.k8svolume import kubelet_update
 from tests.support.seaweed import SeaweedServer
-from tests.support.sidecarproc import SidecarProcess
-
-
-class Pod:
-    """What kubelet gives one pod's sidecar: a uid, a Secret volume, an annotations volume."""
-
-    def __init__(self, root: Path, work: Path, fx: S3DvcFixture, endpoint: str) -> None:
-        self.uid = str(uuid.uuid4())
-        self.root = root
-        self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-        self.secret = work / f"secret-{self.uid[:8]}"
-        kubelet_update(
-            self.secret,
-            {"AWS_ACCESS_KEY_ID": fx.access_key, "AWS_SECRET_ACCESS_KEY": fx.secret_key},
-            "2026_11_22_00_00_00.1",
-        )
-        self.podinfo = work / f"podinfo-{self.uid[:8]}"
-        self.stamp = 0
-        self.dataset = {
-            "name": "images",
-            "remote": fx.remote_url,
-            "endpoint_url": endpoint,
-            "credentials_dir": str(self.secret),
-        }
-
-    def pin(self, rev: str, ref: str) -> None:
-        """Change the pod's annotations as kubelet does (atomic `..data` swap)."""
-        self.stamp += 1
-        pins = json.dumps({"images": {"pin": rev, "ref": ref}})
-        text = format_downward_annotations({ANNOTATION: pins, "team": "vision"})
-        kubelet_update(self.podinfo, {"annotations": text}, f"2026_11_22_00_00_{self.stamp:02d}.1")
-
-    def settings(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "root": str(self.root),
-            "pod_uid": self.uid,
-            "pod_name": f"train-{self.uid[:5]}",
-            "pod_namespace": "ml",
-            "node_name": "node-a",
-            "datasets": [self.dataset],
-            "annotations_file": str(self.podinfo / "annotations"),
-            "log_format": "json",
-            **extra,
-        }
-
-    @property
-    def current(self) -> Path:
-        return self.root / "workspaces" / self.uid / "images" / "current"
-
-
-def _serving(proc: SidecarProcess, rev: str) -> bool:
-    serving = proc.status()["datasets"]["images"]["serving"]
-    return serving is not None and serving["pin"] == rev
+from tests.support.sidecarproc import Pod, SidecarProcess, serving
 
 
 def _cache_sound(root: Path) -> None:
@@ -236,7 +182,7 @@ def test_live_switch_reader_sees_whole_revisions_only(
             time.sleep(0.5)
             for i, (fx, ref) in enumerate([(b, "v2"), (a, "v1"), (b, "v2"), (a, "v1")]):
                 pod.pin(fx.rev, ref)
-                proc.wait_until(f"switch {i} to {ref}", lambda fx=fx: _serving(proc, fx.rev))
+                proc.wait_until(f"switch {i} to {ref}", lambda fx=fx: serving(proc, fx.rev))
                 assert tree_bytes(pod.current.resolve()) == fx.files
                 time.sleep(0.7)
         finally:
@@ -281,7 +227,7 @@ def test_garbage_annotations_keep_the_previous_revision(
         ), errors
         # A good file again: the sidecar follows it.
         pod.pin(b.rev, "v2")
-        proc.wait_until("B served", lambda: _serving(proc, b.rev))
+        proc.wait_until("B served", lambda: serving(proc, b.rev))
         assert tree_bytes(pod.current.resolve()) == b.files
         assert proc.stop() == 0
 

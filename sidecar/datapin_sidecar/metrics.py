@@ -258,6 +258,11 @@ class Metrics:
             ("state",),
             registry=node,
         )
+        if role == "agent":
+            for result in ("reached", "short", "error"):
+                self.gc_runs.labels(result)
+            for state in ("warm", "pending", "failed"):
+                self.prefetch.labels(state).set(0)
         self._known: set[str] = set()
         self._pins: dict[str, tuple[str, str]] = {}
 

@@ -20,16 +20,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from datapin_sidecar.annotations import ANNOTATION, format_downward_annotations
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.dvcremote import S3DvcFixture
+from tests.support.k8svolume import kubelet_update
 from tests.support.seaweed import free_ports
 
-__all__ = ["SidecarProcess"]
+__all__ = ["Pod", "SidecarProcess", "serving"]
 
 
 class SidecarProcess:
@@ -171,3 +175,56 @@ class SidecarProcess:
                     f"timed out after {timeout} s waiting for {what}:\n{self.output()[-4000:]}"
                 )
             time.sleep(0.05)
+
+
+class Pod:
+    """What kubelet gives one pod's sidecar: a uid, a Secret volume, an annotations volume."""
+
+    def __init__(self, root: Path, work: Path, fx: S3DvcFixture, endpoint: str) -> None:
+        self.uid = str(uuid.uuid4())
+        self.root = root
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.secret = work / f"secret-{self.uid[:8]}"
+        kubelet_update(
+            self.secret,
+            {"AWS_ACCESS_KEY_ID": fx.access_key, "AWS_SECRET_ACCESS_KEY": fx.secret_key},
+            "2026_11_22_00_00_00.1",
+        )
+        self.podinfo = work / f"podinfo-{self.uid[:8]}"
+        self.stamp = 0
+        self.dataset = {
+            "name": "images",
+            "remote": fx.remote_url,
+            "endpoint_url": endpoint,
+            "credentials_dir": str(self.secret),
+        }
+
+    def pin(self, rev: str, ref: str) -> None:
+        """Change the pod's annotations as kubelet does (atomic `..data` swap)."""
+        self.stamp += 1
+        pins = json.dumps({"images": {"pin": rev, "ref": ref}})
+        text = format_downward_annotations({ANNOTATION: pins, "team": "vision"})
+        kubelet_update(self.podinfo, {"annotations": text}, f"2026_11_22_00_00_{self.stamp:02d}.1")
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "pod_uid": self.uid,
+            "pod_name": f"train-{self.uid[:5]}",
+            "pod_namespace": "ml",
+            "node_name": "node-a",
+            "datasets": [self.dataset],
+            "annotations_file": str(self.podinfo / "annotations"),
+            "log_format": "json",
+            **extra,
+        }
+
+    @property
+    def current(self) -> Path:
+        return self.root / "workspaces" / self.uid / "images" / "current"
+
+
+def serving(proc: SidecarProcess, rev: str) -> bool:
+    serving = proc.status()["datasets"]["images"]["serving"]
+    return serving is not None and serving["pin"] == rev
