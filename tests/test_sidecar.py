@@ -26,7 +26,7 @@ from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.hashing import Layout, hash_file
 
 from tests.support.dvcremote import S3DvcFixture
-from tests.support.dvcrepo import tree_bytes
+from tests.support.dvcrepo import DvcFixture, tree_bytes
 from tests.support.faultproxy import FaultProxy
 from tests.support.k8svolume import kubelet_update
 from tests.support.seaweed import SeaweedServer
@@ -332,3 +332,33 @@ def test_two_bad_settings_give_two_lines(tmp_path: Path) -> None:
         "DATAPIN_JOBS",
         "DATAPIN_GC_INTERVAL_SECONDS",
     ], proc.output()
+
+
+def test_once_outside_kubernetes_with_pins_in_settings(
+    fs_dir: Path, tmp_path: Path, dvc3_fixture: DvcFixture
+) -> None:
+    """No annotations file, no pod uid: the dataset's `pin` and DATAPIN_WORKSPACE_DIR, and a DVC
+    directory remote, as the README shows. On a filesystem without reflinks too."""
+    settings = {
+        "root": str(fs_dir),
+        "workspace_dir": str(fs_dir / "me"),
+        "datasets": [{"name": "data", "remote": str(dvc3_fixture.remote), "pin": dvc3_fixture.rev}],
+        "log_format": "json",
+    }
+    proc = SidecarProcess("once", tmp_path, settings).start()
+    assert proc.wait(120) == 0, proc.output()
+    assert tree_bytes((fs_dir / "me" / "data" / "current").resolve()) == dvc3_fixture.files
+    lines = proc.log_lines()
+    assert any(line["msg"].startswith("published") and line["dataset"] == "data" for line in lines)
+
+
+def test_run_without_pins_says_how_to_give_them(tmp_path: Path) -> None:
+    settings = {
+        "workspace_dir": str(tmp_path / "ws"),
+        "root": str(tmp_path),
+        "datasets": [{"name": "data", "remote": str(tmp_path)}],
+    }
+    proc = SidecarProcess("run", tmp_path, settings).start()
+    assert proc.wait(30) == 2
+    assert "DATAPIN_ANNOTATIONS_FILE" in proc.termination_message()
+    assert "(no pin: data)" in proc.termination_message()
