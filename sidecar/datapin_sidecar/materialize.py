@@ -337,7 +337,10 @@ class _Run:
             )
 
         spare = self.ws.spare()
-        if spare is not None and self._spare_old_enough(spare[1]):
+        # A young spare is off limits (readers may still be in it), except when it already is
+        # the target: then the recycle renames it and edits nothing (a rollback).
+        target = tree_key(self.req.revision.md5, self.layout)
+        if spare is not None and (spare[0] == target or self._spare_old_enough(spare[1])):
             info = self.ws.info(spare[0])
             if usable(info):
                 return "spare", spare[1], info

@@ -49,6 +49,8 @@ class SidecarProcess:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(workdir),
             "LANG": "C.UTF-8",
+            # Whatever made `datapin_sidecar` importable for the tests must for the program too.
+            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
             "DATAPIN_HTTP_HOST": "127.0.0.1",
             "DATAPIN_HTTP_PORT": str(self.port),
             "DATAPIN_TERMINATION_MESSAGE_PATH": str(self.termination_path),
