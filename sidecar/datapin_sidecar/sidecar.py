@@ -40,7 +40,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .annotations import Pin, read_pins
@@ -417,11 +417,10 @@ class Outcome:
 
     code: int
     message: str = ""
-    failures: list[tuple[str, DatapinError]] = field(default_factory=list)
 
 
 def outcome_of(failures: list[tuple[str, DatapinError]]) -> Outcome:
     if not failures:
         return Outcome(0)
     message = "\n".join(f"dataset {name}: {exc}" for name, exc in failures)
-    return Outcome(failures[0][1].exit_code, message, failures)
+    return Outcome(failures[0][1].exit_code, message)
