@@ -2,16 +2,19 @@
 
 test_dashboard.py checks the dashboard against registries observed in-process, value by value.
 This test closes the loop with the programs themselves, configured as a pod and a DaemonSet
-are: after a cold materialise, a switch, a warm switch back and a second pod's warm start, every
-PromQL expression of the dashboard, evaluated through Prometheus's HTTP API for this node and
-dataset, returns a number, and the counters say what happened (misses on the cold start, hits
-on the warm one, bytes from the remote only once).
+are: after a cold materialise, a switch to a revision the agent prefetched, a switch back and a
+second pod's warm start, every PromQL expression of the dashboard, evaluated through
+Prometheus's HTTP API for this node and dataset, returns a number, and the counters say what
+happened (misses on the cold start, hits on the warm one, bytes from the remote only once).
 """
 
 from __future__ import annotations
 
 import secrets
 from pathlib import Path
+
+from datapin_sidecar.agent import prefetch_file_text
+from datapin_sidecar.settings import DatasetSettings
 
 from tests.support.dashboard import expand, load_dashboard, panel_queries
 from tests.support.dvcremote import S3DvcFixture
@@ -35,10 +38,17 @@ def test_prometheus_scrapes_sidecar_and_agent_and_every_panel_has_data(
     pod.pin(a.rev, "v1")
     warm_pod = Pod(xfs_dir, tmp_path / "pod2", a, fault_proxy.endpoint)
     warm_pod.pin(a.rev, "v1")
+    prefetch_file = tmp_path / "prefetch.json"
     agent = SidecarProcess(
         "agent",
         tmp_path,
-        {"root": str(xfs_dir), "gc_interval_seconds": "0.5", "log_format": "json"},
+        {
+            "root": str(xfs_dir),
+            "gc_interval_seconds": "0.5",
+            "prefetch_file": str(prefetch_file),
+            "prefetch_interval_seconds": "0.2",
+            "log_format": "json",
+        },
     )
     cold = SidecarProcess("run", tmp_path, pod.settings())
     warm = SidecarProcess("run", tmp_path, warm_pod.settings())
@@ -58,7 +68,13 @@ def test_prometheus_scrapes_sidecar_and_agent_and_every_panel_has_data(
         prometheus.wait_for(f"datapin_cache_miss_objects_total{{{sel}}} == 0", timeout=60)
         cold.wait_until("A published", lambda: cold.get("/readyz")[0] == 200)
         prometheus.wait_for(f"datapin_cache_miss_objects_total{{{sel}}} == {len(a.files)}")
-        # A switch to B and back: the way back is all cache hits.
+        # The agent prefetches B; the pod's switch to B then links B's new files from the
+        # cache (hits), and the way back to A reuses the retired tree.
+        entry = DatasetSettings.model_validate({**pod.dataset, "pin": b.rev, "ref": "v2"})
+        prefetch_file.write_text(prefetch_file_text([entry]))
+        agent.wait_until(
+            "B warm", lambda: agent.sample("datapin_prefetch_revisions", state="warm") == 1
+        )
         pod.pin(b.rev, "v2")
         cold.wait_until("B served", lambda: serving(cold, b.rev))
         pod.pin(a.rev, "v1")
@@ -69,7 +85,7 @@ def test_prometheus_scrapes_sidecar_and_agent_and_every_panel_has_data(
         warm.wait_until("warm pod ready", lambda: warm.get("/readyz")[0] == 200)
         assert fault_proxy.gets() == []
         hits = cold.sample("datapin_cache_hit_objects_total", dataset="images")
-        assert hits > 0, "the switch back to A must link cached objects"
+        assert hits > 0, "the switch to the prefetched B must link cached objects"
         prometheus.wait_for(
             f'datapin_cache_hit_objects_total{{{sel}, job="cold-{node}"}} == {hits}'
             f' and on() datapin_cache_hit_objects_total{{{sel}, job="warm-{node}"}}'
@@ -93,7 +109,10 @@ def test_prometheus_scrapes_sidecar_and_agent_and_every_panel_has_data(
                 f"sum(max_over_time(datapin_remote_fetched_bytes_total{{{sel}}}[10m]))"
             )[0]
         )
-        assert fetched == cold.sample("datapin_remote_fetched_bytes_total", dataset="images")
+        assert fetched == sum(  # the cold start's download and the agent's prefetch of B
+            proc.sample("datapin_remote_fetched_bytes_total", dataset="images")
+            for proc in (cold, agent)
+        )
         assert fetched > sum(len(v) for v in a.files.values())
         for proc in (warm, cold, agent):
             assert proc.stop() == 0, proc.output()[-2000:]
