@@ -244,7 +244,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise BadSettingsError(_problems(exc)) from None
+        raise BadSettingsError(problems(exc)) from None
     except SettingsError as exc:
         # pydantic-settings could not decode a complex value (DATAPIN_DATASETS) as JSON.
         cause = exc.__cause__
@@ -254,14 +254,18 @@ def load_settings(**overrides: Any) -> Settings:
         raise BadSettingsError([f"{name}: not valid JSON ({detail})"]) from None
 
 
-def _problems(exc: ValidationError) -> list[str]:
+def problems(exc: ValidationError, *, env_prefix: str = ENV_PREFIX) -> list[str]:
+    """One line per bad field: the variable, what is wrong, and the value given (cut short).
+
+    Shared with the operator's settings, which use the same prefix and conventions.
+    """
     lines = []
     for error in exc.errors(include_url=False):
         loc = [str(part) for part in error["loc"]]
         if not loc:
             lines.append(error["msg"].removeprefix("Value error, "))
             continue
-        name = ENV_PREFIX + loc[0].upper()
+        name = env_prefix + loc[0].upper()
         inner = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
         value = error.get("input")
         shown = ""

@@ -1,0 +1,132 @@
+"""Every error the operator raises on purpose.
+
+The hierarchy (in the style of httpx: one base, a branch per thing that went wrong)::
+
+    OperatorError                       base; `reason` is the Event/condition reason
+    ├── SettingsError                   DATAPIN_* settings of the operator fail validation
+    ├── RejectedError                   an object cannot be admitted (the webhook's answer)
+    │   ├── AnnotationError             malformed `datapin.dev/*` annotations
+    │   ├── UnknownDatasetError         the annotation names no Dataset in the namespace
+    │   ├── MountCollisionError         a mount path or volume name is already taken
+    │   └── SecretError                 a Secret a Dataset names is missing or lacks a key
+    ├── ResolutionError                 a revision cannot be turned into a pin
+    │   ├── UnknownRevisionError        not an md5, not a named revision, no git source
+    │   ├── GitError                    git failed (unreachable, auth, unknown ref)
+    │   └── PinReadError                the `.dvc`/`dvc.lock` at that commit has no such out
+    └── RemoteCheckError                the Dataset's remote cannot be reached or read
+
+Every message names the thing at fault and says how to fix it: the people reading them are
+looking at `kubectl apply`'s output, `kubectl describe` and Events, not at our source. The
+webhook answers any `OperatorError` with its message (a `ResolutionError` of a Job is a
+rejection too); controllers turn `reason` into condition reasons and Event reasons, so the
+reasons are CamelCase and stable. No message ever holds a Secret value: errors carry names of
+Secrets and keys, and git's stderr is redacted before it is kept.
+"""
+
+from __future__ import annotations
+
+
+class OperatorError(Exception):
+    """Base class: an error raised on purpose, with a message fit for users."""
+
+    reason = "Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SettingsError(OperatorError):
+    """The operator's `DATAPIN_*` settings fail validation: one line per bad field."""
+
+    reason = "BadSettings"
+
+
+class RejectedError(OperatorError):
+    """An object the webhook must not admit."""
+
+    reason = "Rejected"
+
+
+class AnnotationError(RejectedError):
+    """A `datapin.dev/*` annotation is malformed, unknown or inconsistent."""
+
+    reason = "BadAnnotation"
+
+    def __init__(self, *, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"annotation {key}: {problem}. Fix: {fix}")
+        self.key = key
+        self.problem = problem
+
+
+class UnknownDatasetError(RejectedError):
+    """The annotations name a Dataset that does not exist in the object's namespace."""
+
+    reason = "UnknownDataset"
+
+    def __init__(self, *, dataset: str, namespace: str, known: list[str]) -> None:
+        names = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"Dataset {dataset!r} does not exist in namespace {namespace!r} (Datasets there: "
+            f"{names}). Fix: create it (kubectl apply -f dataset.yaml -n {namespace}) or name "
+            "an existing one in datapin.dev/dataset"
+        )
+        self.dataset = dataset
+        self.namespace = namespace
+
+
+class MountCollisionError(RejectedError):
+    """A dataset's mount path (or a volume/container name datapin needs) is already taken."""
+
+    reason = "MountCollision"
+
+
+class SecretError(RejectedError):
+    """A Secret a Dataset names is missing, or lacks the keys it should hold."""
+
+    reason = "SecretNotFound"
+
+    def __init__(self, *, secret: str, namespace: str, problem: str, fix: str) -> None:
+        super().__init__(f"Secret {namespace}/{secret}: {problem}. Fix: {fix}")
+        self.secret = secret
+        self.namespace = namespace
+
+
+class ResolutionError(OperatorError):
+    """A revision cannot be resolved to a pin."""
+
+    reason = "Unresolvable"
+
+    def __init__(self, message: str, *, dataset: str = "", revision: str = "") -> None:
+        prefix = f"Dataset {dataset!r} revision {revision!r}: " if dataset else ""
+        super().__init__(prefix + message)
+        self.dataset = dataset
+        self.revision = revision
+
+
+class UnknownRevisionError(ResolutionError):
+    """Not an md5, not a named revision of the Dataset, and no git source to ask."""
+
+    reason = "UnknownRevision"
+
+
+class GitError(ResolutionError):
+    """git could not answer: the repository is unreachable, refuses us, or lacks the ref."""
+
+    reason = "GitFailed"
+
+
+class PinReadError(ResolutionError):
+    """The commit exists but its `.dvc` file or `dvc.lock` does not name the dataset's out."""
+
+    reason = "PinNotFound"
+
+
+class RemoteCheckError(OperatorError):
+    """The Dataset's remote cannot be reached, refuses the credentials, or lacks an object."""
+
+    reason = "RemoteUnreachable"
+
+    def __init__(self, message: str, *, reason: str = "RemoteUnreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
