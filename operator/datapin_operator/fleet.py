@@ -1,0 +1,198 @@
+"""The node agents: what they keep warm, and what they say they hold.
+
+Agents never talk to the API server (they run on every node, so their RBAC would be the
+cluster's widest). The operator writes, and the agents read files kubelet projects:
+
+* ConfigMap `<prefetch_configmap>` in the operator's namespace, one key per node,
+  `<node>.json` = `{"revisions": [<DatasetSettings with a pin>, ...]}` (the agent's
+  `DATAPIN_PREFETCH_FILE`, `agent.read_prefetch_list`). A node with nothing to prefetch has no
+  key; the agent reads a missing file as an empty list. Entries are named
+  `<namespace>.<dataset>` (namespaces hold no dots, so the name is unambiguous).
+* Secret `<agent_credentials_secret>`: a copy of each prefetched Dataset's key pair under
+  `<namespace>.<dataset>.access_key_id` / `.secret_access_key`, which the entries name through
+  `credentials_dir` + `access_key_id_file`/`secret_access_key_file`. The copy is needed because
+  a pod can only mount Secrets of its own namespace; it holds only Datasets with prefetch.
+
+Reports flow back by pull: the operator lists the agent pods and GETs each one's `/status`
+(`prefetch: {"<name>@<pin>": {"state": "warm"|"pending"|"failed", "last_error": ...}}`),
+cached for a few seconds so reconciling many Datasets costs one round.
+
+The lists are written only once every Dataset the operator knows of has been reconciled since
+start, so a restart never publishes a list that forgets another Dataset's revisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+from datapin_sidecar.settings import DatasetSettings
+
+from .kube import Kube
+from .models import NodePrefetch, PrefetchStatus, Remote
+from .remotecheck import RemoteKeys
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DatasetKey = tuple[str, str]  # (namespace, name)
+#: How long agent reports are reused across Datasets' reconciles.
+_REPORT_TTL: Final = 3.0
+
+
+def agent_name(namespace: str, dataset: str) -> str:
+    return f"{namespace}.{dataset}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefetchEntry:
+    """One revision of one Dataset to keep warm on some nodes."""
+
+    namespace: str
+    dataset: str
+    pin: str
+    layout: str
+    ref: str
+    remote: Remote
+    keys: RemoteKeys = field(repr=False)
+    nodes: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return agent_name(self.namespace, self.dataset)
+
+
+def render(
+    entries: Iterable[PrefetchEntry], *, credentials_dir: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(ConfigMap data, Secret data) for all entries: pure, deterministic."""
+    per_node: dict[str, list[dict[str, Any]]] = {}
+    secret: dict[str, str] = {}
+    for e in sorted(entries, key=lambda e: (e.namespace, e.dataset, e.pin)):
+        id_file, secret_file = f"{e.name}.access_key_id", f"{e.name}.secret_access_key"
+        secret[id_file] = e.keys.access_key_id
+        secret[secret_file] = e.keys.secret_access_key
+        item = DatasetSettings(
+            name=e.name,
+            remote=e.remote.url,
+            endpoint_url=e.remote.endpoint,
+            region=e.remote.region,
+            addressing=e.remote.addressing,
+            layout=e.layout,  # type: ignore[arg-type]
+            credentials_dir=credentials_dir,  # type: ignore[arg-type]
+            access_key_id_file=id_file,
+            secret_access_key_file=secret_file,
+            pin=e.pin,
+            ref=e.ref,
+        ).model_dump(mode="json", exclude_none=True)
+        for node in sorted(e.nodes):
+            per_node.setdefault(node, []).append(item)
+    data = {
+        f"{node}.json": json.dumps({"revisions": items}, sort_keys=True, separators=(",", ":"))
+        for node, items in per_node.items()
+    }
+    return data, secret
+
+
+class Fleet:
+    """The prefetch lists of all Datasets, and the agents' reports."""
+
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._entries: dict[DatasetKey, list[PrefetchEntry]] = {}
+        self._lock = asyncio.Lock()
+        self._reports: dict[str, dict[str, dict[str, str]]] = {}
+        self._agents: dict[str, str] = {}  # node -> agent pod phase
+        self._reports_at = -_REPORT_TTL
+
+    def set(self, key: DatasetKey, entries: list[PrefetchEntry]) -> None:
+        self._entries[key] = entries
+
+    def drop(self, key: DatasetKey) -> None:
+        self._entries.pop(key, None)
+
+    async def sync(self, known: Iterable[DatasetKey]) -> bool:
+        """Write the lists if every known Dataset has been seen; True if anything changed."""
+        waiting = set(known) - set(self._entries)
+        if waiting:
+            log.debug("prefetch list: waiting for %d Dataset(s) to reconcile", len(waiting))
+            return False
+        async with self._lock:
+            data, secret = render(
+                (e for entries in self._entries.values() for e in entries),
+                credentials_dir=self.settings.agent_credentials_dir,
+            )
+            ns = self.settings.namespace
+            # The Secret first: an agent must never read an entry whose keys are not there yet.
+            wrote = await self.kube.apply_secret(ns, self.settings.agent_credentials_secret, secret)
+            wrote |= await self.kube.apply_configmap(ns, self.settings.prefetch_configmap, data)
+            return wrote
+
+    async def reports(self) -> tuple[dict[str, str], dict[str, dict[str, dict[str, str]]]]:
+        """(node -> agent phase, node -> {"<name>@<pin>": {"state", "last_error"}})."""
+        now = time.monotonic()
+        if now - self._reports_at < _REPORT_TTL:
+            return self._agents, self._reports
+        pods = await self.kube.list_agent_pods(
+            self.settings.namespace, self.settings.agent_selector
+        )
+        agents = {p.node: p.phase for p in pods if p.node}
+        reports: dict[str, dict[str, dict[str, str]]] = {}
+        timeout = aiohttp.ClientTimeout(total=3)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+
+            async def one(node: str, ip: str) -> None:
+                url = f"http://{ip}:{self.settings.agent_port}/status"
+                try:
+                    async with http.get(url) as resp:
+                        body = await resp.json(content_type=None)
+                    reports[node] = dict(body.get("prefetch") or {})
+                except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+                    log.info("agent on %s (%s) did not report: %s", node, url, exc)
+
+            async with asyncio.TaskGroup() as tg:
+                for p in pods:
+                    if p.ip and p.node and p.phase == "Running":
+                        tg.create_task(one(p.node, p.ip))
+        self._agents, self._reports, self._reports_at = agents, reports, time.monotonic()
+        return agents, reports
+
+
+def summarise(
+    entries: list[PrefetchEntry],
+    *,
+    agents: Mapping[str, str],
+    reports: Mapping[str, Mapping[str, Mapping[str, str]]],
+) -> PrefetchStatus:
+    """One Dataset's progress: a node is warm when its agent reports every pin warm.
+
+    The nodes counted are those the selector chose *and* that run an agent: a node without
+    one can run no datapin pod, so it is not waited for.
+    """
+    targets = sorted({n for e in entries for n in e.nodes if n in agents})
+    nodes = []
+    for node in targets:
+        report = reports.get(node, {})
+        mine = [e for e in entries if node in e.nodes]
+        states = {e: report.get(f"{e.name}@{e.pin}", {}) for e in mine}
+        warm = sum(1 for s in states.values() if s.get("state") == "warm")
+        failed = [
+            f"{e.ref} ({e.pin}): {s.get('last_error') or 'failed'}"
+            for e, s in states.items()
+            if s.get("state") == "failed"
+        ]
+        nodes.append(NodePrefetch(node=node, warm=warm, total=len(mine), failed=failed))
+    warm_nodes = sum(1 for n in nodes if n.warm == n.total)
+    return PrefetchStatus(
+        summary=f"{warm_nodes}/{len(nodes)} nodes warm",
+        warm_nodes=warm_nodes,
+        total_nodes=len(nodes),
+        nodes=nodes,
+    )

@@ -1,0 +1,230 @@
+"""The kopf handlers: thin adapters from kopf's callbacks to the builders.
+
+`build_registry(app)` registers everything on a fresh `kopf.OperatorRegistry` (no module-level
+decorators, so tests run as many operators as they like, each with its own settings):
+
+* `datasets` index: (namespace, name) -> spec of every Dataset, which the webhook reads; kopf
+  fills indexes before it calls handlers.
+* Dataset reconcile on resume/create/spec update and every `resync_seconds`
+  (`Controller.reconcile` -> status patch + an Event per condition change); a DELETED event
+  drops the Dataset from the agents' prefetch lists.
+* Mutating webhooks for Job and Pod CREATE (`Admission.admit` -> the whole new object; kopf
+  diffs it into the JSONPatch). Rejections are `kopf.AdmissionError`s with our message, and
+  a Warning Event on the Dataset (when it exists) and on the Job.
+* Job ADDED events: a Normal `Injected` Event on each Job that carries pins and the sidecar.
+
+kopf's own progress is kept in annotations under `datapin.dev` (not in status, whose schema
+is ours), and of kopf's own log lines only warnings and errors become Events: every other
+Event is posted on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
+
+import kopf
+
+from .admission import Catalog
+from .errors import OperatorError
+from .inject import is_injected
+from .models import GROUP, PLURAL, VERSION
+from .requests import read_pins
+
+if TYPE_CHECKING:
+    from .main import App
+
+log = logging.getLogger(__name__)
+
+
+def build_registry(app: App) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    settings = app.settings
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return app.kube.connection_info()
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.scanning.disabled = True  # the CRD is installed by the chart, before us
+        # Our Events are posted explicitly (`kopf.event`); of kopf's own log lines only
+        # warnings and errors (a handler failing) become Events, not "Handler succeeded".
+        settings.posting.level = logging.WARNING
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="kopf.datapin.dev"
+        )
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="kopf.datapin.dev"
+        )
+        settings.persistence.finalizer = "datapin.dev/kopf-finalizer"
+        if app.webhook_server is not None:
+            settings.admission.server = app.webhook_server
+            settings.admission.managed = app.settings.webhook_configuration
+
+    @kopf.index(GROUP, VERSION, PLURAL, id="datasets", registry=registry)
+    def datasets(*, namespace: str | None, name: str, spec: Mapping[str, Any], **_: Any) -> Any:
+        return {(namespace, name): dict(spec)}
+
+    async def reconcile(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        outcome = await app.controller.reconcile(body, known=list(_index(kwargs)))
+        old = dict(body.get("status") or {})
+        for key in old:
+            if key not in outcome.status:
+                patch.status[key] = None  # e.g. prefetch removed from the spec
+        for key, value in outcome.status.items():
+            if old.get(key) != value:
+                patch.status[key] = value
+        for t in outcome.transitions:
+            kopf.event(
+                body,
+                type="Warning" if t.warning else "Normal",
+                reason=t.reason,
+                message=f"{t.type} is {t.status}: {t.message}",
+            )
+
+    # A failed reconcile (the API server briefly away) is retried at the resync pace, not
+    # kopf's default minute.
+    backoff = min(settings.resync_seconds, 10.0)
+    for decorator in (
+        kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", backoff=backoff, registry=registry),
+        kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", backoff=backoff, registry=registry),
+        kopf.on.update(
+            GROUP, VERSION, PLURAL, id="reconcile", field="spec", backoff=backoff, registry=registry
+        ),
+        kopf.timer(
+            GROUP,
+            VERSION,
+            PLURAL,
+            id="resync",
+            interval=settings.resync_seconds,
+            initial_delay=settings.resync_seconds,
+            backoff=backoff,
+            registry=registry,
+        ),
+    ):
+        decorator(reconcile)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def deleted(
+        *,
+        event: Mapping[str, Any],
+        namespace: str | None,
+        name: str,
+        **kwargs: Any,
+    ) -> None:
+        datasets = _index(kwargs)
+        if event.get("type") == "DELETED" and namespace is not None:
+            await app.controller.forget(
+                (namespace, name), known=[k for k in datasets if k != (namespace, name)]
+            )
+
+    if settings.webhook_mode != "off":
+        _register_webhooks(app, registry)
+
+    @kopf.on.event("batch", "v1", "jobs", registry=registry)
+    def injected(*, event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+        if event.get("type") != "ADDED":
+            return  # the initial listing and later changes: already told, or not news
+        template = (body.get("spec") or {}).get("template") or {}
+        if not is_injected(template):
+            return
+        try:
+            pins = read_pins(body.metadata.annotations) or {}
+        except OperatorError:
+            return
+        shown = ", ".join(f"{p.dataset}={p.ref} ({p.pin})" for p in pins.values())
+        kopf.event(body, type="Normal", reason="Injected", message=f"datapin pinned {shown}")
+
+    return registry
+
+
+def _register_webhooks(app: App, registry: kopf.OperatorRegistry) -> None:
+    async def mutate(
+        *,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        dryrun: bool,
+        **kwargs: Any,
+    ) -> None:
+        namespace = body.metadata.namespace or "default"
+        catalog = Catalog.from_index(_index(kwargs))
+        try:
+            admitted = await app.admission.admit(body, namespace=namespace, catalog=catalog)
+        except OperatorError as exc:
+            if not dryrun:
+                _reject_events(app, catalog, body, namespace, exc)
+            raise kopf.AdmissionError(exc.message, code=400) from None
+        if admitted is None:
+            return
+        new = admitted.obj
+
+        def become(obj: Any) -> None:
+            obj.clear()
+            obj.update(json.loads(json.dumps(new)))
+
+        patch.fns.append(become)
+
+    kopf.on.mutate("batch", "v1", "jobs", id="jobs", operations=["CREATE"], registry=registry)(
+        mutate
+    )
+    kopf.on.mutate(
+        "",
+        "v1",
+        "pods",
+        id="pods",
+        operations=["CREATE"],
+        ignore_failures=app.settings.pod_failure_policy == "Ignore",
+        registry=registry,
+    )(mutate)
+
+
+def _reject_events(
+    app: App, catalog: Catalog, body: kopf.Body, namespace: str, exc: OperatorError
+) -> None:
+    """Warning Events on the Dataset (if it exists) and on the Job, posted in the background
+    so the answer to the API server does not wait for them."""
+    kind = body.get("kind") or "object"
+    meta = body.get("metadata") or {}
+    who = meta.get("name") or f"{meta.get('generateName') or ''}*"
+    posts = []
+    dataset = getattr(exc, "dataset", None)
+    if dataset and catalog.get(namespace, dataset) is not None:
+        ref = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Dataset",
+            "metadata": {"name": dataset, "namespace": namespace},
+        }
+        message = f"{kind} {namespace}/{who} rejected: {exc.message}"
+        posts.append(
+            app.kube.post_event(ref, type_="Warning", reason="AdmissionRejected", message=message)
+        )
+    if meta.get("name") and kind == "Job":
+        job = {**dict(body), "metadata": {**meta, "namespace": namespace}}
+        posts.append(
+            app.kube.post_event(job, type_="Warning", reason="InjectionFailed", message=exc.message)
+        )
+    for post in posts:
+        task = asyncio.create_task(_logged(post))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+
+#: Event posts in flight (a task with no reference may be collected before it runs).
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+async def _logged(post: Coroutine[Any, Any, None]) -> None:
+    try:
+        await post
+    except Exception as exc:  # an Event is best effort; the answer went out already
+        log.warning("could not post an Event: %s", exc)
+
+
+def _index(kwargs: Mapping[str, Any]) -> kopf.Index[Any, Any]:
+    """The `datasets` index kopf passes by name (not part of its callback protocols)."""
+    index: kopf.Index[Any, Any] = kwargs["datasets"]
+    return index

@@ -1,0 +1,170 @@
+"""`datapin-operator`: the program the chart's Deployment runs, and its helpers.
+
+    datapin-operator run        the operator: Dataset controller + mutating webhook
+                                (DATAPIN_WEBHOOK_MODE=cluster behind the webhook Service)
+    datapin-operator dev        the same from a laptop against any cluster: the webhook is
+                                served on 127.0.0.1 with a self-signed certificate, and a
+                                MutatingWebhookConfiguration pointing at that URL is kept
+                                current (the cluster's API server must reach this address)
+    datapin-operator crd        print the Dataset CRD (generated from the models)
+    datapin-operator rbac       print the least-privilege RBAC manifests
+    datapin-operator settings   print every DATAPIN_* setting with its default
+
+`main()` is the app factory: it reads the environment once into `Settings`, builds the API
+client, git source, resolver, fleet, controller and admission (`App`), hands them to the kopf
+registry, and runs kopf until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly, 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+import yaml
+from datapin_sidecar.logs import configure_logging
+
+from .admission import Admission
+from .certs import DevWebhookServer, ServiceWebhookServer
+from .controller import Controller
+from .crd import crd_yaml
+from .errors import SettingsError
+from .fleet import Fleet
+from .gitsource import GitSource
+from .handlers import build_registry
+from .kube import Kube
+from .rbac import build_rbac
+from .resolve import Resolver
+from .settings import Settings, describe, load_settings
+
+log = logging.getLogger("datapin_operator")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class App:
+    """Everything the handlers use, built once."""
+
+    settings: Settings
+    kube: Kube
+    controller: Controller
+    admission: Admission
+    webhook_server: Any  # a kopf webhook server, or None when the webhook is off
+
+
+def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
+    """The app factory (tests call it with settings of their own)."""
+    kube = kube or Kube.from_settings(settings)
+    git = GitSource(
+        cache_dir=settings.git_cache_dir,
+        timeout=settings.git_timeout_seconds,
+        ref_ttl=settings.git_ref_ttl_seconds,
+    )
+    resolver = Resolver(git)
+    fleet = Fleet(kube, settings)
+    return App(
+        settings=settings,
+        kube=kube,
+        controller=Controller(settings=settings, kube=kube, resolver=resolver, fleet=fleet),
+        admission=Admission(settings=settings, secrets=kube.get_secret, resolver=resolver),
+        webhook_server=webhook_server(settings),
+    )
+
+
+def webhook_server(settings: Settings) -> Any:
+    if settings.webhook_mode == "off":
+        return None
+    if settings.webhook_mode == "dev":
+        return DevWebhookServer(
+            addr=settings.webhook_host,
+            port=settings.webhook_port or None,
+            host=settings.webhook_host,
+        )
+    return ServiceWebhookServer(
+        service=settings.webhook_service,
+        namespace=settings.namespace,
+        port=settings.webhook_port,
+        certfile=settings.webhook_cert_file,
+        pkeyfile=settings.webhook_key_file,
+        cafile=settings.webhook_ca_file,
+    )
+
+
+async def run(app: App, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    """Run kopf with the app's handlers until `stop` is set."""
+    registry = build_registry(app)
+    await kopf.operator(
+        registry=registry,
+        clusterwide=True,
+        standalone=True,
+        stop_flag=stop,
+        ready_flag=ready,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datapin-operator",
+        description="The datapin operator: Datasets, revision pins, sidecar injection.",
+    )
+    parser.add_argument(
+        "command", choices=["run", "dev", "crd", "rbac", "settings"], help="what to do"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `datapin-operator` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "settings":
+        sys.stdout.write(describe())
+        return 0
+    if args.command == "crd":
+        sys.stdout.write(crd_yaml())
+        return 0
+    overrides: dict[str, Any] = {"webhook_mode": "dev"} if args.command == "dev" else {}
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"datapin-operator: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "rbac":
+        rbac = build_rbac(
+            namespace=settings.namespace,
+            webhook_configuration=settings.webhook_configuration,
+            prefetch_configmap=settings.prefetch_configmap,
+            agent_credentials_secret=settings.agent_credentials_secret,
+        )
+        sys.stdout.write(yaml.safe_dump_all(rbac, sort_keys=False))
+        return 0
+    configure_logging(
+        fmt=settings.log_format, level=settings.log_level, static={"mode": "operator"}
+    )
+    app = build_app(settings)
+    try:
+        asyncio.run(_run_until_signalled(app))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        app.kube.close()
+    return 0
+
+
+async def _run_until_signalled(app: App) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "datapin operator starting (namespace %s, webhook %s)",
+        app.settings.namespace,
+        app.settings.webhook_mode,
+    )
+    await run(app, stop=stop)
