@@ -126,6 +126,7 @@ async def test_dataset_lifecycle_conditions_prefetch_and_events(
         agent_port=agent.port,
         agent_credentials_dir=str(credentials_dir),
         git_cache_dir=tmp_path / "git-cache",
+        git_allow_protocols=["file"],  # the test repositories are local
         git_ref_ttl_seconds=0,
     )
     dataset = _dataset(
@@ -241,6 +242,7 @@ async def test_wrong_keys_and_unpushed_revisions_are_reported_with_a_fix(
         webhook_mode="off",
         resync_seconds=1,
         git_cache_dir=tmp_path / "git-cache",
+        git_allow_protocols=["file"],  # the test repositories are local
     )
     await api.create(
         "v1/secrets",

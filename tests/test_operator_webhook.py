@@ -139,6 +139,7 @@ async def world(
         webhook_port=free_ports(1)[0],
         resync_seconds=30,
         git_cache_dir=tmp_path / "git-cache",
+        git_allow_protocols=["file"],  # the test repositories are local
         git_ref_ttl_seconds=0,
         sidecar_image="ghcr.io/datapin/datapin:test",
     )

@@ -149,6 +149,14 @@ class Admission:
                     "`ssh-privatekey` for ssh",
                 )
             credentials = GitCredentials.from_secret_data(data)
+            if credentials.is_empty:
+                raise SecretError(
+                    secret=name,
+                    namespace=namespace,
+                    problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
+                    fix="add `username` and `password` (or `token`) for https, or "
+                    "`ssh-privatekey` for ssh",
+                )
         resolved = await self.resolver.resolve(
             dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
         )

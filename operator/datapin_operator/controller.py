@@ -166,6 +166,16 @@ class Controller:
                         "or `ssh-privatekey` for ssh",
                     )
                 )
+            elif GitCredentials.from_secret_data(data).is_empty:
+                errors.append(
+                    SecretError(
+                        secret=git_secret,
+                        namespace=namespace,
+                        problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
+                        fix="add `username` and `password` (or `token`) for https, or "
+                        "`ssh-privatekey` for ssh",
+                    )
+                )
             else:
                 credentials = GitCredentials.from_secret_data(data)
         before = {

@@ -65,6 +65,7 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
         cache_dir=settings.git_cache_dir,
         timeout=settings.git_timeout_seconds,
         ref_ttl=settings.git_ref_ttl_seconds,
+        allow_protocols=tuple(settings.git_allow_protocols),
     )
     resolver = Resolver(git)
     fleet = Fleet(kube, settings)

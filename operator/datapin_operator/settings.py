@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         description="How long a tag/branch -> commit answer is reused. Admitted Jobs keep "
         "their pins forever; this only bounds how fast a moved tag reaches new Jobs.",
     )
+    git_allow_protocols: list[Literal["https", "http", "ssh", "git", "file"]] = Field(
+        default=["https", "http", "ssh", "git"],
+        description="git transports a Dataset's spec.source.repo may use. `file` lets "
+        "Dataset authors read repositories on the operator's own filesystem: enable it only "
+        "for local development and tests.",
+    )
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="auto: JSON lines unless stderr is a TTY."
     )
