@@ -865,5 +865,10 @@ class FaultProxy:
         if rule.kind == "reset":
             _abort_rst(writer)
         else:
+            # A pause before the FIN: aiohttp raises a payload error as soon as it sees the
+            # close, dropping body bytes it had buffered but not yet handed out, so without it
+            # where a resume starts would depend on the client's scheduling (seen once in CI on
+            # a loaded machine: a resume from 0 instead of from the cut).
+            await asyncio.sleep(0.2)
             writer.close()
         raise ConnectionAbortedError(f"{rule.kind} injected")
