@@ -25,11 +25,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SecretError, UnknownDatasetError
-from .gitsource import GitCredentials
+from .errors import UnknownDatasetError
 from .inject import DatasetMount, inject, is_injected
 from .models import DatasetSpec
-from .remotecheck import keys_from_secret
+from .remotecheck import git_credentials_from_secret, keys_from_secret
 from .requests import PinRecord, Request, format_pins, parse_request, read_pins
 from .resolve import Resolver
 from .settings import Settings
@@ -139,24 +138,9 @@ class Admission:
         credentials = None
         if spec.source is not None and spec.source.credentials_secret_ref is not None:
             name = spec.source.credentials_secret_ref.name
-            data = await self.secrets(namespace, name)
-            if data is None:
-                raise SecretError(
-                    secret=name,
-                    namespace=namespace,
-                    problem=f"does not exist (Dataset {dataset!r} names it for git)",
-                    fix="create it with `username` and `password` (or `token`) for https, or "
-                    "`ssh-privatekey` for ssh",
-                )
-            credentials = GitCredentials.from_secret_data(data)
-            if credentials.is_empty:
-                raise SecretError(
-                    secret=name,
-                    namespace=namespace,
-                    problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
-                    fix="add `username` and `password` (or `token`) for https, or "
-                    "`ssh-privatekey` for ssh",
-                )
+            credentials = git_credentials_from_secret(
+                await self.secrets(namespace, name), secret=name, namespace=namespace
+            )
         resolved = await self.resolver.resolve(
             dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
         )

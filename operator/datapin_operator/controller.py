@@ -26,10 +26,9 @@ from pydantic import ValidationError
 
 from .errors import OperatorError, RemoteCheckError, ResolutionError, SecretError
 from .fleet import DatasetKey, Fleet, PrefetchEntry, summarise
-from .gitsource import GitCredentials
 from .kube import Kube
 from .models import DatasetSpec, PrefetchStatus, ResolvedRevision
-from .remotecheck import RemoteKeys, check_remote, keys_from_secret
+from .remotecheck import RemoteKeys, check_remote, git_credentials_from_secret, keys_from_secret
 from .resolve import Resolver
 from .settings import Settings
 from .status import Observation, Transition, build_status, transitions
@@ -155,29 +154,14 @@ class Controller:
         credentials = None
         if spec.source is not None and spec.source.credentials_secret_ref is not None:
             git_secret = spec.source.credentials_secret_ref.name
-            data = await self.kube.get_secret(namespace, git_secret)
-            if data is None:
-                errors.append(
-                    SecretError(
-                        secret=git_secret,
-                        namespace=namespace,
-                        problem="does not exist (spec.source.credentialsSecretRef names it)",
-                        fix="create it with `username` and `password` (or `token`) for https, "
-                        "or `ssh-privatekey` for ssh",
-                    )
+            try:
+                credentials = git_credentials_from_secret(
+                    await self.kube.get_secret(namespace, git_secret),
+                    secret=git_secret,
+                    namespace=namespace,
                 )
-            elif GitCredentials.from_secret_data(data).is_empty:
-                errors.append(
-                    SecretError(
-                        secret=git_secret,
-                        namespace=namespace,
-                        problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
-                        fix="add `username` and `password` (or `token`) for https, or "
-                        "`ssh-privatekey` for ssh",
-                    )
-                )
-            else:
-                credentials = GitCredentials.from_secret_data(data)
+            except SecretError as exc:
+                errors.append(exc)
         before = {
             (r.get("ref"), r.get("pin")): r.get("resolvedAt")
             for r in (previous or {}).get("resolved", []) or []

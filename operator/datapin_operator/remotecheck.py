@@ -8,6 +8,9 @@ authorised; a wrong key, a missing bucket or a wrong region are distinct errors)
 resolved pin's `.dir` is looked up in its layout, so a tag whose data was never `dvc push`ed
 shows as not Resolved before any Job asks for it.
 
+`git_credentials_from_secret` is the same check for the git Secret of `spec.source`, shared
+by the webhook and the controller.
+
 Keys are taken from the Secret's data (the names the Dataset gives, else the AWS and B2 names
 the sidecar also accepts) and live only in memory for the duration of the check.
 """
@@ -32,6 +35,7 @@ from datapin_sidecar.s3config import (
 )
 
 from .errors import RemoteCheckError, SecretError
+from .gitsource import GitCredentials
 from .models import CredentialsSecretRef, Remote
 
 #: A `.dir` no one can have pushed: its absence proves the request was accepted.
@@ -93,6 +97,29 @@ def keys_from_secret(
         id_key=id_key,
         secret_key=secret_key,
     )
+
+
+def git_credentials_from_secret(
+    data: Mapping[str, str] | None, *, secret: str, namespace: str
+) -> GitCredentials:
+    """The git credentials in a Secret's data, or a `SecretError` naming what is missing."""
+    fix = "`username` and `password` (or `token`) for https, or `ssh-privatekey` for ssh"
+    if data is None:
+        raise SecretError(
+            secret=secret,
+            namespace=namespace,
+            problem="does not exist (spec.source.credentialsSecretRef names it)",
+            fix=f"create it with {fix}",
+        )
+    credentials = GitCredentials.from_secret_data(data)
+    if credentials.is_empty:
+        raise SecretError(
+            secret=secret,
+            namespace=namespace,
+            problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
+            fix=f"add {fix}",
+        )
+    return credentials
 
 
 async def check_remote(
