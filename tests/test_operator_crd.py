@@ -414,6 +414,7 @@ def test_rbac_writes_only_named_objects_except_create() -> None:
         "webhook_configuration": "hooks.example",
         "prefetch_configmap": "pf",
         "agent_credentials_secret": "creds",
+        "webhook_tls_secret": "tls",
     }
     rules = rbac.cluster_rules(**names) + rbac.namespace_rules(**names)
     named_kinds = {"mutatingwebhookconfigurations", "configmaps", "secrets"}
@@ -425,7 +426,7 @@ def test_rbac_writes_only_named_objects_except_create() -> None:
             assert rule["verbs"] == ["create"], rule
             assert "resourceNames" not in rule, rule
         else:
-            assert rule["resourceNames"] in (["hooks.example"], ["pf"], ["creds"]), rule
+            assert rule["resourceNames"] in (["hooks.example"], ["pf"], ["creds"], ["tls"]), rule
 
 
 def test_rbac_grants_what_the_operator_does() -> None:
@@ -450,13 +451,13 @@ def test_rbac_grants_what_the_operator_does() -> None:
         "list",
         "watch",
     }
+    # The chart creates the webhook configuration; the operator only keeps its caBundle.
     assert verbs(cluster, "admissionregistration.k8s.io", "mutatingwebhookconfigurations") == {
         "get",
-        "list",
-        "watch",
-        "create",
         "patch",
     }
+    assert verbs(cluster, "kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
+    assert verbs(own, "", "secrets") == {"get", "create", "patch", "update"}
     assert verbs(own, "", "pods") == {"get", "list", "watch"}
     assert verbs(own, "", "configmaps") == {"get", "create", "patch", "update"}
     assert verbs(own + cluster, "coordination.k8s.io", "leases") == set()

@@ -9,7 +9,10 @@ The flow, for a Job (a Pod is the same with the Pod as its own template):
    This is what makes a Job's pin immutable: the Job controller copies the template, pins
    included, into every Pod, and the Pod webhook never resolves again, so every Pod of the Job
    sees the same bytes even if the tag moved in between.
-4. Otherwise each dataset is looked up among the namespace's Datasets, its Secret is checked
+4. Otherwise each dataset is looked up among the namespace's Datasets (listed fresh from the
+   API server for each admission: with several replicas only one has kopf's watches running,
+   and a webhook answering from a stale copy would pin to an old named revision or reject a
+   Dataset created a second ago), its Secret is checked
    for a key pair (a pod whose sidecar cannot authenticate would fail after scheduling, far
    from the user's `kubectl apply`), and its revision is resolved (`resolve.py`).
 5. `inject.py` builds the new pod template; the pins go on the Job and on the template.
@@ -35,6 +38,8 @@ from .settings import Settings
 
 #: (namespace, name) -> the Secret's data as text, or None if it does not exist.
 SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
+#: namespace -> the Datasets there, name -> spec.
+DatasetLister = Callable[[str], Awaitable[Mapping[str, Mapping[str, Any]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +49,9 @@ class Catalog:
     specs: Mapping[tuple[str, str], Mapping[str, Any]]
 
     @classmethod
-    def from_index(cls, index: Mapping[Any, Any]) -> Catalog:
-        """From kopf's `datasets` index, whose values are stores of one spec each."""
-        specs = {}
-        for key in index:
-            store = index.get(key)
-            spec = next(iter(store), None) if store is not None else None
-            if spec is not None:
-                specs[key] = spec
-        return cls(specs)
+    def of(cls, namespace: str, specs: Mapping[str, Mapping[str, Any]]) -> Catalog:
+        """The Datasets of one namespace, name -> spec."""
+        return cls({(namespace, name): spec for name, spec in specs.items()})
 
     def get(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         return self.specs.get((namespace, name))
@@ -80,15 +79,15 @@ class Admission:
         *,
         settings: Settings,
         secrets: SecretReader,
+        datasets: DatasetLister,
         resolver: Resolver,
     ) -> None:
         self.settings = settings
         self.secrets = secrets
+        self.datasets = datasets
         self.resolver = resolver
 
-    async def admit(
-        self, obj: Mapping[str, Any], *, namespace: str, catalog: Catalog
-    ) -> Admitted | None:
+    async def admit(self, obj: Mapping[str, Any], *, namespace: str) -> Admitted | None:
         """The mutated object, or None when it is not ours or already done."""
         new = copy.deepcopy(dict(obj))
         template = _template(new)
@@ -98,6 +97,7 @@ class Admission:
         request = parse_request(merged, mount_root=self.settings.mount_root)
         if request is None or is_injected(template):
             return None
+        catalog = Catalog.of(namespace, await self.datasets(namespace))
         recorded = read_pins(own) or read_pins(tmpl_annotations)
         if recorded is not None and set(request.datasets) <= set(recorded):
             pins = tuple(recorded[d] for d in request.datasets)

@@ -64,12 +64,17 @@ def _split(hostnames: Sequence[str]) -> tuple[list[str], list[IPAddress]]:
 
 
 def self_signed(
-    hostnames: Sequence[str], *, days: int = 365, password: str | None = None
+    hostnames: Sequence[str],
+    *,
+    days: int = 365,
+    password: str | None = None,
+    now: datetime.datetime | None = None,
 ) -> tuple[bytes, bytes]:
     """A self-signed CA+server certificate for `hostnames`, as (certificate PEM, key PEM).
 
     DNS names and IP addresses become SANs of their kind; the CommonName is the first DNS name
     (else the first IP). `password` encrypts the key (kopf passes its server's password).
+    Valid from `now` (default: the clock) minus a few minutes, for `days`.
     """
     names, ips = _split(hostnames)
     if not names and not ips:
@@ -82,7 +87,7 @@ def self_signed(
     common = [name for name in names if len(name) <= _MAX_CN] + [str(ip) for ip in ips]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common[0])] if common else [])
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
     sans += [x509.IPAddress(ip) for ip in ips]
     certificate = (

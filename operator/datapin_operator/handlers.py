@@ -3,8 +3,10 @@
 `build_registry(app)` registers everything on a fresh `kopf.OperatorRegistry` (no module-level
 decorators, so tests run as many operators as they like, each with its own settings):
 
-* `datasets` index: (namespace, name) -> spec of every Dataset, which the webhook reads; kopf
-  fills indexes before it calls handlers.
+* `datasets` index: (namespace, name) -> spec of every Dataset, which the controller uses for
+  the agents' prefetch lists (kopf fills indexes before it calls handlers). The webhook does
+  not: it lists the namespace's Datasets itself, because with kopf peering the standby
+  replicas' watches are paused and their index goes stale, while they still serve webhooks.
 * Dataset reconcile on resume/create/spec update and every `resync_seconds`
   (`Controller.reconcile` -> status patch + an Event per condition change); a DELETED event
   drops the Dataset from the agents' prefetch lists.
@@ -28,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import kopf
 
-from .admission import Catalog
-from .errors import OperatorError
+from .errors import OperatorError, UnknownDatasetError
 from .inject import is_injected
 from .models import GROUP, PLURAL, VERSION
 from .requests import read_pins
@@ -63,7 +64,11 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         settings.persistence.finalizer = "datapin.dev/kopf-finalizer"
         if app.webhook_server is not None:
             settings.admission.server = app.webhook_server
-            settings.admission.managed = app.settings.webhook_configuration
+            # In a cluster the chart owns the configuration (helm uninstall removes it, and a
+            # stopping replica must not strip the webhooks the others still serve); from a
+            # laptop (dev) kopf keeps one pointing at this process and removes it on exit.
+            if app.settings.webhook_mode == "dev":
+                settings.admission.managed = app.settings.webhook_configuration
 
     @kopf.index(GROUP, VERSION, PLURAL, id="datasets", registry=registry)
     def datasets(*, namespace: str | None, name: str, spec: Mapping[str, Any], **_: Any) -> Any:
@@ -148,15 +153,14 @@ def _register_webhooks(app: App, registry: kopf.OperatorRegistry) -> None:
         body: kopf.Body,
         patch: kopf.Patch,
         dryrun: bool,
-        **kwargs: Any,
+        **_: Any,
     ) -> None:
         namespace = body.metadata.namespace or "default"
-        catalog = Catalog.from_index(_index(kwargs))
         try:
-            admitted = await app.admission.admit(body, namespace=namespace, catalog=catalog)
+            admitted = await app.admission.admit(body, namespace=namespace)
         except OperatorError as exc:
             if not dryrun:
-                _reject_events(app, catalog, body, namespace, exc)
+                _reject_events(app, body, namespace, exc)
             raise kopf.AdmissionError(exc.message, code=400) from None
         if admitted is None:
             return
@@ -182,9 +186,7 @@ def _register_webhooks(app: App, registry: kopf.OperatorRegistry) -> None:
     )(mutate)
 
 
-def _reject_events(
-    app: App, catalog: Catalog, body: kopf.Body, namespace: str, exc: OperatorError
-) -> None:
+def _reject_events(app: App, body: kopf.Body, namespace: str, exc: OperatorError) -> None:
     """Warning Events on the Dataset (if it exists) and on the Job, posted in the background
     so the answer to the API server does not wait for them."""
     kind = body.get("kind") or "object"
@@ -192,7 +194,7 @@ def _reject_events(
     who = meta.get("name") or f"{meta.get('generateName') or ''}*"
     posts = []
     dataset = getattr(exc, "dataset", None)
-    if dataset and catalog.get(namespace, dataset) is not None:
+    if dataset and not isinstance(exc, UnknownDatasetError):
         ref = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Dataset",

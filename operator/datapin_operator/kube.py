@@ -10,7 +10,13 @@ kubeconfig (the laptop development mode), or a bare URL (tests against kmock).
 
 Writes are "apply if different": read, compare, then create or merge-patch. The patch carries
 the resourceVersion read, so two operator replicas racing cannot silently undo each other: the
-loser gets 409 and its next reconcile retries.
+loser gets 409 (`Conflict` where the caller must know) and retries. Patches always name their
+content type (`application/merge-patch+json`): the generated client would otherwise send a
+dict as a JSON Patch, which a real API server refuses.
+
+Also here: the webhook certificate Secret (`webhooktls.py`), the caBundle of the chart's
+webhook configuration, and the Datasets of a namespace, read fresh for each admission so that
+every replica (kopf peering pauses the watches of all but one) answers alike.
 """
 
 from __future__ import annotations
@@ -28,10 +34,27 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
+from .models import GROUP, PLURAL, VERSION
 from .settings import Settings
 
 #: Who wrote an object: the label on everything the operator creates.
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "datapin-operator"}
+
+
+#: The patch type of every write: a JSON merge patch (RFC 7386).
+MERGE_PATCH: Final = "application/merge-patch+json"
+
+
+class Conflict(Exception):  # noqa: N818 - a condition callers branch on, not a failure
+    """The object changed (or appeared) since it was read: re-read and decide again."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecretRead:
+    """A Secret's data as text, and the resourceVersion it was read at."""
+
+    data: dict[str, str]
+    resource_version: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +78,8 @@ class Kube:
         self.api = api
         # Any: the client's models are optional-everywhere; we read what the API guarantees.
         self.core: Any = kubernetes.client.CoreV1Api(api)
+        self.admission: Any = kubernetes.client.AdmissionregistrationV1Api(api)
+        self.custom: Any = kubernetes.client.CustomObjectsApi(api)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Kube:
@@ -98,6 +123,11 @@ class Kube:
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded as UTF-8 text; None if it does not exist."""
+        read = await self.read_secret(namespace, name)
+        return None if read is None else read.data
+
+    async def read_secret(self, namespace: str, name: str) -> SecretRead | None:
+        """The Secret's text data and resourceVersion; None if it does not exist."""
         try:
             secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
         except ApiException as exc:
@@ -110,7 +140,18 @@ class Kube:
                 data[key] = base64.b64decode(value, validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 continue  # a binary key cannot be a key id or a password: ignore it
-        return data
+        return SecretRead(data=data, resource_version=str(secret.metadata.resource_version))
+
+    async def list_datasets(self, namespace: str) -> dict[str, dict[str, Any]]:
+        """The Datasets of `namespace`: name -> spec."""
+        listed: Any = await asyncio.to_thread(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
+        )
+        return {
+            item["metadata"]["name"]: dict(item.get("spec") or {})
+            for item in listed.get("items") or []
+            if not (item.get("metadata") or {}).get("deletionTimestamp")
+        }
 
     async def list_nodes(self, selector: Mapping[str, str]) -> list[NodeInfo]:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
@@ -179,8 +220,7 @@ class Kube:
 
     async def apply_secret(self, namespace: str, name: str, data: Mapping[str, str]) -> bool:
         """Make the Secret hold exactly `data` (given as text); True if anything was written."""
-        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-        return await self._apply("secret", namespace, name, encoded, encode=True)
+        return await self._apply("secret", namespace, name, _encoded(data), encode=True)
 
     async def _apply(
         self, kind: str, namespace: str, name: str, data: dict[str, str], *, encode: bool
@@ -214,8 +254,84 @@ class Kube:
             "data": {**{k: None for k in old if k not in data}, **data},
         }
         update = getattr(self.core, f"patch_namespaced_{kind}")
-        await asyncio.to_thread(update, name, namespace, patch)
+        await asyncio.to_thread(update, name, namespace, patch, _content_type=MERGE_PATCH)
         return True
+
+    # -- the webhook's certificate ----------------------------------------------------------
+
+    async def create_tls_secret(self, namespace: str, name: str, data: Mapping[str, str]) -> None:
+        """Create a `kubernetes.io/tls` Secret; `Conflict` if it exists already."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
+            "type": "kubernetes.io/tls",
+            "data": _encoded(data),
+        }
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(name) from None
+            raise
+
+    async def write_tls_secret(
+        self, namespace: str, name: str, data: Mapping[str, str], *, resource_version: str
+    ) -> None:
+        """Replace the Secret's data if it is still at `resource_version`, else `Conflict`."""
+        patch = {"metadata": {"resourceVersion": resource_version}, "data": _encoded(data)}
+        try:
+            await asyncio.to_thread(
+                self.core.patch_namespaced_secret, name, namespace, patch,
+                _content_type=MERGE_PATCH,
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status in {404, 409}:
+                raise Conflict(name) from None
+            raise
+
+    async def set_ca_bundle(self, configuration: str, ca_bundle: str) -> bool:
+        """Make every webhook of the MutatingWebhookConfiguration trust `ca_bundle` (base64);
+        True if it was written. The whole `webhooks` list is sent (a merge patch replaces
+        lists), with the resourceVersion read as precondition (helm may be upgrading it)."""
+        for _ in range(3):
+            try:
+                current: Any = await asyncio.to_thread(
+                    self.admission.read_mutating_webhook_configuration, configuration
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise LookupError(
+                        f"MutatingWebhookConfiguration {configuration} does not exist; the "
+                        "chart creates it. Fix: `helm upgrade` the datapin release, or set "
+                        "DATAPIN_WEBHOOK_CONFIGURATION to the configuration's name"
+                    ) from None
+                raise
+            raw: Any = self.api.sanitize_for_serialization(current)  # type: ignore[no-untyped-call]
+            webhooks = raw.get("webhooks") or []
+            if all((w.get("clientConfig") or {}).get("caBundle") == ca_bundle for w in webhooks):
+                return False
+            for webhook in webhooks:
+                webhook.setdefault("clientConfig", {})["caBundle"] = ca_bundle
+            patch = {
+                "metadata": {"resourceVersion": raw["metadata"]["resourceVersion"]},
+                "webhooks": webhooks,
+            }
+            try:
+                await asyncio.to_thread(
+                    self.admission.patch_mutating_webhook_configuration, configuration, patch,
+                    _content_type=MERGE_PATCH,
+                )  # fmt: skip
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                raise
+            return True
+        raise Conflict(configuration)
+
+
+def _encoded(data: Mapping[str, str]) -> dict[str, str]:
+    return {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
 
 
 def _parse_selector(selector: str) -> dict[str, str]:

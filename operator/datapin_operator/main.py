@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from .kube import Kube
 from .rbac import build_rbac
 from .resolve import Resolver
 from .settings import Settings, describe, load_settings
+from .webhooktls import CA, CERT, CURRENT, KEY, TLSKeeper
 
 log = logging.getLogger("datapin_operator")
 
@@ -55,6 +57,7 @@ class App:
     kube: Kube
     controller: Controller
     admission: Admission
+    tls: TLSKeeper | None  # the shared self-signed certificate (cluster mode, no cert files)
     webhook_server: Any  # a kopf webhook server, or None when the webhook is off
 
 
@@ -73,8 +76,30 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
         settings=settings,
         kube=kube,
         controller=Controller(settings=settings, kube=kube, resolver=resolver, fleet=fleet),
-        admission=Admission(settings=settings, secrets=kube.get_secret, resolver=resolver),
+        admission=Admission(
+            settings=settings,
+            secrets=kube.get_secret,
+            datasets=kube.list_datasets,
+            resolver=resolver,
+        ),
+        tls=tls_keeper(settings, kube),
         webhook_server=webhook_server(settings),
+    )
+
+
+def tls_keeper(settings: Settings, kube: Kube) -> TLSKeeper | None:
+    """The certificate Secret's keeper: cluster mode without certificate files."""
+    if settings.webhook_mode != "cluster" or settings.webhook_cert_file is not None:
+        return None
+    return TLSKeeper(
+        kube=kube,
+        namespace=settings.namespace,
+        secret=settings.webhook_tls_secret,
+        service=settings.webhook_service,
+        configuration=settings.webhook_configuration,
+        directory=settings.webhook_cert_dir,
+        days=settings.webhook_cert_days,
+        renew_days=settings.webhook_renew_days,
     )
 
 
@@ -87,26 +112,52 @@ def webhook_server(settings: Settings) -> Any:
             port=settings.webhook_port or None,
             host=settings.webhook_host,
         )
-    return ServiceWebhookServer(
+    if settings.webhook_cert_file is not None:  # e.g. cert-manager's, mounted from a Secret
+        files = (settings.webhook_cert_file, settings.webhook_key_file, settings.webhook_ca_file)
+    else:  # the shared self-signed certificate TLSKeeper publishes
+        current = settings.webhook_cert_dir / CURRENT
+        files = (current / CERT, current / KEY, current / CA)
+    certfile, pkeyfile, cafile = files
+    server = ServiceWebhookServer(
         service=settings.webhook_service,
         namespace=settings.namespace,
         port=settings.webhook_port,
-        certfile=settings.webhook_cert_file,
-        pkeyfile=settings.webhook_key_file,
-        cafile=settings.webhook_ca_file,
+        certfile=certfile,
+        pkeyfile=pkeyfile,
+        cafile=cafile,
     )
+    # kopf restarts its server when the files change: a renewal is served within this.
+    server.file_check_interval = min(settings.webhook_tls_check_seconds, 60.0)
+    return server
 
 
 async def run(app: App, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Run kopf with the app's handlers until `stop` is set."""
+    """Run kopf with the app's handlers until `stop` is set.
+
+    With a TLS keeper the certificate is made current first (the server loads its files when
+    it starts), then kept current beside kopf. With `peering` set, the replicas elect one to
+    reconcile through kopf peering: each takes a random priority, because replicas of equal
+    priority would all pause each other; the webhook is served by every replica regardless.
+    """
     registry = build_registry(app)
-    await kopf.operator(
-        registry=registry,
-        clusterwide=True,
-        standalone=True,
-        stop_flag=stop,
-        ready_flag=ready,
-    )
+    settings = app.settings
+    if app.tls is not None:
+        await app.tls.ensure()
+    health = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    async with asyncio.TaskGroup() as tasks:
+        if app.tls is not None:
+            tasks.create_task(app.tls.run(interval=settings.webhook_tls_check_seconds, stop=stop))
+        await kopf.operator(
+            registry=registry,
+            clusterwide=True,
+            standalone=settings.peering is None,
+            peering_name=settings.peering,
+            priority=secrets.randbelow(2**31 - 1) + 1 if settings.peering else 0,
+            liveness_endpoint=health,
+            stop_flag=stop,
+            ready_flag=ready,
+        )
+        stop.set()  # kopf may also end on its own (a fatal error): stop the keeper too
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             webhook_configuration=settings.webhook_configuration,
             prefetch_configmap=settings.prefetch_configmap,
             agent_credentials_secret=settings.agent_credentials_secret,
+            webhook_tls_secret=settings.webhook_tls_secret,
         )
         sys.stdout.write(yaml.safe_dump_all(rbac, sort_keys=False))
         return 0

@@ -17,8 +17,11 @@ Principles:
   rules: `create` without names and the rest with them. `list`/`watch` with resourceNames only
   work for requests that select that one name with a field selector, which is how kopf and the
   operator address their single webhook configuration and ConfigMap.
-* kopf peering (leases, KopfPeering objects) is not used yet: there is one replica, so nothing
-  for it is granted.
+* kopf peering (`ClusterKopfPeering`, chart value operator.replicas > 1) needs its peering
+  object; the grant is always there so scaling up needs no RBAC change.
+* The chart does not template these rules by hand: `chart_rules_yaml()` writes
+  `charts/datapin/rbac/rules.yaml` with Helm placeholders for the names, the chart renders it
+  with `tpl`, and a test keeps the file equal to this module.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+
+import yaml
 
 from .models import GROUP, PLURAL
 from .settings import Settings
@@ -72,11 +77,13 @@ def grants(
     webhook_configuration: str | None = None,
     prefetch_configmap: str | None = None,
     agent_credentials_secret: str | None = None,
+    webhook_tls_secret: str | None = None,
 ) -> list[Grant]:
     """Every permission of the operator, cluster-wide and in its own namespace."""
     webhook = webhook_configuration or _default("webhook_configuration")
     configmap = prefetch_configmap or _default("prefetch_configmap")
     secret = agent_credentials_secret or _default("agent_credentials_secret")
+    tls_secret = webhook_tls_secret or _default("webhook_tls_secret")
     cluster: Scope = "cluster"
     own: Scope = "namespace"
     return [
@@ -116,7 +123,8 @@ def grants(
             resources=(PLURAL,),
             verbs=("get", "list", "watch", "patch"),
             why="The controllers watch Datasets; kopf patches its progress annotations and "
-            "finalizer; the webhook reads the Dataset a Job names.",
+            "finalizer; the webhook lists the Datasets of a Job's namespace (a fresh read, "
+            "so every replica answers alike).",
         ),
         Grant(
             scope=cluster,
@@ -148,23 +156,23 @@ def grants(
             verbs=("list", "watch"),
             why="Match the prefetch nodeSelector of Datasets against nodes.",
         ),
-        # -- the webhook configuration kopf keeps current ------------------------------------
+        # -- the webhook configuration and kopf peering --------------------------------------
         Grant(
             scope=cluster,
             api_group="admissionregistration.k8s.io",
             resources=("mutatingwebhookconfigurations",),
-            verbs=("create",),
-            why="kopf creates its webhook configuration when absent. create cannot be "
-            "limited by resourceNames, hence a rule of its own.",
+            verbs=("get", "patch"),
+            resource_names=(webhook,),
+            why="Keep the caBundle of the chart's webhook configuration equal to the "
+            "certificate the operator serves (self-signed mode); only that one object.",
         ),
         Grant(
             scope=cluster,
-            api_group="admissionregistration.k8s.io",
-            resources=("mutatingwebhookconfigurations",),
+            api_group="kopf.dev",
+            resources=("clusterkopfpeerings",),
             verbs=("get", "list", "watch", "patch"),
-            resource_names=(webhook,),
-            why="kopf patches its webhook configuration with the current endpoint and "
-            "caBundle; only that one object.",
+            why="kopf peering between operator replicas: keep-alives in the peering object "
+            "elect the one replica that reconciles.",
         ),
         # -- the operator's own namespace ----------------------------------------------------
         Grant(
@@ -187,8 +195,8 @@ def grants(
             api_group="",
             resources=("secrets",),
             verbs=("create",),
-            why="Create the agents' credentials Secret on first use (create takes no "
-            "resourceNames).",
+            why="Create the agents' credentials Secret and the webhook's certificate Secret "
+            "on first use (create takes no resourceNames).",
         ),
         Grant(
             scope=own,
@@ -197,6 +205,15 @@ def grants(
             verbs=("get", "patch", "update"),
             resource_names=(secret,),
             why="Fill the agents' credentials Secret with the keys of prefetched Datasets.",
+        ),
+        Grant(
+            scope=own,
+            api_group="",
+            resources=("secrets",),
+            verbs=("get", "patch"),
+            resource_names=(tls_secret,),
+            why="The webhook's self-signed certificate, shared by the replicas and renewed "
+            "before it expires (created with the create rule above).",
         ),
         Grant(
             scope=own,
@@ -261,6 +278,30 @@ def build_rbac(
             "subjects": [subject],
         },
     ]
+
+
+#: The Helm expressions of each name, as the chart's templates spell them (`_helpers.tpl`).
+CHART_NAMES: Final = {
+    "webhook_configuration": "{{ .Values.webhook.configurationName }}",
+    "prefetch_configmap": '{{ include "datapin.prefetchConfigMap" . }}',
+    "agent_credentials_secret": '{{ include "datapin.agentCredentials" . }}',
+    "webhook_tls_secret": '{{ include "datapin.webhookTLSSecret" . }}',
+}
+#: Where the chart keeps the rules (rendered with `tpl` by templates/rbac.yaml).
+CHART_RULES_FILE: Final = "rbac/rules.yaml"
+
+
+def chart_rules_yaml() -> str:
+    """`charts/datapin/rbac/rules.yaml`: the rules with Helm expressions for the names."""
+    header = (
+        "# Generated from datapin_operator/rbac.py (chart_rules_yaml); do not edit. The chart\n"
+        "# renders it with `tpl`, so the names below become the release's object names.\n"
+    )
+    body = {
+        "cluster": cluster_rules(**CHART_NAMES),
+        "namespace": namespace_rules(**CHART_NAMES),
+    }
+    return header + yaml.safe_dump(body, sort_keys=False, width=1000)
 
 
 def _cell(values: Sequence[str]) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from datapin_sidecar.settings import problems
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import SettingsError
@@ -66,13 +66,38 @@ class Settings(BaseSettings):
         default="datapin-webhook", description="cluster mode: the webhook Service's name."
     )
     webhook_cert_file: Path | None = Field(
-        default=None, description="cluster mode: TLS certificate (PEM); unset: self-signed."
+        default=None,
+        description="cluster mode: TLS certificate (PEM), e.g. from cert-manager; unset: the "
+        "self-signed certificate in webhook_tls_secret.",
     )
     webhook_key_file: Path | None = Field(
         default=None, description="cluster mode: TLS private key (PEM)."
     )
     webhook_ca_file: Path | None = Field(
         default=None, description="CA bundle for the webhook configuration (default: the cert)."
+    )
+    webhook_tls_secret: str = Field(
+        default="datapin-webhook-tls",
+        description="cluster mode without certificate files: the Secret (operator namespace) "
+        "holding the self-signed certificate every replica serves. The operator creates it, "
+        "renews it webhook_renew_days before it expires and keeps the caBundle of "
+        "webhook_configuration current.",
+    )
+    webhook_cert_days: int = Field(
+        default=365, ge=2, description="Validity of a self-signed webhook certificate (days)."
+    )
+    webhook_renew_days: int = Field(
+        default=30,
+        ge=1,
+        description="Renew the self-signed certificate this long before it "
+        "expires; old and new are both in the caBundle until the old one expires.",
+    )
+    webhook_cert_dir: Path = Field(
+        default=Path("/tmp/datapin-webhook"),  # noqa: S108 - an emptyDir in the chart
+        description="Where the self-signed certificate files are written for the server.",
+    )
+    webhook_tls_check_seconds: float = Field(
+        default=300.0, gt=0, description="How often the certificate Secret is re-read."
     )
     webhook_configuration: str = Field(
         default="datapin.dev",
@@ -83,6 +108,19 @@ class Settings(BaseSettings):
         description="Webhook failurePolicy for Pods. Jobs always Fail; Pods default to Ignore "
         "so an operator outage cannot stop every Pod in the cluster from being created (Pods "
         "of admitted Jobs already carry the sidecar).",
+    )
+
+    peering: str | None = Field(
+        default=None,
+        description="Name of the ClusterKopfPeering the replicas elect a leader in (the chart "
+        "sets it when operator.replicas > 1). Unset: standalone, a single replica.",
+    )
+    health_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of kopf's liveness endpoint /healthz on 0.0.0.0 (the chart sets "
+        "8080); 0: none.",
     )
 
     # -- what we inject -----------------------------------------------------------------------
@@ -178,6 +216,16 @@ class Settings(BaseSettings):
         if not value.startswith("/") or "/../" in f"{value}/":
             raise ValueError("must be an absolute path without '..'")
         return value.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _renewal(self) -> Settings:
+        if self.webhook_renew_days >= self.webhook_cert_days:
+            raise ValueError(
+                f"DATAPIN_WEBHOOK_RENEW_DAYS ({self.webhook_renew_days}) must be below "
+                f"DATAPIN_WEBHOOK_CERT_DAYS ({self.webhook_cert_days}), or the certificate "
+                "would be renewed on every check"
+            )
+        return self
 
     @property
     def startup_failure_threshold(self) -> int:

@@ -48,9 +48,15 @@ RESOURCES: dict[str, tuple[str, bool, list[str]]] = {
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus what the API server does on create that the operator relies on:
-    `generateName` (kopf's Events use it), `metadata.namespace` from the URL, a uid, and a
-    resourceVersion (kopf's JSON patches test it)."""
+    """kmock's emulator plus what the API server does that the operator relies on.
+
+    On create: `generateName` (kopf's Events use it), `metadata.namespace` from the URL, a
+    uid, and a resourceVersion (kopf's JSON patches test it). On a merge patch of an object
+    that carries `metadata.resourceVersion`: the precondition is checked (409 Conflict when
+    stale, as the API server does) and the version is bumped. And a patch whose body is an
+    object sent as `application/json-patch+json` is refused with 400 as the API server
+    refuses it (the generated client's default content type; kmock would accept it).
+    """
 
     async def _handle(self, request: Any) -> Any:
         data = request.data if request.resource is not None else None
@@ -62,7 +68,35 @@ class Emulator(kmock.KubernetesEmulator):
                 meta["namespace"] = request.namespace
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("resourceVersion", "1")
+        if request.action == kmock.action.UPDATE and request.method == "PATCH":
+            content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip()
+            if content_type == "application/json-patch+json" and not isinstance(data, list):
+                raise kmock.KubernetesError(
+                    status=400,
+                    reason="BadRequest",
+                    message="json: cannot unmarshal object into Go value of type jsonpatch.Patch",
+                )
+            if isinstance(data, dict):
+                self._precondition(request, data)
         return await super()._handle(request)
+
+    def _precondition(self, request: Any, data: dict[str, Any]) -> None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            return  # kmock answers 404 itself
+        current = self._objects[key]
+        have = (current.get("metadata") or {}).get("resourceVersion")
+        if have is None:
+            return
+        asked = (data.get("metadata") or {}).get("resourceVersion")
+        if asked is not None and str(asked) != str(have):
+            raise kmock.KubernetesError(
+                status=409,
+                reason="Conflict",
+                message=f"the object has been modified (resourceVersion {asked} != {have})",
+            )
+        bumped = str(int(have) + 1) if str(have).isdigit() else have
+        data.setdefault("metadata", {})["resourceVersion"] = bumped
 
 
 def _path(resource: str, namespace: str | None, name: str | None = None) -> str:
