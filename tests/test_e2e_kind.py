@@ -89,7 +89,7 @@ JOB: Final = "e2e-read"
 READER: Final = "reader"
 MOUNT_PATH: Final = "/data/e2e"
 PINS_KEY: Final = "datapin.dev/pins"
-#: The operator registers its webhook configuration itself, after the chart's pods are Ready.
+#: The chart's webhook configuration; the operator fills in its caBundle once it serves.
 WEBHOOK_CONFIGURATION: Final = Settings.model_fields["webhook_configuration"].default
 
 
@@ -384,12 +384,15 @@ def _wait_for_webhook(cluster: Cluster) -> None:
             "-o", "json",
         )  # fmt: skip
         found = json.loads(proc.stdout) if proc.stdout.strip() else {}
-        return "registered" if found.get("webhooks") else None
+        webhooks = found.get("webhooks") or []
+        # The chart creates the configuration; it works once the operator set its caBundle.
+        ready = webhooks and all((w.get("clientConfig") or {}).get("caBundle") for w in webhooks)
+        return "registered" if ready else None
 
     try:
         wait_for(f"webhook configuration {WEBHOOK_CONFIGURATION}", registered, timeout=120.0)
     except TimeoutError as exc:
-        pytest.fail(f"{exc}: the operator did not register it\n{_report(cluster, None)}")
+        pytest.fail(f"{exc}: the operator did not set its caBundle\n{_report(cluster, None)}")
 
 
 def _uninstall(cluster: Cluster, *, delete_namespace: bool) -> None:
