@@ -701,7 +701,9 @@ def test_chart_not_kopf_owns_the_webhook_configuration(
     registry, close = _registry(operator_settings, tmp_path)
     try:
         [configure] = [
-            h for h in registry._activities.get_all_handlers() if h.activity.value == "startup"
+            h
+            for h in registry._activities.get_all_handlers()
+            if h.activity.value == "startup" and h.fn.__name__ == "configure"
         ]
         settings = kopf.OperatorSettings()
         configure.fn(settings=settings)
@@ -712,14 +714,16 @@ def test_chart_not_kopf_owns_the_webhook_configuration(
 
 
 def test_operator_finds_the_agents_the_chart_runs(
-    release: Release, operator_settings: OperatorSettings
+    release: Release, values: dict[str, Any], operator_settings: OperatorSettings
 ) -> None:
     s = operator_settings
     deployment, _, _ = _operator(release)
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     agent = _agent(release)
-    if agent is None:
-        return  # renamed: no agents, nothing for these settings to name
+    if agent is None:  # no agents: nothing of theirs may be rendered either
+        assert not values["agent"]["enabled"]
+        assert not [o for o in release.objects if "agent" in o["metadata"]["name"]]
+        return
     daemonset, spec, container = agent
     assert daemonset["metadata"]["namespace"] == s.namespace
     assert label_selector_matches(s.agent_selector, _pod_labels(daemonset))
@@ -822,10 +826,14 @@ def test_operator_peering_and_health(
 
 
 def test_prefetch_file_the_agent_reads_is_the_key_the_operator_writes(
-    release: Release, monkeypatch: pytest.MonkeyPatch, operator_settings: OperatorSettings
+    release: Release,
+    values: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    operator_settings: OperatorSettings,
 ) -> None:
     agent = _agent(release)
     if agent is None:
+        assert not values["agent"]["enabled"]
         return
     _, spec, container = agent
     agent_settings: SidecarSettings = _parse_env(
@@ -1041,12 +1049,17 @@ def _pod(meta: dict[str, Any] | None) -> dict[str, Any]:
 
 
 ASKS = {"annotations": {"datapin.dev/dataset": "imagenet", "datapin.dev/revision": "v2"}}
-OTHER = {"annotations": {"example.com/owner": "ml-team"}}
+# A typo'd datapin key must reach the webhook, which refuses it with the fix, rather than the
+# Job running without its data.
+TYPO = {"annotations": {"datapin.dev/datset": "imagenet"}}
+OTHER = {"annotations": {"example.com/owner": "ml-team", "datapin.io/dataset": "x"}}
 SAMPLES = {
     "jobs": [
         ("annotated on metadata", _job(ASKS, {}), True),
         ("annotated on the template only", _job(None, ASKS), True),
         ("annotated on both", _job(ASKS, ASKS), True),
+        ("a typo'd key on metadata", _job(TYPO, {}), True),
+        ("a typo'd key on the template", _job(None, TYPO), True),
         ("unannotated", _job(OTHER, OTHER), False),
         ("no annotations at all", _job(None, {"labels": {"app": "t"}}), False),
         ("no template metadata", _job(None, None), False),
@@ -1054,6 +1067,7 @@ SAMPLES = {
     ],
     "pods": [
         ("annotated", _pod(ASKS), True),
+        ("a typo'd key", _pod(TYPO), True),
         ("unannotated", _pod(OTHER), False),
         ("no annotations at all", _pod(None), False),
     ],

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -49,11 +49,7 @@ __all__ = [
     "volume_named",
 ]
 
-import os
-
-CHART_DIR = Path(
-    os.environ.get("XCHART_MUT") or Path(__file__).resolve().parents[2] / "charts" / "datapin"
-)  # MUTATION-TEMP
+CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "datapin"
 
 # `$(NAME)` as kubelet expands it; `$$` is an escaped `$`.
 _ENV_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -232,7 +228,3 @@ def subcommands(parser: argparse.ArgumentParser) -> list[str]:
         if not action.option_strings and action.choices is not None:
             return list(action.choices)
     raise AssertionError(f"parser {parser.prog} has no positional argument with choices")
-
-
-def names_of(objects: Iterable[Mapping[str, Any]]) -> list[str]:
-    return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
