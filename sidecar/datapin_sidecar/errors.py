@@ -16,6 +16,12 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── RemoteError                   8  the remote cannot be read
     └── StoppedError                143  SIGTERM arrived before the work was done
 
+    OSError
+    └── UnsafeFileError                  a path someone else controls is a symlink, FIFO,
+                                         device or oversized file where ours should be
+                                         (`safefs`); handled like a damaged file, never
+                                         followed, opened or read whole
+
 Every message names the thing at fault and says how to fix it, because the people reading it
 are looking at `kubectl describe pod`, not at our source. Values are keyword-only so a raise
 site reads as a sentence, and the structured fields stay available to callers (the CLI, the
@@ -216,12 +222,33 @@ class StoppedError(DatapinError):
         super().__init__("stopped by SIGTERM before the revision was published")
 
 
+class UnsafeFileError(OSError):
+    """A path that must be our own regular file or directory is something else.
+
+    An `OSError` (errno `ELOOP`) so code that already treats a damaged file as absent treats a
+    planted symlink, FIFO, device or oversized file the same way; never a `DatapinError`,
+    because it is a state of the volume to repair or skip, not an answer to a user.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(errno.ELOOP, f"{path} {problem}; datapin does not follow or open it")
+        self.filename = path
+        self.problem = problem
+
+
 def os_error(where: str, exc: OSError, *, volume: str = "destination") -> Exception:
     """The user-facing error for an OSError writing under `where`, or `exc` itself.
 
     Space and permission failures are the user's to fix and get a `DestinationError` naming
-    the volume; anything else is unexpected and propagates as it is.
+    the volume, as does a path something other than datapin put in its way
+    (`UnsafeFileError`); anything else is unexpected and propagates as it is.
     """
+    if isinstance(exc, UnsafeFileError):
+        return DestinationError(
+            dest=where,
+            problem=f"{exc.filename} {exc.problem} (something other than datapin changed it)",
+            fix="let datapin manage this directory alone; a new pod gets a new workspace",
+        )
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DestinationError(
             dest=where,
