@@ -11,6 +11,8 @@ filled). Everything datapin keeps for itself sits under `.datapin/`, which DVC n
     .datapin/quarantine/  objects that failed their md5, kept for inspection, never linked
     .datapin/manifests/   parsed `.dir` manifests (flat buffers + CRC), a pure speed-up: used
                           only while the `.dir` is in the cache, re-parsed if damaged
+    .datapin/builds/      `<oid>.<random>.tmp`: one per build or prefetch of revision `<oid>`
+                          in progress, flock-held by its builder (see `building`)
 
 Contract, relied on by every reader and by the linker:
 
@@ -30,6 +32,21 @@ Contract, relied on by every reader and by the linker:
   a waiter that gets the lock on an unlinked slot knows the object is in place.
 * Objects are trusted once in place (a warm start must cost metadata only). `verify` re-hashes
   on request and moves a bad object to quarantine, so it is never linked again.
+* **Builds register before they look.** Whoever builds a tree of, or prefetches, revision
+  `<oid>` (`<md5>.dir`, or a single-file `<md5>`) wraps the whole run, from before its first
+  lookup in the cache to after its last link, in `with cache.building(oid):`. That creates a
+  flock-held registration in `.datapin/builds/`; the GC (`gc.collect`) treats every held
+  registration as a root (the revision's `.dir` and every object it names, in every layout,
+  or the single object) and removes registrations whose lock is free (dead builders). A
+  registration is created under a shared lock on `.datapin/builds.lock` which the GC holds
+  exclusively while it reads registrations and evicts one batch: a build that registered
+  before a batch is seen by it, and one that registers after finds that batch's objects gone
+  and fetches them. Either way no object a build has looked at disappears under it. The
+  materialiser does so around the whole run (`materialize`), the agent around a prefetch.
+* The cache's private area may hold things a buggy or subverted writer planted (symlinked
+  shard directories, FIFOs, directories where files belong): everything here opens such
+  names without following symlinks and without blocking (`safefs`), and skips what is not
+  a regular file of ours.
 """
 
 from __future__ import annotations
@@ -40,10 +57,12 @@ import fcntl
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from .errors import CorruptObjectError, os_error
+from . import safefs
+from .errors import CorruptObjectError, UnsafeFileError, os_error
 from .hashing import DVC2_CHUNK, Layout, ObjectHasher, hash_file
 from .manifest import Manifest
 from .revision import Revision
@@ -62,6 +81,8 @@ class NodeCache:
         self.quarantine_dir = self.root / _PRIVATE / "quarantine"
         self.manifests_dir = self.root / _PRIVATE / "manifests"
         self.fetch_dir = self.root / _PRIVATE / "fetch"
+        self.builds_dir = self.root / _PRIVATE / "builds"
+        self.builds_lock = self.root / _PRIVATE / "builds.lock"
 
     def __repr__(self) -> str:
         return f"NodeCache({str(self.root)!r})"
@@ -96,15 +117,16 @@ class NodeCache:
         path = self.path(revision.oid, layout)
         source = f"{revision.oid} (at {path})"
         parsed = self.manifests_dir / f"{layout}-{revision.oid}"
-        if os.path.exists(path):
+        if os.path.lexists(path):
             try:
-                with open(parsed, "rb") as f:
+                with os.fdopen(safefs.open_regular(parsed), "rb") as f:
                     cached = Manifest.from_bytes(f.read(), source=source)
                 if cached is not None:
                     return cached
-            except FileNotFoundError:
-                pass
-        with open(path, "rb") as f:
+            except (FileNotFoundError, UnsafeFileError):
+                pass  # absent, or not a regular file of ours: parse the `.dir` again
+        # Never a symlink or a FIFO under an object's name (see the module contract).
+        with os.fdopen(safefs.open_regular(path), "rb") as f:
             data = f.read()
         hasher = ObjectHasher(layout)
         hasher.update(data)
@@ -208,6 +230,39 @@ class NodeCache:
     def present(self, oid: str, layout: Layout) -> bool:
         return os.path.lexists(self.path(oid, layout))
 
+    # -- builds in progress -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def building(self, oid: str) -> Iterator[None]:
+        """Register a build or prefetch of revision `oid` for the whole `with` block.
+
+        Enter it before the first lookup in the cache: while it is held, `gc.collect` keeps
+        the revision's `.dir` and every object it names (or, for a single-file revision, the
+        object), in every layout. See the module contract.
+        """
+        fd = -1
+        try:
+            lock = safefs.open_regular(self.builds_lock, os.O_RDWR | os.O_CREAT)
+        except FileNotFoundError:
+            self.builds_lock.parent.mkdir(parents=True, exist_ok=True)
+            lock = safefs.open_regular(self.builds_lock, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise os_error(str(self.root), exc, volume="node cache") from exc
+        try:
+            # Shared: builders never wait for each other, only for a GC batch in progress.
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fd, path = create_locked(self.builds_dir, oid)
+        except OSError as exc:
+            raise os_error(str(self.root), exc, volume="node cache") from exc
+        finally:
+            os.close(lock)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)  # the lock goes last, after the name (as a temp file's)
+
     # -- verifying ----------------------------------------------------------------------------
 
     def verify(self, oid: str, layout: Layout) -> bool:
@@ -239,28 +294,47 @@ class NodeCache:
         Download slots of dead downloaders are left alone: the next claimant of the object
         resumes or restarts them, and the node agent's GC removes the rest.
         """
-        removed = 0
-        try:
-            names = os.listdir(self.tmp_dir)
-        except FileNotFoundError:
-            return 0
-        for name in names:
-            path = self.tmp_dir / name
+        return remove_dead_locked(self.tmp_dir)
+
+
+def remove_dead_locked(directory: Path) -> int:
+    """Remove the files in `directory` whose flock is free; returns how many.
+
+    Anything there that is not a regular file (a planted directory, symlink or FIFO: nothing
+    of ours) is removed without being followed or opened. A file we cannot open is skipped.
+    """
+    removed = 0
+    try:
+        dfd = safefs.open_dir(directory)
+    except (FileNotFoundError, UnsafeFileError):
+        return 0
+    try:
+        for name in os.listdir(dfd):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = safefs.open_regular(name, dir_fd=dfd)
             except FileNotFoundError:
+                continue
+            except UnsafeFileError:
+                with contextlib.suppress(OSError):
+                    safefs.remove_tree(name, dir_fd=dfd)
+                continue
+            except OSError:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
+                if os.fstat(fd).st_ino != os.lstat(name, dir_fd=dfd).st_ino:
+                    continue  # replaced since we opened it
+            except (BlockingIOError, FileNotFoundError):
+                continue  # a live writer holds it, or it went meanwhile
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    os.unlink(name, dir_fd=dfd)
                     removed += 1
             finally:
                 os.close(fd)
-        return removed
+    finally:
+        os.close(dfd)
+    return removed
 
 
 def create_locked(directory: Path, stem: str) -> tuple[int, str]:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import fcntl
 import logging
 import os
@@ -70,30 +71,65 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from . import safefs
 from .cache import NodeCache
-from .errors import CorruptObjectError, ManifestError, RevisionError, UsageError, os_error
+from .errors import UnsafeFileError, UsageError, os_error
 from .hashing import Layout
 from .revision import Revision
-from .workspace import Workspace, remove_tree
+from .workspace import TreeInfo
 
 log = logging.getLogger(__name__)
 
 #: Statvfs is read again after this many evictions (a cheap syscall; bounds estimate drift).
 REMEASURE_EVERY: Final = 512
+#: Evictions per batch: build registrations are re-read before each (see the module doc), and
+#: a builder registering waits for at most one batch.
+BATCH: Final = 64
+#: A meta file is a small JSON record; anything larger is not ours.
+META_LIMIT: Final = 64 * 1024
+#: Meta files read per workspace meta directory (a workspace has two or three trees).
+MAX_META_FILES: Final = 256
+#: Consecutive failed evictions after which a collect gives up (a read-only volume, say).
+MAX_FAILED_EVICTIONS: Final = 64
+
+
+class Task(enum.StrEnum):
+    """The agent's housekeeping tasks, as the `task` label of item errors."""
+
+    ROOTS = "roots"
+    COLLECT = "collect"
+    SLOTS = "slots"
+    REAP = "reap"
+    SCAN = "scan"
+    BUILDS = "builds"
+    PREFETCH = "prefetch"
+
+
+#: `(task, path, error)`: one item (a file, a directory, a workspace) that a task skipped.
+OnError = Callable[[Task, str, BaseException], None]
+
+
+def log_item_error(task: Task, path: str, exc: BaseException) -> None:
+    """The default `OnError`: a warning (the agent counts and de-duplicates instead)."""
+    log.warning("%s: skipped %s: %s", task, path, exc, extra={"task": str(task), "path": path})
+
 
 _LAYOUTS: Final = (Layout.DVC3, Layout.LEGACY)
 _SHARD: Final = re.compile(r"[0-9a-f]{2}")
 _OBJECT: Final = re.compile(r"[0-9a-f]{30}(\.dir)?")
 _TREE_KEY: Final = re.compile(r"[0-9a-f]{32}(?:-legacy)?")
 _POD_UID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_PRIVATE: Final = ".datapin"
 _TRASH: Final = ".trash-"
+_STATE: Final = ".state"
+_BUILD: Final = re.compile(r"([0-9a-f]{32}(?:\.dir)?)\.[0-9a-f]+\.tmp")
 _JOURNAL: Final = ".parts"
 _SETTLE_POLL: Final = 0.01
 _SETTLE_MAX: Final = 1.0
 
 
 def _private(cache: NodeCache) -> Path:
-    return cache.root / ".datapin"
+    return cache.root / _PRIVATE
 
 
 def _used_dir(cache: NodeCache) -> Path:
@@ -115,11 +151,12 @@ def touch_used(
     times = None if now is None else (now, now)
     try:
         try:
-            os.utime(path, times)  # the usual case: one syscall
+            # Never through a symlink someone planted: that would touch a file elsewhere.
+            os.utime(path, times, follow_symlinks=False)  # the usual case: one syscall
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-            os.utime(path, times)
+            os.close(safefs.open_regular(path, os.O_WRONLY | os.O_CREAT))
+            os.utime(path, times, follow_symlinks=False)
     except OSError as exc:
         log.debug(
             "could not mark revision %s as used: %s",
@@ -256,92 +293,181 @@ def _listdir(path: str | os.PathLike[str]) -> list[str]:
         return []
 
 
-def roots(root: Path, prefetch: Iterable[tuple[Revision, Layout]] = ()) -> set[tuple[str, Layout]]:
+def _names(fd: int) -> list[str]:
+    """Names in the open directory `fd`, sorted."""
+    return sorted(os.listdir(fd))
+
+
+def roots(
+    root: Path,
+    prefetch: Iterable[tuple[Revision, Layout]] = (),
+    *,
+    on_error: OnError | None = None,
+) -> set[tuple[str, Layout]]:
     """`(oid, layout)` of every revision in use on the node: see the module doc.
 
-    A read-only scan of `root/workspaces/*/*/`; no workspace lock is taken.
+    A read-only scan of every meta file under `root/workspaces/<uid>/`, in both places (the
+    current `.state/<dataset>/.meta/` and older sidecars' `<dataset>/.revs/.meta/`); no
+    workspace lock is taken. Everything under `workspaces/` is opened without following
+    symlinks or blocking, and meta files are read bounded (`META_LIMIT`), because a pod may
+    control them; an unreadable one is reported to `on_error` and skipped.
     """
+    report = on_error or log_item_error
     found = {(revision.oid, layout) for revision, layout in prefetch}
     workspaces = Path(root) / "workspaces"
-    for pod in _listdir(workspaces):
-        if pod.startswith("."):
-            continue  # a workspace being deleted (`.trash-`)
-        for dataset in _listdir(workspaces / pod):
-            dest = workspaces / pod / dataset
-            if (dest / ".revs" / ".datapin").is_file():
-                found |= _workspace_roots(dest)
+    try:
+        wfd = safefs.open_dir(workspaces)
+    except FileNotFoundError:
+        return found
+    except OSError as exc:
+        report(Task.ROOTS, str(workspaces), exc)
+        return found
+    try:
+        for pod in _names(wfd):
+            if pod.startswith("."):
+                continue  # a workspace being deleted (`.trash-`)
+            try:
+                pfd = safefs.open_dir(pod, dir_fd=wfd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report(Task.ROOTS, str(workspaces / pod), exc)
+                continue
+            try:
+                found |= _pod_roots(pfd, workspaces / pod, report)
+            except Exception as exc:
+                report(Task.ROOTS, str(workspaces / pod), exc)
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(wfd)
     return found
 
 
-def _workspace_roots(dest: Path) -> set[tuple[str, Layout]]:
-    ws = Workspace(dest)
-    keys: set[str] = set()
-    try:
-        published = ws.published()
-        if published is not None:
-            keys.add(published)
-        spare = ws.spare()
-        if spare is not None:
-            keys.add(spare[0])
-    except OSError as exc:
-        log.debug("workspace %s vanished while scanned: %s", dest, exc, extra={"dest": str(dest)})
-        return set()
-    # A sidecar may publish under another link name than `current`; the published tree of
-    # any link name is a `.revs/<key>` directory.
-    keys.update(name for name in _listdir(ws.revs) if _TREE_KEY.fullmatch(name))
+def _meta_dirs(pfd: int) -> Iterator[str]:
+    """Relative paths of the meta directories of one pod's workspaces (both layouts)."""
+    for name in _names(pfd):
+        if name == _STATE:
+            try:
+                sfd = safefs.open_dir(name, dir_fd=pfd)
+            except (FileNotFoundError, UnsafeFileError):
+                continue
+            try:
+                datasets = _names(sfd)
+            finally:
+                os.close(sfd)
+            yield from (f"{_STATE}/{d}/.meta" for d in datasets)
+        elif not name.startswith("."):
+            yield f"{name}/.revs/.meta"
+
+
+def _pod_roots(pfd: int, where: Path, report: OnError) -> set[tuple[str, Layout]]:
     found: set[tuple[str, Layout]] = set()
-    for key in sorted(keys):
+    for rel in _meta_dirs(pfd):
         try:
-            info = ws.info(key)
-            if info is None:
-                raise ValueError("no readable meta file")
-            found.add((Revision.parse(info.revision).oid, Layout(info.layout)))
-        except (OSError, ValueError, RevisionError) as exc:
-            # Its objects stay unprotected: evicting them costs a re-download, never the tree.
-            log.debug(
-                "workspace %s: tree %s has unreadable meta (%s); not a GC root",
-                dest,
-                key,
-                exc,
-                extra={"dest": str(dest), "tree": key},
-            )
+            mfd = safefs.open_dir_beneath(pfd, rel)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not a workspace (yet), or a file a pod put there
+        except OSError as exc:
+            report(Task.ROOTS, str(where / rel), exc)
+            continue
+        try:
+            names = [n for n in _names(mfd) if n.endswith(".json")]
+            if len(names) > MAX_META_FILES:
+                report(
+                    Task.ROOTS,
+                    str(where / rel),
+                    UnsafeFileError(
+                        str(where / rel),
+                        f"holds {len(names)} meta files; read the first {MAX_META_FILES}",
+                    ),
+                )
+                names = names[:MAX_META_FILES]
+            for name in names:
+                try:
+                    data = safefs.read_regular(name, limit=META_LIMIT, dir_fd=mfd)
+                    info = TreeInfo.from_json(data.decode())
+                    found.add((Revision.parse(info.revision).oid, Layout(info.layout)))
+                except FileNotFoundError:
+                    continue
+                except Exception as exc:
+                    # Its objects stay unprotected: evicting them costs a re-download, never
+                    # the tree.
+                    report(Task.ROOTS, str(where / rel / name), exc)
+        finally:
+            os.close(mfd)
     return found
 
 
 # -- the cache inventory ----------------------------------------------------------------------
 
 
-def _walk(cache: NodeCache, layout: Layout) -> Iterator[tuple[str, os.stat_result]]:
+def _open_prefix(cache: NodeCache, layout: Layout) -> int:
+    """The directory holding `layout`'s shards, opened without following a symlink below the
+    cache root (the root itself is the agent's configuration)."""
+    rfd = os.open(cache.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return safefs.open_dir_beneath(rfd, layout.prefix())
+    finally:
+        os.close(rfd)
+
+
+def _walk(
+    cache: NodeCache, layout: Layout, report: OnError, *, task: Task, remove_planted: bool = False
+) -> Iterator[tuple[str, os.stat_result]]:
     """`(oid, lstat)` of every object file in `layout`, in path order.
 
     Only names shaped like objects count: a DVC cache also holds `runs/`, `tmp/` and the like,
     and the legacy layout's prefix is the cache root itself (where `files/` and `.datapin/`
-    are).
+    are). A shard that is not a directory (a symlink someone planted) is never followed: it is
+    reported, and with `remove_planted` unlinked (its target is left alone).
     """
-    prefix = cache.prefix(layout)
-    for shard in sorted(_listdir(prefix)):
-        if not _SHARD.fullmatch(shard):
-            continue
-        try:
-            with os.scandir(prefix + shard) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            if not _OBJECT.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+    try:
+        pfd = _open_prefix(cache, layout)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        report(task, cache.prefix(layout), exc)
+        return
+    try:
+        for shard in _names(pfd):
+            if not _SHARD.fullmatch(shard):
                 continue
             try:
-                st = entry.stat(follow_symlinks=False)
+                sfd = safefs.open_dir(shard, dir_fd=pfd)
             except FileNotFoundError:
                 continue
-            yield shard + entry.name, st
+            except OSError as exc:
+                report(task, cache.prefix(layout) + shard, exc)
+                if remove_planted and isinstance(exc, UnsafeFileError):
+                    with contextlib.suppress(OSError):
+                        safefs.remove_tree(shard, dir_fd=pfd)
+                continue
+            try:
+                with os.scandir(sfd) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+                for entry in entries:
+                    if not _OBJECT.fullmatch(entry.name) or not entry.is_file(
+                        follow_symlinks=False
+                    ):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    yield shard + entry.name, st
+            finally:
+                os.close(sfd)
+    finally:
+        os.close(pfd)
 
 
-def scan(cache: NodeCache) -> tuple[int, int]:
+def scan(cache: NodeCache, *, on_error: OnError | None = None) -> tuple[int, int]:
     """`(objects, bytes)` in the cache, both layouts, `.dir` objects included, `.datapin/` not."""
+    report = on_error or log_item_error
     objects = size = 0
     for layout in _LAYOUTS:
-        for _, st in _walk(cache, layout):
+        for _, st in _walk(cache, layout, report, task=Task.SCAN):
             objects += 1
             size += st.st_size
     return objects, size
@@ -378,11 +504,13 @@ class _Inventory:
         self.dirs: list[_Dir] = []
 
     @classmethod
-    def take(cls, cache: NodeCache) -> _Inventory:
+    def take(cls, cache: NodeCache, report: OnError, *, remove_planted: bool) -> _Inventory:
         inv = cls()
         for n, layout in enumerate(_LAYOUTS):
             index = inv.index[layout]
-            for oid, st in _walk(cache, layout):
+            for oid, st in _walk(
+                cache, layout, report, task=Task.COLLECT, remove_planted=remove_planted
+            ):
                 if oid.endswith(".dir"):
                     inv.dirs.append(
                         _Dir(layout=layout, md5=oid[:32], size=st.st_size, mtime=st.st_mtime)
@@ -426,6 +554,14 @@ class _Candidate:
     layout: Layout
     oid: str
     is_dir: bool
+    index: int = -1  # in the inventory's arrays (objects)
+    dir: _Dir | None = None  # (`.dir` objects)
+
+    def protected(self, inv: _Inventory) -> bool:
+        """Protected now: a build may have registered since the plan was made."""
+        if self.dir is not None:
+            return self.dir.protected
+        return bool(inv.protected[self.index])
 
 
 def _candidates(cache: NodeCache, inv: _Inventory) -> Iterator[_Candidate]:
@@ -445,23 +581,28 @@ def _candidates(cache: NodeCache, inv: _Inventory) -> Iterator[_Candidate]:
             j += 1
         layout = _LAYOUTS[inv.layout_of[i]]
         oid = inv.keys[i].hex()
-        yield _Candidate(cache.path(oid, layout), layout, oid, is_dir=False)
+        yield _Candidate(cache.path(oid, layout), layout, oid, is_dir=False, index=i)
     for d in dirs[j:]:
         yield _dir_candidate(cache, d)
 
 
 def _dir_candidate(cache: NodeCache, d: _Dir) -> _Candidate:
     oid = d.md5 + ".dir"
-    return _Candidate(cache.path(oid, d.layout), d.layout, oid, is_dir=True)
+    return _Candidate(cache.path(oid, d.layout), d.layout, oid, is_dir=True, dir=d)
 
 
 def _plan(cache: NodeCache, inv: _Inventory, root_revisions: set[tuple[str, Layout]]) -> None:
     """Mark what roots protect and give every other object its LRU clock."""
     used: dict[str, float] = {}
-    with contextlib.suppress(FileNotFoundError), os.scandir(_used_dir(cache)) as it:
-        for entry in it:
-            with contextlib.suppress(FileNotFoundError):
-                used[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+    with contextlib.suppress(OSError):  # no used-files (or not a directory of ours): no hints
+        ufd = safefs.open_dir(_used_dir(cache))
+        try:
+            with os.scandir(ufd) as it:
+                for entry in it:
+                    with contextlib.suppress(FileNotFoundError):
+                        used[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+        finally:
+            os.close(ufd)
     for oid, layout in root_revisions:
         if not oid.endswith(".dir"):
             with contextlib.suppress(ValueError):  # a single-file revision: the object itself
@@ -475,7 +616,7 @@ def _plan(cache: NodeCache, inv: _Inventory, root_revisions: set[tuple[str, Layo
         revision = Revision(md5=d.md5, is_dir=True)
         try:
             manifest = cache.load_manifest(revision, d.layout)
-        except (CorruptObjectError, ManifestError, OSError) as exc:
+        except Exception as exc:
             # A bad `.dir` is quarantined by load_manifest or, if it parses badly but hashes
             # right, evicted like any object no revision names: at its own mtime.
             log.warning(
@@ -528,7 +669,7 @@ def _gc_lock(cache: NodeCache) -> Iterator[None]:
     path = _private(cache) / "gc.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = safefs.open_regular(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         raise os_error(str(cache.root), exc, volume="node cache") from exc
     try:
@@ -538,34 +679,128 @@ def _gc_lock(cache: NodeCache) -> Iterator[None]:
         os.close(fd)
 
 
-class _Evictor:
-    """Unlinks candidates and keeps the tally."""
+def _protect_revision(cache: NodeCache, inv: _Inventory, oid: str, report: OnError) -> None:
+    """Protect revision `oid` in every layout the cache holds it in (a build registered)."""
+    for layout in _LAYOUTS:
+        if not oid.endswith(".dir"):
+            with contextlib.suppress(ValueError):
+                inv.protect(bytes.fromhex(oid), layout)
+            continue
+        md5 = oid.removesuffix(".dir")
+        for d in inv.dirs:
+            if d.md5 == md5 and d.layout == layout:
+                d.protected = True
+        if not os.path.lexists(cache.path(oid, layout)):
+            continue  # the builder fetches it; its objects are fetched after it too
+        try:
+            manifest = cache.load_manifest(Revision(md5=md5, is_dir=True), layout)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:
+            report(Task.BUILDS, cache.path(oid, layout), exc)
+            continue
+        for i in range(len(manifest)):
+            inv.protect(manifest.md5_raw(i), layout)
 
-    def __init__(self, cache: NodeCache, *, dry_run: bool) -> None:
+
+class _Builds:
+    """The registrations of builds in progress (`NodeCache.building`), read under
+    `builds.lock`, which the GC holds exclusively for one read and one batch of evictions."""
+
+    def __init__(self, cache: NodeCache, report: OnError) -> None:
         self.cache = cache
+        self.report = report
+        self.seen: set[str] = set()
+        try:
+            cache.builds_lock.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = safefs.open_regular(cache.builds_lock, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise os_error(str(cache.root), exc, volume="node cache") from exc
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[set[str]]:
+        """Exclusively: no build can register meanwhile. Yields the oids newly registered."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            live = self.read()
+            new = live - self.seen
+            self.seen |= live
+            yield new
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def read(self) -> set[str]:
+        """Oids of held registrations; dead builders' ones (a free flock) are removed."""
+        live: set[str] = set()
+        try:
+            dfd = safefs.open_dir(self.cache.builds_dir)
+        except FileNotFoundError:
+            return live
+        except OSError as exc:
+            self.report(Task.BUILDS, str(self.cache.builds_dir), exc)
+            return live
+        try:
+            for name in _names(dfd):
+                match = _BUILD.fullmatch(name)
+                try:
+                    fd = safefs.open_regular(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    self.report(Task.BUILDS, f"{self.cache.builds_dir}/{name}", exc)
+                    if isinstance(exc, UnsafeFileError):
+                        with contextlib.suppress(OSError):
+                            safefs.remove_tree(name, dir_fd=dfd)  # planted: never ours
+                    continue
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        if match is not None:
+                            live.add(match.group(1))
+                        continue
+                    # A free lock: its builder died (builders register under our lock, so
+                    # none is between creating and locking its file now).
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dfd)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dfd)
+        return live
+
+
+class _Evictor:
+    """Unlinks candidates and keeps the tally; never through a symlink."""
+
+    def __init__(self, cache: NodeCache, report: OnError, *, dry_run: bool) -> None:
+        self.cache = cache
+        self.report = report
         self.dry_run = dry_run
         self.objects = 0
         self.size = 0
         self.freed_bytes = 0
         self.freed_inodes = 0
+        self.failed = 0  # consecutive failures
         self.revisions: list[str] = []
 
     def evict(self, c: _Candidate) -> tuple[int, int]:
         """Remove one candidate; returns the (bytes, inodes) it is expected to free."""
-        freed = self._unlink(c.path)
+        relative = f"{c.layout.prefix()}{c.oid[:2]}"
+        freed = self._unlink(relative, c.oid[2:])
         if freed is None:
-            return 0, 0  # gone already (quarantined, or someone else's cleanup)
+            return 0, 0  # gone already (quarantined, or someone else's cleanup), or failed
         size, freed_bytes, freed_inodes = freed
         self.objects += 1
         self.size += size
         if c.is_dir:
             self.revisions.append(c.oid)
             # The parsed manifest is only valid with its `.dir`, and can be tens of MB.
-            for extra in (
-                self.cache.manifests_dir / f"{c.layout}-{c.oid}",
-                _used_dir(self.cache) / f"{c.layout}-{c.oid}",
-            ):
-                more = self._unlink(str(extra))
+            for directory in (f"{_PRIVATE}/manifests", f"{_PRIVATE}/used"):
+                more = self._unlink(directory, f"{c.layout}-{c.oid}")
                 if more is not None:
                     freed_bytes += more[1]
                     freed_inodes += more[2]
@@ -573,15 +808,32 @@ class _Evictor:
         self.freed_inodes += freed_inodes
         return freed_bytes, freed_inodes
 
-    def _unlink(self, path: str) -> tuple[int, int, int] | None:
+    def _unlink(self, relative: str, name: str) -> tuple[int, int, int] | None:
+        path = f"{self.cache.root}/{relative}/{name}"
         try:
-            st = os.lstat(path)
-            if not self.dry_run:
-                os.unlink(path)
-        except FileNotFoundError:
+            rfd = os.open(self.cache.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                dfd = safefs.open_dir_beneath(rfd, relative)
+            finally:
+                os.close(rfd)
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise UnsafeFileError(path, "is not a regular file")
+                if not self.dry_run:
+                    os.unlink(name, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except (FileNotFoundError, NotADirectoryError):
+            self.failed = 0
             return None
         except OSError as exc:
-            raise os_error(str(self.cache.root), exc, volume="node cache") from exc
+            self.report(Task.COLLECT, path, exc)
+            self.failed += 1
+            if self.failed >= MAX_FAILED_EVICTIONS:
+                raise os_error(str(self.cache.root), exc, volume="node cache") from exc
+            return None
+        self.failed = 0
         # An object that trees still hardlink keeps its blocks and inode after our unlink.
         last_link = st.st_nlink == 1
         return st.st_size, st.st_blocks * 512 if last_link else 0, int(last_link)
@@ -595,15 +847,19 @@ def collect(
     usage: VolumeUsage | None = None,
     dry_run: bool = False,
     clock: Callable[[], float] = time.time,
+    on_error: OnError | None = None,
 ) -> GcReport:
     """Evict least recently used objects not in use until the volume is below `watermarks`.
 
     `root_revisions` is `roots(...)`; `usage` a reading the caller just took (default: measure
-    now); `clock` the time source for `seconds`. With `dry_run` nothing is evicted and `after`
-    is the estimate (manifests are still read as on any run, so a `.dir` that fails its md5
-    is still quarantined). See the module doc for the policy.
+    now); `clock` the time source for `seconds`; `on_error` hears of every item skipped. With
+    `dry_run` nothing is evicted and `after` is the estimate (manifests are still read as on
+    any run, so a `.dir` that fails its md5 is still quarantined). Builds in progress
+    (`NodeCache.building`) are roots too, re-read before every batch of evictions. See the
+    module doc for the policy.
     """
     started = clock()
+    report = on_error or log_item_error
     wm = watermarks
     root_set = set(root_revisions)
     with _gc_lock(cache):
@@ -625,38 +881,54 @@ def collect(
             )
         if not dry_run:
             cache.clean_temp()
-        inv = _Inventory.take(cache)
-        _plan(cache, inv, root_set)
-        candidates = _candidates(cache, inv)
-        evictor = _Evictor(cache, dry_run=dry_run)
-        estimate = before
-        exhausted = False
-        tried = 0
-        while True:
-            while _above(estimate, wm.low_percent, wm.inodes_low_percent):
-                candidate = next(candidates, None)
-                if candidate is None:
-                    exhausted = True
+        builds = _Builds(cache, report)
+        try:
+            inv = _Inventory.take(cache, report, remove_planted=not dry_run)
+            with builds.held() as building:
+                registered = set(building)
+            # Planned without the lock (manifests take a while to read); a build registering
+            # meanwhile is seen by the first batch.
+            _plan(cache, inv, root_set | {(oid, lay) for oid in registered for lay in _LAYOUTS})
+            candidates = _candidates(cache, inv)
+            evictor = _Evictor(cache, report, dry_run=dry_run)
+            estimate = before
+            exhausted = False
+            tried = 0
+            while True:
+                while not exhausted and _above(estimate, wm.low_percent, wm.inodes_low_percent):
+                    with builds.held() as building:
+                        for oid in sorted(building):
+                            _protect_revision(cache, inv, oid, report)
+                        for _ in range(BATCH):
+                            if not _above(estimate, wm.low_percent, wm.inodes_low_percent):
+                                break
+                            candidate = next(candidates, None)
+                            if candidate is None:
+                                exhausted = True
+                                break
+                            if candidate.protected(inv):
+                                continue  # a build registered it since the plan
+                            estimate = _minus(estimate, *evictor.evict(candidate))
+                            tried += 1
+                            if not dry_run and tried % REMEASURE_EVERY == 0:
+                                estimate = _lower(estimate, VolumeUsage.measure(cache.root))
+                if dry_run:
+                    after = estimate
                     break
-                estimate = _minus(estimate, *evictor.evict(candidate))
-                tried += 1
-                if not dry_run and tried % REMEASURE_EVERY == 0:
-                    estimate = _lower(estimate, VolumeUsage.measure(cache.root))
-            if dry_run:
-                after = estimate
-                break
-            after = _settled(cache.root)
-            if exhausted or not _above(after, wm.low_percent, wm.inodes_low_percent):
-                break
-            # Unlinks freed less than estimated (extents a tree outside the roots still
-            # shares, or someone else writing): go on from what the volume says.
-            log.info(
-                "GC: volume still at %.1f%% after the estimate reached the low watermark; "
-                "evicting more",
-                after.used_percent,
-                extra={"used_percent": after.used_percent, "estimate": estimate.used_percent},
-            )
-            estimate = after
+                after = _settled(cache.root)
+                if exhausted or not _above(after, wm.low_percent, wm.inodes_low_percent):
+                    break
+                # Unlinks freed less than estimated (extents a tree outside the roots still
+                # shares, or someone else writing): go on from what the volume says.
+                log.info(
+                    "GC: volume still at %.1f%% after the estimate reached the low watermark; "
+                    "evicting more",
+                    after.used_percent,
+                    extra={"used_percent": after.used_percent, "estimate": estimate.used_percent},
+                )
+                estimate = after
+        finally:
+            builds.close()
         target_reached = not _above(after, wm.low_percent, wm.inodes_low_percent)
 
     kept = sum(1 for p in inv.protected if p) + sum(1 for d in inv.dirs if d.protected)
@@ -678,7 +950,7 @@ def collect(
             len(root_set),
             extra={"held_bytes": held, "held_objects": kept, "roots": len(root_set)},
         )
-    report = GcReport(
+    result = GcReport(
         triggered=True,
         target_reached=target_reached,
         evicted_objects=evictor.objects,
@@ -695,74 +967,129 @@ def collect(
     log.info(
         "GC%s: evicted %d objects (%d bytes, %d revisions); volume %.1f%% -> %.1f%%",
         " (dry run)" if dry_run else "",
-        report.evicted_objects,
-        report.evicted_bytes,
-        len(report.evicted_revisions),
+        result.evicted_objects,
+        result.evicted_bytes,
+        len(result.evicted_revisions),
         before.used_percent,
         after.used_percent,
         extra={
             "dry_run": dry_run,
-            "evicted_objects": report.evicted_objects,
-            "evicted_bytes": report.evicted_bytes,
-            "evicted_revisions": len(report.evicted_revisions),
+            "evicted_objects": result.evicted_objects,
+            "evicted_bytes": result.evicted_bytes,
+            "evicted_revisions": len(result.evicted_revisions),
             "kept_in_use_objects": kept,
             "used_percent_before": before.used_percent,
             "used_percent_after": after.used_percent,
-            "seconds": report.seconds,
+            "seconds": result.seconds,
         },
     )
-    return report
+    return result
 
 
 # -- download slots ---------------------------------------------------------------------------
 
 
 def clean_slots(
-    cache: NodeCache, *, max_age: float = 3600.0, clock: Callable[[], float] = time.time
+    cache: NodeCache,
+    *,
+    max_age: float = 3600.0,
+    clock: Callable[[], float] = time.time,
+    on_error: OnError | None = None,
 ) -> int:
     """Remove download slots abandoned longer than `max_age` seconds. Returns how many.
 
     A slot whose flock is held belongs to a live downloader and is never touched. A free one
     may still be resumed by the next claimant of its object, which is why only old ones go.
     Journals (`.parts`) go with their slot, or alone when their slot is gone and they are old.
+    Anything in the fetch area that is not a regular file (a directory or symlink planted
+    there, a symlinked shard) is not ours: it is reported and removed without being followed.
     """
+    report = on_error or log_item_error
     now = clock()
     removed = 0
-    for shard in _listdir(cache.fetch_dir):
-        directory = f"{cache.fetch_dir}/{shard}"
-        names = _listdir(directory)
-        slots = {n for n in names if _JOURNAL not in n}
-        for name in sorted(slots):
-            journals = [n for n in names if n.startswith(name + _JOURNAL)]
-            if _remove_slot(f"{directory}/{name}", journals, directory, now, max_age):
-                removed += 1
-        for name in names:
-            if _JOURNAL in name and name[: name.rindex(_JOURNAL)] not in slots:
-                path = f"{directory}/{name}"
-                with contextlib.suppress(FileNotFoundError):
-                    if now - os.lstat(path).st_mtime > max_age:
-                        os.unlink(path)
+    try:
+        ffd = safefs.open_dir(cache.fetch_dir)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        report(Task.SLOTS, str(cache.fetch_dir), exc)
+        return 0
+    try:
+        for shard in _names(ffd):
+            where = f"{cache.fetch_dir}/{shard}"
+            try:
+                sfd = safefs.open_dir(shard, dir_fd=ffd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report(Task.SLOTS, where, exc)
+                if isinstance(exc, UnsafeFileError):
+                    _remove_planted(shard, ffd, where, report)
+                continue
+            try:
+                removed += _clean_shard(sfd, where, now, max_age, report)
+            except Exception as exc:
+                report(Task.SLOTS, where, exc)
+            finally:
+                os.close(sfd)
+    finally:
+        os.close(ffd)
     if removed:
         log.info("removed %d abandoned download slots", removed, extra={"slots": removed})
     return removed
 
 
-def _remove_slot(
-    path: str, journals: list[str], directory: str, now: float, max_age: float
-) -> bool:
+def _remove_planted(name: str, dir_fd: int, where: str, report: OnError) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        safefs.remove_tree(name, dir_fd=dir_fd)
+    except OSError as exc:
+        report(Task.SLOTS, where, exc)
+
+
+def _clean_shard(sfd: int, where: str, now: float, max_age: float, report: OnError) -> int:
+    removed = 0
+    names = _names(sfd)
+    regular: list[str] = []
+    for name in names:
+        try:
+            mode = os.lstat(name, dir_fd=sfd).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode):
+            regular.append(name)
+            continue
+        report(Task.SLOTS, f"{where}/{name}", UnsafeFileError(name, "is not a regular file"))
+        _remove_planted(name, sfd, f"{where}/{name}", report)
+    slots = {n for n in regular if _JOURNAL not in n}
+    for name in sorted(slots):
+        journals = [n for n in regular if n.startswith(name + _JOURNAL)]
+        try:
+            if _remove_slot(name, journals, sfd, now, max_age):
+                removed += 1
+        except OSError as exc:
+            report(Task.SLOTS, f"{where}/{name}", exc)
+    for name in regular:
+        if _JOURNAL in name and name[: name.rindex(_JOURNAL)] not in slots:
+            with contextlib.suppress(FileNotFoundError):
+                if now - os.lstat(name, dir_fd=sfd).st_mtime > max_age:
+                    os.unlink(name, dir_fd=sfd)
+    return removed
+
+
+def _remove_slot(name: str, journals: list[str], sfd: int, now: float, max_age: float) -> bool:
+    try:
+        fd = safefs.open_regular(name, dir_fd=sfd)
     except FileNotFoundError:
         return False
     try:
-        if not _abandoned(fd, path, now, max_age):
+        if not _abandoned(fd, name, sfd, now, max_age):
             return False
         # Journals first, the slot last, the lock released after both (as `Slot.discard`).
         for journal in journals:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{directory}/{journal}")
+                os.unlink(journal, dir_fd=sfd)
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=sfd)
         except FileNotFoundError:
             return False
         return True
@@ -770,15 +1097,15 @@ def _remove_slot(
         os.close(fd)
 
 
-def _abandoned(fd: int, path: str, now: float, max_age: float) -> bool:
+def _abandoned(fd: int, name: str, sfd: int, now: float, max_age: float) -> bool:
     """Take the slot's lock (kept until `fd` closes) and say whether it is old and ours."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         st = os.fstat(fd)
         # Installing a slot links it to its object name before unlinking the slot, so a
         # lock on an installed slot's inode (nlink 1: the object) says nothing about the
-        # file now at `path`, which may be a new claimant's.
-        current = os.lstat(path)
+        # file now at `name`, which may be a new claimant's.
+        current = os.lstat(name, dir_fd=sfd)
     except (BlockingIOError, FileNotFoundError):
         return False  # a live downloader, or finished meanwhile
     if (current.st_ino, current.st_dev) != (st.st_ino, st.st_dev):
@@ -796,23 +1123,29 @@ def reap_workspaces(
     grace: float = 300.0,
     clock: Callable[[], float] = time.time,
     warned: set[str] | None = None,
+    on_error: OnError | None = None,
 ) -> list[str]:
     """Remove `root/workspaces/<uid>/` of pods that are gone; returns the uids removed.
 
     A pod is gone when `live(uid)` is False and both the directory and its `.pod.json` are
     older than `grace` seconds (a pod just scheduled may not be visible to `live` yet). A
-    workspace some sidecar is materialising into (a `.revs/.lock` is held) is skipped.
-    Removal renames the directory to `.trash-<uid>-<random>` first, so a crash never leaves
-    a half-deleted tree under a pod's uid, and leftover `.trash-*` directories go first.
+    workspace some sidecar is materialising into (a `.state/<dataset>/.lock`, or an older
+    sidecar's `<dataset>/.revs/.lock`, is held) is skipped. A lock that is not a regular file
+    (a FIFO, a symlink: only the pod could have put it there) is never opened or followed; no
+    sidecar can hold it, so it does not keep the workspace: it is reported and the workspace
+    reaped. Removal renames the directory to `.trash-<uid>-<random>` first, so a crash never
+    leaves a half-deleted tree under a pod's uid, and leftover `.trash-*` directories go
+    first; deletion never follows a symlink (`safefs.remove_tree`).
 
     Names that are not pod UIDs are left alone and logged once per call, or once per name
     for the lifetime of `warned` if the caller keeps that set across calls.
     """
+    report = on_error or log_item_error
     workspaces = Path(root) / "workspaces"
     names = sorted(_listdir(workspaces))
     for name in names:
         if name.startswith(_TRASH):
-            _remove(workspaces / name, uid=None)
+            _remove(workspaces / name, uid=None, report=report)
     now = clock()
     removed: list[str] = []
     odd = [n for n in names if not n.startswith(_TRASH) and not _POD_UID.fullmatch(n)]
@@ -832,23 +1165,23 @@ def reap_workspaces(
         if not _POD_UID.fullmatch(uid) or live(uid):
             continue
         pod_dir = workspaces / uid
-        if not _older_than(pod_dir, now - grace):
-            continue
-        trash = workspaces / f"{_TRASH}{uid}-{secrets.token_hex(4)}"
-        with contextlib.ExitStack() as locks:
-            if not _lock_all(pod_dir, locks):
-                log.info(
-                    "workspace of gone pod %s is being materialised into; reaping it later",
-                    uid,
-                    extra={"pod_uid": uid},
-                )
+        try:
+            if not _older_than(pod_dir, now - grace):
                 continue
-            try:
+            trash = workspaces / f"{_TRASH}{uid}-{secrets.token_hex(4)}"
+            with contextlib.ExitStack() as locks:
+                if not _lock_all(pod_dir, locks, report):
+                    log.info(
+                        "workspace of gone pod %s is being materialised into; reaping it later",
+                        uid,
+                        extra={"pod_uid": uid},
+                    )
+                    continue
                 os.rename(pod_dir, trash)
-            except OSError as exc:
-                log.warning("cannot remove workspace %s: %s", pod_dir, exc, extra={"pod_uid": uid})
-                continue
-        _remove(trash, uid=uid)
+        except OSError as exc:
+            report(Task.REAP, str(pod_dir), exc)
+            continue
+        _remove(trash, uid=uid, report=report)
         removed.append(uid)
     if removed:
         log.info(
@@ -872,31 +1205,65 @@ def _older_than(pod_dir: Path, cutoff: float) -> bool:
         return True  # a sidecar that never wrote one: the directory's age decides
 
 
-def _lock_all(pod_dir: Path, locks: contextlib.ExitStack) -> bool:
+def _lock_dirs(pfd: int) -> Iterator[str]:
+    """Relative paths of the directories holding a pod's workspace locks (both layouts)."""
+    for name in _names(pfd):
+        if name == _STATE:
+            try:
+                sfd = safefs.open_dir(name, dir_fd=pfd)
+            except (FileNotFoundError, UnsafeFileError):
+                continue
+            try:
+                datasets = _names(sfd)
+            finally:
+                os.close(sfd)
+            yield from (f"{_STATE}/{d}" for d in datasets)
+        elif not name.startswith("."):
+            yield f"{name}/.revs"
+
+
+def _lock_all(pod_dir: Path, locks: contextlib.ExitStack, report: OnError) -> bool:
     """Take every dataset's workspace lock without waiting; False if one is held.
 
     The locks stay held (in `locks`) until the directory is renamed away, so no sidecar can
-    start a materialise in between.
+    start a materialise in between. See `reap_workspaces` for locks that are not files.
     """
-    for dataset in _listdir(pod_dir):
-        try:
-            fd = os.open(pod_dir / dataset / ".revs" / ".lock", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        locks.callback(os.close, fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+    pfd = safefs.open_dir(pod_dir)
+    try:
+        for rel in _lock_dirs(pfd):
+            where = f"{pod_dir}/{rel}/.lock"
+            try:
+                dfd = safefs.open_dir_beneath(pfd, rel)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except UnsafeFileError as exc:
+                report(Task.REAP, where, exc)  # a symlinked `.revs`: nothing to lock there
+                continue
+            try:
+                fd = safefs.open_regular(".lock", dir_fd=dfd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except UnsafeFileError as exc:
+                report(Task.REAP, where, exc)
+                continue
+            finally:
+                os.close(dfd)
+            locks.callback(os.close, fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+    finally:
+        os.close(pfd)
     return True
 
 
-def _remove(path: Path, *, uid: str | None) -> None:
+def _remove(path: Path, *, uid: str | None, report: OnError) -> None:
     try:
-        remove_tree(path)
+        safefs.remove_tree(path)
     except OSError as exc:
         # It keeps its `.trash-` name, so the next reap tries again.
-        log.warning("cannot delete %s: %s", path, exc, extra={"pod_uid": uid})
+        report(Task.REAP, str(path), exc)
 
 
 def kubelet_pods_liveness(pods_dir: Path) -> Callable[[str], bool]:

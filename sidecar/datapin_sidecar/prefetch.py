@@ -9,6 +9,10 @@ The same plan as the materialiser, minus the tree: find the layout, get the `.di
 the cache lacks (one `lstat` per distinct object), fetch that in one batch (once per node,
 whoever else is fetching), and report. Synchronous like the materialiser: the agent runs it in
 a worker thread, and cancellation reaches it through `S3Remote.abort()`.
+
+The whole run is registered with `NodeCache.building` before the first lookup, so a GC running
+meanwhile keeps every object of the revision that is already in the cache: an object found
+present is never evicted before the prefetch reports the revision warm.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ def prefetch(
     cache: NodeCache, revision: Revision, remote: Remote, *, layout: Layout | None = None
 ) -> PrefetchResult:
     """Make every object of `revision` present in `cache`; raise if the remote lacks some."""
+    with cache.building(revision.oid):
+        return _prefetch(cache, revision, remote, layout=layout)
+
+
+def _prefetch(
+    cache: NodeCache, revision: Revision, remote: Remote, *, layout: Layout | None
+) -> PrefetchResult:
     started = time.monotonic()
     layouts = (layout,) if layout else (Layout.DVC3, Layout.LEGACY)
     found = cache.find(revision.oid, layouts) or remote.find(revision.oid, layouts)
