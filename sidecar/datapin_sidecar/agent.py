@@ -1,35 +1,57 @@
 """The node agent (`agent` mode, a DaemonSet): owns the node cache.
 
-Three loops in one TaskGroup, each on its own interval:
+Loops in one TaskGroup, each on its own interval:
 
 * **prefetch** — the operator writes the list of revisions to keep warm into a file (a
-  ConfigMap mounted into the agent); each listed revision's objects are fetched into the cache
-  (`prefetch.prefetch`: no tree, once per node). A revision that failed is retried with
-  backoff; one that is warm is re-checked every `scan_interval` (something may have removed
-  objects by hand). A bad file is logged and the previous list kept.
-* **gc** — statvfs of the node volume every `gc_interval`; workspaces of pods that left the
-  node are removed (`gc.reap_workspaces`, when kubelet's pods directory is mounted); abandoned
-  partial downloads go (`gc.clean_slots`); above the high watermark (bytes or inodes) the
-  least recently used objects that no published workspace and no prefetch entry needs are
-  evicted down to the low watermark (`gc.collect`).
-* **scan** — objects and bytes in the cache, for the node metrics (a full directory walk,
-  so on its own, slower interval).
+  ConfigMap mounted into the agent). The file is checked every `LIST_CHECK_SECONDS` (a `stat`;
+  it is re-read when it changed, appeared, or `prefetch_interval` passed), so a list written
+  after the agent started is picked up within seconds. Each listed (dataset, pin) is its own
+  task: its objects are fetched into the cache (`prefetch.prefetch`: no tree, once per node),
+  at most `PREFETCH_CONCURRENCY` at a time, and an entry holding a slot longer than
+  `PREFETCH_SLOT_SECONDS` gives it up (and keeps running), so one tenant's slow, endless or
+  failing endpoint never keeps another dataset from becoming warm. Any failure of an entry
+  (a `DatapinError`, `MemoryError`, any exception) is logged, counted and retried with that
+  entry's own backoff; one that is warm is re-checked every `scan_interval`. A bad file is
+  logged and the previous list kept.
+* **gc** — every `gc_interval`: workspaces of pods that left the node are removed
+  (`gc.reap_workspaces`, when kubelet's pods directory is mounted); abandoned partial
+  downloads go (`gc.clean_slots`); above the high watermark (bytes or inodes) the least
+  recently used objects that no workspace, no prefetch entry and no build in progress needs
+  are evicted down to the low watermark (`gc.collect`).
+* **gauges** — statvfs of the node volume every `GAUGE_SECONDS`; the cache's objects and bytes
+  are counted again (a full walk, in a worker thread) when the volume's used bytes or inodes
+  moved since the last count, at most once per `max(GAUGE_SECONDS, 4 * the last walk's
+  duration)`, and at least every `scan_interval`: the gauges follow sidecars filling a node
+  within seconds without the walk running back to back on a large cache.
+
+**The volume is hostile.** Pods control names under `workspaces/`, and a subverted writer may
+have planted anything in the cache. Every housekeeping function opens such paths with `safefs`
+(no symlink followed, no FIFO or device opened, bounded reads) and reports an item it cannot
+handle to `Agent.item_error`: counted in `datapin_agent_item_errors_total{task}`, logged once
+per (task, path, problem), skipped; the cycle goes on. A GC cycle counts as done even when a
+step failed (the step's failure is an item error too), so readiness (`ready()`: a first cycle
+completed) reflects the agent, not one bad item. Blocking work runs in daemon threads
+(`_in_thread`), so SIGTERM stops the agent promptly even while a worker is stuck on a remote.
 
 Everything the agent does is observable: node metrics (`datapin_volume_*`, `datapin_cache_*`,
-evictions, GC runs) plus the per-dataset fetch metrics the sidecars export, for prefetches.
+evictions, GC runs, item errors) plus the per-dataset fetch metrics the sidecars export, for
+prefetches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -37,6 +59,7 @@ from .cache import NodeCache
 from .errors import DatapinError, UsageError
 from .gc import (
     GcReport,
+    Task,
     VolumeUsage,
     Watermarks,
     clean_slots,
@@ -57,6 +80,49 @@ from .revision import Revision
 from .settings import DatasetSettings, Settings
 
 log = logging.getLogger(__name__)
+
+#: Prefetch entries running at once.
+PREFETCH_CONCURRENCY: Final = 4
+#: An entry running longer than this gives its concurrency slot to the others (and goes on).
+PREFETCH_SLOT_SECONDS: Final = 120.0
+#: How often the prefetch file is stat'ed for changes.
+LIST_CHECK_SECONDS: Final = 2.0
+#: How often statvfs is read for the volume gauges (and a cache walk considered).
+GAUGE_SECONDS: Final = 2.0
+#: Distinct item errors remembered for logging once; the memory is reset when full.
+_LOGGED_MAX: Final = 4096
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+async def _in_thread(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """`asyncio.to_thread` on a daemon thread: a worker stuck on a remote or a volume never
+    keeps the process from exiting (the default executor is joined at shutdown)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # cancelled meanwhile
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = ctx.run(fn, *args, **kwargs)
+        except BaseException as exc:
+            outcome: tuple[_T | None, BaseException | None] = (None, exc)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name=getattr(fn, "__name__", "worker"), daemon=True).start()
+    return await future
 
 
 class PrefetchList(BaseModel):
@@ -98,6 +164,7 @@ class Warmth:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+    running: bool = False
 
 
 class Agent:
@@ -136,9 +203,18 @@ class Agent:
         self.stopping = asyncio.Event()
         self.cancel = threading.Event()
         self._remotes: dict[str, Remote] = {}
+        self._remote_lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
-        self._last_scan = 0.0
         self._list_error = ""
+        self._list_stat: tuple[int, int, int, int] | None = None
+        self._list_read = float("-inf")
+        self._slots = asyncio.Semaphore(PREFETCH_CONCURRENCY)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scanned_usage: tuple[int, int] | None = None
+        self._scan_done = float("-inf")
+        self._scan_seconds = 0.0
+        self._logged: set[tuple[str, str, str]] = set()
+        self._logged_lock = threading.Lock()
         self._warned: set[str] = set()  # odd names under workspaces/, warned about once
         for name, value in (
             (("bytes", "high"), settings.gc_high_percent),
@@ -167,6 +243,29 @@ class Agent:
             abort = getattr(remote, "abort", None)
             if abort is not None:
                 abort()
+        for task in self._tasks:
+            task.cancel()  # they await a thread, not do the work: cancelling is immediate
+
+    def item_error(self, task: Task, path: str, exc: BaseException) -> None:
+        """One item a task skipped: counted, logged once per (task, path, problem).
+
+        Called from worker threads too.
+        """
+        self.metrics.item_errors.labels(str(task)).inc()
+        key = (str(task), path, f"{type(exc).__name__}: {exc}")
+        with self._logged_lock:
+            if key in self._logged:
+                return
+            if len(self._logged) >= _LOGGED_MAX:
+                self._logged.clear()
+            self._logged.add(key)
+        log.warning(
+            "%s: skipped %s: %s (counted in datapin_agent_item_errors_total; logged once)",
+            task,
+            path,
+            key[2],
+            extra={"task": str(task), "path": path},
+        )
 
     def ready(self) -> bool:
         return self.cycles > 0
@@ -193,10 +292,21 @@ class Agent:
 
     async def run(self) -> None:
         """Run the loops until `stop()`."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(self.settings.prefetch_interval_seconds, self.prefetch))
-            tg.create_task(self._every(self.settings.gc_interval_seconds, self.collect))
-            tg.create_task(self._every(self.settings.scan_interval_seconds, self.scan))
+        s = self.settings
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(
+                    self._every(min(s.prefetch_interval_seconds, LIST_CHECK_SECONDS), self.prefetch)
+                )
+                tg.create_task(self._every(s.gc_interval_seconds, self.collect))
+                tg.create_task(
+                    self._every(min(s.scan_interval_seconds, GAUGE_SECONDS), self.gauges)
+                )
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=5)
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while not self.stopping.is_set():
@@ -204,90 +314,144 @@ class Agent:
                 await step()
             except DatapinError as exc:
                 log.error("%s failed: %s", step.__name__, exc)
-            except Exception:
+            except Exception:  # MemoryError included: the loop goes on
                 log.exception("%s failed unexpectedly (a bug: please report it)", step.__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
 
     # -- prefetch -------------------------------------------------------------------------------
 
+    def _reload_list(self) -> None:
+        """Re-read the prefetch file if it changed (a `stat`), appeared, or is due."""
+        path = self.settings.prefetch_file
+        if path is None:
+            return
+        try:
+            st = os.stat(path)  # follows the ConfigMap's `..data` symlink swap
+            current: tuple[int, int, int, int] | None = (
+                st.st_dev,
+                st.st_ino,
+                st.st_mtime_ns,
+                st.st_size,
+            )
+        except OSError:
+            current = None
+        now = time.monotonic()
+        due = now - self._list_read >= self.settings.prefetch_interval_seconds
+        if current == self._list_stat and not due:
+            return
+        self._list_stat = current
+        self._list_read = now
+        try:
+            self.entries = read_prefetch_list(path)
+            self._list_error = ""
+        except UsageError as exc:
+            if str(exc) != self._list_error:
+                log.error("%s; keeping the previous prefetch list", exc)
+                self._list_error = str(exc)
+
     async def prefetch(self) -> None:
-        if self.settings.prefetch_file is not None:
-            try:
-                self.entries = read_prefetch_list(self.settings.prefetch_file)
-                self._list_error = ""
-            except UsageError as exc:
-                if str(exc) != self._list_error:
-                    log.error("%s; keeping the previous prefetch list", exc)
-                    self._list_error = str(exc)
+        """Start every entry that is due and not running; each runs as its own task."""
+        await _in_thread(self._reload_list)
         wanted = {(e.name, e.pin or ""): e for e in self.entries}
         for key in set(self.warmth) - set(wanted):
-            del self.warmth[key]
+            if not self.warmth[key].running:
+                del self.warmth[key]
         now = self.clock()
-        due = []
         for key, entry in wanted.items():
             w = self.warmth.setdefault(key, Warmth())
+            if w.running or self.stopping.is_set():
+                continue
             recheck = w.state == "warm" and now - w.checked >= self.settings.scan_interval_seconds
             if (w.state != "warm" and w.retry_at <= now) or recheck:
-                due.append(entry)
-        for entry in due:
-            if self.stopping.is_set():
-                break
-            await self._prefetch_one(entry)
+                w.running = True
+                task = asyncio.create_task(self._prefetch_entry(entry, w))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         self._count_warmth()
 
-    async def _prefetch_one(self, entry: DatasetSettings) -> None:
-        revision = Revision.parse(entry.pin or "")
-        w = self.warmth[(entry.name, entry.pin or "")]
-        layout = None if entry.layout == "auto" else Layout(entry.layout)
-        with log_context(dataset=entry.name, revision=entry.ref or revision.oid):
-            started = time.monotonic()
-            try:
-                remote = await self._remote(entry)
-                result: PrefetchResult = await asyncio.to_thread(
-                    prefetch, self.cache, revision, remote, layout=layout
-                )
-            except (DatapinError, asyncio.CancelledError) as exc:
-                if self.stopping.is_set():
-                    return
-                if isinstance(exc, asyncio.CancelledError):
+    async def _prefetch_entry(self, entry: DatasetSettings, w: Warmth) -> None:
+        """One entry, within a concurrency slot it gives up after `PREFETCH_SLOT_SECONDS`."""
+        slot = True
+        await self._slots.acquire()
+        try:
+            with log_context(dataset=entry.name, revision=entry.ref or entry.pin or ""):
+                work = asyncio.ensure_future(self._prefetch_one(entry, w))
+                try:
+                    await asyncio.wait_for(asyncio.shield(work), PREFETCH_SLOT_SECONDS)
+                except TimeoutError:
+                    log.warning(
+                        "prefetch still running after %.0f s; letting other entries go first",
+                        PREFETCH_SLOT_SECONDS,
+                    )
+                    self._slots.release()
+                    slot = False
+                    await work
+                except asyncio.CancelledError:
+                    work.cancel()
                     raise
-                w.state, w.failures, w.last_error = "failed", w.failures + 1, str(exc)
-                w.retry_at = self.clock() + min(
-                    self.settings.retry_max_seconds, 2.0 ** min(w.failures, 16)
-                )
-                self.metrics.observe_failure(entry.name, exc, seconds=time.monotonic() - started)
-                log.error("prefetch failed: %s", exc, extra={"reason": exc.reason})
-                return
-            now = self.clock()
-            w.state, w.checked, w.failures, w.last_error = "warm", now, 0, ""
-            m = self.metrics
-            m.dataset(entry.name)
-            m.fetched_objects.labels(entry.name).inc(result.fetched_objects)
-            m.fetched_bytes.labels(entry.name).inc(result.fetched_bytes)
-            m.waited_objects.labels(entry.name).inc(result.waited_objects)
-            for reason, n in result.retries.items():
-                m.retries.labels(entry.name, reason).inc(n)
-            m.last_success.labels(entry.name).set(now)
-            touch_used(self.cache, revision, Layout(result.layout), now=now)
-            log.info(
-                "warm: %d objects, %d were present, %d fetched (%d bytes), %.3f s",
-                result.objects,
-                result.present,
-                result.fetched_objects,
-                result.fetched_bytes,
-                result.seconds,
+        finally:
+            w.running = False
+            if slot:
+                self._slots.release()
+            if not self.stopping.is_set():
+                self._count_warmth()
+
+    async def _prefetch_one(self, entry: DatasetSettings, w: Warmth) -> None:
+        started = time.monotonic()
+        try:
+            revision = Revision.parse(entry.pin or "")
+            layout = None if entry.layout == "auto" else Layout(entry.layout)
+            remote = await self._remote(entry)
+            result: PrefetchResult = await _in_thread(
+                prefetch, self.cache, revision, remote, layout=layout
             )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # MemoryError and bugs too: one entry never stops the rest
+            if self.stopping.is_set():
+                return
+            w.state, w.failures = "failed", w.failures + 1
+            w.last_error = str(exc) or type(exc).__name__
+            w.retry_at = self.clock() + min(
+                self.settings.retry_max_seconds, 2.0 ** min(w.failures, 16)
+            )
+            self.metrics.observe_failure(entry.name, exc, seconds=time.monotonic() - started)
+            if isinstance(exc, DatapinError):
+                log.error("prefetch failed: %s", exc, extra={"reason": exc.reason})
+            else:
+                self.item_error(Task.PREFETCH, f"{entry.name}@{entry.pin}", exc)
+            return
+        now = self.clock()
+        w.state, w.checked, w.failures, w.last_error = "warm", now, 0, ""
+        m = self.metrics
+        m.dataset(entry.name)
+        m.fetched_objects.labels(entry.name).inc(result.fetched_objects)
+        m.fetched_bytes.labels(entry.name).inc(result.fetched_bytes)
+        m.waited_objects.labels(entry.name).inc(result.waited_objects)
+        for reason, n in result.retries.items():
+            m.retries.labels(entry.name, reason).inc(n)
+        m.last_success.labels(entry.name).set(now)
+        touch_used(self.cache, revision, Layout(result.layout), now=now)
+        log.info(
+            "warm: %d objects, %d were present, %d fetched (%d bytes), %.3f s",
+            result.objects,
+            result.present,
+            result.fetched_objects,
+            result.fetched_bytes,
+            result.seconds,
+        )
 
     async def _remote(self, entry: DatasetSettings) -> Remote:
         key = entry.model_dump_json(exclude={"pin", "ref"})
-        remote = self._remotes.get(key)
-        if remote is None:
-            assert self._stack is not None  # noqa: S101 - only called inside opened()
-            remote = await self._stack.enter_async_context(
-                open_remote(entry, jobs=self.settings.jobs, environ=self.environ)
-            )
-            self._remotes[key] = remote
+        async with self._remote_lock:  # entries run concurrently: one client per remote
+            remote = self._remotes.get(key)
+            if remote is None:
+                assert self._stack is not None  # noqa: S101 - only called inside opened()
+                remote = await self._stack.enter_async_context(
+                    open_remote(entry, jobs=self.settings.jobs, environ=self.environ)
+                )
+                self._remotes[key] = remote
         return remote
 
     def _count_warmth(self) -> None:
@@ -298,60 +462,78 @@ class Agent:
     # -- gc ---------------------------------------------------------------------------------------
 
     async def collect(self) -> None:
+        """One GC cycle. Each step's failure is an item error; the cycle still completes."""
         s = self.settings
         m = self.metrics
+        report = self.item_error
         if self.live is not None:
-            removed = await asyncio.to_thread(
-                reap_workspaces,
-                s.root,
-                live=self.live,
-                grace=s.workspace_grace_seconds,
-                warned=self._warned,
-            )
-            if removed:
-                m.workspaces_removed.inc(len(removed))
-                log.info("removed the workspaces of %d pod(s) gone from the node", len(removed))
-        slots = await asyncio.to_thread(clean_slots, self.cache, max_age=s.gc_slot_max_age_seconds)
-        m.slots_removed.inc(slots)
-        protected = [
-            (Revision.parse(e.pin or ""), Layout(e.layout))
-            for e in self.entries
-            if e.layout != "auto"
-        ] + [
-            (Revision.parse(e.pin or ""), layout)
-            for e in self.entries
-            if e.layout == "auto"
-            for layout in Layout
-        ]
-        in_use = await asyncio.to_thread(roots, s.root, protected)
+            try:
+                removed = await _in_thread(
+                    reap_workspaces,
+                    s.root,
+                    live=self.live,
+                    grace=s.workspace_grace_seconds,
+                    warned=self._warned,
+                    on_error=report,
+                )
+            except Exception as exc:
+                report(Task.REAP, str(s.workspaces_dir), exc)
+            else:
+                if removed:
+                    m.workspaces_removed.inc(len(removed))
+                    log.info("removed the workspaces of %d pod(s) gone from the node", len(removed))
         try:
-            report = await asyncio.to_thread(collect, self.cache, in_use, self.watermarks)
+            slots = await _in_thread(
+                clean_slots, self.cache, max_age=s.gc_slot_max_age_seconds, on_error=report
+            )
+        except Exception as exc:
+            report(Task.SLOTS, str(self.cache.fetch_dir), exc)
+        else:
+            m.slots_removed.inc(slots)
+        try:
+            await self._collect(report)
         except Exception:
             m.gc_runs.labels("error").inc()
             raise
-        self.last_gc = report
-        self._observe_volume(report.after)
-        if report.triggered:
-            m.gc_runs.labels("reached" if report.target_reached else "short").inc()
-            m.evicted_objects.inc(report.evicted_objects)
-            m.evicted_bytes.inc(report.evicted_bytes)
-            if report.cache_objects is not None and report.cache_bytes is not None:
-                m.cache_objects.set(report.cache_objects)
-                m.cache_bytes.set(report.cache_bytes)
+        finally:
+            self.cycles += 1
+            self.on_cycle()
+
+    async def _collect(self, report: Callable[[Task, str, BaseException], None]) -> None:
+        m = self.metrics
+        protected: list[tuple[Revision, Layout]] = []
+        for e in self.entries:
+            try:
+                revision = Revision.parse(e.pin or "")
+            except DatapinError as exc:
+                report(Task.ROOTS, f"prefetch entry {e.name}", exc)
+                continue
+            layouts = list(Layout) if e.layout == "auto" else [Layout(e.layout)]
+            protected += [(revision, layout) for layout in layouts]
+        in_use = await _in_thread(roots, self.settings.root, protected, on_error=report)
+        result = await _in_thread(collect, self.cache, in_use, self.watermarks, on_error=report)
+        self.last_gc = result
+        self._observe_volume(result.after)
+        if result.triggered:
+            m.gc_runs.labels("reached" if result.target_reached else "short").inc()
+            m.evicted_objects.inc(result.evicted_objects)
+            m.evicted_bytes.inc(result.evicted_bytes)
+            if result.cache_objects is not None and result.cache_bytes is not None:
+                m.cache_objects.set(result.cache_objects)
+                m.cache_bytes.set(result.cache_bytes)
+                self._scanned_usage = None  # let the gauges loop count again
             log.info(
                 "gc: evicted %d objects (%d bytes) of %d revision(s); volume %.1f%% -> %.1f%% "
                 "used%s",
-                report.evicted_objects,
-                report.evicted_bytes,
-                len(report.evicted_revisions),
-                report.before.used_percent,
-                report.after.used_percent,
+                result.evicted_objects,
+                result.evicted_bytes,
+                len(result.evicted_revisions),
+                result.before.used_percent,
+                result.after.used_percent,
                 ""
-                if report.target_reached
+                if result.target_reached
                 else " (short of the low watermark: the rest is in use)",
             )
-        self.cycles += 1
-        self.on_cycle()
 
     def _observe_volume(self, usage: VolumeUsage) -> None:
         m = self.metrics
@@ -361,11 +543,30 @@ class Agent:
         m.volume_inodes.set(usage.inodes)
         m.volume_inodes_used.set(usage.inodes_used)
 
-    async def scan(self) -> None:
-        objects, size = await asyncio.to_thread(scan, self.cache)
+    async def gauges(self) -> None:
+        """Volume gauges now; cache gauges when the volume moved (see the module doc)."""
+        usage = await _in_thread(VolumeUsage.measure, self.settings.root)
+        self._observe_volume(usage)
+        now = time.monotonic()
+        moved = (usage.used_bytes, usage.inodes_used) != self._scanned_usage
+        gap = max(GAUGE_SECONDS, 4 * self._scan_seconds)
+        if (moved and now - self._scan_done >= gap) or (
+            now - self._scan_done >= self.settings.scan_interval_seconds
+        ):
+            await self.scan(usage)
+
+    async def scan(self, usage: VolumeUsage | None = None) -> None:
+        """Count the cache's objects and bytes (a full walk, in a worker thread)."""
+        started = time.monotonic()
+        objects, size = await _in_thread(scan, self.cache, on_error=self.item_error)
         self.metrics.cache_objects.set(objects)
         self.metrics.cache_bytes.set(size)
-        self._observe_volume(await asyncio.to_thread(VolumeUsage.measure, self.settings.root))
+        self._scan_done = time.monotonic()
+        self._scan_seconds = self._scan_done - started
+        if usage is None:
+            usage = await _in_thread(VolumeUsage.measure, self.settings.root)
+            self._observe_volume(usage)
+        self._scanned_usage = (usage.used_bytes, usage.inodes_used)
 
 
 def prefetch_file_text(entries: list[DatasetSettings]) -> str:

@@ -64,6 +64,8 @@ RETRY_REASONS: Final = (
     "InternalError",
 )
 LINK_MODES: Final = ("reflink", "hardlink", "copy")
+#: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (`gc.Task`).
+AGENT_TASKS: Final = ("roots", "collect", "slots", "reap", "scan", "builds", "prefetch")
 #: Materialise latency: a no-op is ~1 ms, a warm start of a large revision seconds, a cold one
 #: minutes.
 DURATION_BUCKETS: Final = (
@@ -258,7 +260,16 @@ class Metrics:
             ("state",),
             registry=node,
         )
+        self.item_errors = Counter(
+            "datapin_agent_item_errors_total",
+            "Items (a file, a directory, a workspace, a prefetch entry) the agent skipped "
+            "because they could not be handled, by task; the rest of the work went on.",
+            ("task",),
+            registry=node,
+        )
         if role == "agent":
+            for task in AGENT_TASKS:
+                self.item_errors.labels(task)
             for result in ("reached", "short", "error"):
                 self.gc_runs.labels(result)
             for state in ("warm", "pending", "failed"):
