@@ -9,9 +9,13 @@ removed, and everything shows in /metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -150,3 +154,134 @@ def test_agent_gc_keeps_the_published_revision_and_reaps_gone_pods(
     assert tree_bytes((live_tree / "current").resolve()) == in_use
     manifest = cache.load_manifest(rev_a, Layout.DVC3)
     assert all(cache.present(manifest.md5(i), Layout.DVC3) for i in range(len(manifest)))
+
+
+class HangingServer:
+    """A TCP server that accepts connections and never answers: the worst S3 endpoint."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.held.append(conn)
+                self.accepted += 1
+
+    def close(self) -> None:
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+def test_one_tenants_hanging_endpoint_never_keeps_another_dataset_from_warming(
+    xfs_dir: Path,
+    tmp_path: Path,
+    dvc3_revisions: tuple[S3DvcFixture, S3DvcFixture],
+    seaweed: SeaweedServer,
+) -> None:
+    """Prefetch entries run concurrently, each with its own backoff: the dataset listed first
+    talks to an endpoint that accepts and never answers, the second one is warm at once, and
+    the agent is ready and stops promptly on SIGTERM with the stuck fetch still in flight."""
+    a, _ = dvc3_revisions
+    secret = _secret(tmp_path, a)
+    hanging = HangingServer()
+    stuck = DatasetSettings(
+        name="stuck",
+        remote="s3://stuck-bucket/dvcstore",
+        endpoint_url=f"http://127.0.0.1:{hanging.port}",
+        credentials_dir=secret,
+        layout="dvc3",
+        pin=a.rev,
+    )
+    images = DatasetSettings(
+        name="images",
+        remote=a.remote_url,
+        endpoint_url=seaweed.endpoint,
+        credentials_dir=secret,
+        layout="dvc3",
+        pin=a.rev,
+    )
+    listing = tmp_path / "prefetch.json"
+    listing.write_text(prefetch_file_text([stuck, images]))
+    settings = {
+        "root": str(xfs_dir),
+        "prefetch_file": str(listing),
+        "prefetch_interval_seconds": "0.2",
+        "gc_interval_seconds": "0.2",
+        "log_format": "json",
+    }
+    try:
+        with SidecarProcess("agent", tmp_path, settings) as agent:
+            agent.wait_until(
+                "images warm while stuck hangs",
+                lambda: agent.status()["prefetch"][f"images@{a.rev}"]["state"] == "warm",
+                timeout=20,
+            )
+            assert hanging.accepted > 0, "the stuck entry really was fetching"
+            assert agent.status()["prefetch"][f"stuck@{a.rev}"]["state"] != "warm"
+            assert agent.get("/readyz")[0] == 200
+            assert agent.get("/healthz")[0] == 200
+            started = time.monotonic()
+            assert agent.stop(timeout=10) == 0
+            assert time.monotonic() - started < 10
+    finally:
+        hanging.close()
+    cache = NodeCache(xfs_dir / "cache")
+    assert all(cache.present(oid, Layout.DVC3) for oid in _objects(cache, a))
+
+
+def test_a_prefetch_list_written_after_start_and_a_filling_cache_show_within_seconds(
+    xfs_dir: Path,
+    tmp_path: Path,
+    dvc3_revisions: tuple[S3DvcFixture, S3DvcFixture],
+    seaweed: SeaweedServer,
+) -> None:
+    """With the default intervals (prefetch list 30 s, scan 300 s): the operator's file that
+    appears after the agent started is acted on within seconds, and the cache gauges follow
+    objects a sidecar adds within seconds."""
+    a, _ = dvc3_revisions
+    secret = _secret(tmp_path, a)
+    listing = tmp_path / "config" / "prefetch.json"
+    settings = {"root": str(xfs_dir), "prefetch_file": str(listing), "log_format": "json"}
+    with SidecarProcess("agent", tmp_path, settings) as agent:
+        agent.wait_until("ready", lambda: agent.get("/readyz")[0] == 200, timeout=20)
+        assert agent.sample("datapin_cache_objects") == 0
+        # A sidecar fills the cache: the gauges follow.
+        cache = NodeCache(xfs_dir / "cache")
+        files = {f"s/{i}.bin": os.urandom(4096) for i in range(50)}
+        put_revision(cache, files)
+        agent.wait_until(
+            "the cache gauges to count the sidecar's objects",
+            lambda: agent.sample("datapin_cache_objects") == 51,
+            timeout=10,
+        )
+        assert agent.sample("datapin_cache_bytes") >= 50 * 4096
+        # The operator writes the list the way kubelet projects a ConfigMap: after start.
+        entry = DatasetSettings(
+            name="images",
+            remote=a.remote_url,
+            endpoint_url=seaweed.endpoint,
+            credentials_dir=secret,
+            layout="dvc3",
+            pin=a.rev,
+        )
+        kubelet_update(
+            listing.parent, {"prefetch.json": prefetch_file_text([entry])}, "2026_12_02_01_00_00.1"
+        )
+        agent.wait_until(
+            "the late prefetch list warm",
+            lambda: agent.sample("datapin_prefetch_revisions", state="warm") == 1,
+            timeout=15,
+        )
+        agent.wait_until(
+            "the gauges to count the prefetched objects",
+            lambda: agent.sample("datapin_cache_objects") >= 51 + len(_objects(cache, a)),
+            timeout=10,
+        )
+        assert agent.stop() == 0
