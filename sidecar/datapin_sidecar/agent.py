@@ -372,21 +372,23 @@ class Agent:
 
     async def _prefetch_entry(self, entry: DatasetSettings, w: Warmth) -> None:
         """One entry, within a concurrency slot it gives up after `PREFETCH_SLOT_SECONDS`."""
-        slot = True
-        await self._slots.acquire()
+        slot = False
         try:
+            await self._slots.acquire()
+            slot = True
             with log_context(dataset=entry.name, revision=entry.ref or entry.pin or ""):
                 work = asyncio.ensure_future(self._prefetch_one(entry, w))
                 try:
-                    await asyncio.wait_for(asyncio.shield(work), PREFETCH_SLOT_SECONDS)
-                except TimeoutError:
-                    log.warning(
-                        "prefetch still running after %.0f s; letting other entries go first",
-                        PREFETCH_SLOT_SECONDS,
-                    )
-                    self._slots.release()
-                    slot = False
-                    await work
+                    try:
+                        await asyncio.wait_for(asyncio.shield(work), PREFETCH_SLOT_SECONDS)
+                    except TimeoutError:
+                        log.warning(
+                            "prefetch still running after %.0f s; letting other entries go first",
+                            PREFETCH_SLOT_SECONDS,
+                        )
+                        self._slots.release()
+                        slot = False
+                        await work
                 except asyncio.CancelledError:
                     work.cancel()
                     raise

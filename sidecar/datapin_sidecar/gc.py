@@ -5,20 +5,50 @@ The node agent (one per node) owns a volume rooted at `R`::
     R/cache/                                  the NodeCache (see `cache`)
     R/cache/.datapin/used/<layout>-<md5>.dir  empty; mtime = last materialise/prefetch (LRU clock)
     R/cache/.datapin/gc.lock                  flock: one GC at a time
+    R/cache/.datapin/builds/, builds.lock     builds in progress (`NodeCache.building`)
     R/workspaces/<pod-uid>/.pod.json          written by the pod's sidecar (may be absent)
-    R/workspaces/<pod-uid>/<dataset>/         a datapin workspace (see `workspace`)
+    R/workspaces/<pod-uid>/<dataset>/         DEST, mounted by the pod (maybe writable): `current`
+                                              and the trees under `.revs/`; pod-controlled
+    R/workspaces/<pod-uid>/.state/<dataset>/  datapin's records of DEST, in no pod's view:
+                                              `.datapin`, `.lock`, `.meta/<key>.json` (TreeInfo)
+
+Older sidecars kept the same records in `DEST/.revs/` (`.datapin`, `.lock`, `.meta/`); they
+are still honoured for a dataset that has no `.state/` records.
 
 It is the only process that deletes cache objects. Everything here is synchronous
-(filesystem-bound; the agent runs it with `asyncio.to_thread`) and keeps no global state.
+(filesystem-bound; the agent runs it in worker threads) and keeps no global state.
 
-**What may be evicted.** The roots are the revisions in use: the published and spare tree of
-every workspace on the node (their TreeInfo records revision and layout) plus the agent's
-prefetch list. Their `.dir` objects and every object their manifests name are never evicted.
-Roots are read without taking workspace locks: a race with a sidecar is benign, because a
-tree never depends on the cache entry it came from (trees are reflinks, hardlinks or copies,
-so unlinking the cache's name leaves the tree's bytes alone). Evicting an object a tree still
-uses costs a re-download at worst, never a broken tree. Trees need their revision's `.dir` only
-to be recycled by the next switch, and a materialise without it falls back to a fresh build.
+**The volume is hostile.** Pods control everything under `workspaces/` (names, file types,
+sizes, symlinks, even the legacy records), and a subverted writer may have planted things in
+the cache. So every path there is opened with `safefs`: directories one component at a time
+without following symlinks, files only if they are regular (no FIFO, device or symlink is ever
+opened, so nothing blocks) and meta files bounded (`META_LIMIT`, `MAX_META_FILES`); unlinks
+are relative to a directory descriptor, so a shard swapped for a symlink cannot redirect
+them. What is not ours in the cache's own areas (a directory where a download slot or temp
+file belongs, a symlinked shard) is removed without being followed. An item that cannot be
+handled is reported to the caller's `on_error(task, path, error)` (the agent counts and logs
+it once) and skipped; the rest of the work goes on.
+
+**What may be evicted.** The roots are the revisions in use: the revision and layout named by
+every meta file of every workspace on the node (both places; a meta file exists for the
+published and the spare tree of each), the agent's prefetch list, and every build in progress.
+Their `.dir` objects and every object their manifests name are never evicted. Workspace roots
+are read without taking workspace locks: a race with a sidecar is benign, because a tree
+never depends on the cache entry it came from (trees are reflinks, hardlinks or copies, so
+unlinking the cache's name leaves the tree's bytes alone). Evicting an object a published
+tree still uses costs a re-download at worst, never a broken tree. Trees need their
+revision's `.dir` only to be recycled by the next switch, and a materialise without it falls
+back to a fresh build.
+
+**Builds in progress.** A build does need the objects it found in the cache until it has
+linked them. Builders register their revision (`NodeCache.building`: a flock-held file in
+`builds/`, created under a shared lock on `builds.lock`) before they look at the cache. The
+GC reads the registrations under an exclusive lock on `builds.lock`, plans, and then evicts in
+batches of `BATCH`, each under that exclusive lock after reading the registrations again: a
+revision registered since the last read is protected (its `.dir` and objects, in every layout,
+or its single object) and any candidate it protects is skipped. A builder that registered
+before a batch is seen by it; one that registers after finds that batch's objects gone and
+fetches them. Registrations whose flock is free belong to dead builders and are removed.
 
 **Which goes first.** Least recently used, by revision: a revision's clock is the mtime of its
 used-file (`touch_used`, written whenever it is materialised or prefetched), or of its `.dir`
@@ -48,9 +78,11 @@ two readings agree (at most one second, since other writers may never let it set
 lagging reading is harmless at the periodic checks, where only a lower figure is taken.
 
 **Other housekeeping.** `clean_slots` removes download slots whose downloader died long ago
-(their flock is free), and `reap_workspaces` removes the workspaces of pods that are gone;
-the agent should reap before it collects, so that reflinked trees of dead pods stop holding
-extents the GC would otherwise try to free.
+(their flock is free), and `reap_workspaces` removes the workspaces of pods that are gone
+(taking every workspace lock of the pod first; a lock that is not a regular file cannot be
+held by any sidecar and does not keep a gone pod's workspace); the agent should reap before
+it collects, so that reflinked trees of dead pods stop holding extents the GC would otherwise
+try to free.
 """
 
 from __future__ import annotations
@@ -345,20 +377,25 @@ def roots(
 
 
 def _meta_dirs(pfd: int) -> Iterator[str]:
-    """Relative paths of the meta directories of one pod's workspaces (both layouts)."""
-    for name in _names(pfd):
-        if name == _STATE:
+    """Relative paths of the meta directories of one pod's workspaces (both layouts).
+
+    A dataset with records in `.state/` is managed in the current layout, where its
+    `DEST/.revs/` belongs to the pod: a `.meta/` there is not ours and pins nothing.
+    """
+    names = _names(pfd)
+    current: list[str] = []
+    if _STATE in names:
+        try:
+            sfd = safefs.open_dir(_STATE, dir_fd=pfd)
+        except (FileNotFoundError, UnsafeFileError):
+            pass
+        else:
             try:
-                sfd = safefs.open_dir(name, dir_fd=pfd)
-            except (FileNotFoundError, UnsafeFileError):
-                continue
-            try:
-                datasets = _names(sfd)
+                current = _names(sfd)
             finally:
                 os.close(sfd)
-            yield from (f"{_STATE}/{d}/.meta" for d in datasets)
-        elif not name.startswith("."):
-            yield f"{name}/.revs/.meta"
+    yield from (f"{_STATE}/{d}/.meta" for d in current)
+    yield from (f"{n}/.revs/.meta" for n in names if not n.startswith(".") and n not in current)
 
 
 def _pod_roots(pfd: int, where: Path, report: OnError) -> set[tuple[str, Layout]]:

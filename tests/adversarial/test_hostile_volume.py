@@ -114,10 +114,11 @@ def info(rev: Revision, layout: Layout = Layout.DVC3) -> str:
 
 
 def plant_hostile_metas(root: Path, cache: NodeCache) -> None:
-    """A pod's workspace whose meta files are a FIFO, a link to /dev/zero and a huge file, in
-    both the current (`.state/`) and the legacy (`.revs/.meta`) places."""
+    """A pod's workspaces whose meta files are a FIFO, a link to /dev/zero and a huge file, in
+    both the current (`.state/`) and the legacy (`.revs/.meta`, an older sidecar's dataset
+    without `.state/` records) places."""
     pod = root / "workspaces" / HOSTILE
-    for meta in (state_meta(root, HOSTILE, "ds"), pod / "ds" / ".revs" / ".meta"):
+    for meta in (state_meta(root, HOSTILE, "ds"), pod / "legacy" / ".revs" / ".meta"):
         meta.mkdir(parents=True, exist_ok=True)
         os.mkfifo(meta / f"{'a' * 32}.json")
         (meta / f"{'b' * 32}.json").symlink_to("/dev/zero")
@@ -167,6 +168,12 @@ def test_roots_read_both_meta_places_and_skip_what_a_pod_planted(xfs_dir: Path) 
     materialize(Request(cache=cache, revision=legacy, dest=xfs_dir / "workspaces" / LIVE / "old"))
     plant_hostile_metas(xfs_dir, cache)
     (xfs_dir / "workspaces" / "not-a-pod-uid").mkdir()
+    # A pod whose dataset is managed in the current layout owns `DEST/.revs/`: a meta file it
+    # writes there must not pin a revision in the cache.
+    pinned = put_revision(cache, {"x": b"a revision the pod wants kept"})
+    planted = xfs_dir / "workspaces" / LIVE / "ds" / ".revs" / ".meta"
+    planted.mkdir(parents=True)
+    (planted / f"{pinned.md5}.json").write_text(info(pinned))
     errors = Errors()
 
     found = bounded(lambda: roots(xfs_dir, on_error=errors))
