@@ -69,6 +69,8 @@ from .revision import Revision
 
 OBJECT_MODE: Final = 0o444
 _PRIVATE: Final = ".datapin"
+#: Times a slot's name is cleared of something planted before giving up.
+_PLANTED_RETRIES: Final = 8
 
 
 class NodeCache:
@@ -83,6 +85,7 @@ class NodeCache:
         self.fetch_dir = self.root / _PRIVATE / "fetch"
         self.builds_dir = self.root / _PRIVATE / "builds"
         self.builds_lock = self.root / _PRIVATE / "builds.lock"
+        self._shards_checked: set[str] = set()
 
     def __repr__(self) -> str:
         return f"NodeCache({str(self.root)!r})"
@@ -203,10 +206,7 @@ class NodeCache:
         path = self.slot_path(oid, layout)
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                continue
+                fd = self._open_slot(path)
             except OSError as exc:
                 raise os_error(str(self.root), exc, volume="node cache") from exc
             try:
@@ -220,6 +220,35 @@ class NodeCache:
             # We locked a slot its owner had just installed and unlinked: look again (the
             # object is most likely in place now; the caller's present() check will say).
             os.close(fd)
+
+    def _open_slot(self, path: str) -> int:
+        """Open (creating) the slot file at `path`, never through a symlink nor a FIFO.
+
+        Nothing but regular files of ours belongs in the fetch area: a directory, symlink or
+        FIFO found at a slot's name, or a symlink where its shard directory belongs, was
+        planted; it is removed (not followed) and the slot made afresh. A shard is checked once
+        per `NodeCache` (there are 256).
+        """
+        shard = os.path.dirname(path)
+        for _ in range(_PLANTED_RETRIES):
+            if shard not in self._shards_checked:
+                try:
+                    fd = safefs.open_dir(shard)
+                except FileNotFoundError:
+                    os.makedirs(shard, exist_ok=True)
+                    continue
+                except UnsafeFileError:
+                    safefs.remove_tree(shard)  # a symlink: unlinked, its target left alone
+                    continue
+                os.close(fd)
+                self._shards_checked.add(shard)
+            try:
+                return safefs.open_regular(path, os.O_RDWR | os.O_CREAT)
+            except FileNotFoundError:
+                self._shards_checked.discard(shard)
+            except UnsafeFileError:
+                safefs.remove_tree(path)
+        raise UnsafeFileError(path, "keeps being replaced by something that is not a file")
 
     def slot_path(self, oid: str, layout: Layout) -> str:
         """Where `oid`'s download slot lives: sharded like the objects, because every slot is

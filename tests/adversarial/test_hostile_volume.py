@@ -324,3 +324,26 @@ def test_agent_process_survives_a_hostile_volume(small_xfs: Path, tmp_path: Path
     assert (small_xfs / "workspaces" / "not-a-pod").is_dir()
     assert tree_bytes((live_tree / "current").resolve()) == in_use
     assert all(cache.present(object_name(d), Layout.DVC3) for d in in_use.values())
+
+
+def test_a_download_claim_clears_what_was_planted_at_its_slot(
+    xfs_dir: Path, tmp_path: Path
+) -> None:
+    """A sidecar claiming a slot never opens a FIFO or directory planted at its name (it would
+    block or fail) nor creates it through a symlinked shard (outside the volume)."""
+    cache = NodeCache(xfs_dir / "cache")
+    victim = outside(tmp_path)
+    fifo_oid, dir_oid, link_oid = "ab" + "1" * 30, "ac" + "2" * 30, "ef" + "2" * 30
+    Path(cache.slot_path(fifo_oid, Layout.DVC3)).parent.mkdir(parents=True)
+    os.mkfifo(cache.slot_path(fifo_oid, Layout.DVC3))
+    Path(cache.slot_path(dir_oid, Layout.DVC3), "sub").mkdir(parents=True)
+    (cache.fetch_dir / "ef").symlink_to(victim)  # holds a file named like link_oid's slot
+
+    for oid in (fifo_oid, dir_oid, link_oid):
+        slot = bounded(lambda oid=oid: cache.claim(oid, Layout.DVC3))
+        assert slot is not None
+        os.write(slot.fd, b"bytes")
+        slot.discard()
+    assert_untouched(victim)
+    assert (cache.fetch_dir / "ef").is_dir()
+    assert not (cache.fetch_dir / "ef").is_symlink()
