@@ -54,7 +54,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -68,7 +70,10 @@ from .manifest import Manifest
 from .revision import Revision
 
 OBJECT_MODE: Final = 0o444
+log = logging.getLogger(__name__)
+
 _PRIVATE: Final = ".datapin"
+_REVISION_OID: Final = re.compile(r"[0-9a-f]{32}(?:\.dir)?")
 #: Times a slot's name is cleared of something planted before giving up.
 _PLANTED_RETRIES: Final = 8
 
@@ -269,28 +274,40 @@ class NodeCache:
         the revision's `.dir` and every object it names (or, for a single-file revision, the
         object), in every layout. See the module contract.
         """
-        fd = -1
+        if not _REVISION_OID.fullmatch(oid):
+            raise ValueError(f"not a revision oid: {oid!r}")
         try:
-            lock = safefs.open_regular(self.builds_lock, os.O_RDWR | os.O_CREAT)
-        except FileNotFoundError:
-            self.builds_lock.parent.mkdir(parents=True, exist_ok=True)
-            lock = safefs.open_regular(self.builds_lock, os.O_RDWR | os.O_CREAT)
+            registration = self._register(oid)
         except OSError as exc:
-            raise os_error(str(self.root), exc, volume="node cache") from exc
-        try:
-            # Shared: builders never wait for each other, only for a GC batch in progress.
-            fcntl.flock(lock, fcntl.LOCK_SH)
-            fd, path = create_locked(self.builds_dir, oid)
-        except OSError as exc:
-            raise os_error(str(self.root), exc, volume="node cache") from exc
-        finally:
-            os.close(lock)
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise os_error(str(self.root), exc, volume="node cache") from exc
+            # A cache we cannot write to: nothing is fetched into it either, and the GC of
+            # whoever can write it does not see this build. Said, not fatal.
+            log.warning(
+                "cannot register the build of %s in %s (%s): a GC may evict its objects meanwhile",
+                oid,
+                self.builds_dir,
+                exc.strerror,
+            )
+            yield
+            return
+        fd, path = registration
         try:
             yield
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.close(fd)  # the lock goes last, after the name (as a temp file's)
+
+    def _register(self, oid: str) -> tuple[int, str]:
+        self.builds_lock.parent.mkdir(parents=True, exist_ok=True)
+        lock = safefs.open_regular(self.builds_lock, os.O_RDWR | os.O_CREAT)
+        try:
+            # Shared: builders never wait for each other, only for a GC batch in progress.
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return create_locked(self.builds_dir, oid)
+        finally:
+            os.close(lock)
 
     # -- verifying ----------------------------------------------------------------------------
 
