@@ -53,7 +53,7 @@ from .status import Observation, Transition, build_status, transitions
 log = logging.getLogger(__name__)
 
 #: The longest pause between two reads of the agents' reports while a prefetch is not warm.
-_POLL_CAP: Final = 30.0
+_POLL_CAP: Final = 15.0
 
 
 def now_iso() -> str:

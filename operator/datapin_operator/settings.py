@@ -190,7 +190,7 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="While a Dataset's prefetch is not warm, how soon the agents' reports are "
-        "read again (doubling while nothing changes, up to 30 s), so warm shows within seconds "
+        "read again (doubling while nothing changes, up to 15 s), so warm shows within seconds "
         "rather than at the next resync.",
     )
     prefetch_watch_seconds: float = Field(
