@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -312,6 +313,7 @@ async def test_prefetch_shows_warm_within_seconds_not_at_the_resync(
     xfs_dir: Path,
     seaweed: SeaweedServer,
     dvc3_revisions: tuple[S3DvcFixture, S3DvcFixture],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A fresh install: the list is written, the agent gets it later (kubelet projects
     ConfigMaps late) and warms up; the Dataset must say so within 30 s of that, not at the
@@ -363,6 +365,7 @@ async def test_prefetch_shows_warm_within_seconds_not_at_the_resync(
         git_allow_protocols=["file"],
     )
     dataset = _dataset("fresh", a, seaweed, repo, prefetch={"revisions": ["v2"]})
+    caplog.set_level(logging.INFO, logger="kopf")
     async with running_operator(settings):
         await api.create("datapin.dev/v1alpha1/datasets", dataset)
         obj = await api.wait_for(
@@ -394,3 +397,5 @@ async def test_prefetch_shows_warm_within_seconds_not_at_the_resync(
         assert _condition(obj, "Ready")["status"] == "True"
         events = events_of(await api.list("v1/events", NS), kind="Dataset", name="fresh")
         assert ("Normal", "Warm") in {(e["type"], e["reason"]) for e in events}
+    # The polling timer fired every few seconds: none of that is in the log.
+    assert not [r for r in caplog.records if "'prefetch-progress' succeeded" in r.getMessage()]

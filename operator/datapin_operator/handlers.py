@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import kopf
 
@@ -58,6 +58,7 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         # Scanning on: kopf watches CRDs and starts serving Datasets when their CRD appears
         # after we started (a CRD applied by hand, or a chart installed out of order).
         settings.scanning.disabled = False
+        logging.getLogger("kopf.objects").addFilter(_QUIET_PROGRESS)  # idempotent
         # Our Events are posted explicitly (`kopf.event`); of kopf's own log lines only
         # warnings and errors (a handler failing) become Events, not "Handler succeeded".
         settings.posting.level = logging.WARNING
@@ -157,6 +158,18 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         kopf.event(body, type="Normal", reason="Injected", message=f"datapin pinned {shown}")
 
     return registry
+
+
+class _QuietProgress(logging.Filter):
+    """Drops kopf's "Timer 'prefetch-progress' succeeded." line: the timer fires every few
+    seconds for every Dataset and almost always does nothing, so the line would be most of
+    the operator's log. Its failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith("'prefetch-progress' succeeded.")
+
+
+_QUIET_PROGRESS: Final = _QuietProgress()
 
 
 def _write(body: kopf.Body, patch: kopf.Patch, outcome: Outcome) -> None:
