@@ -310,6 +310,10 @@ class Controller:
         try:
             listed = await self.kube.list_nodes(spec.prefetch.node_selector)
         except API_ERRORS as exc:
+            # Its last entries stay on the lists (a failed read is no reason to drop them); a
+            # Dataset never seen counts as seen, so it holds up no other Dataset's list.
+            if not self.fleet.knows(key):
+                self.fleet.set(key, [])
             what = "cannot list the nodes spec.prefetch.nodeSelector selects"
             error = agent_config_error(exc, what=what, namespace=self.settings.namespace)
             return None, error, [], False

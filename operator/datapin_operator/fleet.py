@@ -127,6 +127,9 @@ class Fleet:
     def set(self, key: DatasetKey, entries: list[PrefetchEntry]) -> None:
         self._entries[key] = entries
 
+    def knows(self, key: DatasetKey) -> bool:
+        return key in self._entries
+
     def drop(self, key: DatasetKey) -> None:
         self._entries.pop(key, None)
 

@@ -177,6 +177,27 @@ async def test_rbac_refusing_the_agents_objects_is_a_condition_with_the_fix(
             assert await api.get("v1/configmaps", "datapin-prefetch", OPERATOR_NS) is None
 
 
+async def test_nodes_the_operator_may_not_list_hold_up_no_other_dataset(
+    cluster: tuple[Emulator, Api], tmp_path: Path
+) -> None:
+    k8s, api = cluster
+    k8s.refuse[("nodes", None)] = 403
+    async with running_operator(_settings(api, tmp_path)):
+        await api.create(DATASETS, _dataset("warmed", prefetch=True))
+        await api.create(DATASETS, _dataset("plain", prefetch=False))
+        warmed = await api.wait_for(
+            DATASETS, "warmed", _is("Prefetched", "False", "AgentConfigFailed"), namespace=NS
+        )
+        message = _condition(warmed, "Prefetched")["message"]
+        assert "cannot list the nodes spec.prefetch.nodeSelector selects" in message
+        assert "403 Forbidden" in message
+        await api.wait_for(
+            DATASETS, "plain", _is("Prefetched", "True", "NothingToPrefetch"), namespace=NS
+        )
+        # The lists are still written for everyone else (here: nobody prefetches anything).
+        await api.wait_for("v1/configmaps", "datapin-prefetch", bool, namespace=OPERATOR_NS)
+
+
 async def _served(port: int) -> str | None:
     """The `datasets` entry of the operator's /healthz body; None while it does not answer
     (kopf binds the port shortly after it reports ready)."""
