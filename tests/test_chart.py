@@ -101,7 +101,8 @@ BASE_KINDS = Counter(
         "Role": 1,
         "RoleBinding": 1,
         "MutatingWebhookConfiguration": 1,
-        "ConfigMap": 1,  # the dashboard
+        "ConfigMap": 2,  # the dashboard, the agents' prefetch lists (empty; the operator's)
+        "Secret": 1,  # the agents' copy of prefetched Datasets' keys (empty; the operator's)
         "PodDisruptionBudget": 1,
     }
 )
@@ -221,7 +222,16 @@ COMBOS = [
             "operator": {"podDisruptionBudget": {"enabled": False}},
         },
         BASE_KINDS
-        - Counter({"DaemonSet": 1, "Service": 1, "ServiceAccount": 1, "PodDisruptionBudget": 1}),
+        - Counter(
+            {
+                "DaemonSet": 1,
+                "Service": 1,
+                "ServiceAccount": 1,
+                "PodDisruptionBudget": 1,
+                "ConfigMap": 1,
+                "Secret": 1,
+            }
+        ),
     ),
     # The agent on, without kubelet's pods dir: workspaces are never removed by the agent.
     Combo(
@@ -867,6 +877,37 @@ def test_prefetch_file_the_agent_reads_is_the_key_the_operator_writes(
     assert volume_named(spec, credentials["name"])["secret"]["secretName"] == (
         operator_settings.agent_credentials_secret
     )
+
+
+def test_the_agents_objects_exist_from_the_start_and_stay_the_operators(
+    release: Release, values: dict[str, Any], operator_settings: OperatorSettings
+) -> None:
+    """The prefetch ConfigMap and the credentials Secret the agents mount are rendered, so
+    their volumes exist when the agents start (an optional volume whose object appears later
+    is only filled at kubelet's next sync, a minute or more). They carry no `data`: Helm's
+    three-way merge on `helm upgrade` only touches fields the chart renders, so what the
+    operator wrote survives every upgrade."""
+    names = {
+        "ConfigMap": operator_settings.prefetch_configmap,
+        "Secret": operator_settings.agent_credentials_secret,
+    }
+    agent = _agent(release)
+    if agent is None:
+        assert not values["agent"]["enabled"]
+        for kind, name in names.items():
+            assert release.get(kind, name) is None
+        return
+    _, spec, _ = agent
+    for kind, name in names.items():
+        obj = release.one(kind, name)
+        assert obj["metadata"]["namespace"] == release.namespace == operator_settings.namespace
+        assert not {"data", "stringData", "binaryData"} & set(obj), f"{kind} {name} has data"
+        source = "configMap" if kind == "ConfigMap" else "secret"
+        key = "name" if kind == "ConfigMap" else "secretName"
+        assert any((v.get(source) or {}).get(key) == name for v in spec["volumes"]), (
+            f"the agents do not mount {kind} {name}"
+        )
+    assert release.one("Secret", names["Secret"])["type"] == "Opaque"
 
 
 # -- the agent's settings -----------------------------------------------------------------------

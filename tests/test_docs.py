@@ -16,7 +16,11 @@ drifts from the chart, the operator or the sidecar fails this test rather than a
 * every values key path (`agent.watermarks.high`, `--set KEY=...`) exists in the chart;
 * every `datapin_*` metric (with its label names and label values), every `DATAPIN_*`
   variable, every condition or Event reason and every dashboard panel named exists in the code;
-* every relative link (and its `#anchor`) resolves.
+* every relative link (and its `#anchor`) resolves;
+* every `datapin.dev/pins` value shown is byte for byte what the operator writes for that
+  Dataset and revision: the layout comes from the real resolver (a git revision through a real
+  git repository holding a `.dvc` file real DVC 3 wrote, a name or pin from the Dataset's
+  `spec.remote.layout`), the JSON from the real formatter.
 
 The checks are functions that return problems (empty: fine), so that the last tests can feed
 them broken input and show that each one can fail. Known names are derived from the code
@@ -28,6 +32,7 @@ chart is rendered with helm-python-sdk.
 from __future__ import annotations
 
 import ast
+import asyncio
 import copy
 import json
 import os
@@ -48,9 +53,17 @@ import pytest
 import yaml
 from datapin_operator.crd import validate_dataset
 from datapin_operator.errors import OperatorError
+from datapin_operator.gitsource import GitSource
 from datapin_operator.inject import NODE_VOLUME, POD_UID_ENV, DatasetMount, inject
 from datapin_operator.models import DatasetSpec
-from datapin_operator.requests import ANNOTATION_PREFIX, PinRecord, parse_request
+from datapin_operator.requests import (
+    ANNOTATION_PREFIX,
+    PINS_KEY,
+    PinRecord,
+    format_pins,
+    parse_request,
+)
+from datapin_operator.resolve import Resolver
 from datapin_operator.settings import Settings as OperatorSettings
 from datapin_sidecar.metrics import Metrics
 from datapin_sidecar.settings import Settings as SidecarSettings
@@ -58,6 +71,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.conftest import REPO_ROOT
 from tests.support.dashboard import iter_panels, load_dashboard
+from tests.support.dvcrepo import DvcFixture, run_git
 
 DOCS_DIR = REPO_ROOT / "docs"
 INSTALL = DOCS_DIR / "install.md"
@@ -857,6 +871,100 @@ def render_problems(command: HelmCommand) -> list[str]:
     return problems
 
 
+# -- pins the operator writes ----------------------------------------------------------------
+
+#: A `datapin.dev/pins` value: `{"<dataset>":{"layout":...}}` (the compact form it is written in).
+_PINS_VALUE = re.compile(r'\{"[^"]+":\{"layout":.*\}\}')
+
+
+def pins_examples(page: Page) -> list[tuple[str, str]]:
+    """(where, value) of every `datapin.dev/pins` value the page's code blocks show."""
+    found = []
+    for block in page.blocks:
+        for offset, line in enumerate(block.text.splitlines(), start=1):
+            match = _PINS_VALUE.search(line)
+            if match is not None:
+                found.append((f"{block.doc}:{block.line + offset}", match.group(0)))
+    return found
+
+
+def _git_repo(root: Path, target: str, ref: str, dvc: DvcFixture) -> Path:
+    """A git repository whose `ref` holds, at `target`, the `.dvc` file real DVC 3 wrote."""
+    repo = root / f"repo-{len(list(root.glob('repo-*')))}"
+    repo.mkdir(parents=True)
+    run_git(repo, "init", "-q", "--initial-branch=main")
+    run_git(repo, "config", "user.name", "datapin tests")
+    run_git(repo, "config", "user.email", "tests@datapin.invalid")
+    run_git(repo, "config", "commit.gpgsign", "false")
+    (repo / target).parent.mkdir(parents=True, exist_ok=True)
+    (repo / target).write_bytes(dvc.dvc_file.read_bytes())
+    run_git(repo, "add", target)
+    run_git(repo, "commit", "-q", "-m", "data")
+    run_git(repo, "tag", ref)
+    return repo
+
+
+def operator_layout(dataset: str, spec: DatasetSpec, ref: str, dvc: DvcFixture, root: Path) -> str:
+    """The layout the operator's resolver gives `ref` of the Dataset (git refs resolved in a
+    local repository standing in for spec.source.repo)."""
+    if spec.source is not None and ref not in spec.revisions:
+        target = spec.source.path.partition(":")[0]
+        repo = _git_repo(root, target if target.endswith(".dvc") else f"{target}.dvc", ref, dvc)
+        spec = spec.model_copy(
+            update={"source": spec.source.model_copy(update={"repo": f"file://{repo}"})}
+        )
+
+    async def resolve() -> str:
+        git = GitSource(
+            cache_dir=root / "git-cache", timeout=60, ref_ttl=0, allow_protocols=("file",)
+        )
+        resolved = await Resolver(git).resolve(dataset=dataset, spec=spec, revision=ref)
+        return str(resolved.layout)
+
+    return asyncio.run(resolve())
+
+
+def pins_problems(page: Page, cat: Catalogue, dvc: DvcFixture, root: Path) -> list[str]:
+    """Shown pins that differ from what the operator would write for them."""
+    datasets = {
+        d["metadata"]["name"]: DatasetSpec.model_validate(d["spec"])
+        for _, d in cat.objects
+        if d.get("kind") == "Dataset"
+    }
+    problems = []
+    for where, shown in pins_examples(page):
+        try:
+            doc: dict[str, dict[str, str]] = json.loads(shown)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: {shown} is not JSON ({exc.msg})")
+            continue
+        records = []
+        for dataset, entry in doc.items():
+            spec = datasets.get(dataset)
+            if spec is None:
+                problems.append(f"{where}: pins Dataset {dataset}, which the page never creates")
+                continue
+            ref = entry.get("ref", "")
+            try:
+                layout = operator_layout(dataset, spec, ref, dvc, root)
+            except OperatorError as exc:
+                problems.append(f"{where}: {dataset} revision {ref!r} does not resolve: {exc}")
+                continue
+            records.append(
+                PinRecord(dataset=dataset, pin=entry.get("pin", ""), ref=ref, layout=layout)
+            )
+        if len(records) != len(doc):
+            continue
+        try:
+            written = format_pins(records)[PINS_KEY]
+        except ValueError as exc:
+            problems.append(f"{where}: {shown}: the operator never writes this ({exc})")
+            continue
+        if written != shown:
+            problems.append(f"{where}: shows {shown}, the operator writes {written}")
+    return problems
+
+
 # -- the tests ------------------------------------------------------------------------------------
 
 
@@ -933,6 +1041,16 @@ def _promtool_check(
         timeout=60,
         check=False,
     )
+
+
+@pytest.mark.dvc
+def test_shown_pins_are_what_the_operator_writes(dvc3_fixture: DvcFixture, tmp_path: Path) -> None:
+    page = load_page(INSTALL)
+    shown = [value for _, value in pins_examples(page)]
+    assert any('"ref":"v2"' in v for v in shown), "install.md shows no pins of a git revision"
+    assert any('"ref":"golden"' in v for v in shown), "install.md shows no pins of a name"
+    problems = pins_problems(page, catalogue(page), dvc3_fixture, tmp_path)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
@@ -1217,3 +1335,26 @@ def test_injection_check_catches_a_job_reading_the_wrong_path() -> None:
         f"{cat.objects[0][0].where}: Job broken: c never reads /data/imagenet/current "
         "(the published revision is under current/)"
     ]
+
+
+@pytest.mark.dvc
+def test_pins_check_catches_a_wrong_layout(dvc3_fixture: DvcFixture, tmp_path: Path) -> None:
+    """What install.md once showed: a git revision's pins with the wrong layout, a named
+    revision's with DVC 3's where the operator writes the Dataset's `auto`, and a shortened
+    pin no operator writes."""
+    page = load_page(INSTALL)
+    wrong = [
+        '{"imagenet":{"layout":"auto","pin":"d3b07384d113edec49eaa6238ad5ff00.dir","ref":"v2"}}',
+        '{"imagenet":{"layout":"dvc3","pin":"3f0c5e1a9b2d4c6e8f0a1b2c3d4e5f60.dir","ref":"golden"}}',
+        '{"imagenet":{"layout":"dvc3","pin":"d3b0...e1.dir","ref":"v2"}}',
+    ]
+    page = Page(
+        name="broken.md",
+        path=page.path,
+        blocks=[Block(doc="broken.md", line=1, lang="text", text="\n".join(wrong) + "\n")],
+    )
+    problems = pins_problems(page, catalogue(load_page(INSTALL)), dvc3_fixture, tmp_path)
+    assert len(problems) == 3, problems
+    assert '"layout":"dvc3","pin":"d3b07384d113edec49eaa6238ad5ff00.dir"' in problems[0]
+    assert '"layout":"auto","pin":"3f0c5e1a9b2d4c6e8f0a1b2c3d4e5f60.dir"' in problems[1]
+    assert "never writes" in problems[2]

@@ -10,13 +10,17 @@ wrote into the agent's files.
 What users depend on: a Dataset's conditions tell the truth and say how to fix what is wrong
 (a missing Secret, wrong keys, a revision never pushed), they turn True once it is fixed, the
 prefetch list holds exactly the selected nodes' revisions, the status shows the agents'
-progress ("1/1 nodes warm"), Events mark each change, and a deleted Dataset leaves the lists.
+progress ("1/1 nodes warm") within seconds of the agents reporting it (not at the next
+resync), Events mark each change, and a deleted Dataset leaves the lists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -301,3 +305,97 @@ async def test_wrong_keys_and_unpushed_revisions_are_reported_with_a_fix(
         )
         assert "v9" in _condition(obj, "Resolved")["message"]
         assert _condition(obj, "Ready")["status"] == "False"
+
+
+async def test_prefetch_shows_warm_within_seconds_not_at_the_resync(
+    api: Api,
+    tmp_path: Path,
+    xfs_dir: Path,
+    seaweed: SeaweedServer,
+    dvc3_revisions: tuple[S3DvcFixture, S3DvcFixture],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fresh install: the list is written, the agent gets it later (kubelet projects
+    ConfigMaps late) and warms up; the Dataset must say so within 30 s of that, not at the
+    next resync (here 10 minutes away)."""
+    a, b = dvc3_revisions
+    repo, _, _ = tagged_repo(tmp_path, a, b)
+    await api.create("v1/nodes", {"metadata": {"name": "node-a"}})
+    prefetch_file = tmp_path / "prefetch" / "node-a.json"
+    prefetch_file.parent.mkdir()
+    credentials_dir = tmp_path / "agent-credentials"
+    agent = SidecarProcess(
+        "agent",
+        tmp_path,
+        {
+            "root": str(xfs_dir),
+            "prefetch_file": str(prefetch_file),
+            "prefetch_interval_seconds": "0.2",
+            "gc_interval_seconds": "5",
+            "node_name": "node-a",
+            "log_format": "json",
+        },
+    )
+    await api.create(
+        "v1/pods",
+        {
+            "metadata": {"name": "agent-a", "namespace": OPERATOR_NS, "labels": AGENT_LABELS},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "agent", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"},
+        },
+    )
+    await api.create(
+        "v1/secrets",
+        {
+            "metadata": {"name": "b2", "namespace": NS},
+            "data": {
+                "AWS_ACCESS_KEY_ID": _b64(seaweed.access_key),
+                "AWS_SECRET_ACCESS_KEY": _b64(seaweed.secret_key),
+            },
+        },
+    )
+    settings = Settings(
+        api_server=api.url,
+        namespace=OPERATOR_NS,
+        webhook_mode="off",
+        resync_seconds=600,  # the resync cannot be what reports warm here
+        agent_port=agent.port,
+        agent_credentials_dir=str(credentials_dir),
+        git_cache_dir=tmp_path / "git-cache",
+        git_allow_protocols=["file"],
+    )
+    dataset = _dataset("fresh", a, seaweed, repo, prefetch={"revisions": ["v2"]})
+    caplog.set_level(logging.INFO, logger="kopf")
+    async with running_operator(settings):
+        await api.create("datapin.dev/v1alpha1/datasets", dataset)
+        obj = await api.wait_for(
+            "datapin.dev/v1alpha1/datasets",
+            "fresh",
+            _is("Prefetched", "False", "Prefetching"),
+            namespace=NS,
+        )
+        assert obj["status"]["prefetch"]["summary"] == "0/1 nodes warm"
+        cm = await api.get("v1/configmaps", "datapin-prefetch", namespace=OPERATOR_NS)
+        secret = await api.get("v1/secrets", "datapin-agent-credentials", namespace=OPERATOR_NS)
+        keys = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+        # kubelet projects the objects a while later; only then can the agent start its work.
+        await asyncio.sleep(8)
+        kubelet_update(credentials_dir, keys, "2026_11_22_10_00_00.1")
+        prefetch_file.write_text(cm["data"]["node-a.json"])
+        with agent:
+            started = time.monotonic()
+            obj = await api.wait_for(
+                "datapin.dev/v1alpha1/datasets",
+                "fresh",
+                _is("Prefetched", "True", "Warm"),
+                namespace=NS,
+                within=30,
+            )
+            assert time.monotonic() - started <= 30
+        assert obj["status"]["prefetch"]["summary"] == "1/1 nodes warm"
+        assert _condition(obj, "Ready")["status"] == "True"
+        events = events_of(await api.list("v1/events", NS), kind="Dataset", name="fresh")
+        assert ("Normal", "Warm") in {(e["type"], e["reason"]) for e in events}
+    # The polling timer fired every few seconds: none of that is in the log.
+    assert not [r for r in caplog.records if "'prefetch-progress' succeeded" in r.getMessage()]

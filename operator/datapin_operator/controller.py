@@ -11,21 +11,38 @@ Observing, in order, each step feeding the next:
 
 A failure in one step is recorded and the others still run where they can, so the status
 names every problem at once rather than one per resync. `resolvedAt` is kept while a ref
-keeps its pin, so a resync that changes nothing writes nothing new.
+keeps its pin, so a resync that changes nothing writes nothing new. The agents' objects are
+the cluster's, not the Dataset's: failing to write them (no namespace, RBAC) is a
+`Prefetched=False` condition on Datasets that prefetch, and nothing at all on the others.
+
+Prefetch progress is not left to the resync (a minute): while a Dataset's prefetch is not
+warm, `progress()` re-reads the agents' reports on a short, backing-off interval (from
+`prefetch_poll_seconds`, doubling while nothing changes, at most `_POLL_CAP`), for at most
+`prefetch_watch_seconds` after the list was written or the watch began, and rebuilds only the
+prefetch part of the last observation. A Dataset shows warm seconds after its agents are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
-from .errors import OperatorError, RemoteCheckError, ResolutionError, SecretError
-from .fleet import DatasetKey, Fleet, PrefetchEntry, summarise
+from .errors import (
+    AgentConfigError,
+    OperatorError,
+    RemoteCheckError,
+    ResolutionError,
+    SecretError,
+)
+from .fleet import API_ERRORS, DatasetKey, Fleet, PrefetchEntry, agent_config_error, summarise
 from .kube import Kube
 from .models import DatasetSpec, PrefetchStatus, ResolvedRevision
 from .remotecheck import RemoteKeys, check_remote, git_credentials_from_secret, keys_from_secret
@@ -34,6 +51,9 @@ from .settings import Settings
 from .status import Observation, Transition, build_status, transitions
 
 log = logging.getLogger(__name__)
+
+#: The longest pause between two reads of the agents' reports while a prefetch is not warm.
+_POLL_CAP: Final = 15.0
 
 
 def now_iso() -> str:
@@ -52,6 +72,17 @@ class Outcome:
     transitions: list[Transition]
 
 
+@dataclass(slots=True, kw_only=True)
+class _Watch:
+    """A Dataset whose prefetch is not warm yet: what its next `progress()` rebuilds from."""
+
+    observation: Observation
+    entries: list[PrefetchEntry]
+    started: float
+    next_at: float
+    delay: float
+
+
 class Controller:
     """Everything a reconcile needs, built once in `main()`."""
 
@@ -60,6 +91,7 @@ class Controller:
         self.kube = kube
         self.resolver = resolver
         self.fleet = fleet
+        self._watches: dict[DatasetKey, _Watch] = {}
 
     async def reconcile(self, body: Mapping[str, Any], *, known: Iterable[DatasetKey]) -> Outcome:
         meta = body.get("metadata") or {}
@@ -84,7 +116,73 @@ class Controller:
             status = build_status(obs, previous=previous, now=now_iso())
             return Outcome(status=status, transitions=transitions(previous, status))
 
-        obs = await self._observe(namespace, name, spec, generation, previous, known)
+        obs, entries, wrote = await self._observe(
+            namespace, name, spec, generation, previous, known
+        )
+        self._watch((namespace, name), obs, entries, wrote=wrote)
+        status = build_status(obs, previous=previous, now=now_iso())
+        return Outcome(status=status, transitions=transitions(previous, status))
+
+    def _watch(
+        self, key: DatasetKey, obs: Observation, entries: list[PrefetchEntry], *, wrote: bool
+    ) -> None:
+        """Start (or restart, when the list was just written) polling a Dataset that is not
+        warm; stop for one that is, or that prefetches nothing."""
+        p = obs.prefetch
+        if (
+            p is None
+            or obs.prefetch_error is not None
+            or (p.total_nodes and p.warm_nodes == p.total_nodes)
+        ):
+            self._watches.pop(key, None)
+            return
+        now = time.monotonic()
+        first = self.settings.prefetch_poll_seconds
+        current = self._watches.get(key)
+        if current is None or wrote:
+            if wrote:  # the list changed for every Dataset on it: all poll afresh
+                for other in self._watches.values():
+                    other.started, other.delay, other.next_at = now, first, now + first
+            self._watches[key] = _Watch(
+                observation=obs, entries=entries, started=now, next_at=now + first, delay=first
+            )
+        else:
+            current.observation, current.entries = obs, entries
+
+    async def progress(self, body: Mapping[str, Any]) -> Outcome | None:
+        """The status again with fresh agent reports, if this Dataset's prefetch is being
+        watched and its next read is due; None otherwise (nothing to write)."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        watch = self._watches.get(key)
+        now = time.monotonic()
+        if watch is None or now < watch.next_at:
+            return None
+        if now - watch.started > self.settings.prefetch_watch_seconds:
+            log.info("prefetch of %s/%s: not warm yet; left to the resync", *key)
+            self._watches.pop(key, None)
+            return None
+        if meta.get("generation") != watch.observation.generation:
+            return None  # the spec changed: its own reconcile is on the way
+        try:
+            agents, reports = await self.fleet.reports()
+        except API_ERRORS as exc:
+            log.info("prefetch of %s/%s: agents not listed (%s); retrying", *key, exc)
+            watch.next_at = now + watch.delay
+            return None
+        prefetch = summarise(watch.entries, agents=agents, reports=reports)
+        changed = prefetch != watch.observation.prefetch
+        watch.delay = (
+            self.settings.prefetch_poll_seconds
+            if changed
+            else min(watch.delay * 2, max(_POLL_CAP, self.settings.prefetch_poll_seconds))
+        )
+        watch.next_at = time.monotonic() + watch.delay
+        obs = dataclasses.replace(watch.observation, prefetch=prefetch)
+        watch.observation = obs
+        if prefetch.total_nodes and prefetch.warm_nodes == prefetch.total_nodes:
+            self._watches.pop(key, None)
+        previous = body.get("status") or None
         status = build_status(obs, previous=previous, now=now_iso())
         return Outcome(status=status, transitions=transitions(previous, status))
 
@@ -96,7 +194,7 @@ class Controller:
         generation: int | None,
         previous: Mapping[str, Any] | None,
         known: Iterable[DatasetKey],
-    ) -> Observation:
+    ) -> tuple[Observation, list[PrefetchEntry], bool]:
         secret_ref = spec.remote.credentials_secret_ref
         remote_error: OperatorError | None = None
         keys: RemoteKeys | None = None
@@ -124,9 +222,11 @@ class Controller:
             except RemoteCheckError as exc:
                 remote_error = exc
 
-        prefetch = await self._prefetch(namespace, name, spec, resolved, keys, known)
+        prefetch, prefetch_error, entries, wrote = await self._prefetch(
+            namespace, name, spec, resolved, keys, known
+        )
         endpoint = f" ({spec.remote.endpoint})" if spec.remote.endpoint else ""
-        return Observation(
+        obs = Observation(
             generation=generation,
             remote_error=remote_error,
             remote_checked=checked,
@@ -135,8 +235,10 @@ class Controller:
             not_pushed=not_pushed,
             prefetch=prefetch,
             wants_prefetch=bool(spec.prefetch and spec.prefetch.revisions),
+            prefetch_error=prefetch_error,
             endpoint=endpoint,
         )
+        return obs, entries, wrote
 
     async def _resolve(
         self,
@@ -195,14 +297,27 @@ class Controller:
         resolved: list[ResolvedRevision],
         keys: RemoteKeys | None,
         known: Iterable[DatasetKey],
-    ) -> PrefetchStatus | None:
+    ) -> tuple[PrefetchStatus | None, AgentConfigError | None, list[PrefetchEntry], bool]:
+        """(progress, why the agents' objects failed, this Dataset's entries, list written)."""
         key = (namespace, name)
         if spec.prefetch is None or not spec.prefetch.revisions or keys is None:
             self.fleet.set(key, [])
-            await self.fleet.sync(known)
-            return None
+            # A failure is logged by the fleet; nothing of this Dataset's depends on it.
+            with contextlib.suppress(AgentConfigError):
+                await self.fleet.sync(known)
+            return None, None, [], False
         wanted = set(spec.prefetch.revisions)
-        nodes = frozenset(n.name for n in await self.kube.list_nodes(spec.prefetch.node_selector))
+        try:
+            listed = await self.kube.list_nodes(spec.prefetch.node_selector)
+        except API_ERRORS as exc:
+            # Its last entries stay on the lists (a failed read is no reason to drop them); a
+            # Dataset never seen counts as seen, so it holds up no other Dataset's list.
+            if not self.fleet.knows(key):
+                self.fleet.set(key, [])
+            what = "cannot list the nodes spec.prefetch.nodeSelector selects"
+            error = agent_config_error(exc, what=what, namespace=self.settings.namespace)
+            return None, error, [], False
+        nodes = frozenset(n.name for n in listed)
         entries = [
             PrefetchEntry(
                 namespace=namespace,
@@ -218,11 +333,23 @@ class Controller:
             if r.ref in wanted
         ]
         self.fleet.set(key, entries)
-        await self.fleet.sync(known)
-        agents, reports = await self.fleet.reports()
-        return summarise(entries, agents=agents, reports=reports)
+        try:
+            wrote = await self.fleet.sync(known)
+        except AgentConfigError as exc:
+            return None, exc, entries, False
+        try:
+            agents, reports = await self.fleet.reports()
+        except API_ERRORS as exc:
+            ns = self.settings.namespace
+            what = f"cannot list the node agents' pods in namespace {ns}"
+            error = agent_config_error(exc, what=what, namespace=ns)
+            return None, error, entries, wrote
+        return summarise(entries, agents=agents, reports=reports), None, entries, wrote
 
     async def forget(self, key: DatasetKey, *, known: Iterable[DatasetKey]) -> None:
         """A Dataset was deleted: its revisions leave the agents' lists."""
         self.fleet.drop(key)
-        await self.fleet.sync(known)
+        self._watches.pop(key, None)
+        # A failure is logged by the fleet; the next reconcile of any Dataset writes again.
+        with contextlib.suppress(AgentConfigError):
+            await self.fleet.sync(known)

@@ -13,7 +13,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     │   ├── UnknownRevisionError        not an md5, not a named revision, no git source
     │   ├── GitError                    git failed (unreachable, auth, unknown ref)
     │   └── PinReadError                the `.dvc`/`dvc.lock` at that commit has no such out
-    └── RemoteCheckError                the Dataset's remote cannot be reached or read
+    ├── RemoteCheckError                the Dataset's remote cannot be reached or read
+    └── AgentConfigError                the node agents' prefetch ConfigMap or credentials
+                                        Secret cannot be written (or the agents listed)
 
 Every message names the thing at fault and says how to fix it: the people reading them are
 looking at `kubectl apply`'s output, `kubectl describe` and Events, not at our source. The
@@ -130,3 +132,11 @@ class RemoteCheckError(OperatorError):
     def __init__(self, message: str, *, reason: str = "RemoteUnreachable") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AgentConfigError(OperatorError):
+    """The objects the node agents read (their prefetch ConfigMap, their credentials Secret)
+    cannot be written, or the nodes and agents cannot be listed. Only Datasets that ask for
+    prefetch report it (as `Prefetched=False`); everything else in their status still holds."""
+
+    reason = "AgentConfigFailed"

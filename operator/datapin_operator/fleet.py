@@ -19,6 +19,14 @@ cached for a few seconds so reconciling many Datasets costs one round.
 
 The lists are written only once every Dataset the operator knows of has been reconciled since
 start, so a restart never publishes a list that forgets another Dataset's revisions.
+
+Writing them may fail for reasons that are the cluster's, not a Dataset's: the operator's
+namespace does not exist (`datapin-operator dev` against a cluster without the chart), RBAC
+forbids it, the API server is away. `sync` then raises `AgentConfigError` naming the object,
+the namespace and the fix; the controller reports it only on Datasets that ask for prefetch
+(`Prefetched=False`, `AgentConfigFailed`) and still writes every other part of their status.
+The Secret is written before the ConfigMap and a failed Secret write stops there, so an agent
+never reads an entry whose keys are not in place.
 """
 
 from __future__ import annotations
@@ -32,8 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
+import urllib3.exceptions
 from datapin_sidecar.settings import DatasetSettings
+from kubernetes.client.exceptions import ApiException
 
+from .errors import AgentConfigError
 from .kube import Kube
 from .models import NodePrefetch, PrefetchStatus, Remote
 from .remotecheck import RemoteKeys
@@ -111,9 +122,13 @@ class Fleet:
         self._reports: dict[str, dict[str, dict[str, str]]] = {}
         self._agents: dict[str, str] = {}  # node -> agent pod phase
         self._reports_at = -_REPORT_TTL
+        self._last_error: str | None = None  # logged once per distinct failure
 
     def set(self, key: DatasetKey, entries: list[PrefetchEntry]) -> None:
         self._entries[key] = entries
+
+    def knows(self, key: DatasetKey) -> bool:
+        return key in self._entries
 
     def drop(self, key: DatasetKey) -> None:
         self._entries.pop(key, None)
@@ -131,8 +146,22 @@ class Fleet:
             )
             ns = self.settings.namespace
             # The Secret first: an agent must never read an entry whose keys are not there yet.
-            wrote = await self.kube.apply_secret(ns, self.settings.agent_credentials_secret, secret)
-            wrote |= await self.kube.apply_configmap(ns, self.settings.prefetch_configmap, data)
+            name = self.settings.agent_credentials_secret
+            try:
+                wrote = await self.kube.apply_secret(ns, name, secret)
+                name = self.settings.prefetch_configmap
+                wrote |= await self.kube.apply_configmap(ns, name, data)
+            except API_ERRORS as exc:
+                kind = "Secret" if name == self.settings.agent_credentials_secret else "ConfigMap"
+                what = f"cannot write {kind} {ns}/{name}, which the node agents read"
+                error = agent_config_error(exc, what=what, namespace=ns)
+                if error.message != self._last_error:
+                    log.warning("%s", error.message)
+                self._last_error = error.message
+                raise error from None
+            if self._last_error is not None:
+                log.info("the node agents' prefetch list and credentials are written again")
+            self._last_error = None
             return wrote
 
     async def reports(self) -> tuple[dict[str, str], dict[str, dict[str, dict[str, str]]]]:
@@ -163,6 +192,46 @@ class Fleet:
                         tg.create_task(one(p.node, p.ip))
         self._agents, self._reports, self._reports_at = agents, reports, time.monotonic()
         return agents, reports
+
+
+#: What a call to the API server may raise: its answer, or no answer at all.
+API_ERRORS: Final = (ApiException, urllib3.exceptions.HTTPError, OSError)
+
+
+def agent_config_error(exc: BaseException, *, what: str, namespace: str) -> AgentConfigError:
+    """The failure `what` (e.g. "cannot write ConfigMap datapin/datapin-prefetch ...") said
+    with its fix; `namespace` is the operator's. The server's own message is not echoed
+    beyond its status: it could quote the object's data."""
+    status = exc.status if isinstance(exc, ApiException) else None
+    if isinstance(exc, ApiException) and status == 404 and _missing_namespace(exc):
+        return AgentConfigError(
+            f"{what}: namespace {namespace} does not exist. Fix: install the datapin chart "
+            f"into it (helm install datapin charts/datapin -n {namespace} --create-namespace), "
+            "or set DATAPIN_NAMESPACE to the namespace the node agents run in"
+        )
+    if status in {401, 403}:
+        said = "403 Forbidden" if status == 403 else "401 Unauthorized"
+        return AgentConfigError(
+            f"{what}: the operator may not ({said}). Fix: grant the operator its RBAC "
+            "(helm upgrade the datapin release, or "
+            f"`DATAPIN_NAMESPACE={namespace} datapin-operator rbac | kubectl apply -f -`)"
+        )
+    said = f"HTTP {status}" if status is not None else type(exc).__name__
+    return AgentConfigError(
+        f"{what}: the API server answered {said}. Fix: check the API server and the operator's "
+        "logs; the write is retried at every resync"
+    )
+
+
+def _missing_namespace(exc: ApiException) -> bool:
+    """A 404 on create means the namespace is missing (the API server's details say so)."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        return True
+    details = body.get("details") if isinstance(body, dict) else None
+    kind = details.get("kind") if isinstance(details, dict) else None
+    return kind in {None, "namespaces"}
 
 
 def summarise(

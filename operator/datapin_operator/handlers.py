@@ -9,7 +9,10 @@ decorators, so tests run as many operators as they like, each with its own setti
   replicas' watches are paused and their index goes stale, while they still serve webhooks.
 * Dataset reconcile on resume/create/spec update and every `resync_seconds`
   (`Controller.reconcile` -> status patch + an Event per condition change); a DELETED event
-  drops the Dataset from the agents' prefetch lists.
+  drops the Dataset from the agents' prefetch lists. A short timer lets the controller
+  refresh a prefetch that is not warm yet (`Controller.progress`) between resyncs.
+* kopf's scanning is on: it watches CRDs, so a Dataset CRD installed after the operator
+  started is served without a restart (main.py logs why nothing is served until then).
 * Mutating webhooks for Job and Pod CREATE (`Admission.admit` -> the whole new object; kopf
   diffs it into the JSONPatch). Rejections are `kopf.AdmissionError`s with our message, and
   a Warning Event on the Dataset (when it exists) and on the Job.
@@ -26,7 +29,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import kopf
 
@@ -36,6 +39,7 @@ from .models import GROUP, PLURAL, VERSION
 from .requests import read_pins
 
 if TYPE_CHECKING:
+    from .controller import Outcome
     from .main import App
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,10 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.scanning.disabled = True  # the CRD is installed by the chart, before us
+        # Scanning on: kopf watches CRDs and starts serving Datasets when their CRD appears
+        # after we started (a CRD applied by hand, or a chart installed out of order).
+        settings.scanning.disabled = False
+        logging.getLogger("kopf.objects").addFilter(_QUIET_PROGRESS)  # idempotent
         # Our Events are posted explicitly (`kopf.event`); of kopf's own log lines only
         # warnings and errors (a handler failing) become Events, not "Handler succeeded".
         settings.posting.level = logging.WARNING
@@ -70,26 +77,32 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
             if app.settings.webhook_mode == "dev":
                 settings.admission.managed = app.settings.webhook_configuration
 
+    @kopf.on.probe(id="datasets", registry=registry)
+    def served(**_: Any) -> str:
+        return app.datasets.describe()
+
     @kopf.index(GROUP, VERSION, PLURAL, id="datasets", registry=registry)
     def datasets(*, namespace: str | None, name: str, spec: Mapping[str, Any], **_: Any) -> Any:
         return {(namespace, name): dict(spec)}
 
     async def reconcile(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-        outcome = await app.controller.reconcile(body, known=list(_index(kwargs)))
-        old = dict(body.get("status") or {})
-        for key in old:
-            if key not in outcome.status:
-                patch.status[key] = None  # e.g. prefetch removed from the spec
-        for key, value in outcome.status.items():
-            if old.get(key) != value:
-                patch.status[key] = value
-        for t in outcome.transitions:
-            kopf.event(
-                body,
-                type="Warning" if t.warning else "Normal",
-                reason=t.reason,
-                message=f"{t.type} is {t.status}: {t.message}",
-            )
+        _write(body, patch, await app.controller.reconcile(body, known=list(_index(kwargs))))
+
+    # While a prefetch is not warm, the controller re-reads the agents' reports on its own
+    # (backing-off) schedule; this timer only asks it often enough, and is a no-op otherwise.
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        id="prefetch-progress",
+        interval=min(settings.prefetch_poll_seconds, 5.0),
+        initial_delay=min(settings.prefetch_poll_seconds, 5.0),
+        registry=registry,
+    )
+    async def progress(*, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        outcome = await app.controller.progress(body)
+        if outcome is not None:
+            _write(body, patch, outcome)
 
     # A failed reconcile (the API server briefly away) is retried at the resync pace, not
     # kopf's default minute.
@@ -145,6 +158,36 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         kopf.event(body, type="Normal", reason="Injected", message=f"datapin pinned {shown}")
 
     return registry
+
+
+class _QuietProgress(logging.Filter):
+    """Drops kopf's "Timer 'prefetch-progress' succeeded." line: the timer fires every few
+    seconds for every Dataset and almost always does nothing, so the line would be most of
+    the operator's log. Its failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith("'prefetch-progress' succeeded.")
+
+
+_QUIET_PROGRESS: Final = _QuietProgress()
+
+
+def _write(body: kopf.Body, patch: kopf.Patch, outcome: Outcome) -> None:
+    """Patch the status keys that changed, and post an Event per condition change."""
+    old = dict(body.get("status") or {})
+    for key in old:
+        if key not in outcome.status:
+            patch.status[key] = None  # e.g. prefetch removed from the spec
+    for key, value in outcome.status.items():
+        if old.get(key) != value:
+            patch.status[key] = value
+    for t in outcome.transitions:
+        kopf.event(
+            body,
+            type="Warning" if t.warning else "Normal",
+            reason=t.reason,
+            message=f"{t.type} is {t.status}: {t.message}",
+        )
 
 
 def _register_webhooks(app: App, registry: kopf.OperatorRegistry) -> None:

@@ -153,6 +153,17 @@ class Kube:
             if not (item.get("metadata") or {}).get("deletionTimestamp")
         }
 
+    async def serves(self, group: str, version: str, plural: str) -> bool:
+        """Whether the API server serves `plural` in `group/version` (discovery, which every
+        authenticated client may read: no RBAC needed)."""
+        try:
+            found: Any = await asyncio.to_thread(self.custom.get_api_resources, group, version)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.name == plural for r in (found.resources or []) if found is not None)
+
     async def list_nodes(self, selector: Mapping[str, str]) -> list[NodeInfo]:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
         nodes: Any = await asyncio.to_thread(

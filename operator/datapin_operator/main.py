@@ -26,7 +26,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import kopf
 import yaml
@@ -41,12 +41,64 @@ from .fleet import Fleet
 from .gitsource import GitSource
 from .handlers import build_registry
 from .kube import Kube
+from .models import GROUP, PLURAL, VERSION
 from .rbac import build_rbac
 from .resolve import Resolver
 from .settings import Settings, describe, load_settings
 from .webhooktls import CA, CERT, CURRENT, KEY, TLSKeeper
 
 log = logging.getLogger("datapin_operator")
+
+#: How often a missing Dataset CRD is looked for again (only to log its arrival).
+_CRD_CHECK_SECONDS: Final = 5.0
+
+
+class DatasetResource:
+    """Whether the API server serves Datasets (their CRD is installed), as last seen.
+
+    kopf (scanning on) starts serving the resource by itself when the CRD appears; this is
+    the operator saying so: one warning with the fix while the CRD is missing, one line when
+    it appears, and the state in the /healthz body (`datasets`). Liveness stays green: a
+    restart would not install the CRD.
+    """
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.served: bool | None = None  # None: not checked yet
+
+    def describe(self) -> str:
+        if self.served is None:
+            return "unknown"
+        return "served" if self.served else f"missing: {MISSING_CRD}"
+
+    async def check(self) -> bool:
+        served = await self.kube.serves(GROUP, VERSION, PLURAL)
+        if not served and self.served is not False:
+            log.warning("%s", MISSING_CRD)
+        elif served and self.served is False:
+            log.info("the Dataset CRD is installed now: serving Datasets")
+        self.served = served
+        return served
+
+    async def run(self, *, interval: float, stop: asyncio.Event) -> None:
+        """Check until the CRD is served (or `stop`); a failed check is retried."""
+        while not stop.is_set():
+            try:
+                if await self.check():
+                    return
+            except Exception as exc:  # the API server away, or no answer: try again
+                log.info("could not ask the API server for the Dataset resource: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+#: Logged (once) while the API server does not serve Datasets.
+MISSING_CRD: Final = (
+    f"the API server does not serve {PLURAL}.{GROUP}/{VERSION}: the Dataset CRD is not "
+    "installed, so no Dataset is reconciled and Jobs naming one are refused. Fix: install it "
+    "(`datapin-operator crd | kubectl apply -f -`, or helm install/upgrade the datapin chart); "
+    "the operator serves it as soon as it exists, no restart needed"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +111,7 @@ class App:
     admission: Admission
     tls: TLSKeeper | None  # the shared self-signed certificate (cluster mode, no cert files)
     webhook_server: Any  # a kopf webhook server, or None when the webhook is off
+    datasets: DatasetResource
 
 
 def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
@@ -84,6 +137,7 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
         ),
         tls=tls_keeper(settings, kube),
         webhook_server=webhook_server(settings),
+        datasets=DatasetResource(kube),
     )
 
 
@@ -147,6 +201,7 @@ async def run(app: App, *, stop: asyncio.Event, ready: asyncio.Event | None = No
     async with asyncio.TaskGroup() as tasks:
         if app.tls is not None:
             tasks.create_task(app.tls.run(interval=settings.webhook_tls_check_seconds, stop=stop))
+        tasks.create_task(app.datasets.run(interval=_CRD_CHECK_SECONDS, stop=stop))
         await kopf.operator(
             registry=registry,
             clusterwide=True,

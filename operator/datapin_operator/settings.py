@@ -185,6 +185,21 @@ class Settings(BaseSettings):
     resync_seconds: float = Field(
         default=60.0, gt=0, description="How often Datasets are re-checked."
     )
+    prefetch_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="While a Dataset's prefetch is not warm, how soon the agents' reports are "
+        "read again (doubling while nothing changes, up to 15 s), so warm shows within seconds "
+        "rather than at the next resync.",
+    )
+    prefetch_watch_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        le=86400,
+        description="How long after a prefetch list is written that polling goes on; after "
+        "that a prefetch still copying is reported at each resync.",
+    )
     remote_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Timeout of one remote check request."
     )

@@ -9,7 +9,9 @@ Kept apart from the handlers so every condition rule is tested without a server.
   reachable) every pin's `.dir` is in the remote (`Resolved`, `NothingToResolve`,
   `GitFailed`, `UnknownRevision`, `PinNotFound`, `NotPushed`).
 * `Prefetched`: every selected node with an agent reports every prefetch pin warm
-  (`Warm`, `Prefetching`, `PrefetchFailed`, `NoAgents`, `NothingToPrefetch`).
+  (`Warm`, `Prefetching`, `PrefetchFailed`, `NoAgents`, `NothingToPrefetch`, and
+  `AgentConfigFailed` when the agents' prefetch ConfigMap or credentials Secret cannot be
+  written: only a Dataset that asks for prefetch reports that).
 * `Ready`: `RemoteReachable` and `Resolved` are True: Jobs naming the Dataset can run. Its
   reason and message are those of the first condition that is not True.
 
@@ -53,6 +55,8 @@ class Observation:
     prefetch: PrefetchStatus | None = None
     #: Whether the spec asks for any prefetch at all.
     wants_prefetch: bool = False
+    #: Why the agents' objects could not be written or their reports read (prefetch only).
+    prefetch_error: OperatorError | None = None
     endpoint: str = ""
 
 
@@ -153,6 +157,8 @@ def _condition(  # noqa: PLR0911 - one return per rule of the module doc
     # Prefetched
     if not obs.wants_prefetch:
         return "True", "NothingToPrefetch", "spec.prefetch lists no revisions"
+    if obs.prefetch_error is not None:
+        return "False", obs.prefetch_error.reason, obs.prefetch_error.message
     p = obs.prefetch
     if p is None or p.total_nodes == 0:
         return (

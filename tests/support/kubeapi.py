@@ -6,6 +6,11 @@ it does not default `metadata.namespace` from the URL, set uids, generations or
 resourceVersions, or run admission, so the helpers below fill `namespace` in, and the
 webhook is called by the tests themselves with real AdmissionReview bodies.
 
+For the faults a real cluster shows, the emulator can refuse requests (`refuse`: 403 as RBAC
+does), fail creates in a namespace that does not exist (`missing_namespaces`, 404 as the API
+server answers), and start without the Dataset CRD (`emulator(crd=False)`): creating the CRD
+object then makes Datasets served, discovery included, as on a real server.
+
 `running_operator()` runs the real operator (`datapin_operator.main.run`) in-process against
 it and stops it on exit, whatever happened.
 """
@@ -58,8 +63,18 @@ class Emulator(kmock.KubernetesEmulator):
     refuses it (the generated client's default content type; kmock would accept it).
     """
 
+    #: Namespaces that do not exist: creates in them fail with 404 as on a real server (kmock
+    #: itself has no namespaces, and most tests never create theirs).
+    missing_namespaces: set[str]
+    #: (plural, namespace) -> HTTP status every request for it gets (e.g. 403 for RBAC).
+    refuse: dict[tuple[str, str | None], int]
+
     async def _handle(self, request: Any) -> Any:
         data = request.data if request.resource is not None else None
+        if request.resource is not None:
+            self._refusal(request)
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            self._served_when_defined(request, data)
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -79,6 +94,44 @@ class Emulator(kmock.KubernetesEmulator):
             if isinstance(data, dict):
                 self._precondition(request, data)
         return await super()._handle(request)
+
+    def _refusal(self, request: Any) -> None:
+        status = getattr(self, "refuse", {}).get((request.resource.plural, request.namespace))
+        if status is not None:
+            reason = {401: "Unauthorized", 403: "Forbidden"}.get(status, "InternalError")
+            raise kmock.KubernetesError(
+                status=status,
+                reason=reason,
+                message=f"{request.resource.plural} is refused here ({status} {reason})",
+            )
+        namespace = request.namespace
+        if request.action == kmock.action.CREATE and namespace in getattr(
+            self, "missing_namespaces", set()
+        ):
+            raise kmock.KubernetesError(
+                status=404,
+                reason="NotFound",
+                message=f'namespaces "{namespace}" not found',
+                details={"name": namespace, "kind": "namespaces"},
+            )
+
+    def _served_when_defined(self, request: Any, crd: dict[str, Any]) -> None:
+        """A created CRD's resource is served (discovery, list, watch) from then on, as the
+        API server does once a CRD is established."""
+        if request.resource.plural != "customresourcedefinitions":
+            return
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        for version in spec.get("versions") or []:
+            if not version.get("served", True):
+                continue
+            resource = f"{spec['group']}/{version['name']}/{names['plural']}"
+            self.resources[resource] = {
+                "kind": names.get("kind"),
+                "namespaced": spec.get("scope") == "Namespaced",
+                "subresources": sorted((version.get("subresources") or {}).keys()),
+                "verbs": ["list", "watch", "get", "create", "patch", "update", "delete"],
+            }
 
     def _precondition(self, request: Any, data: dict[str, Any]) -> None:
         key = (request.resource, request.namespace, request.name)
@@ -173,15 +226,37 @@ class Api:
             await asyncio.sleep(0.1)
         raise AssertionError(f"{resource} {namespace}/{name} never passed the check: {obj}")
 
+    async def wait_for_true(self, check: Any, *, within: float = 30.0) -> None:
+        """Poll until `check()` (plain or async) is truthy; AssertionError on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"never true within {within} s: {check}")
+
+
+#: The resource a Dataset CRD defines (left out by `emulator(crd=False)`).
+DATASETS = "datapin.dev/v1alpha1/datasets"
+
 
 @contextlib.asynccontextmanager
-async def emulator() -> AsyncIterator[tuple[Emulator, Api]]:
+async def emulator(*, crd: bool = True) -> AsyncIterator[tuple[Emulator, Api]]:
+    """The emulator and a client. `crd=False`: Datasets are not served until a test creates
+    their CustomResourceDefinition (as `kubectl apply` of the chart's CRD would)."""
     async with (
         Emulator() as k8s,
         kmock.Server(k8s),
         aiohttp.ClientSession() as session,
     ):
+        k8s.refuse, k8s.missing_namespaces = {}, set()
         for resource, (kind, namespaced, subresources) in RESOURCES.items():
+            if resource == DATASETS and not crd:
+                continue
             k8s.resources[resource] = {
                 "kind": kind,
                 "namespaced": namespaced,
