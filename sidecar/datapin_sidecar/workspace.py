@@ -217,23 +217,15 @@ class Workspace:
             raise os_error(str(self.dest), exc) from exc
 
     def _claim_separate(self) -> None:
-        """Make STATE's marker; adopt a destination of an older version (records in `.revs`)."""
+        """Make STATE's marker; adopt a destination of an older version (records in `.revs`).
+
+        The old records were in the pod's view: `recover` deletes them unread (after the
+        marker is written, so a crash in between leaves a destination that is still ours),
+        and the trees they described, having no record here, are rebuilt.
+        """
         if self._is_marker(".datapin", self._state_fd):
             return
-        if self._old_layout():
-            # The old records were in the pod's view: delete them unread. Their trees are then
-            # untrusted (no record) and replaced by the next materialise.
-            revs = self._os(lambda: safefs.open_dir(".revs", dir_fd=self._dest_fd))
-            try:
-                for name in sorted(os.listdir(revs)):
-                    if name in _RECORDS or name.startswith(".datapin.tmp-"):
-                        try:
-                            safefs.remove_tree(name, dir_fd=revs)
-                        except OSError as exc:
-                            raise self.dest_error(exc) from exc
-            finally:
-                os.close(revs)
-        else:
+        if not self._old_layout():
             entries = sorted(os.listdir(self._dest_fd))
             if entries and not (entries == [".revs"] and self._empty_dir(".revs")):
                 shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
@@ -412,14 +404,34 @@ class Workspace:
         return key if _KEY.fullmatch(key) and key != target else None
 
     def links(self) -> dict[str, str]:
-        """Every link of DEST that names a tree: link name -> tree key (lock held)."""
+        """Every link of DEST that names a tree: link name -> tree key.
+
+        Without the lock (the GC's scan) DEST is opened without following a symlink; a
+        destination that is gone or not a directory has none.
+        """
+        if self.is_locked:
+            return self._links(self._dest_fd)
+        try:
+            fd = safefs.open_dir(self.dest)
+        except OSError:
+            return {}
+        try:
+            return self._links(fd)
+        finally:
+            os.close(fd)
+
+    def _links(self, dest_fd: int) -> dict[str, str]:
         found: dict[str, str] = {}
-        with os.scandir(self._dest_fd) as it:
+        with os.scandir(dest_fd) as it:
             for entry in it:
                 if not entry.is_symlink() or not _LINK_NAME.fullmatch(entry.name):
                     continue
-                key = self._link_key(entry.name)
-                if key is not None:
+                try:
+                    target = os.readlink(entry.name, dir_fd=dest_fd)
+                except OSError:
+                    continue
+                key = target.removeprefix(".revs/")
+                if _KEY.fullmatch(key) and key != target:
                     found[entry.name] = key
         return found
 
@@ -669,6 +681,10 @@ class Workspace:
                 actions.append(f"removed {name}")
             elif name.startswith(".retired-"):
                 continue  # young: purge_retired keeps it for its grace period
+            elif self.separate and (name in _RECORDS or name.startswith(".datapin")):
+                # An older version's records, in the pod's view: never read, deleted.
+                safefs.remove_tree(name, dir_fd=revs)
+                actions.append(f"removed {name} (records of an older version)")
             elif name.startswith(".spare-"):
                 key = name.removeprefix(".spare-")
                 info = self.trusted(key, name) if _KEY.fullmatch(key) else None
