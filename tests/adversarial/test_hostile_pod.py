@@ -21,6 +21,7 @@ link name never touches the tree of the first.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import secrets
 import stat
@@ -336,6 +337,78 @@ def test_switches_repair_what_the_pod_did_and_touch_nothing_else(node: Node, att
         node.assert_untouched()
         # No spare: a tree the pod could write is never kept for recycling.
         assert not [p for p in os.listdir(node.dest / ".revs") if p.startswith(".spare-")]
+
+
+def _swap_everything(node: Node, stop: Any, hits: Any) -> None:
+    """The pod racing the sidecar: swap every directory it can see for a symlink.
+
+    A real pod cannot follow a symlink out of its mount (the victim's path does not exist in
+    its mount namespace), so this stand-in works by descriptors and never follows one either.
+    `hits` counts swaps made inside a tree being built.
+    """
+    targets = [node.victim_tree, node.victim / "images" / ".revs", node.outside]
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    n = 0
+    while not stop.is_set():
+        n += 1
+        with contextlib.suppress(OSError):
+            dest = os.open(node.dest, nofollow)
+            try:
+                revs = os.open(".revs", nofollow, dir_fd=dest)
+                try:
+                    for build in os.listdir(revs):
+                        if not build.startswith(".build-"):
+                            continue
+                        sub_fd = os.open(build, nofollow, dir_fd=revs)
+                        try:
+                            for sub in os.listdir(sub_fd)[:3]:
+                                moved = f"moved-{n}-{sub}"
+                                os.rename(sub, moved, src_dir_fd=sub_fd, dst_dir_fd=sub_fd)
+                                os.symlink(targets[n % 3], sub, dir_fd=sub_fd)
+                                hits.value += 1
+                        finally:
+                            os.close(sub_fd)
+                finally:
+                    os.close(revs)
+                if n % 50 == 0:
+                    os.rename(".revs", f"old-revs-{n}", src_dir_fd=dest, dst_dir_fd=dest)
+                    os.symlink(targets[n % 3], ".revs", dir_fd=dest)
+            finally:
+                os.close(dest)
+
+
+def test_a_pod_racing_every_build_cannot_reach_outside_its_tree(node: Node) -> None:
+    """Swaps while the sidecar works (not only between switches): descriptors, not paths."""
+    big = {
+        name: {f"d{i % 50}/e{i % 7}/f{i}": f"{name}{i}".encode() * 50 for i in range(3000)}
+        for name in ("D", "E")
+    }
+    for name, files in big.items():
+        node.revs[name] = put_revision(node.cache, files)
+        node.files[name] = files
+    node.before = node.snapshots()
+    ctx = multiprocessing.get_context("fork")
+    stop, hits = ctx.Event(), ctx.Value("i", 0)
+    racer = ctx.Process(target=_swap_everything, args=(node, stop, hits), daemon=True)
+    racer.start()
+    outcomes: list[str] = []
+    try:
+        for i in range(10):
+            try:
+                node.materialize("DE"[i % 2])
+                outcomes.append("published")
+            except DestinationError:
+                outcomes.append("refused")
+            node.assert_untouched()
+    finally:
+        stop.set()
+        racer.join(10)
+    assert hits.value > 0, f"the pod never raced a build ({outcomes}): the test proves nothing"
+    # Once the pod stops, the next switch repairs everything.
+    for name in ("D", "E"):
+        node.materialize(name)
+        assert_exact(node.dest, node.files[name], own=True)
+    node.assert_untouched()
 
 
 def test_records_are_out_of_the_pods_view(node: Node) -> None:
