@@ -482,9 +482,23 @@ func, needle, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real = getattr(os, func)
 seen = 0
 
+real_readlink = os.readlink
+
+def full(arg, fd):
+    # Work inside a destination is relative to directory descriptors: name the directory.
+    name = os.fsdecode(arg)
+    if not isinstance(fd, int) or name.startswith("/"):
+        return name
+    try:
+        return real_readlink(f"/proc/self/fd/{fd}") + "/" + name
+    except OSError:
+        return name
+
 def hooked(*args, **kwargs):
     global seen
-    if any(isinstance(a, (str, bytes, os.PathLike)) and needle in os.fsdecode(a) for a in args):
+    fd = next((kwargs[k] for k in ("dir_fd", "dst_dir_fd", "src_dir_fd") if k in kwargs), None)
+    paths = [full(a, fd) for a in args if isinstance(a, (str, bytes, os.PathLike))]
+    if any(needle in p for p in paths):
         seen += 1
         if seen == nth:
             os.kill(os.getpid(), signal.SIGKILL)

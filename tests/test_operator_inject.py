@@ -590,6 +590,16 @@ def test_writable_mounts_with_links_that_never_share_the_cache(link: str) -> Non
         ours = [m for m in container["volumeMounts"] if m["name"] == "datapin-node"]
         assert [m["readOnly"] for m in ours] == [False]
     assert case.env(case.sidecar)["DATAPIN_LINK"] == link
+    # The sidecar is told, so it never trusts a tree the pod could have edited.
+    raw = json.loads(case.env(case.sidecar)["DATAPIN_DATASETS"])
+    datasets = [sidecar_settings.DatasetSettings.model_validate(d) for d in raw]
+    assert [d.writable for d in datasets] == [True]
+
+
+def test_read_only_datasets_are_not_marked_writable(case: Case) -> None:
+    raw = json.loads(case.env(case.sidecar)["DATAPIN_DATASETS"])
+    assert all("writable" not in d for d in raw)
+    assert not any(sidecar_settings.DatasetSettings.model_validate(d).writable for d in raw)
 
 
 @pytest.mark.parametrize("link", ["auto", "hardlink"])

@@ -44,7 +44,9 @@ by hardlinks share their inode with the node cache, so one write through them co
 cache for every pod on the node; reflinked and copied files never share an inode with it (a
 write to a reflink copies the extent), so writes stay in the pod's workspace. `link: auto`
 may fall back to hardlinks, so it is not enough. Writable with `auto`/`hardlink` is rejected,
-not silently made read-only: the user's program would fail later, far from the cause.
+not silently made read-only: the user's program would fail later, far from the cause. A
+writable dataset's sidecar settings say `writable: true`, so the sidecar never reuses a tree
+the pod could have edited (each switch builds afresh).
 
 **Idempotency.** A template that already has the `datapin` init container is returned
 unchanged (a copy): the webhook may see a Pod of an admitted Job, and reinvocation may call
@@ -209,8 +211,11 @@ def _volumes(mounts: Sequence[DatasetMount], settings: Settings) -> list[dict[st
     return volumes
 
 
-def _dataset_settings(mount: DatasetMount) -> dict[str, Any]:
-    """The sidecar's settings of one dataset, validated by the sidecar's own model."""
+def _dataset_settings(mount: DatasetMount, *, writable: bool = False) -> dict[str, Any]:
+    """The sidecar's settings of one dataset, validated by the sidecar's own model.
+
+    `writable` (the app mounts it read-write) tells the sidecar never to trust the pod's trees.
+    """
     remote = mount.spec.remote
     ref = remote.credentials_secret_ref
     name = mount.request.dataset
@@ -225,6 +230,7 @@ def _dataset_settings(mount: DatasetMount) -> dict[str, Any]:
             credentials_dir=Path(_credentials_dir(name)),
             access_key_id_file=ref.access_key_id_key,
             secret_access_key_file=ref.secret_access_key_key,
+            writable=writable,
         )
     except ValidationError as exc:
         problems = "; ".join(
@@ -234,7 +240,10 @@ def _dataset_settings(mount: DatasetMount) -> dict[str, Any]:
             f"Dataset {name!r}: the sidecar would refuse its settings ({problems}). Fix: "
             f"correct spec.remote of Dataset {name!r}"
         ) from None
-    return settings.model_dump(mode="json", exclude_none=True)
+    dumped = settings.model_dump(mode="json", exclude_none=True)
+    if not writable:
+        del dumped["writable"]  # the default: keep read-only pods' settings as they were
+    return dumped
 
 
 def _field_env(name: str, field_path: str) -> dict[str, Any]:
@@ -244,7 +253,8 @@ def _field_env(name: str, field_path: str) -> dict[str, Any]:
 def _sidecar(
     request: Request, mounts: Sequence[DatasetMount], settings: Settings
 ) -> dict[str, Any]:
-    datasets = [_dataset_settings(m) for m in mounts]
+    writable = not _read_only(request, settings)
+    datasets = [_dataset_settings(m, writable=writable) for m in mounts]
     env: list[dict[str, Any]] = [
         {"name": "DATAPIN_ROOT", "value": settings.sidecar_root},
         _field_env(POD_UID_ENV, "metadata.uid"),

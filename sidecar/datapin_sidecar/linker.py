@@ -18,8 +18,11 @@ EINVAL from an odd file): on the errno list DVC uses, that file alone falls to t
 strategy. Cross-device (EXDEV) means copy. Zero-byte files are always created fresh: linking
 them all to one inode would hit per-inode link limits and gains nothing.
 
-Per-file work is a few syscalls in a tight loop; the functions here take `bytes` paths so the
-hot path never encodes a str.
+Per-file work is a few syscalls in a tight loop; the functions here take `bytes` names so the
+hot path never encodes a str. The destination is a directory descriptor and a name in it: a
+destination may be a tree a pod could write, so nothing is ever resolved through its path (a
+directory swapped for a symlink cannot redirect a link), and files are created with
+`O_CREAT | O_EXCL`, which never follows a symlink either.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
+from . import safefs
 from .cache import create_locked
 from .errors import LinkError, os_error
 
@@ -94,21 +98,31 @@ class Linker:
 
     # -- probing ------------------------------------------------------------------------------
 
-    def modes_for(self, *, cache_tmp: str, dest_dir: str) -> tuple[LinkMode, ...]:
-        """The ladder that works from the cache's filesystem to `dest_dir`'s, best first.
+    def modes_for(
+        self, *, cache_tmp: str, dest_dir: str | None = None, dest_fd: int | None = None
+    ) -> tuple[LinkMode, ...]:
+        """The ladder that works from the cache's filesystem to the destination's, best first.
 
-        `cache_tmp` is a writable directory on the cache's filesystem. Raises `LinkError` if
-        the strategy asked for cannot work there.
+        `cache_tmp` is a writable directory on the cache's filesystem; the destination is the
+        directory `dest_fd` (or the path `dest_dir`, opened without following a symlink).
+        Raises `LinkError` if the strategy asked for cannot work there.
         """
-        key = (os.stat(cache_tmp).st_dev, os.stat(dest_dir).st_dev)
+        if dest_fd is None:
+            assert dest_dir is not None  # noqa: S101 - one of the two is required
+            fd = safefs.open_dir(dest_dir)
+            try:
+                return self.modes_for(cache_tmp=cache_tmp, dest_fd=fd)
+            finally:
+                os.close(fd)
+        key = (os.stat(cache_tmp).st_dev, os.fstat(dest_fd).st_dev)
         if key not in self._probed:
-            self._probed[key] = self._probe(cache_tmp, dest_dir)
+            self._probed[key] = self._probe(cache_tmp, dest_fd, dest_dir or f"fd {dest_fd}")
         return self._probed[key]
 
-    def _probe(self, cache_tmp: str, dest_dir: str) -> tuple[LinkMode, ...]:
+    def _probe(self, cache_tmp: str, dest_fd: int, dest_dir: str) -> tuple[LinkMode, ...]:
         token = secrets.token_hex(6)
         # Named like a build, so a destination's recovery removes a probe a killed run left.
-        dst = os.path.join(dest_dir, f".build-probe-{token}")
+        dst = f".build-probe-{token}".encode()
         # Held under flock like any cache temp file, so a concurrent clean_temp leaves it be.
         fd, src = create_locked(Path(cache_tmp), "probe")
         os.write(fd, b"x")
@@ -117,7 +131,7 @@ class Linker:
             working = []
             for mode in self.strategy.ladder():
                 try:
-                    _link_one(mode, src.encode(), dst.encode(), 1)
+                    _link_one(mode, src.encode(), dest_fd, dst, 1)
                 except OSError as exc:
                     if exc.errno not in FALLBACK_ERRNOS:
                         raise os_error(dest_dir, exc) from exc
@@ -126,7 +140,7 @@ class Linker:
                     working.append(mode)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(dst)
+                        os.unlink(dst, dir_fd=dest_fd)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(src)
@@ -142,41 +156,42 @@ class Linker:
 
     # -- linking ------------------------------------------------------------------------------
 
-    def link(self, modes: tuple[LinkMode, ...], src: bytes, dst: bytes) -> int:
-        """Make `dst` from cache object `src` with the first mode that works; its size.
+    def link(self, modes: tuple[LinkMode, ...], src: bytes, dir_fd: int, name: bytes) -> int:
+        """Make `name` in directory `dir_fd` from cache object `src` with the first mode that
+        works; its size.
 
         Raises `FileNotFoundError` if `src` is not in the cache (the caller fetches it and
         retries), and `DestinationError` for failures no strategy can get around.
         """
         for i, mode in enumerate(modes):
             try:
-                size = _link_one(mode, src, dst, -1)
+                size = _link_one(mode, src, dir_fd, name, -1)
             except OSError as exc:
                 if exc.errno == errno.ENOENT and not os.path.lexists(src):
                     raise FileNotFoundError(errno.ENOENT, "not in cache", src) from None
                 if exc.errno in FALLBACK_ERRNOS and i + 1 < len(modes):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(dst)
+                        os.unlink(name, dir_fd=dir_fd)
                     continue
-                raise os_error(os.fsdecode(dst), exc) from exc
+                raise os_error(os.fsdecode(name), exc) from exc
             self.counts[LinkMode.COPY if size == 0 else mode] += 1
             return size
         raise AssertionError("unreachable: modes is never empty")
 
 
-def _link_one(mode: LinkMode, src: bytes, dst: bytes, size_hint: int) -> int:
-    """One attempt at one mode. Returns the file's size."""
+def _link_one(mode: LinkMode, src: bytes, dir_fd: int, name: bytes, size_hint: int) -> int:
+    """One attempt at one mode, making `name` in `dir_fd`. Returns the file's size."""
     if mode is LinkMode.HARDLINK:
         st = os.stat(src)
         if st.st_size == 0:
-            os.close(os.open(dst, _CREATE, FILE_MODE))
+            os.close(os.open(name, _CREATE, FILE_MODE, dir_fd=dir_fd))
             return 0
-        os.link(src, dst)
+        os.link(src, name, dst_dir_fd=dir_fd)
         return st.st_size
     s = os.open(src, _READ)
     try:
         size = os.fstat(s).st_size if size_hint < 0 else size_hint
-        d = os.open(dst, _CREATE, FILE_MODE)
+        d = os.open(name, _CREATE, FILE_MODE, dir_fd=dir_fd)
         try:
             if size == 0:
                 return 0

@@ -14,11 +14,22 @@ Three ways to build, cheapest first, chosen per run:
 3. **Fresh** — every entry from the cache.
 
 A tree made of hardlinks (read-only) is never carried into a tree that would otherwise be
-writable-safe: a base is reused only if its `read_only` is no worse than this run's.
+writable-safe: a base is reused only if its `read_only` is no worse than this run's. A tree a
+pod could write (`Request.writable`: the webhook mounts it read-write) is never a base at all,
+and a writable run builds fresh: the pod may have edited anything in it, and hardlinking or
+recycling would carry its edits (or, through a planted symlink, another pod's files) into the
+next revision. Writable trees cost O(files) per switch; read-only ones keep O(changed).
+
+Every operation inside the destination goes through directory descriptors (`_Dirs`): each
+directory of the tree is opened once, with `O_NOFOLLOW`, relative to its parent's descriptor,
+and entries are made, linked and unlinked by name in it. A directory a pod swapped for a
+symlink is refused, never followed.
 
 Objects are linked optimistically: a warm start must cost metadata only, so there is no stat
 per object up front. An object that turns out to be missing is collected, fetched from the
-remote once (however many entries share it), and linked afterwards. Publishing happens only
+remote once (however many entries share it), and linked afterwards. The node agent's GC may
+evict an object between its fetch and its link: such objects are fetched again, up to
+`FETCH_ROUNDS` times. Publishing happens only
 after every entry is in place, so a failure at any point leaves the published tree as it was
 and the build is removed.
 
@@ -39,8 +50,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import safefs
 from .cache import NodeCache
-from .errors import CorruptObjectError, ObjectsMissingError, os_error
+from .errors import CorruptObjectError, DestinationError, ObjectsMissingError
 from .hashing import Layout
 from .linker import Linker, LinkMode, Strategy
 from .manifest import Manifest, diff
@@ -50,6 +62,8 @@ from .workspace import TreeInfo, Workspace, tree_key
 
 #: How often (in entries) the progress callback is called.
 PROGRESS_EVERY = 2048
+#: How many times objects evicted between their fetch and their link are fetched again.
+FETCH_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +89,10 @@ class Request:
     #: None = auto: DVC 3 if the cache or remote has it there, else legacy. The same `.dir`
     #: md5 can exist in both layouts naming different bytes, so callers that know, say.
     layout: Layout | None = None
+    #: A pod mounts the destination read-write: its trees are never recycled or carried over.
+    writable: bool = False
+    #: Directory of the destination's records (see `workspace`); None: `dest/.revs`.
+    state: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,7 +150,9 @@ def materialize(
 ) -> Result:
     """Make `request.revision` the published tree of `request.dest`. See the module doc."""
     started = time.monotonic()
-    ws = Workspace(request.dest, link_name=request.link_name, grace=request.spare_grace)
+    ws = Workspace(
+        request.dest, link_name=request.link_name, grace=request.spare_grace, state=request.state
+    )
     old_umask = os.umask(0o022)  # consumers of any uid must be able to read the tree
     try:
         with ws.locked():
@@ -183,30 +203,47 @@ class _Run:
         if self.req.verify:
             self._verify(manifest)
         self.cache.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.modes = self.linker.modes_for(
-            cache_tmp=str(self.cache.tmp_dir), dest_dir=str(self.ws.revs)
-        )
-        base, base_path, base_info = self._choose_base(self.modes[0].read_only)
+        shared = self._shared(key, len(manifest), recovered)
+        if shared is not None:
+            return shared
+        try:
+            self.modes = self.linker.modes_for(
+                cache_tmp=str(self.cache.tmp_dir), dest_fd=self.ws.revs_fd
+            )
+        except OSError as exc:
+            raise self.ws.dest_error(exc) from exc
+        base, base_name, base_info = self._choose_base(self.modes[0].read_only)
         reused = removed = 0
         carried_read_only = False
-        build: Path | None = None
+        build: str | None = None
         try:
             build = self.ws.take_spare(key) if base == "spare" else self.ws.new_build(key)
-            if base_info is None or base_path is None:
-                self._link_entries(manifest, build)
-            else:
-                old = self.cache.load_manifest(
-                    Revision.parse(base_info.revision), Layout(base_info.layout)
-                )
-                plan = diff(old, manifest)
-                reused, removed = plan.unchanged, len(plan.remove)
-                carried_read_only = base_info.read_only and reused > 0
-                self._count_removed_bytes(old, plan.remove, build if base == "spare" else base_path)
-                if base == "spare":
-                    self._remove_entries(old, plan.remove, build)
-                    self._link_entries(manifest, build, only=plan.add)
+            build_fd = self.ws.open_tree(build)
+            try:
+                if base_info is None or base_name is None:
+                    self._link_entries(manifest, build_fd)
                 else:
-                    self._link_entries(manifest, build, carry=(plan.add, base_path))
+                    old = self.cache.load_manifest(
+                        Revision.parse(base_info.revision), Layout(base_info.layout)
+                    )
+                    plan = diff(old, manifest)
+                    reused, removed = plan.unchanged, len(plan.remove)
+                    carried_read_only = base_info.read_only and reused > 0
+                    if base == "spare":
+                        self._count_removed_bytes(old, plan.remove, build_fd)
+                        self._remove_entries(old, plan.remove, build_fd)
+                        self._link_entries(manifest, build_fd, only=plan.add)
+                    else:
+                        base_fd = self.ws.open_tree(base_name)
+                        try:
+                            self._count_removed_bytes(old, plan.remove, base_fd)
+                            self._link_entries(manifest, build_fd, carry=(plan.add, base_fd))
+                        finally:
+                            os.close(base_fd)
+            except OSError as exc:
+                raise self.ws.dest_error(exc) from exc
+            finally:
+                os.close(build_fd)
             counts = Counter(self.linker.counts)
             counts.subtract(self.counts_before)
             run_modes = {str(m): n for m, n in counts.items() if n > 0}
@@ -221,13 +258,14 @@ class _Run:
                 bytes=self._tree_bytes(base_info),
                 modes={m: n for m, n in total_modes.items() if n > 0},
                 read_only=read_only,
+                writable=self.req.writable,
             )
             self.ws.commit(build, key, info)
             build = None
         finally:
             if build is not None:
                 self.ws.discard(build)
-        self.ws.publish(key, keep_spare=self.req.keep_spare)
+        self.ws.publish(key, keep_spare=self.req.keep_spare and not self.req.writable)
         self._tick("done", len(manifest))
         return Result(
             revision=rev.oid,
@@ -259,20 +297,49 @@ class _Run:
         if key not in {tree_key(md5, layout) for layout in self._layouts()}:
             return None
         assert key is not None  # noqa: S101 - for mypy: None is never a tree key
-        if not self.ws.tree(key).is_dir():
+        # Only a tree the records vouch for (the inode they name): a pod that renamed or
+        # forged `.revs/<key>` gets a rebuild, not its own tree back.
+        info = self.ws.trusted(key)
+        if info is None:
             return None
-        info = self.ws.info(key)
+        return self._unchanged(key, info, recovered)
+
+    def _unchanged(self, key: str, info: TreeInfo, recovered: tuple[str, ...]) -> Result:
         return Result(
             revision=self.req.revision.oid,
             path=str(self.ws.link),
             tree=str(self.ws.tree(key)),
-            files=info.files if info else 0,
-            bytes=info.bytes if info else 0,
-            # Without its record we cannot prove the tree has no hardlinks: say read-only.
-            read_only=info.read_only if info else True,
+            files=info.files,
+            bytes=info.bytes,
+            read_only=info.read_only,
             base="noop",
             recovered=recovered,
         )
+
+    def _shared(self, key: str, files: int, recovered: tuple[str, ...]) -> Result | None:
+        """Publish a tree another link name of this destination already serves, if it may be.
+
+        A tree behind any link is never rebuilt, recycled or retired. A read-only tree of ours
+        is shared (both links name it); one a pod could write is not (it may no longer be the
+        revision), and it cannot be replaced either, so that is an error.
+        """
+        links = self.ws.links()
+        others = sorted(n for n, k in links.items() if k == key and n != self.ws.link_name)
+        if not others:
+            return None
+        info = self.ws.trusted(key)
+        if info is None or info.writable or self.req.writable:
+            raise DestinationError(
+                dest=str(self.ws.dest),
+                problem=f"revision {self.req.revision.oid} is already published there under "
+                f"link {others[0]!r} as a tree a pod could write (or one datapin cannot vouch "
+                f"for), so it cannot also be published as {self.ws.link_name!r}",
+                fix="publish a revision under one link name only in a writable destination, "
+                "or use another destination",
+            )
+        self.ws.publish(key, keep_spare=self.req.keep_spare)
+        self._tick("done", files)
+        return dataclasses.replace(self._unchanged(key, info, recovered), files=info.files)
 
     def _layouts(self) -> tuple[Layout, ...]:
         return (self.req.layout,) if self.req.layout else (Layout.DVC3, Layout.LEGACY)
@@ -321,9 +388,13 @@ class _Run:
             if os.path.lexists(self.cache.path(oid, layout)) and not self.cache.verify(oid, layout):
                 self.quarantined.append(oid)
 
-    def _choose_base(self, read_only: bool) -> tuple[str, Path | None, TreeInfo | None]:
+    def _choose_base(self, read_only: bool) -> tuple[str, str | None, TreeInfo | None]:
+        """The cheapest base: the spare, the published tree, or none; with its record."""
+        if self.req.writable:
+            return "fresh", None, None
+
         def usable(info: TreeInfo | None) -> bool:
-            if info is None or (info.read_only and not read_only):
+            if info is None or info.writable or (info.read_only and not read_only):
                 return False
             # One md5 names different bytes in the two layouts (a legacy CRLF text object is
             # named by its LF form), so entries are only comparable within one layout.
@@ -340,81 +411,93 @@ class _Run:
         # A young spare is off limits (readers may still be in it), except when it already is
         # the target: then the recycle renames it and edits nothing (a rollback).
         target = tree_key(self.req.revision.md5, self.layout)
-        if spare is not None and (spare[0] == target or self._spare_old_enough(spare[1])):
-            info = self.ws.info(spare[0])
+        if spare is not None and (spare[0] == target or self._spare_old_enough(spare[1].name)):
+            info = self.ws.trusted(spare[0], spare[1].name)
             if usable(info):
-                return "spare", spare[1], info
+                return "spare", spare[1].name, info
         published = self.ws.published()
-        if published is not None and self.ws.tree(published).is_dir():
-            info = self.ws.info(published)
+        if published is not None:
+            info = self.ws.trusted(published)
             if usable(info):
-                return "published", self.ws.tree(published), info
+                return "published", published, info
         return "fresh", None, None
 
-    def _spare_old_enough(self, path: Path) -> bool:
+    def _spare_old_enough(self, name: str) -> bool:
         if self.req.spare_grace <= 0:
             return True
         try:
             # rename(2) sets the ctime of the directory it moves, so ctime is when the tree
             # was retired to the spare.
-            retired = os.stat(path).st_ctime
+            retired = os.lstat(name, dir_fd=self.ws.revs_fd).st_ctime
         except FileNotFoundError:
             return False
         return time.time() - retired >= self.req.spare_grace
 
     # -- building -----------------------------------------------------------------------------
 
-    def _remove_entries(self, old: Manifest, remove: array[int], build: Path) -> None:
+    def _remove_entries(self, old: Manifest, remove: array[int], build: int) -> None:
         """Drop entries of the recycled tree, then the directories they leave empty.
 
         DVC trees never contain empty directories, and neither may ours.
         """
-        root = os.fsencode(build) + b"/"
         parents: set[bytes] = set()
         self._tick("remove", len(remove))
-        for i in remove:
-            rel = old.relpath_bytes(i)
-            try:
-                os.unlink(root + rel)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise os_error(str(build), exc) from exc
-            cut = rel.rfind(b"/")
-            while cut > 0:
-                parents.add(rel[:cut])
-                cut = rel.rfind(b"/", 0, cut)
+        dirs = _Dirs(build, create=False)
+        try:
+            for i in remove:
+                rel = old.relpath_bytes(i)
+                cut = rel.rfind(b"/")
+                try:
+                    fd = dirs.enter(rel[:cut] if cut > 0 else b"")
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.unlink(rel[cut + 1 :], dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except IsADirectoryError:
+                    safefs.remove_tree(rel[cut + 1 :], dir_fd=fd)
+                while cut > 0:
+                    parents.add(rel[:cut])
+                    cut = rel.rfind(b"/", 0, cut)
+        finally:
+            dirs.close()
         # Deepest first, so a directory emptied of subdirectories goes too.
         for parent in sorted(parents, key=lambda p: p.count(b"/"), reverse=True):
+            cut = parent.rfind(b"/")
             with contextlib.suppress(OSError):
-                os.rmdir(root + parent)
+                fd = safefs.open_dir_beneath(build, parent[:cut]) if cut > 0 else os.dup(build)
+                try:
+                    os.rmdir(parent[cut + 1 :], dir_fd=fd)
+                finally:
+                    os.close(fd)
 
     def _link_entries(
         self,
         manifest: Manifest,
-        build: Path,
+        build: int,
         *,
         only: array[int] | None = None,
-        carry: tuple[array[int], Path] | None = None,
+        carry: tuple[array[int], int] | None = None,
     ) -> None:
         """The hot loop: link every entry (or those in `only`) of `manifest` into `build`.
 
-        With `carry=(add, base)`, entries not in `add` are hardlinked from the tree `base`
-        instead of coming from the cache.
+        With `carry=(add, base)`, entries not in `add` are hardlinked from the tree `base` (a
+        directory fd) instead of coming from the cache.
         """
-        root = os.fsencode(build) + b"/"
         prefix = os.fsencode(self.cache.prefix(self.layout))
         link = self.linker.link
         modes = self.modes
         hexlify = binascii.b2a_hex
-        made: set[bytes] = set()
-        last_parent = b""
         missing = array("Q")
         total = len(only) if only is not None else len(manifest)
         self._tick("link", total)
         add_iter = iter(carry[0]) if carry is not None else None
         next_add = next(add_iter, -1) if add_iter is not None else -1
-        base_root = os.fsencode(carry[1]) + b"/" if carry is not None else b""
+        dirs = _Dirs(build, create=True)
+        base_dirs = _Dirs(carry[1], create=False) if carry is not None else None
+        last_parent: bytes | None = None
+        dir_fd = base_fd = -1
         # A recycled tree needs only the planned entries: visit those by index rather than
         # scanning the whole manifest for them.
         entries: Iterator[tuple[int, tuple[bytes, bytes]]] = (
@@ -423,64 +506,109 @@ class _Run:
             else enumerate(manifest.iter_raw())
         )
         done = 0
-        for index, (rel, raw) in entries:
-            cut = rel.rfind(b"/")
-            if cut > 0:
-                parent = rel[:cut]
+        try:
+            for index, (rel, raw) in entries:
+                cut = rel.rfind(b"/")
+                parent = rel[:cut] if cut > 0 else b""
                 if parent != last_parent:
-                    if parent not in made:
+                    dir_fd = dirs.enter(parent)
+                    if base_dirs is not None:
                         try:
-                            os.makedirs(root + parent, mode=0o755, exist_ok=True)
-                        except OSError as exc:
-                            raise os_error(str(build), exc) from exc
-                        made.add(parent)
+                            base_fd = base_dirs.enter(parent)
+                        except OSError:
+                            base_fd = -1  # not in the base after all: from the cache
                     last_parent = parent
-            dst = root + rel
-            done += 1
-            if done % PROGRESS_EVERY == 0:
-                self._tick("link", total, done)
-            if add_iter is not None:
-                if index != next_add:
-                    try:
-                        os.link(base_root + rel, dst)
-                        continue
-                    except OSError:
-                        pass  # EMLINK on a popular object, or a tampered base: use the cache
+                name = rel[cut + 1 :]
+                done += 1
+                if done % PROGRESS_EVERY == 0:
+                    self._tick("link", total, done)
+                if add_iter is not None:
+                    if index != next_add:
+                        if base_fd >= 0:
+                            try:
+                                os.link(
+                                    name,
+                                    name,
+                                    src_dir_fd=base_fd,
+                                    dst_dir_fd=dir_fd,
+                                    follow_symlinks=False,
+                                )
+                                continue
+                            except OSError:
+                                pass  # EMLINK on a popular object: use the cache
+                    else:
+                        next_add = next(add_iter, -1)
+                h = hexlify(raw)
+                try:
+                    size = link(modes, prefix + h[:2] + b"/" + h[2:], dir_fd, name)
+                except FileNotFoundError:
+                    missing.append(index)
                 else:
-                    next_add = next(add_iter, -1)
-            h = hexlify(raw)
-            try:
-                size = link(modes, prefix + h[:2] + b"/" + h[2:], dst)
-            except FileNotFoundError:
-                missing.append(index)
-            else:
-                self.hits += 1
-                self.hit_bytes += size
+                    self.hits += 1
+                    self.hit_bytes += size
+        finally:
+            dirs.close()
+            if base_dirs is not None:
+                base_dirs.close()
         if missing:
-            self._fetch_and_link(manifest, missing, root, prefix)
+            self._fetch_and_link(manifest, missing, build, prefix)
 
     def _fetch_and_link(
-        self, manifest: Manifest, missing: array[int], root: bytes, prefix: bytes
+        self, manifest: Manifest, missing: array[int], build: int, prefix: bytes
     ) -> None:
-        oids = sorted({manifest.md5(i) for i in missing})
         remote = self.req.remote
-        if remote is None:
-            self._raise_missing(oids, [])
-        assert remote is not None  # noqa: S101 - for mypy; _raise_missing raised otherwise
-        self._tick("fetch", len(oids))
-        report = remote.fetch(
-            self.cache, oids, self.layout, lambda n: self._tick("fetch", len(oids), n)
+        for _ in range(FETCH_ROUNDS):
+            oids = sorted({manifest.md5(i) for i in missing})
+            if remote is None:
+                self._raise_missing(oids, [])
+            assert remote is not None  # noqa: S101 - for mypy; _raise_missing raised otherwise
+            total = len(oids)
+            self._tick("fetch", total)
+            report = remote.fetch(self.cache, oids, self.layout, self._fetch_ticker(total))
+            self._count(report)
+            if report.absent or report.corrupt:
+                self._raise_missing(report.absent, report.corrupt, self.layout)
+            # The node agent's GC may have evicted some again before they were linked.
+            missing = self._link_fetched(manifest, missing, build, prefix)
+            if not missing:
+                return
+        gone = sorted({manifest.md5(i) for i in missing})
+        raise DestinationError(
+            dest=str(self.cache.root),
+            problem=f"{len(gone)} object(s) were fetched {FETCH_ROUNDS} times and removed "
+            f"from the node cache each time before they could be linked ({', '.join(gone[:5])})"
+            ": the node volume is short of space and its GC evicts them",
+            fix="free space on the node volume (or raise the agent's GC watermarks); the "
+            "next attempt fetches them again",
         )
-        self._count(report)
-        if report.absent or report.corrupt:
-            self._raise_missing(report.absent, report.corrupt, self.layout)
-        for i in missing:
-            h = manifest.md5(i).encode()
-            size = self.linker.link(
-                self.modes, prefix + h[:2] + b"/" + h[2:], root + manifest.relpath_bytes(i)
-            )
-            self.misses += 1
-            self.miss_bytes += size
+
+    def _fetch_ticker(self, total: int) -> Callable[[int], None]:
+        return lambda n: self._tick("fetch", total, n)
+
+    def _link_fetched(
+        self, manifest: Manifest, missing: array[int], build: int, prefix: bytes
+    ) -> array[int]:
+        """Link the fetched entries; those whose object is gone again."""
+        again = array("Q")
+        dirs = _Dirs(build, create=True)
+        try:
+            for i in missing:
+                rel = manifest.relpath_bytes(i)
+                cut = rel.rfind(b"/")
+                fd = dirs.enter(rel[:cut] if cut > 0 else b"")
+                h = manifest.md5(i).encode()
+                try:
+                    size = self.linker.link(
+                        self.modes, prefix + h[:2] + b"/" + h[2:], fd, rel[cut + 1 :]
+                    )
+                except FileNotFoundError:
+                    again.append(i)
+                    continue
+                self.misses += 1
+                self.miss_bytes += size
+        finally:
+            dirs.close()
+        return again
 
     def _raise_missing(
         self, absent: list[str], corrupt: list[str], layout: Layout | None = None
@@ -513,12 +641,18 @@ class _Run:
         added = self.hit_bytes + self.miss_bytes
         return added if base is None else base.bytes - self.removed_bytes + added
 
-    def _count_removed_bytes(self, old: Manifest, remove: array[int], base: Path) -> None:
+    def _count_removed_bytes(self, old: Manifest, remove: array[int], base: int) -> None:
         """Sizes of the entries leaving the base tree: O(changed) lstat calls."""
-        root = os.fsencode(base) + b"/"
-        for i in remove:
-            with contextlib.suppress(OSError):
-                self.removed_bytes += os.lstat(root + old.relpath_bytes(i)).st_size
+        dirs = _Dirs(base, create=False)
+        try:
+            for i in remove:
+                rel = old.relpath_bytes(i)
+                cut = rel.rfind(b"/")
+                with contextlib.suppress(OSError):
+                    fd = dirs.enter(rel[:cut] if cut > 0 else b"")
+                    self.removed_bytes += os.lstat(rel[cut + 1 :], dir_fd=fd).st_size
+        finally:
+            dirs.close()
 
     def _tick(self, phase: str, total: int, done: int | None = None) -> None:
         if self.progress is None:
@@ -527,3 +661,47 @@ class _Run:
         self.state.total = total
         self.state.done = total if done is None and phase == "done" else (done or 0)
         self.progress(self.state)
+
+
+class _Dirs:
+    """The open directories along one path of a tree, under the tree's root descriptor.
+
+    Entries come in manifest order (sorted by relpath), so a directory's entries are
+    contiguous: moving to the next parent closes the components it leaves and opens (with
+    `create`, makes first) the ones it enters, one `openat` per directory visited. Every
+    component is opened with `O_NOFOLLOW` relative to the one above, so a directory a pod
+    swapped for a symlink raises `UnsafeFileError` instead of leading elsewhere.
+    """
+
+    __slots__ = ("create", "fds", "parts", "root")
+
+    def __init__(self, root: int, *, create: bool) -> None:
+        self.root = root
+        self.create = create
+        self.parts: list[bytes] = []
+        self.fds: list[int] = []
+
+    def enter(self, parent: bytes) -> int:
+        """The descriptor of directory `parent` (relative to the root; b"" is the root)."""
+        parts = parent.split(b"/") if parent else []
+        keep = 0
+        limit = min(len(parts), len(self.parts))
+        while keep < limit and parts[keep] == self.parts[keep]:
+            keep += 1
+        while len(self.fds) > keep:
+            os.close(self.fds.pop())
+            self.parts.pop()
+        fd = self.fds[-1] if self.fds else self.root
+        for part in parts[keep:]:
+            if self.create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            fd = safefs.open_dir(part, dir_fd=fd)
+            self.fds.append(fd)
+            self.parts.append(part)
+        return fd
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+        self.parts.clear()

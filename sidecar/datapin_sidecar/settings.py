@@ -79,6 +79,12 @@ class DatasetSettings(BaseModel):
         description="The revision (<md5>.dir) to serve when no annotations file is used.",
     )
     ref: str | None = Field(default=None, description="What `pin` was resolved from (display).")
+    writable: bool = Field(
+        default=False,
+        description="The pod mounts this dataset read-write (the webhook sets it for "
+        'datapin.dev/writable: "true"): its trees are never recycled or carried over, so each '
+        "switch builds the revision afresh and a pod's edits never reach the next tree.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -4,7 +4,9 @@ What a pod asks for is a *pin* per dataset (`<md5>.dir`), written by the operato
 the pod's `datapin.dev/pins` annotation and read here from a downward-API file (or, outside
 Kubernetes, from each dataset's `pin` setting). Each dataset is published at
 `<workspace>/<dataset>/<link>` (see `workspace`): the app container mounts
-`<workspace>/<dataset>` and reads `<mount>/current/...`.
+`<workspace>/<dataset>` and reads `<mount>/current/...`. The dataset's records (marker, lock,
+tree records) are kept in `<workspace>/.state/<dataset>/`, which no pod mounts, so a pod with a
+writable mount cannot touch what datapin trusts.
 
 * `once` materialises every dataset (in parallel) and exits: 0 when all are published, else the
   exit code of the first failure (see `errors.py`), with every failure's message in the
@@ -59,6 +61,9 @@ from .settings import DatasetSettings, Settings
 
 log = logging.getLogger(__name__)
 
+#: The workspace's directory of the datasets' records (`<workspace>/.state/<dataset>/`): dataset
+#: names cannot start with a dot, so no pod mounts it.
+STATE_DIR = ".state"
 #: Remote failures worth retrying before the first publish; any other error is permanent.
 TRANSIENT_CAUSES = frozenset({"unreachable", "gave_up", "wait_timeout", "tls"})
 
@@ -350,6 +355,9 @@ class Sidecar:
                 verify=self.settings.verify,
                 layout=target.layout,
                 spare_grace=self.settings.spare_grace_seconds,
+                writable=self.datasets[target.dataset].writable,
+                # Records out of the pod's view: it mounts only `<workspace>/<dataset>`.
+                state=self.workspace / STATE_DIR / target.dataset,
             )
             try:
                 if self.cancel.is_set():
