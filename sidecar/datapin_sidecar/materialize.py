@@ -193,10 +193,16 @@ class _Run:
     # -- the steps ----------------------------------------------------------------------------
 
     def execute(self, recovered: tuple[str, ...]) -> Result:
-        rev = self.req.revision
         noop = self._noop(recovered)
         if noop is not None:
             return noop
+        # Registered before the first cache lookup and held until the tree is published: the
+        # node agent's GC keeps every object of a revision being built (cache.building).
+        with self.cache.building(self.req.revision.oid):
+            return self._build(recovered)
+
+    def _build(self, recovered: tuple[str, ...]) -> Result:
+        rev = self.req.revision
         self.layout = self._resolve_layout()
         key = tree_key(rev.md5, self.layout)
         manifest = self._manifest()

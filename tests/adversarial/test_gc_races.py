@@ -7,9 +7,8 @@ progress needs. A build registers its revision with `NodeCache.building` before 
 the cache; every held registration is a GC root, re-read before every batch of evictions
 under `builds.lock` (see `cache` and `gc`).
 
-The concurrency case runs real processes (one `materialize` each, wrapped in
-`cache.building(oid)` exactly as the materialiser's contract says — see `BUILDER`) against a
-cache on a small real XFS volume filled from a DVC directory remote, while a GC evicts
+The concurrency case runs real processes (one `materialize` each, which registers its build
+itself — see `BUILDER`) against a cache on a small real XFS volume filled from a DVC directory remote, while a GC evicts
 everything not in use over and over.
 """
 
@@ -35,7 +34,7 @@ ORPHANS = BATCH * 20
 #: Watermarks every small volume is above: evict every object no root protects.
 EVICT_ALL = Watermarks(high_percent=0.02, low_percent=0.01)
 
-#: One build: register, then materialise from the cache and the directory remote.
+#: One build: materialise (which registers the build) from the cache and the directory remote.
 BUILDER = """
 import sys
 from pathlib import Path
@@ -46,12 +45,7 @@ from datapin_sidecar.revision import Revision
 
 cache, rev = NodeCache(sys.argv[1]), Revision.parse(sys.argv[2])
 dest, remote = Path(sys.argv[3]), DirectoryRemote(sys.argv[4])
-request = Request(cache=cache, revision=rev, dest=dest, remote=remote)
-if sys.argv[5] == "register":
-    with cache.building(rev.oid):
-        materialize(request)
-else:
-    materialize(request)
+materialize(Request(cache=cache, revision=rev, dest=dest, remote=remote))
 """
 
 
@@ -213,7 +207,7 @@ def test_concurrent_materialises_all_succeed_while_the_gc_evicts_everything_unus
                     oid,
                     dest,
                     subprocess.Popen(
-                        [*argv, str(remote), "register"],
+                        [*argv, str(remote)],
                         stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT,
                         text=True,
