@@ -60,6 +60,7 @@ from .cache import NodeCache
 from .errors import DatapinError, RemoteError, UsageError
 from .hashing import Layout
 from .linker import Strategy
+from .logs import redacting_excepthook
 from .materialize import Request, Result, materialize
 from .progress import Reporter
 from .remote import DirectoryRemote, Remote
@@ -230,6 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    sys.excepthook = redacting_excepthook
     try:
         return asyncio.run(_materialize(args, sys.stdout, sys.stderr, os.environ))
     except DatapinError as exc:
