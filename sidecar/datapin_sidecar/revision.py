@@ -188,7 +188,8 @@ def resolve_target(repo: str | Path, target: str) -> Out:
 
 def _dvc_file_out(path: Path, out: str | None) -> Out:
     if not path.is_file():
-        raise RevisionError(f"{path} does not exist. Fix: check the path of the .dvc file")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise RevisionError(f"{path} {what}. Fix: check the path of the .dvc file")
     outs = read_dvc_file(path)
     if out is not None:
         return find_out(outs, out, source=str(path))
