@@ -34,7 +34,7 @@ from .logs import configure_logging, redacting_excepthook
 from .metrics import Metrics
 from .s3config import redact
 from .server import Health, make_app, serve
-from .settings import Settings, describe, load_settings
+from .settings import Settings, check_directories, describe, load_settings
 from .sidecar import Sidecar, outcome_of
 
 log = logging.getLogger("datapin_sidecar")
@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ: Mapping[str, str] = os.environ
     try:
         settings = load_settings()
+        check_directories(settings)
     except BadSettingsError as exc:
         print(f"datapin-sidecar: {redact(str(exc))}", file=sys.stderr)
         # Settings could not be read, so neither could their termination path: the default

@@ -61,11 +61,48 @@ def _non_empty_path(value: Path | None) -> Path | None:
     return value
 
 
+#: Longest node-volume path: what datapin creates beneath must fit in Linux's PATH_MAX.
+MAX_DIR_PATH_BYTES: Final = 1024
+
+
 def _absolute(value: Path | None) -> Path | None:
     _non_empty_path(value)
     if value is not None and not value.is_absolute():
         raise ValueError("must be an absolute path (it is a mount point on the node volume)")
+    if value is not None and len(str(value).encode("utf-8", "surrogateescape")) > (
+        MAX_DIR_PATH_BYTES
+    ):
+        raise ValueError(
+            f"must be at most {MAX_DIR_PATH_BYTES} bytes long, so what datapin creates beneath "
+            "it fits in Linux's 4096-byte path limit"
+        )
     return value
+
+
+def check_directories(settings: Settings) -> None:
+    """Raise `BadSettingsError` if a directory setting names a file (or a path through one).
+
+    Done at start by `main()`, outside the model because it looks at the filesystem; a
+    directory that does not exist yet is fine (it is created).
+    """
+    found = []
+    for field in ("root", "workspace_dir", "kubelet_pods_dir"):
+        path: Path | None = getattr(settings, field)
+        if path is None:
+            continue
+        name = f"{ENV_PREFIX}{field.upper()}"
+        try:
+            is_dir = path.is_dir()
+            exists = is_dir or path.exists()
+        except OSError as exc:  # a name over 255 bytes, a loop of symlinks, no permission
+            found.append(f"{name}: cannot be used ({exc.strerror}) (got {str(path)[:80]!r})")
+            continue
+        if exists and not is_dir:
+            found.append(f"{name}: is a file, not a directory (got {str(path)[:80]!r})")
+        elif not exists and any(p.exists() and not p.is_dir() for p in path.parents):
+            found.append(f"{name}: a component of the path is a file (got {str(path)[:80]!r})")
+    if found:
+        raise BadSettingsError(found)
 
 
 class DatasetSettings(BaseModel):

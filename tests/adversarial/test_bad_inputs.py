@@ -345,3 +345,36 @@ def test_annotations_file_that_is_a_fifo(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "is not a regular file" in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "text"),
+    [
+        ("DATAPIN_ROOT", "{file}", "DATAPIN_ROOT: is a file, not a directory"),
+        ("DATAPIN_WORKSPACE_DIR", "{file}", "DATAPIN_WORKSPACE_DIR: is a file, not a directory"),
+        ("DATAPIN_WORKSPACE_DIR", "{file}/ws", "a component of the path is a file"),
+        ("DATAPIN_ROOT", "{tmp}/" + "x" * 300, "DATAPIN_ROOT: cannot be used (File name too long)"),
+        ("DATAPIN_ROOT", "{tmp}/" + "d" * 200 + "/" + "d" * 900, "must be at most 1024 bytes"),
+    ],
+    ids=["root-file", "workspace-file", "workspace-below-file", "long-name", "long-path"],
+)
+def test_sidecar_directories_that_are_files_or_too_long(
+    tmp_path: Path, variable: str, value: str, text: str
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    (tmp_path / "remote").mkdir()
+    env = {
+        "DATAPIN_ROOT": str(tmp_path / "root"),
+        "DATAPIN_POD_UID": str(uuid.uuid4()),
+        "DATAPIN_DATASETS": json.dumps(
+            [{"name": "a", "remote": str(tmp_path / "remote"), "pin": "f" * 32 + ".dir"}]
+        ),
+        variable: value.format(file=a_file, tmp=tmp_path),
+    }
+    proc, message = sidecar_once(env, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert text in proc.stderr
+    assert text in message
+    assert a_file.read_text() == "not a directory"
