@@ -378,3 +378,32 @@ def test_sidecar_directories_that_are_files_or_too_long(
     assert text in proc.stderr
     assert text in message
     assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_credentials_dir_key_file_that_is_not_a_key(
+    setup: tuple[Path, str], rootfs_dir: Path, kind: str
+) -> None:
+    """Secret files are read bounded and never opened if not regular (a FIFO would block)."""
+    cache, _ = setup
+    rev = "f" * 32 + ".dir"  # not in the cache: the keys are read for the fetch
+    secret = rootfs_dir / "secret"
+    secret.mkdir()
+    (secret / "AWS_SECRET_ACCESS_KEY").write_text("a-secret-value\n")
+    key_id = secret / "AWS_ACCESS_KEY_ID"
+    if kind == "fifo":
+        os.mkfifo(key_id)
+        text = "is not a regular file"
+    elif kind == "device":
+        key_id.symlink_to("/dev/zero")
+        text = "is not a regular file"
+    elif kind == "directory":
+        key_id.mkdir()
+        text = "is not a regular file"
+    else:
+        with key_id.open("wb") as f:
+            f.truncate(1024 * 1024 * 1024)
+        text = "is over 16384 bytes, too big for a key"
+    s3 = ("--remote", "s3://bucket-x/prefix", "--endpoint-url", "http://127.0.0.1:9")
+    proc = datapin(*_argv(cache, rev, rootfs_dir / "dest", *s3, "--credentials-dir", str(secret)))
+    _refused(proc, 2, f"Secret file {key_id} {text}", "Fix:")
