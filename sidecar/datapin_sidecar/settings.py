@@ -50,6 +50,11 @@ DAY: Final = 86400.0
 #: Fields whose value is never shown in an error: they name key files, and a key pasted there
 #: instead of its name must not be echoed.
 _UNSHOWN: Final = frozenset({"access_key_id_file", "secret_access_key_file"})
+#: The only dataset fields whose bad value is quoted back; anything else in DATAPIN_DATASETS
+#: (an unknown field, a stray list item) may be a key pasted into the wrong place.
+_SHOWN_DATASET_FIELDS: Final = frozenset(
+    {"name", "remote", "region", "addressing", "layout", "pin", "ref", "credentials_dir"}
+)
 
 
 def _non_empty_path(value: Path | None) -> Path | None:
@@ -435,11 +440,17 @@ def problems(exc: ValidationError, *, env_prefix: str = ENV_PREFIX) -> list[str]
         inner = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
         value = error.get("input")
         shown = ""
-        hidden = error["type"] == "extra_forbidden" or not _UNSHOWN.isdisjoint(loc)
-        if isinstance(value, str | int | float | bool) and len(loc) > 0 and not hidden:
+        hidden = (
+            error["type"] == "extra_forbidden"
+            or not _UNSHOWN.isdisjoint(loc)
+            or (loc[0] == "datasets" and loc[-1] not in _SHOWN_DATASET_FIELDS)
+        )
+        if isinstance(value, str | int | float | bool) and not hidden:
             text = redact(str(value))
             text = text if len(text) <= _SHOWN_VALUE else text[:_SHOWN_VALUE] + "..."
             shown = f" (got {text!r})"
+            if "@" in text and "://" in text:
+                shown = " (the value is not shown: a URL with '@' may embed credentials)"
         lines.append(f"{name}{inner}: {error['msg'].removeprefix('Value error, ')}{shown}")
     return lines
 

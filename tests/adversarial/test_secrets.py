@@ -207,3 +207,30 @@ def test_sidecar_secret_pasted_into_the_key_id_file(
     assert returncode == 8, output
     assert message
     assert_hidden(output, message)
+
+
+@pytest.mark.parametrize(
+    "datasets",
+    [
+        [{"name": "images", "remote": "/r"}, CANARY],  # a key pasted as a list item
+        [{"name": "images", "remote": f"https://id:{CANARY}@host"}],  # a key in a URL
+        [{"name": "images", "remote": "/r", "endpoint_url": 7, "region": None}, {"x": CANARY}],
+    ],
+    ids=["stray-item", "url-with-key", "unknown-field"],
+)
+def test_bad_settings_never_quote_a_key(tmp_path: Path, datasets: list[object]) -> None:
+    exe = shutil.which("datapin-sidecar")
+    assert exe is not None
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
+        "DATAPIN_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination-log"),
+        "DATAPIN_POD_UID": str(uuid.uuid4()),
+        "DATAPIN_DATASETS": json.dumps(datasets),
+    }
+    proc = subprocess.run(
+        [exe, "once"], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "DATAPIN_DATASETS" in proc.stderr
+    assert_hidden(proc.stderr, (tmp_path / "termination-log").read_text())
