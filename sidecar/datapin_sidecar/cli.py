@@ -82,8 +82,9 @@ from .s3config import (
 MAX_JOBS: Final = 1024
 #: Longest `--cache`/`--dest` path: what datapin puts beneath them must still fit in PATH_MAX.
 MAX_DIR_PATH_BYTES: Final = 1024
-#: Longest file or directory name on XFS and ext4.
+#: Longest file or directory name on XFS and ext4, and Linux's longest path (with its NUL).
 _NAME_MAX: Final = 255
+_PATH_MAX: Final = 4096
 _NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -94,13 +95,37 @@ def _text(value: str) -> str:
     return value
 
 
+def _length_problem(value: str) -> str | None:
+    """Why Linux cannot open path `value` (too long), or None."""
+    raw = os.fsencode(value)
+    if len(raw) >= _PATH_MAX:
+        return f"is {len(raw)} bytes long; Linux paths are shorter than {_PATH_MAX} bytes"
+    if any(len(part) > _NAME_MAX for part in raw.split(b"/")):
+        return f"has a name longer than {_NAME_MAX} bytes, the most a file system allows"
+    return None
+
+
 def _path(value: str) -> Path:
-    """argparse type: a non-empty path (`Path("")` would silently be the working directory)."""
+    """argparse type: a non-empty path (`Path("")` would silently be the working directory)
+    that Linux can open at all."""
     if not value.strip():
         raise argparse.ArgumentTypeError(
             "must not be empty (an empty path would mean the working directory; write . for that)"
         )
+    problem = _length_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value[:60]}... {problem}")
     return Path(value)
+
+
+def _target(value: str) -> str:
+    """argparse type of `--target` and `--remote`: non-empty text, and if it is a path, one
+    Linux can open."""
+    value = _text(value)
+    problem = None if "://" in value else _length_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value[:60]}... {problem}")
+    return value
 
 
 def _jobs(value: str) -> int:
@@ -153,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--remote",
-        type=_text,
+        type=_target,
         help="where missing objects come from: s3://BUCKET/PREFIX (S3, Backblaze B2) or the "
         "path of a DVC directory remote (default with --dvc-repo: the repo's default remote)",
     )
@@ -161,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     dvc.add_argument("--dvc-repo", type=_path, help="root of the DVC repository")
     dvc.add_argument(
         "--target",
-        type=_text,
+        type=_target,
         help="data.dvc, data.dvc:PATH, a stage output PATH or dvc.lock:PATH (needs --dvc-repo)",
     )
     dvc.add_argument(

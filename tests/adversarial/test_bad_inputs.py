@@ -407,3 +407,24 @@ def test_credentials_dir_key_file_that_is_not_a_key(
     s3 = ("--remote", "s3://bucket-x/prefix", "--endpoint-url", "http://127.0.0.1:9")
     proc = datapin(*_argv(cache, rev, rootfs_dir / "dest", *s3, "--credentials-dir", str(secret)))
     _refused(proc, 2, f"Secret file {key_id} {text}", "Fix:")
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--cache", "--dest", "--remote", "--dvc-repo", "--target", "--ca-bundle", "--env-file"],
+)
+@pytest.mark.parametrize("shape", ["long-name", "long-path"])
+def test_paths_linux_cannot_open_are_usage_errors(
+    setup: tuple[Path, str], rootfs_dir: Path, flag: str, shape: str
+) -> None:
+    cache, rev = setup
+    value = "x" * 300 if shape == "long-name" else "/".join(["y" * 200] * 25)
+    argv = _argv(cache, rev, rootfs_dir / "dest")
+    if flag in ("--dvc-repo", "--target"):
+        argv = [a for a in argv if a not in ("--rev", rev)]
+        argv += ["--dvc-repo", str(rootfs_dir), "--target", "data.dvc"]
+    if flag in ("--ca-bundle", "--env-file"):
+        argv += ["--remote", "s3://bucket-x/p", "--endpoint-url", "http://127.0.0.1:9"]
+    proc = datapin(*_replace(argv, flag, value))
+    text = "longer than 255 bytes" if shape == "long-name" else "Linux paths are shorter"
+    _refused(proc, 2, f"argument {flag}", text)
