@@ -428,3 +428,17 @@ def test_paths_linux_cannot_open_are_usage_errors(
     proc = datapin(*_replace(argv, flag, value))
     text = "longer than 255 bytes" if shape == "long-name" else "Linux paths are shorter"
     _refused(proc, 2, f"argument {flag}", text)
+
+
+def test_termination_message_path_that_is_a_fifo(tmp_path: Path) -> None:
+    """Nobody reads the FIFO: writing the message must not block the exit."""
+    fifo = tmp_path / "termination-fifo"
+    os.mkfifo(fifo)
+    env = {
+        "DATAPIN_ROOT": str(tmp_path / "root"),
+        "DATAPIN_POD_UID": "../..",
+        "DATAPIN_TERMINATION_MESSAGE_PATH": str(fifo),
+    }
+    proc, _ = sidecar_once(env, tmp_path)  # times out (a failure) if the write blocks
+    assert proc.returncode == 2, proc.stderr
+    assert "DATAPIN_POD_UID" in proc.stderr
