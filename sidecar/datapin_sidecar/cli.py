@@ -355,7 +355,7 @@ def _check_directory_remote(path: str) -> None:
     """A directory remote that exists but cannot be listed is a remote error (exit 8) now,
     not an unexpected one halfway through the fetch."""
     try:
-        os.listdir(path)
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     except FileNotFoundError:
         return  # reported as missing by the remote itself, with its fix
     except NotADirectoryError:
