@@ -57,6 +57,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -538,8 +539,11 @@ class RemoteConfig:
 # With which keys
 # --------------------------------------------------------------------------------------------
 
-#: Values `redact` hides: every key id, secret and token a `Credentials` was built with.
-_REGISTERED: set[str] = set()
+#: Values `redact` hides: every key id, secret and token a `Credentials` was built with,
+#: longest first. Replaced whole, never mutated, so a thread formatting a log line while
+#: another reads a rotated Secret iterates a consistent tuple.
+_REGISTERED: tuple[str, ...] = ()
+_REGISTERING: Final = threading.Lock()
 #: Shorter values are not registered: hiding every "abc" would garble messages, and a key
 #: that short is refused by every store anyway.
 _MIN_REDACTED: Final = 6
@@ -547,17 +551,20 @@ _REDACTED: Final = "[redacted]"
 
 
 def _register(value: str | None) -> None:
-    if value is not None and len(value) >= _MIN_REDACTED:
-        _REGISTERED.add(value)
-        # As json.dumps writes it (`"` and `\` escaped), for JSON log lines.
-        _REGISTERED.add(json.dumps(value)[1:-1])
+    global _REGISTERED  # noqa: PLW0603 - the one registry of the process, see above
+    if value is None or len(value) < _MIN_REDACTED:
+        return
+    # Also as json.dumps writes it (`"` and `\` escaped), for JSON log lines.
+    forms = {value, json.dumps(value)[1:-1]}
+    with _REGISTERING:
+        if forms.issubset(_REGISTERED):
+            return
+        _REGISTERED = tuple(sorted(forms.union(_REGISTERED), key=len, reverse=True))
 
 
 def redact(text: str) -> str:
     """`text` with every key value datapin has read replaced by `[redacted]`."""
-    if not _REGISTERED:
-        return text
-    for value in sorted(_REGISTERED, key=len, reverse=True):
+    for value in _REGISTERED:
         if value in text:
             text = text.replace(value, _REDACTED)
     return text
