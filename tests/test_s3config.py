@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -434,8 +435,11 @@ def test_direct_construction_is_validated_too() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_credentials_repr_masks_the_secret_and_token() -> None:
+def test_credentials_repr_masks_the_key_id_secret_and_token() -> None:
+    # The key id is masked too: people paste the secret into the key-id file.
     c = creds(secret=CANARY, token=CANARY + "TOKEN")
+    fingerprint = hashlib.sha256(KEY_ID.encode()).hexdigest()[:8]
+    assert c.fingerprint == f"sha256:{fingerprint}"
     for text in (
         repr(c),
         str(c),
@@ -445,7 +449,8 @@ def test_credentials_repr_masks_the_secret_and_token() -> None:
         repr(StaticCredentials(c, source="x")),
     ):
         assert CANARY not in text
-        assert KEY_ID in text
+        assert KEY_ID not in text
+        assert f"key id sha256:{fingerprint}" in text
         assert "secret=***" in text
     assert "session_token=***" in repr(c)
     assert "session_token" not in repr(creds())
@@ -705,8 +710,12 @@ def test_secret_dir_custom_key_names(tmp_path: Path) -> None:
     source = SecretDirCredentials(tmp_path, id_keys=["id"], secret_keys=["key"], token_keys=[])
     assert source.get() == creds()
     assert source.describe() == f"Secret files in {tmp_path} (id, key)"
-    with pytest.raises(ValueError, match="not a Secret key name"):
+    with pytest.raises(UsageError, match="not a Secret key name"):
         SecretDirCredentials(tmp_path, id_keys=["..data"])
+    # A key pasted where its name goes is refused without being echoed.
+    with pytest.raises(UsageError, match="not a Secret key name") as info:
+        SecretDirCredentials(tmp_path, id_keys=[f"{CANARY}/x+y"])
+    assert_no_canary(info.value)
 
 
 def test_secret_dir_missing_is_not_configured(tmp_path: Path) -> None:
@@ -782,7 +791,12 @@ def test_secret_dir_rotation_by_kubelet(tmp_path: Path, caplog: pytest.LogCaptur
     assert source.refresh() == creds("KEYTHREE", CANARY + "THREE")  # at once, no clock move
     assert source.get().access_key_id == "KEYTHREE"
 
-    assert "KEYTWO" in caplog.text  # the rotation is logged, by key id
+    # The rotation is logged by a fingerprint of the key id, never the id itself (it may be
+    # a secret pasted into the wrong file).
+    fingerprint = hashlib.sha256(b"KEYTWO").hexdigest()[:8]
+    assert f"the keys changed, now key id sha256:{fingerprint}" in caplog.text
+    assert "KEYTWO" not in caplog.text
+    assert "KEYTHREE" not in caplog.text
     assert CANARY not in caplog.text
 
 

@@ -31,6 +31,7 @@ error quotes at most the first 60 characters of one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -39,15 +40,18 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from . import errors
-from .errors import RevisionError
+from .errors import RevisionError, UnsafeFileError
 from .hashing import Layout
 from .revision import Revision
+from .safefs import read_regular
 
 #: The annotation the webhook writes: a JSON object of dataset name -> pin.
 ANNOTATION: Final = "datapin.dev/pins"
 
 #: How many characters of a value or line an error message quotes.
 _SNIPPET: Final = 60
+#: Kubernetes caps a pod's annotations at 256 KiB; the file adds quoting to that.
+MAX_ANNOTATIONS_FILE: Final = 1024 * 1024
 
 _FILE_FIX: Final = (
     "the file must be a downward-API volume of metadata.annotations (an item with "
@@ -379,9 +383,14 @@ def _pins_error(
 
 
 def read_pins(path: Path) -> dict[str, Pin]:
-    """The pins in the downward-API annotations file at `path` (read once, whole)."""
+    """The pins in the downward-API annotations file at `path` (read once, whole).
+
+    The file is kubelet's symlink through `..data`, resolved first; what it names must be a
+    regular file of at most `MAX_ANNOTATIONS_FILE` bytes (never a FIFO or a device, which would
+    block the watch loop or never end).
+    """
     try:
-        raw = path.read_bytes()
+        raw = read_regular(os.path.realpath(path), limit=MAX_ANNOTATIONS_FILE)
     except FileNotFoundError:
         raise AnnotationsError(
             source=str(path),
@@ -392,11 +401,22 @@ def read_pins(path: Path) -> dict[str, Pin]:
                 "when it injects the sidecar"
             ),
         ) from None
-    except IsADirectoryError:
+    except UnsafeFileError as exc:
+        too_big = exc.problem.startswith("is larger")
         raise AnnotationsError(
             source=str(path),
-            problem="is a directory, not the annotations file",
+            problem=f"is larger than {MAX_ANNOTATIONS_FILE} bytes"
+            if too_big
+            else "is a directory, not the annotations file"
+            if os.path.isdir(path)
+            else "is not a regular file (a FIFO or device)",
             fix="pass the file inside the downward-API volume (the item's `path`)",
+        ) from None
+    except OSError as exc:
+        raise AnnotationsError(
+            source=str(path),
+            problem=f"cannot be read ({exc.strerror})",
+            fix="mount the downward-API volume readable by the sidecar",
         ) from None
     try:
         text = raw.decode()

@@ -28,6 +28,14 @@ nothing else. Keys come from `--credentials-dir` (a mounted Secret, re-read when
 `B2_APPLICATION_KEY`), first found wins. Keys are never accepted as arguments: those show in
 `ps` and shell history.
 
+Every option is checked before any work starts and a bad one exits 2 naming the option and the
+fix: an empty value is refused (it never silently means the working directory), `--jobs` is
+capped at `MAX_JOBS`, the cache and destination must be directories (or not exist yet) with
+paths of at most `MAX_DIR_PATH_BYTES` bytes, and names (`--link-name`, `--file-name`) are
+single file names. Messages never quote a key: values read from key files, `.env` files or
+`config.local` are masked in everything printed (`s3config.redact`), whichever file they were
+pasted into.
+
 The summary goes to stdout (or JSON with `--json`, for scripts); progress and errors go to
 stderr, so `datapin ... --json | jq` works.
 """
@@ -38,17 +46,21 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
+import stat
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 from .cache import NodeCache
-from .errors import DatapinError, UsageError
+from .errors import DatapinError, RemoteError, UsageError
 from .hashing import Layout
 from .linker import Strategy
+from .logs import redacting_excepthook
 from .materialize import Request, Result, materialize
 from .progress import Reporter
 from .remote import DirectoryRemote, Remote
@@ -63,7 +75,83 @@ from .s3config import (
     StaticCredentials,
     credentials_from_env_file,
     read_dvc_remote,
+    redact,
 )
+
+#: Most requests in flight `--jobs` accepts (each holds a connection and a buffer).
+MAX_JOBS: Final = 1024
+#: Longest `--cache`/`--dest` path: what datapin puts beneath them must still fit in PATH_MAX.
+MAX_DIR_PATH_BYTES: Final = 1024
+#: Longest file or directory name on XFS and ext4, and Linux's longest path (with its NUL).
+_NAME_MAX: Final = 255
+_PATH_MAX: Final = 4096
+_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _text(value: str) -> str:
+    """argparse type: any text but the empty string."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def _length_problem(value: str) -> str | None:
+    """Why Linux cannot open path `value` (too long), or None."""
+    raw = os.fsencode(value)
+    if len(raw) >= _PATH_MAX:
+        return f"is {len(raw)} bytes long; Linux paths are shorter than {_PATH_MAX} bytes"
+    if any(len(part) > _NAME_MAX for part in raw.split(b"/")):
+        return f"has a name longer than {_NAME_MAX} bytes, the most a file system allows"
+    return None
+
+
+def _path(value: str) -> Path:
+    """argparse type: a non-empty path (`Path("")` would silently be the working directory)
+    that Linux can open at all."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "must not be empty (an empty path would mean the working directory; write . for that)"
+        )
+    problem = _length_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value[:60]}... {problem}")
+    return Path(value)
+
+
+def _target(value: str) -> str:
+    """argparse type of `--target` and `--remote`: non-empty text, and if it is a path, one
+    Linux can open."""
+    value = _text(value)
+    problem = None if "://" in value else _length_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value[:60]}... {problem}")
+    return value
+
+
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a whole number") from None
+    if not 1 <= jobs <= MAX_JOBS:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {MAX_JOBS} (got {jobs}); 32, the default, keeps a remote busy"
+        )
+    return jobs
+
+
+def _name(value: str) -> str:
+    """argparse type: one plain file name (no '/', not '.' or '..', at most 255 bytes)."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(value.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {_NAME_MAX} bytes (a file name)")
+    if not _NAME.fullmatch(value) or value == ".revs":
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a plain file name: use letters, digits, '_', '.' and '-', "
+            "starting with a letter, digit or '_' (and not .revs)"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Build the tree of a DVC revision from the node cache (fetching what is "
         "missing from --remote) and publish it as DEST/<link-name> -> .revs/<md5>.",
     )
-    m.add_argument("--cache", required=True, type=Path, help="node cache (a DVC cache dir)")
-    m.add_argument("--rev", help="DVC object id: <md5>.dir (directory) or <md5> (file)")
-    m.add_argument("--dest", required=True, type=Path, help="destination directory")
+    m.add_argument("--cache", required=True, type=_path, help="node cache (a DVC cache dir)")
+    m.add_argument("--rev", type=_text, help="DVC object id: <md5>.dir (directory) or <md5> (file)")
+    m.add_argument("--dest", required=True, type=_path, help="destination directory")
     m.add_argument(
         "--link",
         default="auto",
@@ -90,37 +178,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--remote",
+        type=_target,
         help="where missing objects come from: s3://BUCKET/PREFIX (S3, Backblaze B2) or the "
         "path of a DVC directory remote (default with --dvc-repo: the repo's default remote)",
     )
     dvc = m.add_argument_group("taking the revision and remote from a DVC repository")
-    dvc.add_argument("--dvc-repo", type=Path, help="root of the DVC repository")
+    dvc.add_argument("--dvc-repo", type=_path, help="root of the DVC repository")
     dvc.add_argument(
         "--target",
+        type=_target,
         help="data.dvc, data.dvc:PATH, a stage output PATH or dvc.lock:PATH (needs --dvc-repo)",
     )
-    dvc.add_argument("--remote-name", help="which DVC remote (default: the repo's default)")
+    dvc.add_argument(
+        "--remote-name", type=_text, help="which DVC remote (default: the repo's default)"
+    )
     s3 = m.add_argument_group("S3 / Backblaze B2")
-    s3.add_argument("--endpoint-url", help="e.g. https://s3.us-west-002.backblazeb2.com")
-    s3.add_argument("--region", help="SigV4 region (default: from a B2 endpoint, else us-east-1)")
+    s3.add_argument(
+        "--endpoint-url", type=_text, help="e.g. https://s3.us-west-002.backblazeb2.com"
+    )
+    s3.add_argument(
+        "--region", type=_text, help="SigV4 region (default: from a B2 endpoint, else us-east-1)"
+    )
     s3.add_argument(
         "--addressing",
         default="auto",
         choices=[a.value for a in Addressing],
         help="path-style or virtual-host bucket addressing (default: auto)",
     )
-    s3.add_argument("--ca-bundle", type=Path, help="CA certificates to verify the endpoint")
+    s3.add_argument("--ca-bundle", type=_path, help="CA certificates to verify the endpoint")
     s3.add_argument(
         "--no-verify-tls", action="store_true", help="do not verify the endpoint's certificate"
     )
     s3.add_argument(
         "--credentials-dir",
-        type=Path,
+        type=_path,
         help="a mounted Secret: files AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or B2's keyID/"
         "applicationKey), re-read when the Secret rotates",
     )
-    s3.add_argument("--env-file", type=Path, help="a .env file with the keys")
-    s3.add_argument("--jobs", type=int, default=32, help="requests in flight (default: 32)")
+    s3.add_argument("--env-file", type=_path, help="a .env file with the keys")
+    s3.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=32,
+        help=f"requests in flight (default: 32, at most {MAX_JOBS})",
+    )
     m.add_argument(
         "--layout",
         default="auto",
@@ -129,9 +230,14 @@ def _parser() -> argparse.ArgumentParser:
         "(DVC 2), or auto (dvc3 if present, else legacy)",
     )
     m.add_argument(
-        "--link-name", default="current", help="name of the published symlink (default: current)"
+        "--link-name",
+        type=_name,
+        default="current",
+        help="name of the published symlink (default: current)",
     )
-    m.add_argument("--file-name", help="file name for a single-file revision (default: the md5)")
+    m.add_argument(
+        "--file-name", type=_name, help="file name for a single-file revision (default: the md5)"
+    )
     m.add_argument(
         "--verify",
         action="store_true",
@@ -150,10 +256,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    sys.excepthook = redacting_excepthook
     try:
         return asyncio.run(_materialize(args, sys.stdout, sys.stderr, os.environ))
     except DatapinError as exc:
-        print(f"datapin: error: {exc}", file=sys.stderr)
+        print(f"datapin: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("datapin: interrupted", file=sys.stderr)
@@ -163,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _materialize(
     args: argparse.Namespace, out: TextIO, err: TextIO, environ: Mapping[str, str]
 ) -> int:
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, not {args.jobs}")
+    _check_dir("--cache", args.cache)
+    _check_dir("--dest", args.dest)
     layout = None if args.layout == "auto" else Layout(args.layout)
     file_name = args.file_name
     if args.target is not None:
@@ -210,6 +317,63 @@ async def _materialize(
     return 0
 
 
+def _check_dir(flag: str, path: Path) -> None:
+    """`path` can be a directory datapin creates or uses: not a file, not too long."""
+    if len(os.fsencode(path)) > MAX_DIR_PATH_BYTES:
+        raise UsageError(
+            f"{flag} is {len(os.fsencode(path))} bytes long; datapin accepts at most "
+            f"{MAX_DIR_PATH_BYTES} so that what it creates beneath fits in Linux's 4096-byte "
+            f"path limit. Fix: use a shorter path (a symlink to it works)"
+        )
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return  # created when needed
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(
+                f"{flag} {str(path)[:80]}...: a name in it is longer than {_NAME_MAX} bytes. "
+                "Fix: use a path with shorter names"
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise UsageError(
+                f"{flag} {path}: a component of the path is a file, not a directory. Fix: "
+                "name a directory"
+            ) from None
+        raise UsageError(
+            f"{flag} {path} cannot be used: {exc.strerror}. Fix: name a directory datapin may "
+            "read and write"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"{flag} {path} is a file, not a directory. Fix: name a directory (it is created "
+            "if it does not exist)"
+        )
+
+
+def _check_directory_remote(path: str) -> None:
+    """A directory remote that exists but cannot be listed is a remote error (exit 8) now,
+    not an unexpected one halfway through the fetch."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except FileNotFoundError:
+        return  # reported as missing by the remote itself, with its fix
+    except NotADirectoryError:
+        raise RemoteError(
+            remote=path,
+            problem="is a file, not a directory",
+            fix="pass the directory `dvc push` wrote to (the DVC remote's url)",
+            cause="not_a_directory",
+        ) from None
+    except OSError as exc:
+        raise RemoteError(
+            remote=path,
+            problem=f"cannot be read ({exc.strerror})",
+            fix="make the directory readable by the user datapin runs as",
+            cause="unreadable",
+        ) from None
+
+
 @contextlib.asynccontextmanager
 async def _open_remote(
     args: argparse.Namespace, environ: Mapping[str, str]
@@ -236,6 +400,7 @@ async def _open_remote(
             )
         if s3_flags:
             raise UsageError(f"{', '.join(s3_flags)} only apply to an s3:// --remote")
+        _check_directory_remote(args.remote)
         yield DirectoryRemote(args.remote)
         return
     if args.remote is not None:
@@ -250,6 +415,7 @@ async def _open_remote(
     elif args.dvc_repo is not None:
         dvc = read_dvc_remote(args.dvc_repo, args.remote_name)
         if dvc.directory is not None:
+            _check_directory_remote(str(dvc.directory))
             yield DirectoryRemote(dvc.directory)
             return
         assert dvc.config is not None  # noqa: S101 - read_dvc_remote returns one or the other

@@ -24,7 +24,10 @@ is formatted, which our handler does synchronously in the thread that logs.
 
 Secrets are never passed to a logger: callers log which remote or which Secret volume, never a
 key. As a safety net for a mistake, a field whose name contains `secret`, `password`, `token`
-or `credential` is written as `[redacted]` whatever its value.
+or `credential` is written as `[redacted]` whatever its value, and every formatted line,
+traceback included, goes through `s3config.redact`, which masks any key value datapin has read
+(a key pasted into the wrong file, or echoed back by an S3 server, is still a key).
+`redacting_excepthook` does the same for a traceback nobody caught.
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, Final, Literal, TextIO
 
 from .errors import UsageError
+from .s3config import redact
 
 #: The name of the handler `configure_logging` installs, so a second call replaces it.
 _HANDLER_NAME: Final = "datapin"
@@ -154,11 +160,11 @@ class JsonFormatter(logging.Formatter):
             fields["stack"] = record.stack_info
         line = {**core, **{k: v for k, v in fields.items() if k not in core}}
         try:
-            return json.dumps(line, default=str, allow_nan=False)
+            return redact(json.dumps(line, default=str, allow_nan=False))
         except (TypeError, ValueError):
             # NaN, a circular structure, a dict with non-string keys: those values as text.
             safe = {k: v if _encodes(v) else str(v) for k, v in line.items()}
-            return json.dumps(safe, default=str)
+            return redact(json.dumps(safe, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -179,7 +185,16 @@ class TextFormatter(logging.Formatter):
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
-        return line
+        return redact(line)
+
+
+def redacting_excepthook(
+    kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """`sys.excepthook` that prints the usual traceback with key values masked: a bug still
+    shows where it happened, never a key that was in a message or a local."""
+    text = "".join(traceback.format_exception(kind, exc, tb))
+    sys.stderr.write(redact(text))
 
 
 def _text_value(value: Any) -> str:

@@ -30,10 +30,11 @@ from prometheus_client import CollectorRegistry
 
 from .agent import Agent
 from .errors import BadSettingsError, DatapinError
-from .logs import configure_logging
+from .logs import configure_logging, redacting_excepthook
 from .metrics import Metrics
+from .s3config import redact
 from .server import Health, make_app, serve
-from .settings import Settings, describe, load_settings
+from .settings import Settings, check_directories, describe, load_settings
 from .sidecar import Sidecar, outcome_of
 
 log = logging.getLogger("datapin_sidecar")
@@ -56,14 +57,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin-sidecar` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    sys.excepthook = redacting_excepthook
     if args.mode == "settings":
         sys.stdout.write(describe())
         return 0
     environ: Mapping[str, str] = os.environ
     try:
         settings = load_settings()
+        check_directories(settings)
     except BadSettingsError as exc:
-        print(f"datapin-sidecar: {exc}", file=sys.stderr)
+        print(f"datapin-sidecar: {redact(str(exc))}", file=sys.stderr)
         # Settings could not be read, so neither could their termination path: the default
         # (or the variable itself, read here in main like everything else).
         path = environ.get("DATAPIN_TERMINATION_MESSAGE_PATH", _DEFAULT_TERMINATION_PATH)
@@ -174,10 +177,19 @@ def _first_error(exc: BaseException) -> DatapinError | None:
 
 
 def write_termination_message(path: Path, message: str) -> None:
-    """Best effort: outside Kubernetes there is usually no such file to write."""
-    data = message.encode()[:TERMINATION_MESSAGE_LIMIT]
+    """Best effort: outside Kubernetes there is usually no such file to write.
+
+    Key values are masked (`redact`), and the file is opened without blocking: a FIFO with
+    no reader in its place fails at once (ENXIO) instead of hanging the exit.
+    """
+    data = redact(message).encode()[:TERMINATION_MESSAGE_LIMIT]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     with contextlib.suppress(OSError):
-        path.write_bytes(data)
+        fd = os.open(path, flags, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
 
 if __name__ == "__main__":

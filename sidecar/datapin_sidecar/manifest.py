@@ -16,6 +16,12 @@ or reformatted manifests still load, at a higher memory cost.
 Order is UTF-8 byte order, which equals the code-point order DVC sorts by. Validation runs in
 the same single pass over the sorted paths: every relpath must be relative, free of NUL, `.`,
 `..` and empty segments, unique, and never both a file and a parent directory (`a` and `a/b`).
+Lengths are bounded too, because a manifest comes from a bucket anyone with push rights fills:
+a segment over `MAX_SEGMENT_BYTES` (the file name limit of XFS and ext4), a relpath over
+`MAX_RELPATH_BYTES` (Linux's PATH_MAX) or deeper than `MAX_DEPTH` directories is refused
+here, with the entry named, instead of failing later as ENAMETOOLONG or a RecursionError
+while the tree is built. Paths of at most `MAX_SEGMENT_BYTES` bytes cannot break any of these
+rules, so the C-speed scan only looks closer at the (rare) longer ones.
 Because entries sharing a prefix are contiguous in sorted order, a stack of the files that are
 prefixes of the current path finds such clashes in O(n) without a set of all directories.
 
@@ -38,6 +44,13 @@ from typing import Final, NamedTuple
 from .errors import ManifestError
 
 _MD5_HEX: Final = re.compile(r"[0-9a-f]{32}")
+#: Longest file or directory name (NAME_MAX of XFS and ext4), in bytes of UTF-8.
+MAX_SEGMENT_BYTES: Final = 255
+#: Longest relpath, in bytes of UTF-8 (PATH_MAX; the tree's own directory comes on top).
+MAX_RELPATH_BYTES: Final = 4096
+#: Most directories a relpath may descend through (far above any real dataset; keeps every
+#: per-directory walk, recursive or holding a descriptor per level, within its limits).
+MAX_DEPTH: Final = 256
 # DVC's exact output: `[{"md5": "<32 hex>", "relpath": "<json string>"}, ...]`.
 _CANONICAL: Final = re.compile(
     # The relpath is a JSON string, written as an unrolled loop (runs of plain characters
@@ -221,7 +234,14 @@ class _Builder:
         return manifest
 
 
+#: How much of a relpath an error quotes (a hostile one may be megabytes).
+_SHOWN_PATH: Final = 160
+
+
 def _show(relpath: bytes) -> str:
+    if len(relpath) > _SHOWN_PATH:
+        head = relpath[:_SHOWN_PATH].decode("utf-8", "backslashreplace")
+        return f"{head!r}... ({len(relpath)} bytes)"
     return repr(relpath.decode("utf-8", "backslashreplace"))
 
 
@@ -337,7 +357,12 @@ def _validate(m: Manifest) -> bool:
     last = b""
     for start, end in _spans(blob, b"\0", 1):
         chunk = blob[start : end - 1].split(b"\0")
-        if chunk[0] <= last or chunk != sorted(chunk) or len(set(chunk)) != len(chunk):
+        if (
+            chunk[0] <= last
+            or chunk != sorted(chunk)
+            or len(set(chunk)) != len(chunk)
+            or (max(map(len, chunk)) > MAX_SEGMENT_BYTES and _any_too_long(chunk))
+        ):
             return _validate_exact(m)
         dirs.update(path.rpartition(b"/")[0] for path in chunk)
         last = chunk[-1]
@@ -392,12 +417,16 @@ def _path_problem(path: bytes) -> str | None:  # noqa: PLR0911 - one return per 
         and b"//" not in path
         and b"/." not in path
         and path.isascii()
+        and len(path) <= MAX_SEGMENT_BYTES
     ):
         return None
     if not path:
         return "empty relpath"
     if path.startswith(b"/"):
         return "absolute path"
+    too_long = _length_problem(path)
+    if too_long:
+        return too_long
     try:
         path.decode("utf-8")
     except UnicodeDecodeError:
@@ -409,6 +438,28 @@ def _path_problem(path: bytes) -> str | None:  # noqa: PLR0911 - one return per 
             return "'..' segment escapes the tree"
         if segment == b".":
             return "'.' segment (paths must be normalised)"
+    return None
+
+
+def _any_too_long(paths: list[bytes]) -> bool:
+    return any(_length_problem(path) for path in paths if len(path) > MAX_SEGMENT_BYTES)
+
+
+def _length_problem(path: bytes) -> str | None:
+    """Why `path` is too long or too deep to be built on Linux, or None."""
+    if len(path) > MAX_RELPATH_BYTES:
+        return (
+            f"relpath is {len(path)} bytes long; paths longer than {MAX_RELPATH_BYTES} bytes "
+            "cannot be created on Linux"
+        )
+    if path.count(b"/") >= MAX_DEPTH:
+        return f"relpath is more than {MAX_DEPTH} directories deep"
+    longest = max(map(len, path.split(b"/")))
+    if longest > MAX_SEGMENT_BYTES:
+        return (
+            f"a path segment is {longest} bytes long; file and directory names are limited "
+            f"to {MAX_SEGMENT_BYTES} bytes"
+        )
     return None
 
 

@@ -12,15 +12,19 @@ through so the cache looks in the right place without guessing.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import ManifestError, RevisionError
+from .errors import ManifestError, RevisionError, UnsafeFileError
 from .hashing import Layout
+from .safefs import read_regular
 
 _REV: Final = re.compile(r"([0-9a-f]{32})(\.dir)?")
+#: A `.dvc` file or `dvc.lock` larger than this is not one (the largest real locks are a few MB).
+MAX_DVC_FILE: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,8 +38,9 @@ class Revision:
     def parse(cls, text: str) -> Revision:
         m = _REV.fullmatch(text.strip().lower())
         if m is None:
+            shown = repr(text) if len(text) <= 80 else f"{text[:80]!r}..."
             raise RevisionError(
-                f"revision {text!r} is not a DVC object id. Fix: pass `<32 hex>.dir` for a "
+                f"revision {shown} is not a DVC object id. Fix: pass `<32 hex>.dir` for a "
                 "directory (the `md5:` of its .dvc file or dvc.lock out) or `<32 hex>` for a "
                 "single file"
             )
@@ -102,10 +107,23 @@ def _load_yaml(path: Path) -> Any:
     import yaml  # noqa: PLC0415
 
     try:
-        with path.open("rb") as f:
-            return yaml.safe_load(f)
+        # A symlink the user made is followed; a FIFO, device or huge file is not read.
+        data = read_regular(os.path.realpath(path), limit=MAX_DVC_FILE)
+        return yaml.safe_load(data)
     except FileNotFoundError:
         raise RevisionError(f"DVC file {path} does not exist. Fix: check the path") from None
+    except UnsafeFileError as exc:
+        raise ManifestError(
+            manifest=str(path),
+            problem=f"is larger than {MAX_DVC_FILE} bytes"
+            if exc.problem.startswith("is larger")
+            else "is not a regular file (a directory, FIFO or device)",
+        ) from None
+    except OSError as exc:
+        raise RevisionError(
+            f"DVC file {path} cannot be read ({exc.strerror}). Fix: make it readable by the "
+            "user datapin runs as"
+        ) from None
     except yaml.YAMLError as exc:
         raise ManifestError(manifest=str(path), problem=f"not valid YAML ({exc})") from None
 
@@ -170,7 +188,8 @@ def resolve_target(repo: str | Path, target: str) -> Out:
 
 def _dvc_file_out(path: Path, out: str | None) -> Out:
     if not path.is_file():
-        raise RevisionError(f"{path} does not exist. Fix: check the path of the .dvc file")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise RevisionError(f"{path} {what}. Fix: check the path of the .dvc file")
     outs = read_dvc_file(path)
     if out is not None:
         return find_out(outs, out, source=str(path))

@@ -34,15 +34,30 @@ line includes a value read from a key file, an env file or a config file (messag
 key and the file, and line numbers instead of lines), and exceptions from parsers that quote
 their input are replaced (`from None`), not chained. URLs containing `@` are refused without
 being echoed, as they may embed `key:secret@`.
+
+The key *id* is treated as a secret too. It is not one by itself, but people paste the secret
+into the key-id file (or the key id into the secret's), and nothing can tell the two apart
+reliably, so no value of either is ever shown: `repr` and the rotation log give
+`Credentials.fingerprint`, the first 8 hex digits of the SHA-256 of the key id (enough to tell
+two keys apart, `printf %s KEYID | sha256sum | cut -c1-8` to check which one; 32 bits of a
+hash of a 20-40 character key cannot be turned back into it). As a net for what the S3 server
+sends back or what another module quotes, every `Credentials` built registers its values and
+`redact()` replaces them by `[redacted]`; the CLI's error line, the sidecar's termination
+message and every log line go through it. Names that look like keys (the key-file names a
+dataset configures, what a Secret directory holds) are shown only when they look like names
+(`shown_name`).
 """
 
 from __future__ import annotations
 
 import configparser
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +66,8 @@ from pathlib import Path
 from typing import Final, Protocol
 from urllib.parse import quote, urlsplit
 
-from .errors import UsageError
+from .errors import UnsafeFileError, UsageError
+from .safefs import read_regular
 
 __all__ = [
     "DEFAULT_ID_KEYS",
@@ -70,6 +86,8 @@ __all__ = [
     "credentials_from_env_file",
     "read_dvc_remote",
     "read_env_file",
+    "redact",
+    "shown_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -521,6 +539,57 @@ class RemoteConfig:
 # With which keys
 # --------------------------------------------------------------------------------------------
 
+#: Values `redact` hides: every key id, secret and token a `Credentials` was built with,
+#: longest first. Replaced whole, never mutated, so a thread formatting a log line while
+#: another reads a rotated Secret iterates a consistent tuple.
+_REGISTERED: tuple[str, ...] = ()
+_REGISTERING: Final = threading.Lock()
+#: Shorter values are not registered: hiding every "abc" would garble messages, and a key
+#: that short is refused by every store anyway.
+_MIN_REDACTED: Final = 6
+_REDACTED: Final = "[redacted]"
+
+
+def _register(value: str | None) -> None:
+    global _REGISTERED  # noqa: PLW0603 - the one registry of the process, see above
+    if value is None or len(value) < _MIN_REDACTED:
+        return
+    # Also as json.dumps writes it (`"` and `\` escaped), for JSON log lines.
+    forms = {value, json.dumps(value)[1:-1]}
+    with _REGISTERING:
+        if forms.issubset(_REGISTERED):
+            return
+        _REGISTERED = tuple(sorted(forms.union(_REGISTERED), key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    """`text` with every key value datapin has read replaced by `[redacted]`."""
+    for value in _REGISTERED:
+        if value in text:
+            text = text.replace(value, _REDACTED)
+    return text
+
+
+#: A run of 16+ letters and digits with a digit or mixed case in it looks like a key
+#: (AWS key ids are 20, B2's 25, secrets 31-40), not like a file name such as `keyID`.
+_KEY_LIKE: Final = re.compile(r"[A-Za-z0-9+/=]{16,}")
+#: What Kubernetes allows as a Secret (and ConfigMap) key.
+SECRET_KEY_NAME: Final = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
+def shown_name(name: str) -> str:
+    """`name` (a Secret key or file name) as a message may show it: not if it looks like a
+    key value someone pasted where the name goes."""
+    if name in _DEFAULT_NAMES:
+        return name
+    for run in _KEY_LIKE.findall(name):
+        if any(c.isdigit() for c in run) or (run.lower() != run and run.upper() != run):
+            return "<a name that looks like a key, not shown>"
+    if SECRET_KEY_NAME.fullmatch(name) is None:
+        return "<a name with characters a Secret key cannot have, not shown>"
+    return name
+
+
 #: Printable ASCII without spaces: what access key ids, secrets and session tokens are made of.
 #: The id and token go into HTTP headers, where a stray newline would break the request.
 _KEY_TEXT: Final = re.compile(r"[\x21-\x7e]+")
@@ -535,6 +604,9 @@ class Credentials:
     session_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # Registered before validation: a value that fails it is not shown either.
+        for value in (self.access_key_id, self.secret_access_key, self.session_token):
+            _register(value)
         for label, value in (
             ("access key id", self.access_key_id),
             ("secret access key", self.secret_access_key),
@@ -550,9 +622,15 @@ class Credentials:
                     "shown). Fix: copy the key again without surrounding text or line breaks"
                 )
 
+    @property
+    def fingerprint(self) -> str:
+        """`sha256:` and 8 hex digits of the key id: tells keys apart, reveals nothing."""
+        digest = hashlib.sha256(self.access_key_id.encode()).hexdigest()
+        return f"sha256:{digest[:8]}"
+
     def __repr__(self) -> str:
         token = ", session_token=***" if self.session_token is not None else ""
-        return f"Credentials(access_key_id={self.access_key_id!r}, secret=***{token})"
+        return f"Credentials(key id {self.fingerprint}, secret=***{token})"
 
     def __str__(self) -> str:
         return self.__repr__()
@@ -674,6 +752,7 @@ DEFAULT_SECRET_KEYS: Final = (
     "B2_APPLICATION_KEY",
 )
 DEFAULT_TOKEN_KEYS: Final = ("AWS_SESSION_TOKEN", "session_token")
+_DEFAULT_NAMES: Final = frozenset((*DEFAULT_ID_KEYS, *DEFAULT_SECRET_KEYS, *DEFAULT_TOKEN_KEYS))
 
 #: A key file larger than this is not a key (a mounted dataset, a certificate chain...).
 _MAX_KEY_FILE: Final = 16 * 1024
@@ -717,8 +796,12 @@ class SecretDirCredentials:
             if not names:
                 raise ValueError("SecretDirCredentials needs at least one key name per role")
         for name in (*id_keys, *secret_keys, *token_keys):
-            if not name or "/" in name or name.startswith(".."):
-                raise ValueError(f"not a Secret key name: {name!r}")
+            if SECRET_KEY_NAME.fullmatch(name) is None or name.startswith(".."):
+                raise UsageError(
+                    f"{shown_name(name)!r} is not a Secret key name (letters, digits, '-', "
+                    "'_' and '.'; the name is not shown if it looks like a key). Fix: name "
+                    "the Secret's keys, not their values"
+                )
         self._dir = Path(directory)
         self._id_keys = tuple(id_keys)
         self._secret_keys = tuple(secret_keys)
@@ -733,7 +816,8 @@ class SecretDirCredentials:
         return self._dir
 
     def describe(self) -> str:
-        return f"Secret files in {self._dir} ({self._id_keys[0]}, {self._secret_keys[0]})"
+        ids, secret_names = shown_name(self._id_keys[0]), shown_name(self._secret_keys[0])
+        return f"Secret files in {self._dir} ({ids}, {secret_names})"
 
     def get(self) -> Credentials:
         now = self._clock()
@@ -756,9 +840,10 @@ class SecretDirCredentials:
         last = self._read
         if last is not None and new.credentials != last.credentials:
             log.info(
-                "S3 credentials changed in %s (the Secret was updated); now using key id %s",
+                "S3 credentials changed in %s (the Secret was updated); the keys changed, "
+                "now key id %s",
                 self._dir,
-                new.credentials.access_key_id,
+                new.credentials.fingerprint,
             )
         self._read = new
         self._checked_at = now
@@ -799,25 +884,39 @@ class SecretDirCredentials:
         )
 
     def _load_from(self, base: Path, target: str | None) -> _SecretRead:
-        if not self._dir.is_dir():
-            what = "is not a directory" if self._dir.exists() else "does not exist"
+        try:
+            held = sorted(name for name in os.listdir(base) if not name.startswith(".."))
+        except FileNotFoundError:
+            if target is not None and self._dir.is_dir():
+                raise _Vanished from None
             raise NoCredentialsError(
                 source=self.describe(),
-                looked=f"{self._dir} {what}",
+                looked=f"{self._dir} does not exist",
                 fix=f"{_KEYS_FIX}, mounted at {self._dir}",
-            )
+            ) from None
+        except NotADirectoryError:
+            raise NoCredentialsError(
+                source=self.describe(),
+                looked=f"{self._dir} is not a directory",
+                fix=f"{_KEYS_FIX}, mounted at {self._dir}",
+            ) from None
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read the Secret directory {self._dir}: {exc.strerror}. Fix: make the "
+                "Secret volume readable by the sidecar (defaultMode, fsGroup)"
+            ) from None
         fingerprint = self._fingerprint(base, target)
         key_id = self._first(base, target, self._id_keys)
         secret = self._first(base, target, self._secret_keys)
         token = self._first(base, target, self._token_keys)
         if key_id is None and secret is None and token is None:
-            held = sorted(p.name for p in base.iterdir() if not p.name.startswith(".."))
+            shown = [shown_name(name) for name in held]
             raise NoCredentialsError(
                 source=self.describe(),
                 looked=(
-                    f"{self._dir} holds none of {', '.join(self._id_keys)} nor "
-                    f"{', '.join(self._secret_keys)}; it holds: "
-                    f"{', '.join(held) if held else 'nothing'}"
+                    f"{self._dir} holds none of {_names(self._id_keys)} nor "
+                    f"{_names(self._secret_keys)}; it holds: "
+                    f"{', '.join(shown) if shown else 'nothing'}"
                 ),
                 fix=f"{_KEYS_FIX} (or rename the Secret's keys to those names)",
             )
@@ -825,47 +924,59 @@ class SecretDirCredentials:
             present = [found[0] for found in (key_id, secret, token) if found is not None]
             missing = self._id_keys if key_id is None else self._secret_keys
             raise UsageError(
-                f"{self.describe()}: {', '.join(present)} is there but none of "
-                f"{', '.join(missing)} is. Fix: add the missing key to the Secret: {_KEYS_FIX}"
+                f"{self.describe()}: {_names(present)} is there but none of "
+                f"{_names(missing)} is. Fix: add the missing key to the Secret: {_KEYS_FIX}"
             )
-        where = f"{self.describe()}: {key_id[0]}/{secret[0]}"
+        where = f"{self.describe()}: {shown_name(key_id[0])}/{shown_name(secret[0])}"
         creds = _credentials(key_id[1], secret[1], token[1] if token else None, where=where)
         return _SecretRead(credentials=creds, fingerprint=fingerprint)
 
     def _first(
         self, base: Path, target: str | None, names: Sequence[str]
     ) -> tuple[str, str] | None:
-        """(name, stripped text) of the first file among `names` in `base`, or None."""
+        """(name, stripped text) of the first file among `names` in `base`, or None.
+
+        Key files are symlinks through `..data` (kubelet's layout), so the link is resolved
+        first; what it points to must be a regular file (never a FIFO or a device, which
+        would block or never end) of at most `_MAX_KEY_FILE` bytes.
+        """
         for name in names:
-            path = base / name
+            shown = self._dir / shown_name(name)
             try:
-                with path.open("rb") as f:
-                    data = f.read(_MAX_KEY_FILE + 1)
+                data = read_regular(os.path.realpath(base / name), limit=_MAX_KEY_FILE)
             except FileNotFoundError:
                 if target is not None and not base.is_dir():
                     raise _Vanished from None
                 continue
+            except UnsafeFileError as exc:
+                too_big = exc.problem.startswith("is larger")
+                raise UsageError(
+                    f"Secret file {shown} is over {_MAX_KEY_FILE} bytes, too big for a key. "
+                    "Fix: put only the key in it"
+                    if too_big
+                    else f"Secret file {shown} is not a regular file (a directory, FIFO or "
+                    "device). Fix: mount a Secret whose keys are the key id and the secret"
+                ) from None
             except OSError as exc:
                 raise UsageError(
-                    f"cannot read Secret file {self._dir / name}: {exc.strerror}. Fix: make "
+                    f"cannot read Secret file {shown}: {exc.strerror}. Fix: make "
                     "the Secret volume readable by the sidecar (defaultMode, fsGroup)"
                 ) from None
-            if len(data) > _MAX_KEY_FILE:
-                raise UsageError(
-                    f"Secret file {self._dir / name} is over {_MAX_KEY_FILE} bytes, too big for "
-                    "a key. Fix: put only the key in it"
-                )
             try:
                 text = data.rstrip().decode("ascii")
             except UnicodeDecodeError:
                 raise UsageError(
-                    f"Secret file {self._dir / name} is not ASCII text (not shown). Fix: "
+                    f"Secret file {shown} is not ASCII text (not shown). Fix: "
                     "store the key itself, e.g. with --from-literal"
                 ) from None
             if not text:
-                raise UsageError(f"Secret file {self._dir / name} is empty. Fix: put the key in it")
+                raise UsageError(f"Secret file {shown} is empty. Fix: put the key in it")
             return name, text
         return None
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(shown_name(name) for name in names)
 
 
 class ChainCredentials:
@@ -919,6 +1030,8 @@ class ChainCredentials:
         )
 
 
+#: A `.env` file is a few lines; anything larger is the wrong file.
+_MAX_ENV_FILE: Final = 1024 * 1024
 _ENV_ASSIGNMENT: Final = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)")
 
 
@@ -943,7 +1056,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     reported by number, never shown, as it may hold a secret.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # The user named this path: a symlink to the real file is fine, a FIFO, a device or
+        # a huge file is not (it would block, never end, or fill memory).
+        text = read_regular(os.path.realpath(path), limit=_MAX_ENV_FILE).decode("utf-8-sig")
     except FileNotFoundError:
         raise UsageError(
             f"env file {path} does not exist. Fix: give the path of the .env file with "
@@ -951,8 +1066,21 @@ def read_env_file(path: Path) -> dict[str, str]:
         ) from None
     except UnicodeDecodeError:
         raise UsageError(f"env file {path} is not UTF-8 text. Fix: save it as UTF-8") from None
+    except UnsafeFileError as exc:
+        what = (
+            f"is larger than {_MAX_ENV_FILE} bytes"
+            if exc.problem.startswith("is larger")
+            else "is not a regular file (a directory, FIFO or device)"
+        )
+        raise UsageError(
+            f"env file {path} {what}. Fix: give the path of the .env file with "
+            "AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines"
+        ) from None
     except OSError as exc:
-        raise UsageError(f"cannot read env file {path}: {exc.strerror}") from None
+        raise UsageError(
+            f"cannot read env file {path}: {exc.strerror}. Fix: make it readable by the user "
+            "datapin runs as"
+        ) from None
     result: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
