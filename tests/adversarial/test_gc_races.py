@@ -8,8 +8,8 @@ the cache; every held registration is a GC root, re-read before every batch of e
 under `builds.lock` (see `cache` and `gc`).
 
 The concurrency case runs real processes (one `materialize` each, which registers its build
-itself — see `BUILDER`) against a cache on a small real XFS volume filled from a DVC directory remote, while a GC evicts
-everything not in use over and over.
+itself — see `BUILDER`) against a cache on a small real XFS volume filled from a DVC directory
+remote, while a GC evicts everything not in use over and over.
 """
 
 from __future__ import annotations
