@@ -412,13 +412,19 @@ class S3Remote:
             began = asyncio.get_running_loop().time()
             budget = opts.request_timeout + (end - start + 1) / opts.min_rate
             async with (
-                asyncio.timeout_at(began + budget),
+                asyncio.timeout_at(began + budget) as deadline,
                 self._session.get(url, headers=headers, allow_redirects=False) as resp,
             ):
                 if resp.status >= 300:
                     raise await _error_of(resp)
                 if resp.status == 206:
                     _check_range(resp, start, end)
+                # The body is often shorter than the range (a small object): its own size
+                # sets the deadline, so a trickle is caught in seconds, not minutes.
+                if resp.content_length is not None and resp.content_length < end - start + 1:
+                    deadline.reschedule(
+                        began + opts.request_timeout + resp.content_length / opts.min_rate
+                    )
                 yield resp
 
     async def _exists(self, key: str) -> bool:
@@ -698,6 +704,10 @@ class _Fetch:
         assert remote._io is not None  # noqa: S101
         self.io = remote._io
         self.committer = _Committer(self)
+        #: Worker-thread calls not finished yet: a failed fetch waits for them before it
+        #: returns, so no thread of it still holds a slot (or its lock) when the caller
+        #: hears of the failure and, say, frees space and tries again.
+        self.threads: set[asyncio.Future[Any]] = set()
 
     async def execute(self, oids: Iterable[str]) -> None:
         # Claims are made ahead, in batches (one thread hop per batch instead of per object),
@@ -723,6 +733,8 @@ class _Fetch:
                 if item is not None and isinstance(item[1], Slot):
                     item[1].release()
             self.committer.abandon()
+            if self.threads:
+                await asyncio.wait(set(self.threads))
         if self.gave_up:
             keys = [k for k, _ in self.gave_up]
             last = Counter(why for _, why in self.gave_up).most_common(1)[0][0]
@@ -922,8 +934,6 @@ class _Fetch:
             got = [got0 if i == 0 else 0]
 
             async def attempt() -> None:
-                if got[0] >= want:  # all in; the answer that brought it was bad past the end
-                    return
                 before = got[0]
                 try:
                     async with self.remote._get(key, start + got[0], start + want - 1) as resp:
@@ -933,7 +943,7 @@ class _Fetch:
                             got[0] = before = 0
                         await self._write_body(resp, slot, start, want, got)
                 finally:
-                    self.report.fetched_bytes += got[0] - before
+                    self.report.fetched_bytes += max(0, got[0] - before)
 
             if got[0] < want:
                 await self.remote._retrying(key, self.report.retries, attempt)
@@ -982,14 +992,10 @@ class _Fetch:
             # makes aiohttp close its connection instead of reusing it), but not a byte past
             # it: a body longer than its range is an error, however long it would go on.
             async for data in resp.content.iter_any():
-                room = want - got[0] - pending
-                if len(data) > room:
-                    if room:
-                        pieces.append(data[:room])
-                        pending += room
-                    if pieces:
-                        await self._on(slot, _pwritev_all, pieces, start + got[0])
-                        got[0] += pending
+                if len(data) > want - got[0] - pending:
+                    # A server that sends more than it said cannot be trusted for what it
+                    # sent before either: the part starts over.
+                    got[0] = 0
                     raise _BadBodyError("overlong")
                 pieces.append(data)
                 pending += len(data)
@@ -1046,12 +1052,26 @@ class _Fetch:
         A cancelled await does not stop the thread: if the slot were released meanwhile and
         its descriptor number reused by another open, a write or truncate meant for the slot
         would hit that file. The duplicate stays valid (the same open file) until the thread
-        is done with it.
+        is done with it. A call cancelled before its thread started closes the duplicate
+        itself: left open, it would hold the slot's lock (a flock belongs to the open file, dups
+        included) for the life of the process, and the object could never be claimed again.
         """
-        return self.loop.run_in_executor(self.io, _with_dup, os.dup(slot.fd), fn, args)
+        fd = os.dup(slot.fd)
+        try:
+            job = self.io.submit(_with_dup, fd, fn, args)
+        except BaseException:
+            os.close(fd)
+            raise
+        job.add_done_callback(functools.partial(_close_if_cancelled, fd))
+        return self._track(asyncio.wrap_future(job, loop=self.loop))
+
+    def _track(self, future: asyncio.Future[T]) -> asyncio.Future[T]:
+        self.threads.add(future)
+        future.add_done_callback(self.threads.discard)
+        return future
 
     def _run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        return self.loop.run_in_executor(self.io, fn, *args)
+        return self._track(self.loop.run_in_executor(self.io, fn, *args))
 
 
 class _Committer:
@@ -1132,6 +1152,11 @@ def _release(claims: Sequence[Slot | _Present | None]) -> None:
 def _release_claims(future: asyncio.Future[list[Slot | _Present | None]]) -> None:
     if not future.cancelled() and future.exception() is None:
         _release(future.result())
+
+
+def _close_if_cancelled(fd: int, job: concurrent.futures.Future[Any]) -> None:
+    if job.cancelled():  # never ran, so `_with_dup` did not close it
+        os.close(fd)
 
 
 def _with_dup(fd: int, fn: Callable[..., T], args: tuple[object, ...]) -> T:
