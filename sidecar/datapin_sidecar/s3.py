@@ -23,8 +23,29 @@ short file under a verified name. An fsync per object costs more than the downlo
 one, so verified slots are committed in batches: one `syncfs(2)` of the cache filesystem, then
 a `link` each (the cache's own install path).
 
-Errors: 5xx, SlowDown (honouring Retry-After), timeouts, resets and truncated bodies are
-retried with exponential backoff and full jitter, `attempts` times per request. What retrying
+Limits: a remote is untrusted, so nothing it says may cost unbounded time, memory or disk.
+Every request has an overall deadline, headers and body together: `request_timeout` (60 s) plus
+the body's size at `min_rate` (32 KiB/s), so a server trickling a byte a second fails in about
+a minute, not never (`read_timeout` alone only bounds the gaps between bytes). A body is never
+read past the size the request implies: a 206 must answer the range asked for with a matching
+Content-Length; a byte beyond the declared length or the range ends the request as `overlong`
+(the part starts over), however long the server would go on. Only bodies up to `inline_bytes`
+are held in memory; anything larger streams into its slot. A size above S3's 5 TiB object
+maximum (`MAX_OBJECT_BYTES`) and a `.dir` above `remote.MAX_DIR_BYTES` (1 GiB) are refused as
+RemoteErrors, and an object larger than the free space of the cache volume (`fstatvfs`) as
+"no space left on the node cache volume", all before a slot or journal is sized. `jobs` is
+capped at `MAX_JOBS` (1024): workers, the connection pool and each object's part fetchers are
+sized by the capped number, and a large object costs a byte per part, not a task per part.
+A MemoryError while fetching becomes a RemoteError like any other failure.
+
+Claims: whatever ends a fetch (a full volume at a write, the sync or a link; an error; a
+cancel), every slot it claimed is installed, released or discarded before `afetch` returns; it
+waits for its worker-thread calls first, and a call cancelled before it ran closes the slot
+descriptor it was given (a duplicate shares the slot's flock). Otherwise the process would keep
+the lock: it could never claim the object again, and every other process would wait for it.
+
+Errors: 5xx, SlowDown (honouring Retry-After), timeouts, resets, truncated and overlong bodies
+are retried with exponential backoff and full jitter, `attempts` times per request. What retrying
 cannot fix stops the whole fetch with a `RemoteError` naming the remote, the objects and the
 likely fix: bad keys (after re-reading rotated credentials once), a missing bucket, a wrong
 region, an endpoint still unreachable after the retry budget. Objects the remote does not have
