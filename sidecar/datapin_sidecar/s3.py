@@ -665,11 +665,6 @@ def _content_range(resp: aiohttp.ClientResponse) -> tuple[int, int, int | None] 
     return int(first), int(last), None if total == "*" else int(total)
 
 
-def _content_range_total(resp: aiohttp.ClientResponse) -> int | None:
-    answered = _content_range(resp)
-    return None if answered is None else answered[2]
-
-
 def _check_range(resp: aiohttp.ClientResponse, start: int, end: int) -> None:
     """A 206 must answer bytes [start, at most end] of a consistent total, with a Content-Length
     (if any) that matches: otherwise the body would land at the wrong offset or run on."""
