@@ -67,7 +67,7 @@ def test_cold_warm_noop_summaries(remote: tuple[Path, str], rootfs_dir: Path) ->
         ("corrupt", ("--verify",), 5, "corrupt object"),
         ("foreign", (), 6, "not a datapin destination"),
         ("good", ("--link", "sideways"), 2, "invalid choice"),
-        ("good", ("--remote", "/nonexistent/remote"), 8, "is not a directory"),
+        ("good", ("--remote", "/nonexistent/remote"), 8, "does not exist"),
     ],
 )
 def test_exit_codes(

@@ -23,8 +23,29 @@ short file under a verified name. An fsync per object costs more than the downlo
 one, so verified slots are committed in batches: one `syncfs(2)` of the cache filesystem, then
 a `link` each (the cache's own install path).
 
-Errors: 5xx, SlowDown (honouring Retry-After), timeouts, resets and truncated bodies are
-retried with exponential backoff and full jitter, `attempts` times per request. What retrying
+Limits: a remote is untrusted, so nothing it says may cost unbounded time, memory or disk.
+Every request has an overall deadline, headers and body together: `request_timeout` (60 s) plus
+the body's size at `min_rate` (32 KiB/s), so a server trickling a byte a second fails in about
+a minute, not never (`read_timeout` alone only bounds the gaps between bytes). A body is never
+read past the size the request implies: a 206 must answer the range asked for with a matching
+Content-Length; a byte beyond the declared length or the range ends the request as `overlong`
+(the part starts over), however long the server would go on. Only bodies up to `inline_bytes`
+are held in memory; anything larger streams into its slot. A size above S3's 5 TiB object
+maximum (`MAX_OBJECT_BYTES`) and a `.dir` above `remote.MAX_DIR_BYTES` (1 GiB) are refused as
+RemoteErrors, and an object larger than the free space of the cache volume (`fstatvfs`) as
+"no space left on the node cache volume", all before a slot or journal is sized. `jobs` is
+capped at `MAX_JOBS` (1024): workers, the connection pool and each object's part fetchers are
+sized by the capped number, and a large object costs a byte per part, not a task per part.
+A MemoryError while fetching becomes a RemoteError like any other failure.
+
+Claims: whatever ends a fetch (a full volume at a write, the sync or a link; an error; a
+cancel), every slot it claimed is installed, released or discarded before `afetch` returns; it
+waits for its worker-thread calls first, and a call cancelled before it ran closes the slot
+descriptor it was given (a duplicate shares the slot's flock). Otherwise the process would keep
+the lock: it could never claim the object again, and every other process would wait for it.
+
+Errors: 5xx, SlowDown (honouring Retry-After), timeouts, resets, truncated and overlong bodies
+are retried with exponential backoff and full jitter, `attempts` times per request. What retrying
 cannot fix stops the whole fetch with a `RemoteError` naming the remote, the objects and the
 likely fix: bad keys (after re-reading rotated credentials once), a missing bucket, a wrong
 region, an endpoint still unreachable after the retry budget. Objects the remote does not have
@@ -61,9 +82,10 @@ import yarl
 
 from . import __version__
 from .cache import NodeCache, Slot
-from .errors import DatapinError, RemoteError, os_error
+from .errors import DatapinError, DestinationError, RemoteError, os_error
 from .hashing import DVC2_CHUNK, Layout, ObjectHasher
-from .remote import FetchReport
+from .remote import MAX_DIR_BYTES, FetchReport
+from .safefs import read_regular
 from .sigv4 import Signer
 
 if TYPE_CHECKING:
@@ -71,8 +93,17 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MiB: Final = 1024 * 1024
+GiB: Final = 1024 * MiB
+TiB: Final = 1024 * GiB
 #: Download slots claimed per worker-thread call.
 CLAIM_BATCH: Final = 32
+#: The most requests in flight (and worker tasks) whatever `FetchOptions.jobs` asks for: the
+#: client's structures are sized by this, never by the number a user typed.
+MAX_JOBS: Final = 1024
+#: S3's (and B2's) largest object: a remote that claims more is not telling the truth.
+MAX_OBJECT_BYTES: Final = 5 * TiB
+#: Our own journals are small (a byte per part); anything bigger is not one of ours.
+_JOURNAL_LIMIT: Final = 64 + MAX_OBJECT_BYTES // MiB
 _JOURNAL_MAGIC: Final = b"datapin-parts 1"
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{1,500})</Message>")
@@ -106,6 +137,10 @@ class FetchOptions:
     connect_timeout: float = 10.0
     #: Seconds without a byte from the server before a request counts as timed out.
     read_timeout: float = 60.0
+    #: The overall deadline of one request is `request_timeout` plus its body's size at
+    #: `min_rate` bytes per second: a server trickling bytes cannot hold a request forever.
+    request_timeout: float = 60.0
+    min_rate: int = 32 * 1024
     #: Threads for file writes and hashing (both release the GIL).
     io_threads: int = 4
     #: How long to wait for an object another process on the node is downloading.
@@ -133,6 +168,24 @@ class _HTTPError(Exception):
 
 class _TruncatedError(Exception):
     """The body ended before the length the server announced."""
+
+
+class _BadBodyError(Exception):
+    """The answer does not frame the bytes asked for: a body longer than its declared length
+    or than the range, or a different range. Nothing past the expected end is read."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        #: A short label (`overlong`, `bad_range`) for the retry counters.
+        self.reason = reason
+
+
+#: What the retry labels mean, for the message of a fetch that gave up.
+_LAST_ERROR: Final = {
+    "timeout": "timeout: no complete answer within the request's deadline",
+    "overlong": "overlong: a body longer than its declared length or its range",
+    "bad_range": "bad_range: the server answered a range other than the one asked for",
+}
 
 
 class _CorruptError(Exception):
@@ -215,6 +268,8 @@ class S3Remote:
         self._calls: set[concurrent.futures.Future[Any]] = set()
         self._calls_lock = threading.Lock()
         self._aborted = False
+        #: Requests in flight and worker tasks: `options.jobs`, capped at `MAX_JOBS`.
+        self.jobs = max(1, min(self.options.jobs, MAX_JOBS))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -229,7 +284,7 @@ class S3Remote:
             else:
                 tls = False  # the user said so (DVC's `ssl_verify = false`)
         connector = aiohttp.TCPConnector(
-            limit=opts.jobs, ssl=tls, ttl_dns_cache=300, enable_cleanup_closed=True
+            limit=self.jobs, ssl=tls, ttl_dns_cache=300, enable_cleanup_closed=True
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -242,7 +297,7 @@ class S3Remote:
         )
         self._loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(opts.io_threads, thread_name_prefix="datapin-io")
-        self._requests = asyncio.Semaphore(opts.jobs)
+        self._requests = asyncio.Semaphore(self.jobs)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -320,6 +375,17 @@ class S3Remote:
                 await self._retrying(key, self._find_retries, functools.partial(self._exists, key))
             except _AbsentError:
                 continue
+            except _GaveUpError as exc:
+                raise RemoteError(
+                    remote=self.url,
+                    problem=f"cannot tell whether it holds the object after "
+                    f"{self.options.attempts} attempts (last error: "
+                    f"{_LAST_ERROR.get(exc.last, exc.last)})",
+                    fix="retry later; if it persists, check the remote's status and the node's "
+                    "network",
+                    keys=[key],
+                    cause="gave_up",
+                ) from None
             return layout
         return None
 
@@ -353,29 +419,42 @@ class S3Remote:
         return yarl.URL(self.config.object_url(key), encoded=True), headers
 
     @contextlib.asynccontextmanager
-    async def _get(
-        self, key: str, start: int, end: int | None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A GET of bytes [start, end] (end None: to the end), raising `_HTTPError` on failure."""
+    async def _get(self, key: str, start: int, end: int) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET of bytes [start, end], raising `_HTTPError` on failure, `_BadBodyError` for a
+        206 that answers another range, `TimeoutError` past the request's deadline."""
         assert self._session is not None  # noqa: S101
         assert self._requests is not None  # noqa: S101
+        opts = self.options
         url, headers = self._signed("GET", key)
-        if end is not None or start:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end}"
-        async with (
-            self._requests,
-            self._session.get(url, headers=headers, allow_redirects=False) as resp,
-        ):
-            if resp.status >= 300:
-                raise await _error_of(resp)
-            yield resp
+        headers["Range"] = f"bytes={start}-{end}"
+        async with self._requests:
+            # The deadline covers the whole request, headers and body, not just the gaps
+            # between reads (see FetchOptions.request_timeout).
+            began = asyncio.get_running_loop().time()
+            budget = opts.request_timeout + (end - start + 1) / opts.min_rate
+            async with (
+                asyncio.timeout_at(began + budget) as deadline,
+                self._session.get(url, headers=headers, allow_redirects=False) as resp,
+            ):
+                if resp.status >= 300:
+                    raise await _error_of(resp)
+                if resp.status == 206:
+                    _check_range(resp, start, end)
+                # The body is often shorter than the range (a small object): its own size
+                # sets the deadline, so a trickle is caught in seconds, not minutes.
+                if resp.content_length is not None and resp.content_length < end - start + 1:
+                    deadline.reschedule(
+                        began + opts.request_timeout + resp.content_length / opts.min_rate
+                    )
+                yield resp
 
     async def _exists(self, key: str) -> bool:
         """Whether `key` exists: a one-byte GET rather than a HEAD, because a HEAD's error
         answer has no body, so a missing bucket would look like a missing key."""
         try:
             async with self._get(key, 0, 0) as resp:
-                await resp.read()
+                if resp.status == 206:  # (a 200 ignored Range: the whole object is not read)
+                    await _read_at_most(resp, 1)
         except _HTTPError as exc:
             if exc.status != 416:  # a Range on an empty object: it exists
                 raise
@@ -425,6 +504,8 @@ class S3Remote:
                     ) from None
             except (aiohttp.ClientPayloadError, _TruncatedError):
                 last, retry_after = "truncated", None
+            except _BadBodyError as exc:
+                last, retry_after = exc.reason, None
             except TimeoutError:  # before ClientError: aiohttp's timeouts are both
                 last, retry_after = "timeout", None
             except (aiohttp.ClientError, ConnectionError) as exc:
@@ -505,7 +586,9 @@ class _GaveUpError(Exception):
         self.last = last
 
 
-def _first_error(group: BaseExceptionGroup[BaseException], cache: NodeCache) -> BaseException:
+def _first_error(
+    group: BaseExceptionGroup[BaseException], cache: NodeCache, remote: str
+) -> BaseException:
     """The error a TaskGroup failure stands for: ours first, then anything else."""
     leaves: list[BaseException] = []
 
@@ -523,9 +606,32 @@ def _first_error(group: BaseExceptionGroup[BaseException], cache: NodeCache) -> 
             if isinstance(exc, kinds):
                 return exc
     for exc in leaves:
-        if isinstance(exc, OSError):
-            return os_error(str(cache.root), exc, volume="node cache")
+        if isinstance(exc, (OSError, MemoryError)):
+            return _user_error(exc, cache, remote)
     return leaves[0]
+
+
+def _user_error(exc: OSError | MemoryError, cache: NodeCache, remote: str) -> Exception:
+    """What a user is told about a filesystem or memory failure while fetching."""
+    if isinstance(exc, MemoryError):
+        return RemoteError(
+            remote=remote,
+            problem="the fetch ran out of memory (the objects fetched so far are kept)",
+            fix="give the container more memory or lower --jobs (DATAPIN_JOBS), then retry",
+            cause="memory",
+        )
+    return os_error(str(cache.root), exc, volume="node cache")
+
+
+def _retry_label(exc: BaseException) -> str:
+    """The retry counter a failed body counts under (the labels `_retrying` uses)."""
+    if isinstance(exc, _BadBodyError):
+        return exc.reason
+    if isinstance(exc, (_TruncatedError, aiohttp.ClientPayloadError)):
+        return "truncated"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "connection"
 
 
 def _auth_failure(exc: _HTTPError) -> bool:
@@ -547,10 +653,45 @@ async def _error_of(resp: aiohttp.ClientResponse) -> _HTTPError:
     )
 
 
-def _content_range_total(resp: aiohttp.ClientResponse) -> int | None:
-    value = resp.headers.get("Content-Range", "")
-    _, _, total = value.rpartition("/")
-    return int(total) if total.isdigit() else None
+_CONTENT_RANGE: Final = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
+
+
+def _content_range(resp: aiohttp.ClientResponse) -> tuple[int, int, int | None] | None:
+    """(first, last, total) of a `Content-Range: bytes first-last/total` (total None for `*`)."""
+    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+    if match is None:
+        return None
+    first, last, total = match.groups()
+    return int(first), int(last), None if total == "*" else int(total)
+
+
+def _check_range(resp: aiohttp.ClientResponse, start: int, end: int) -> None:
+    """A 206 must answer bytes [start, at most end] of a consistent total, with a Content-Length
+    (if any) that matches: otherwise the body would land at the wrong offset or run on."""
+    answered = _content_range(resp)
+    if answered is None:
+        raise _BadBodyError("bad_range")
+    first, last, total = answered
+    if first != start or last < first or last > end or (total is not None and last >= total):
+        raise _BadBodyError("bad_range")
+    length = resp.content_length
+    if length is not None and length != last - first + 1:
+        raise _BadBodyError("overlong" if length > last - first + 1 else "bad_range")
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, size: int) -> bytes:
+    """The body, which must be exactly `size` bytes: `_BadBodyError` as soon as more arrive
+    (nothing further is read), `_TruncatedError` if it ends short. Only for small bodies."""
+    pieces: list[bytes] = []
+    got = 0
+    async for data in resp.content.iter_any():
+        got += len(data)
+        if got > size:
+            raise _BadBodyError("overlong")
+        pieces.append(data)
+    if got != size:
+        raise _TruncatedError
+    return b"".join(pieces)
 
 
 # -- one fetch --------------------------------------------------------------------------------
@@ -579,32 +720,41 @@ class _Fetch:
         assert remote._io is not None  # noqa: S101
         self.io = remote._io
         self.committer = _Committer(self)
+        #: Worker-thread calls not finished yet: a failed fetch waits for them before it
+        #: returns, so no thread of it still holds a slot (or its lock) when the caller
+        #: hears of the failure and, say, frees space and tries again.
+        self.threads: set[asyncio.Future[Any]] = set()
 
     async def execute(self, oids: Iterable[str]) -> None:
         # Claims are made ahead, in batches (one thread hop per batch instead of per object),
         # and handed to the workers through a short queue.
         claimed: asyncio.Queue[tuple[str, Slot | _Present | None] | None] = asyncio.Queue(
-            self.opts.jobs
+            self.remote.jobs
         )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._claimer(iter(oids), claimed))
-                for _ in range(self.opts.jobs):
+                for _ in range(self.remote.jobs):
                     tg.create_task(self._worker(claimed))
             await self.committer.flush()
             await self._wait_for_busy()
             await self.committer.flush()
         except BaseExceptionGroup as group:
-            raise _first_error(group, self.cache) from None
+            raise _first_error(group, self.cache, self.remote.url) from None
+        except (OSError, MemoryError) as exc:  # a flush: full volume, or memory
+            raise _user_error(exc, self.cache, self.remote.url) from None
         finally:
             while not claimed.empty():  # claimed but never reached: give them back
                 item = claimed.get_nowait()
                 if item is not None and isinstance(item[1], Slot):
                     item[1].release()
             self.committer.abandon()
+            if self.threads:
+                await asyncio.wait(set(self.threads))
         if self.gave_up:
             keys = [k for k, _ in self.gave_up]
             last = Counter(why for _, why in self.gave_up).most_common(1)[0][0]
+            last = _LAST_ERROR.get(last, last)
             raise RemoteError(
                 remote=self.remote.url,
                 problem=f"objects could not be downloaded after {self.opts.attempts} attempts "
@@ -635,7 +785,7 @@ class _Fetch:
                 except asyncio.CancelledError:
                     _release(results[n:])
                     raise
-        for _ in range(self.opts.jobs):
+        for _ in range(self.remote.jobs):
             await claimed.put(None)
 
     async def _worker(
@@ -690,45 +840,56 @@ class _Fetch:
             total, part_size, done = journal
             return await self._parts(slot, key, total, part_size, done, 0)
         opts = self.opts
-        # What the probe learnt: a small body, or (size, bytes of part 0 already on disk).
-        first: list[bytes | tuple[int, int, int]] = []
+        # What the probe learnt: a small body, or (size, bytes of part 0 on disk, part size).
+        first: list[bytes | tuple[int, list[int], int]] = []
 
         async def probe() -> None:
             first.clear()
             try:
                 async with self.remote._get(key, 0, opts.part_size - 1) as resp:
-                    total = _content_range_total(resp) if resp.status == 206 else None
-                    if total is None:
-                        total = resp.content_length
+                    answered = _content_range(resp) if resp.status == 206 else None
+                    total = resp.content_length if answered is None else answered[2]
                     if total is None:
                         raise _TruncatedError  # no length: cannot tell a whole body from a cut one
-                    if total <= opts.inline_bytes:
-                        body = await resp.read()
-                        if len(body) != total:
-                            raise _TruncatedError
-                        first.append(body)
-                        return
-                    # Large: part 0 is arriving now; keep what streams in even if the
-                    # connection breaks (the part fetcher resumes it from there).
+                    self._check_size(slot, key, total)
                     # A server that ignores Range (200) sends it all: take it as one part.
-                    part_size = opts.part_size if resp.status == 206 else total
+                    part_size = opts.part_size if answered is not None else max(total, 1)
+                    if total <= opts.inline_bytes and total <= part_size:
+                        first.append(await _read_at_most(resp, total))
+                        return
+                    # Large: streamed into the slot, never held in memory. Part 0 is arriving
+                    # now; what streams in is kept even if the connection breaks (the part
+                    # fetcher resumes it from there).
                     nparts = -(-total // part_size)
                     slot.journaled = True
-                    await self._on(slot, _start_parts, slot.journal, total, part_size, nparts)
+                    await self._on(
+                        slot,
+                        _start_parts,
+                        slot.journal,
+                        total,
+                        part_size,
+                        nparts,
+                        key,
+                        str(self.cache.root),
+                    )
                     got = [0]
-                    try:
-                        await self._write_body(resp, slot, 0, min(total, part_size), got)
-                    except (_TruncatedError, aiohttp.ClientPayloadError):
-                        self.report.retries["truncated"] += 1
-                    except TimeoutError:
-                        self.report.retries["timeout"] += 1
-                    except (aiohttp.ClientError, ConnectionError):
-                        self.report.retries["connection"] += 1
-                    first.append((total, got[0], part_size))
+                    first.append((total, got, part_size))
+                    await self._write_body(resp, slot, 0, min(total, part_size), got)
             except _HTTPError as exc:
                 if exc.status != 416:
                     raise
                 first.append(b"")  # a Range on an empty object: it is empty
+            except (
+                _TruncatedError,
+                _BadBodyError,
+                TimeoutError,
+                aiohttp.ClientError,
+                ConnectionError,
+            ) as exc:
+                if not first:
+                    raise
+                # Part 0 broke after the slot was sized: the part fetcher resumes it.
+                self.report.retries[_retry_label(exc)] += 1
 
         await self.remote._retrying(key, self.report.retries, probe)
         head = first[0]
@@ -737,10 +898,35 @@ class _Fetch:
                 raise _CorruptError
             self.report.fetched_bytes += len(head)
             return len(head)
-        total, got0, part_size = head
+        total, got, part_size = head
+        got0 = got[0]
         self.report.fetched_bytes += got0
         nparts = -(-total // part_size)
         return await self._parts(slot, key, total, part_size, bytearray(nparts), got0)
+
+    def _check_size(self, slot: Slot, key: str, total: int) -> None:
+        """Refuse a size no real object has (S3's maximum) and a `.dir` above `MAX_DIR_BYTES`,
+        before anything is sized on disk."""
+        if total > MAX_OBJECT_BYTES:
+            raise RemoteError(
+                remote=self.remote.url,
+                problem=f"the server says {key} is {total} bytes, more than the "
+                f"{MAX_OBJECT_BYTES // TiB} TiB an S3 object can be",
+                fix="check that the endpoint is the S3 service (not a proxy or another server "
+                "answering for it); datapin will not size a download by it",
+                keys=[key],
+                cause="bad_size",
+            )
+        if slot.oid.endswith(".dir") and total > MAX_DIR_BYTES:
+            raise RemoteError(
+                remote=self.remote.url,
+                problem=f"the .dir manifest {key} is {total} bytes, more than the "
+                f"{MAX_DIR_BYTES // GiB} GiB datapin reads for a manifest",
+                fix="check what was pushed under this key (a DVC manifest of even millions "
+                "of files is far smaller); `dvc push` the revision again from a clean cache",
+                keys=[key],
+                cause="too_large",
+            )
 
     async def _parts(  # noqa: PLR0917 - private, called in two places
         self, slot: Slot, key: str, total: int, part_size: int, done: bytearray, got0: int
@@ -751,10 +937,11 @@ class _Fetch:
         self.report.resumed_bytes += sum(
             min(part_size, total - i * part_size) for i in range(nparts) if done[i]
         )
-        ready = [asyncio.Event() for _ in range(nparts)]
-        for i in range(nparts):
-            if done[i]:
-                ready[i].set()
+        # A bounded pool of part fetchers per object, not a task per part: a 5 TiB object
+        # costs a byte per part (`done`), not a task and an event each.
+        todo = (i for i in range(nparts) if not done[i])
+        fetchers = min(nparts - sum(done), self.remote.jobs)
+        landed = asyncio.Event()
         hasher = ObjectHasher(self.layout)
 
         async def part(i: int) -> None:
@@ -772,17 +959,24 @@ class _Fetch:
                             got[0] = before = 0
                         await self._write_body(resp, slot, start, want, got)
                 finally:
-                    self.report.fetched_bytes += got[0] - before
+                    self.report.fetched_bytes += max(0, got[0] - before)
 
             if got[0] < want:
                 await self.remote._retrying(key, self.report.retries, attempt)
             await self._on(slot, _start_writeback, start, want)
             await self._run(_mark_done, slot.journal, i, nparts)
-            ready[i].set()
+            done[i] = 1
+            landed.set()
+
+        async def fetcher() -> None:
+            for i in todo:  # shared: each fetcher takes the next part not done
+                await part(i)
 
         async def hash_in_order() -> None:
             for i in range(nparts):
-                await ready[i].wait()
+                while not done[i]:
+                    landed.clear()
+                    await landed.wait()
                 start = i * part_size
                 end = min(total, start + part_size)
                 await self._on(slot, _hash_range, start, end, hasher)
@@ -790,12 +984,11 @@ class _Fetch:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(hash_in_order())
-                for i in range(nparts):
-                    if not done[i]:
-                        tg.create_task(part(i))
+                for _ in range(fetchers):
+                    tg.create_task(fetcher())
         except BaseExceptionGroup as group:
             # One part's failure stands for the object's: the caller handles plain errors.
-            raise _first_error(group, self.cache) from None
+            raise _first_error(group, self.cache, self.remote.url) from None
         if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
             await self._on(slot, _reset, slot.journal)  # torn resume or bad bytes: redo it whole
             raise _CorruptError
@@ -811,14 +1004,17 @@ class _Fetch:
         pieces: list[bytes] = []
         pending = 0
         try:
-            # Read to the end of the body even once `want` bytes are in: a response left
-            # unfinished makes aiohttp close its connection instead of reusing it.
+            # Read to the end of the body once `want` bytes are in (a response left unfinished
+            # makes aiohttp close its connection instead of reusing it), but not a byte past
+            # it: a body longer than its range is an error, however long it would go on.
             async for data in resp.content.iter_any():
-                piece = data[: want - got[0] - pending]
-                if not piece:
-                    continue
-                pieces.append(piece)
-                pending += len(piece)
+                if len(data) > want - got[0] - pending:
+                    # A server that sends more than it said cannot be trusted for what it
+                    # sent before either: the part starts over.
+                    got[0] = 0
+                    raise _BadBodyError("overlong")
+                pieces.append(data)
+                pending += len(data)
                 if pending >= MiB or got[0] + pending >= want:
                     await self._on(slot, _pwritev_all, pieces, start + got[0])
                     got[0] += pending
@@ -872,12 +1068,26 @@ class _Fetch:
         A cancelled await does not stop the thread: if the slot were released meanwhile and
         its descriptor number reused by another open, a write or truncate meant for the slot
         would hit that file. The duplicate stays valid (the same open file) until the thread
-        is done with it.
+        is done with it. A call cancelled before its thread started closes the duplicate
+        itself: left open, it would hold the slot's lock (a flock belongs to the open file, dups
+        included) for the life of the process, and the object could never be claimed again.
         """
-        return self.loop.run_in_executor(self.io, _with_dup, os.dup(slot.fd), fn, args)
+        fd = os.dup(slot.fd)
+        try:
+            job = self.io.submit(_with_dup, fd, fn, args)
+        except BaseException:
+            os.close(fd)
+            raise
+        job.add_done_callback(functools.partial(_close_if_cancelled, fd))
+        return self._track(asyncio.wrap_future(job, loop=self.loop))
+
+    def _track(self, future: asyncio.Future[T]) -> asyncio.Future[T]:
+        self.threads.add(future)
+        future.add_done_callback(self.threads.discard)
+        return future
 
     def _run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        return self.loop.run_in_executor(self.io, fn, *args)
+        return self._track(self.loop.run_in_executor(self.io, fn, *args))
 
 
 class _Committer:
@@ -960,6 +1170,11 @@ def _release_claims(future: asyncio.Future[list[Slot | _Present | None]]) -> Non
         _release(future.result())
 
 
+def _close_if_cancelled(fd: int, job: concurrent.futures.Future[Any]) -> None:
+    if job.cancelled():  # never ran, so `_with_dup` did not close it
+        os.close(fd)
+
+
 def _with_dup(fd: int, fn: Callable[..., T], args: tuple[object, ...]) -> T:
     try:
         return fn(fd, *args)
@@ -984,9 +1199,8 @@ def _write_small(fd: int, layout: Layout, oid: str, body: bytes, found: int) -> 
 def _read_journal(path: str) -> tuple[int, int, bytearray] | None:
     """(total, part size, done flags) of a resumable download, or None."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+        data = read_regular(path, limit=_JOURNAL_LIMIT)
+    except OSError:  # none, or not one of ours (UnsafeFileError): start over
         return None
     header, _, flags = data.partition(b"\n")
     fields = header.split()
@@ -996,14 +1210,28 @@ def _read_journal(path: str) -> tuple[int, int, bytearray] | None:
         total, part_size = int(fields[2]), int(fields[3])
     except ValueError:
         return None
+    if not 0 < total <= MAX_OBJECT_BYTES:
+        return None
     nparts = max(1, -(-total // part_size)) if part_size > 0 else 0
     if nparts == 0 or len(flags) != nparts:
         return None
     return total, part_size, bytearray(b == ord("1") for b in flags)
 
 
-def _start_parts(fd: int, journal: str, total: int, part_size: int, nparts: int) -> None:
-    """Size the slot and (for more than one part) write a journal with no part done."""
+def _start_parts(  # noqa: PLR0917 - a worker-thread call
+    fd: int, journal: str, total: int, part_size: int, nparts: int, key: str, cache: str
+) -> None:
+    """Size the slot and (for more than one part) write a journal with no part done; refuse,
+    before creating either, an object the cache volume has no room for."""
+    volume = os.fstatvfs(fd)
+    room = volume.f_bavail * volume.f_frsize + os.fstat(fd).st_blocks * 512
+    if total > room:
+        raise DestinationError(
+            dest=cache,
+            problem=f"no space left on the node cache volume for {key} ({total} bytes, "
+            f"{room} free)",
+            fix="free space (the node agent's GC evicts unused objects) or use a larger volume",
+        )
     os.ftruncate(fd, 0)  # bytes of an abandoned earlier attempt must not survive
     os.ftruncate(fd, total)
     if nparts > 1:
@@ -1055,9 +1283,23 @@ def _reset(fd: int, journal: str) -> None:
 
 
 def _sync_and_install(cache: NodeCache, batch: list[Slot]) -> None:
-    """Make the batch durable with one syncfs (fsync each where there is none), then install."""
-    if not _syncfs(batch[0].fd):
+    """Make the batch durable with one syncfs (fsync each where there is none), then install.
+
+    Whatever fails (a full volume at the sync or at a link, anything else), every slot of the
+    batch not installed is discarded, which also releases its claim: bytes that may not have
+    reached the disk are not worth resuming, and a claim kept would make this process and every
+    other one on the node wait for a download that is over.
+    """
+    try:
+        if not _syncfs(batch[0].fd):
+            for slot in batch:
+                os.fsync(slot.fd)
         for slot in batch:
-            os.fsync(slot.fd)
-    for slot in batch:
-        slot.install()
+            slot.install()
+    except BaseException:
+        for slot in batch:
+            if slot.fd >= 0:
+                with contextlib.suppress(OSError):
+                    slot.discard()
+                slot.release()
+        raise
