@@ -57,8 +57,9 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from .cache import NodeCache
-from .errors import DatapinError, RemoteError, UsageError
+from .errors import DatapinError, UsageError
 from .hashing import Layout
+from .limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
 from .linker import Strategy
 from .logs import redacting_excepthook
 from .materialize import Request, Result, materialize
@@ -78,13 +79,6 @@ from .s3config import (
     redact,
 )
 
-#: Most requests in flight `--jobs` accepts (each holds a connection and a buffer).
-MAX_JOBS: Final = 1024
-#: Longest `--cache`/`--dest` path: what datapin puts beneath them must still fit in PATH_MAX.
-MAX_DIR_PATH_BYTES: Final = 1024
-#: Longest file or directory name on XFS and ext4, and Linux's longest path (with its NUL).
-_NAME_MAX: Final = 255
-_PATH_MAX: Final = 4096
 _NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -98,10 +92,10 @@ def _text(value: str) -> str:
 def _length_problem(value: str) -> str | None:
     """Why Linux cannot open path `value` (too long), or None."""
     raw = os.fsencode(value)
-    if len(raw) >= _PATH_MAX:
-        return f"is {len(raw)} bytes long; Linux paths are shorter than {_PATH_MAX} bytes"
-    if any(len(part) > _NAME_MAX for part in raw.split(b"/")):
-        return f"has a name longer than {_NAME_MAX} bytes, the most a file system allows"
+    if len(raw) >= PATH_MAX:
+        return f"is {len(raw)} bytes long; Linux paths are shorter than {PATH_MAX} bytes"
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        return f"has a name longer than {NAME_MAX} bytes, the most a file system allows"
     return None
 
 
@@ -144,8 +138,8 @@ def _name(value: str) -> str:
     """argparse type: one plain file name (no '/', not '.' or '..', at most 255 bytes)."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
-    if len(value.encode("utf-8", "surrogateescape")) > _NAME_MAX:
-        raise argparse.ArgumentTypeError(f"must be at most {_NAME_MAX} bytes (a file name)")
+    if len(value.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {NAME_MAX} bytes (a file name)")
     if not _NAME.fullmatch(value) or value == ".revs":
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a plain file name: use letters, digits, '_', '.' and '-', "
@@ -332,7 +326,7 @@ def _check_dir(flag: str, path: Path) -> None:
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise UsageError(
-                f"{flag} {str(path)[:80]}...: a name in it is longer than {_NAME_MAX} bytes. "
+                f"{flag} {str(path)[:80]}...: a name in it is longer than {NAME_MAX} bytes. "
                 "Fix: use a path with shorter names"
             ) from None
         if exc.errno == errno.ENOTDIR:
@@ -349,29 +343,6 @@ def _check_dir(flag: str, path: Path) -> None:
             f"{flag} {path} is a file, not a directory. Fix: name a directory (it is created "
             "if it does not exist)"
         )
-
-
-def _check_directory_remote(path: str) -> None:
-    """A directory remote that exists but cannot be listed is a remote error (exit 8) now,
-    not an unexpected one halfway through the fetch."""
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-    except FileNotFoundError:
-        return  # reported as missing by the remote itself, with its fix
-    except NotADirectoryError:
-        raise RemoteError(
-            remote=path,
-            problem="is a file, not a directory",
-            fix="pass the directory `dvc push` wrote to (the DVC remote's url)",
-            cause="not_a_directory",
-        ) from None
-    except OSError as exc:
-        raise RemoteError(
-            remote=path,
-            problem=f"cannot be read ({exc.strerror})",
-            fix="make the directory readable by the user datapin runs as",
-            cause="unreadable",
-        ) from None
 
 
 @contextlib.asynccontextmanager
@@ -400,7 +371,6 @@ async def _open_remote(
             )
         if s3_flags:
             raise UsageError(f"{', '.join(s3_flags)} only apply to an s3:// --remote")
-        _check_directory_remote(args.remote)
         yield DirectoryRemote(args.remote)
         return
     if args.remote is not None:
@@ -415,7 +385,6 @@ async def _open_remote(
     elif args.dvc_repo is not None:
         dvc = read_dvc_remote(args.dvc_repo, args.remote_name)
         if dvc.directory is not None:
-            _check_directory_remote(str(dvc.directory))
             yield DirectoryRemote(dvc.directory)
             return
         assert dvc.config is not None  # noqa: S101 - read_dvc_remote returns one or the other

@@ -84,6 +84,7 @@ from . import __version__
 from .cache import NodeCache, Slot
 from .errors import DatapinError, DestinationError, RemoteError, os_error
 from .hashing import DVC2_CHUNK, Layout, ObjectHasher
+from .limits import MAX_JOBS
 from .remote import MAX_DIR_BYTES, FetchReport
 from .safefs import read_regular
 from .sigv4 import Signer
@@ -97,9 +98,6 @@ GiB: Final = 1024 * MiB
 TiB: Final = 1024 * GiB
 #: Download slots claimed per worker-thread call.
 CLAIM_BATCH: Final = 32
-#: The most requests in flight (and worker tasks) whatever `FetchOptions.jobs` asks for: the
-#: client's structures are sized by this, never by the number a user typed.
-MAX_JOBS: Final = 1024
 #: S3's (and B2's) largest object: a remote that claims more is not telling the truth.
 MAX_OBJECT_BYTES: Final = 5 * TiB
 #: Our own journals are small (a byte per part); anything bigger is not one of ours.

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import BadSettingsError, RevisionError
+from .limits import MAX_DIR_PATH_BYTES
 from .revision import Revision
 from .s3config import SECRET_KEY_NAME, redact
 
@@ -64,10 +65,6 @@ def _non_empty_path(value: Path | None) -> Path | None:
             "variable for the default, or write the directory out"
         )
     return value
-
-
-#: Longest node-volume path: what datapin creates beneath must fit in Linux's PATH_MAX.
-MAX_DIR_PATH_BYTES: Final = 1024
 
 
 def _absolute(value: Path | None) -> Path | None:
