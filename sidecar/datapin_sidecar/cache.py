@@ -335,12 +335,13 @@ class NodeCache:
     # -- recovery -----------------------------------------------------------------------------
 
     def clean_temp(self) -> int:
-        """Remove temp files of dead writers (their flock is free). Returns how many.
+        """Remove temp files and build registrations of dead processes (their flock is free).
+        Returns how many.
 
         Download slots of dead downloaders are left alone: the next claimant of the object
         resumes or restarts them, and the node agent's GC removes the rest.
         """
-        return remove_dead_locked(self.tmp_dir)
+        return remove_dead_locked(self.tmp_dir) + remove_dead_locked(self.builds_dir)
 
 
 def remove_dead_locked(directory: Path) -> int:
