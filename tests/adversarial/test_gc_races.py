@@ -14,6 +14,7 @@ remote, while a GC evicts everything not in use over and over.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -22,6 +23,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+from datapin_sidecar import gc as gc_module
 from datapin_sidecar.cache import NodeCache
 from datapin_sidecar.gc import BATCH, VolumeUsage, Watermarks, collect, roots
 from datapin_sidecar.hashing import Layout
@@ -82,13 +85,17 @@ def test_a_registered_build_keeps_its_revision_through_a_gc(small_xfs: Path) -> 
 
 
 def test_a_build_registering_while_the_gc_evicts_is_honoured_from_the_next_batch(
-    small_xfs: Path,
+    small_xfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A registration made after the GC planned protects everything not yet evicted: the GC
-    re-reads registrations before every batch, and a builder registers between batches."""
+    re-reads registrations before every batch, and a builder registers between batches.
+
+    The interleaving is made exact rather than left to the scheduler: the build registers
+    (through the real `cache.building`, real flocks) right after the GC's first batch released
+    `builds.lock` and before its second takes it, the moment a racing builder would hit.
+    """
     cache = NodeCache(small_xfs / "cache")
     # Many small unprotected objects first (oldest), so the GC runs several batches.
-    first = _orphan(cache, 0)
     for i in range(ORPHANS):
         os.utime(_orphan(cache, i), (1000 + i, 1000 + i))
     late = files_of(3)
@@ -97,29 +104,25 @@ def test_a_build_registering_while_the_gc_evicts_is_honoured_from_the_next_batch
         os.utime(path, (5000, 5000))
     os.utime(cache.path(rev.oid, Layout.DVC3), (5000, 5000))
     evicted_before: list[int] = []
-    registered = threading.Event()
+    batches = 0
+    original = gc_module._Builds.held
+    with contextlib.ExitStack() as registration:
 
-    def register() -> None:
-        # Wait until the GC is evicting (the orphans start going), then register.
-        while os.path.lexists(first):
-            pass
-        with cache.building(rev.oid):
-            evicted_before.append(ORPHANS - sum(1 for _ in _orphans(cache)))
-            registered.set()
-            done.wait(60)
+        def held(self: gc_module._Builds) -> contextlib.AbstractContextManager[set[str]]:
+            nonlocal batches
+            batches += 1
+            if batches == 3:  # the first takes the plan's registrations, the second a batch
+                registration.enter_context(cache.building(rev.oid))
+                evicted_before.append(ORPHANS - len(_orphans(cache)))
+            return original(self)
 
-    done = threading.Event()
-    builder = threading.Thread(target=register, daemon=True)
-    builder.start()
-    try:
+        monkeypatch.setattr(gc_module._Builds, "held", held)
         collect(cache, set(), EVICT_ALL)
-    finally:
-        done.set()
-        builder.join(10)
-    assert registered.is_set()
-    assert evicted_before[0] < ORPHANS, "the registration came before the GC was done"
-    assert present(cache, late)
-    assert cache.present(rev.oid, Layout.DVC3)
+        assert batches > 3, "the GC ran several batches"
+        assert 0 < evicted_before[0] < ORPHANS, "registered between batches, mid-GC"
+        assert present(cache, late)
+        assert cache.present(rev.oid, Layout.DVC3)
+    assert _orphans(cache) == [], "everything else went"
 
 
 def _orphan(cache: NodeCache, i: int) -> str:
