@@ -1118,7 +1118,12 @@ class _Committer:
             batch, self.pending, self.bytes = self.pending, [], 0
             self.last = time.monotonic()
             if batch:
-                await self.fetch._run(_sync_and_install, self.fetch.cache, batch)
+                # Shielded: cancelling the flush (another worker failed) must not cancel the
+                # thread call before it starts, or the batch, no longer pending, would never
+                # be installed nor released and its claims would leak; `execute` waits for it.
+                job = self.fetch._run(_sync_and_install, self.fetch.cache, batch)
+                job.add_done_callback(_retrieved)
+                await asyncio.shield(job)
 
     def abandon(self) -> None:
         """After a failure: release what was not installed (its bytes stay for a resume)."""
@@ -1166,6 +1171,13 @@ def _release(claims: Sequence[Slot | _Present | None]) -> None:
 def _release_claims(future: asyncio.Future[list[Slot | _Present | None]]) -> None:
     if not future.cancelled() and future.exception() is None:
         _release(future.result())
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a shielded call's outcome as seen: the awaiting side raises it, or was cancelled
+    and `execute` reports the first error of the fetch instead."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _close_if_cancelled(fd: int, job: concurrent.futures.Future[Any]) -> None:
