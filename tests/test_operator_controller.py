@@ -395,7 +395,12 @@ async def test_prefetch_shows_warm_within_seconds_not_at_the_resync(
             assert time.monotonic() - started <= 30
         assert obj["status"]["prefetch"]["summary"] == "1/1 nodes warm"
         assert _condition(obj, "Ready")["status"] == "True"
-        events = events_of(await api.list("v1/events", NS), kind="Dataset", name="fresh")
-        assert ("Normal", "Warm") in {(e["type"], e["reason"]) for e in events}
+
+        # kopf posts Events after the status patch, so wait for it rather than race it.
+        async def warm_event() -> bool:
+            events = events_of(await api.list("v1/events", NS), kind="Dataset", name="fresh")
+            return ("Normal", "Warm") in {(e["type"], e["reason"]) for e in events}
+
+        await api.wait_for_true(warm_event, within=10)
     # The polling timer fired every few seconds: none of that is in the log.
     assert not [r for r in caplog.records if "'prefetch-progress' succeeded" in r.getMessage()]

@@ -131,8 +131,15 @@ async def test_a_missing_operator_namespace_leaves_every_status_written(
         assert "namespace datapin does not exist" in message
         assert "--create-namespace" in message
         assert "DATAPIN_NAMESPACE" in message
-        events = events_of(await api.list("v1/events", NS), kind="Dataset", name="warmed")
-        assert ("Warning", "AgentConfigFailed") in {(e["type"], e["reason"]) for e in events}
+
+        # kopf posts Events after the status patch, so wait for it rather than race it.
+        async def warned() -> list[dict[str, Any]]:
+            events = events_of(await api.list("v1/events", NS), kind="Dataset", name="warmed")
+            seen = {(e["type"], e["reason"]) for e in events}
+            return events if ("Warning", "AgentConfigFailed") in seen else []
+
+        await api.wait_for_true(warned)
+        events = await warned()
         assert SECRET_KEY not in json.dumps([warmed, events])
         assert await api.get("v1/configmaps", "datapin-prefetch", OPERATOR_NS) is None
 
