@@ -85,10 +85,10 @@ from typing import Any
 
 import datapin_operator as operator_pkg
 import datapin_sidecar as sidecar_pkg
-from datapin_operator.admission import Admission, Catalog
-from datapin_operator.gitsource import DEFAULT_PROTOCOLS, GitSource
-from datapin_operator.resolve import Resolver
+from datapin_operator.resolve.gitsource import DEFAULT_PROTOCOLS, GitSource
+from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
+from datapin_operator.webhook.admission import Admission, Catalog
 
 from tests.support.dvcrepo import run_git
 

@@ -94,7 +94,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datapin_sidecar.manifest import Manifest
+from datapin_sidecar.engine.manifest import Manifest
 
 from bench.bench_materialize import (
     SNAPSHOT_ENV,

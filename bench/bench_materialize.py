@@ -80,12 +80,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.linker import Strategy
-from datapin_sidecar.manifest import Manifest
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.manifest import Manifest
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
 
 from tests.support.dvcrepo import hermetic_env
 from tests.support.xfs import shared_extents, xfs_volume

@@ -64,8 +64,8 @@ _CHILD = textwrap.dedent(
             await asyncio.gather(*(worker() for _ in range(jobs)))
 
     def remote():
-        from datapin_sidecar.s3 import FetchOptions, S3Remote
-        from datapin_sidecar.s3config import Credentials, RemoteConfig, StaticCredentials
+        from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+        from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
         cfg = RemoteConfig.from_url(f"s3://{bucket}", endpoint_url=endpoint)
         creds = StaticCredentials(
             Credentials(access_key_id=access, secret_access_key=secret), source="bench")
@@ -81,8 +81,8 @@ _CHILD = textwrap.dedent(
             await asyncio.gather(*(worker() for _ in range(jobs)))
 
     async def fetch_case():
-        from datapin_sidecar.cache import NodeCache
-        from datapin_sidecar.hashing import Layout
+        from datapin_sidecar.engine.cache import NodeCache
+        from datapin_sidecar.engine.hashing import Layout
         async with remote() as r:
             oids = [k.split("/")[-2] + k.split("/")[-1] for k in keys]
             report = await r.afetch(NodeCache(cache), oids, Layout.DVC3)

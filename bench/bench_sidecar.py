@@ -10,10 +10,10 @@ pass/fail: the exit code is 0 unless something broke.
 
 Cases (`--only`):
 
-* `imports`: `python -X importtime -m datapin_sidecar.main settings` (3 runs, median per
+* `imports`: `python -X importtime -m datapin_sidecar.node.main settings` (3 runs, median per
   module): what the program imports before it can do anything, biggest first.
 * `ready`: time to ready, warm. A pod starts on a node whose cache holds its revision (objects
-  and parsed manifest). `datapin-sidecar run` is spawned (`python -m datapin_sidecar.main run`,
+  and parsed manifest). `datapin-sidecar run` is spawned (`python -m datapin_sidecar.node.main run`,
   settings in `DATAPIN_*` as `tests.support.sidecarproc.SidecarProcess` builds them, the pin in
   a downward-API annotations file written by `tests.support.k8svolume.kubelet_update`, the
   dataset's remote an empty DVC directory remote that a warm start never reads) and timed from
@@ -21,7 +21,7 @@ Cases (`--only`):
   the one-shot CLI (`python -m datapin_sidecar.cli materialize`) to exit, `materialize()` in
   this process, `cp -a --reflink=always` of the same tree, `dvc checkout` (DVC 3, reflink,
   whose cache is the node cache), and the interpreter alone (`python -c pass`, and `-c 'import
-  datapin_sidecar.main'`), so the ready time can be split into start-up, imports, settings and
+  datapin_sidecar.node.main'`), so the ready time can be split into start-up, imports, settings and
   server, and the materialise.
 * `switch`: live switch latency. `run` serves revision A (N files) and the annotations file is
   swapped (kubelet's atomic `..data` rename) to B (1% of the files changed), then back, K times
@@ -32,7 +32,7 @@ Cases (`--only`):
   over with hardlinks) and 0 (the spare is recycled; in an A->B->A alternation the spare *is*
   the target, so the switch changes no file). Each is compared with `materialize()` in this
   process doing the same alternation with the same grace, interleaved switch by switch.
-* `gc`: `datapin_sidecar.gc.collect` evicting N unreferenced objects (a revision nobody uses,
+* `gc`: `datapin_sidecar.node.gc.collect` evicting N unreferenced objects (a revision nobody uses,
   plus its `.dir`) from a cache that also holds a revision in use (N/10 objects, protected),
   in objects/s; `gc.scan` of the same cache; peers `rm -rf` of an equivalent tree (N objects
   in the same 256 shard directories) and `du -s` of the cache. Caches are written fresh for
@@ -89,13 +89,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datapin_sidecar import gc
-from datapin_sidecar.annotations import ANNOTATION, format_downward_annotations
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.linker import Strategy
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.node import gc
+from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 
 from bench.bench_materialize import (
     SNAPSHOT_ENV,
@@ -227,7 +227,7 @@ class Pod:
         }
         self.sp = SidecarProcess(mode, bench.home, settings)
         self.sp.env.update(bench.py_env)  # HOME and PYTHONPATH: the same for every peer
-        self.argv = [sys.executable, "-m", "datapin_sidecar.main", mode]
+        self.argv = [sys.executable, "-m", "datapin_sidecar.node.main", mode]
 
     @property
     def workspace(self) -> Path:
@@ -459,12 +459,12 @@ class Bench:
 
     def bench_imports(self) -> None:
         """`-X importtime` of the program: the biggest imports, median of 3 runs."""
-        self.log("imports: python -X importtime -m datapin_sidecar.main settings, 3 runs")
+        self.log("imports: python -X importtime -m datapin_sidecar.node.main settings, 3 runs")
         runs: list[dict[tuple[int, str], tuple[int, int]]] = []
         totals = []
         for _ in range(3):
             proc = subprocess.run(
-                [sys.executable, "-X", "importtime", "-m", "datapin_sidecar.main", "settings"],
+                [sys.executable, "-X", "importtime", "-m", "datapin_sidecar.node.main", "settings"],
                 env=self.py_env,
                 capture_output=True,
                 text=True,
@@ -487,7 +487,7 @@ class Bench:
         by_cum = sorted(med.items(), key=lambda kv: -kv[1][1])[:16]
         by_self = sorted(med.items(), key=lambda kv: -kv[1][0])[:8]
         lines = [
-            "### Imports of `datapin-sidecar` (`python -X importtime -m datapin_sidecar.main "
+            "### Imports of `datapin-sidecar` (`python -X importtime -m datapin_sidecar.node.main "
             "settings`, median of 3)",
             "",
             f"Sum of top-level imports: {median(totals) / 1e6 * 1000:.0f} ms (importtime's own "
@@ -519,7 +519,7 @@ class Bench:
         src = Path(warm.tree)
         self.check_tree("datapin (in-process)", src)
         self.timed_python(
-            ["-c", "import datapin_sidecar.main, datapin_sidecar.cli"],
+            ["-c", "import datapin_sidecar.node.main, datapin_sidecar.cli"],
             self.py_env,
             self.fresh("log"),
         )
@@ -624,9 +624,9 @@ class Bench:
             (f"cp -a {self.reflink_flag}", self.runs, run_cp),
             ("python -c pass", self.runs, run_python(["-c", "pass"])),
             (
-                "python -c 'import datapin_sidecar.main'",
+                "python -c 'import datapin_sidecar.node.main'",
                 self.runs,
-                run_python(["-c", "import datapin_sidecar.main"]),
+                run_python(["-c", "import datapin_sidecar.node.main"]),
             ),
             (
                 "python -c 'import datapin_sidecar.cli'",
@@ -636,7 +636,7 @@ class Bench:
             (
                 "import main, os._exit",
                 self.runs,
-                run_python(["-c", "import datapin_sidecar.main, os; os._exit(0)"]),
+                run_python(["-c", "import datapin_sidecar.node.main, os; os._exit(0)"]),
             ),
         ]
         if repo is not None:
@@ -689,7 +689,7 @@ class Bench:
         imp_main = rep.add(
             Row(
                 case,
-                "`python -c 'import datapin_sidecar.main'`",
+                "`python -c 'import datapin_sidecar.node.main'`",
                 walls(peers[6][0]),
                 cpus(peers[6][0]),
             )
@@ -698,7 +698,7 @@ class Bench:
         imp_exit = rep.add(
             Row(
                 case,
-                "`python -c 'import datapin_sidecar.main, os; os._exit(0)'`",
+                "`python -c 'import datapin_sidecar.node.main, os; os._exit(0)'`",
                 walls("import main, os._exit"),
                 cpus("import main, os._exit"),
             )
@@ -742,7 +742,7 @@ class Bench:
         rep.ratio(
             "of which: interpreter + imports alone",
             ms(imp_exit.med),
-            "`python -c 'import datapin_sidecar.main, os; os._exit(0)'`",
+            "`python -c 'import datapin_sidecar.node.main, os; os._exit(0)'`",
         )
         rep.ratio(
             "of which: listening -> ready",
@@ -750,7 +750,7 @@ class Bench:
             f"the materialise ({ms(svc_inproc)} by the sidecar's log) and the rest",
         )
         rep.ratio(
-            "python -c 'import ...': datapin_sidecar.main - datapin_sidecar.cli",
+            "python -c 'import ...': datapin_sidecar.node.main - datapin_sidecar.cli",
             ms(imp_main.med - imp_cli.med),
             "what the service imports beyond the one-shot CLI (aiohttp, pydantic, "
             "prometheus_client), and tears down at exit",
@@ -907,7 +907,7 @@ class Bench:
         self.log(f"{case}: ({kept:,} in use kept); caches written fresh per run")
         # Our watermarks are unreachable on purpose (evict all that is not in use), which
         # collect() reports as a warning every run.
-        logging.getLogger("datapin_sidecar.gc").setLevel(logging.ERROR)
+        logging.getLogger("datapin_sidecar.node.gc").setLevel(logging.ERROR)
         phases: dict[str, list[float]] = {}
         current: dict[str, float] = {}
 
@@ -1160,8 +1160,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"- command: `{command}` (from the repository root"
             f"{', as root' if os.geteuid() == 0 else ''})",
             machine(),
-            f"- datapin: `{sys.executable} -m datapin_sidecar.main|cli` importing a private copy "
-            f"of {os.environ[SOURCE_ENV]}; DVC {dvc_version}",
+            f"- datapin: `{sys.executable} -m datapin_sidecar.node.main|cli` importing a "
+            f"private copy of {os.environ[SOURCE_ENV]}; DVC {dvc_version}",
             f"- volume: {where}; {args.runs} rounds per peer; seed {args.seed}",
             f"- load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
             f"whole run {elapsed / 60:.1f} min",

@@ -19,12 +19,12 @@ import time
 import uuid
 from pathlib import Path
 
-from datapin_sidecar.agent import prefetch_file_text
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.revision import Revision
-from datapin_sidecar.settings import DatasetSettings
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.node.agent import prefetch_file_text
+from datapin_sidecar.node.settings import DatasetSettings
 
 from tests.support.dvcremote import S3DvcFixture
 from tests.support.dvcrepo import tree_bytes

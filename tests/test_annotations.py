@@ -1,4 +1,4 @@
-"""The pod's pins, read from a downward-API annotations file: `datapin_sidecar.annotations`.
+"""The pod's pins, read from a downward-API annotations file: `datapin_sidecar.pins`.
 
 * The file format is kubelet's (`fieldpath.FormatMap`: sorted `key=%q` lines, the last newline
   trimmed). The fixture below is such a file, as a literal, with what real pods carry: kubectl's
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 from datapin_sidecar import errors
-from datapin_sidecar.annotations import (
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.pins import (
     ANNOTATION,
     AnnotationsError,
     Pin,
@@ -30,8 +32,6 @@ from datapin_sidecar.annotations import (
     parse_pins,
     read_pins,
 )
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.revision import Revision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -14,10 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.manifest import Manifest
 from datapin_sidecar.errors import CorruptObjectError
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.manifest import Manifest
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
@@ -70,10 +70,10 @@ def test_concurrent_writers_and_materialisers(fs_dir: Path) -> None:
         """
         import sys
         from pathlib import Path
-        from datapin_sidecar.cache import NodeCache
-        from datapin_sidecar.materialize import Request, materialize
-        from datapin_sidecar.remote import DirectoryRemote
-        from datapin_sidecar.revision import Revision
+        from datapin_sidecar.engine.cache import NodeCache
+        from datapin_sidecar.engine.materialize import Request, materialize
+        from datapin_sidecar.remotes.base import DirectoryRemote
+        from datapin_sidecar.engine.revision import Revision
         cache, remote, rev, dest = sys.argv[1:]
         materialize(Request(cache=NodeCache(cache), revision=Revision.parse(rev),
                             dest=Path(dest), remote=DirectoryRemote(remote)))

@@ -45,18 +45,18 @@ import kopf
 import kubernetes_validate
 import pytest
 import yaml
-from datapin_operator import rbac
-from datapin_operator.fleet import PrefetchEntry
-from datapin_operator.fleet import render as render_prefetch
+from datapin_operator.api import rbac
+from datapin_operator.api.models import Remote
 from datapin_operator.handlers import build_registry
-from datapin_operator.inject import HTTP_PORT_NAME, SIDECAR_LABEL
 from datapin_operator.main import build_app
-from datapin_operator.models import Remote
-from datapin_operator.remotecheck import RemoteKeys
+from datapin_operator.reconcile.fleet import PrefetchEntry
+from datapin_operator.reconcile.fleet import render as render_prefetch
+from datapin_operator.reconcile.remotecheck import RemoteKeys
 from datapin_operator.settings import Settings as OperatorSettings
 from datapin_operator.settings import load_settings as load_operator_settings
-from datapin_sidecar.settings import Settings as SidecarSettings
-from datapin_sidecar.settings import load_settings as load_sidecar_settings
+from datapin_operator.webhook.inject import HTTP_PORT_NAME, SIDECAR_LABEL
+from datapin_sidecar.node.settings import Settings as SidecarSettings
+from datapin_sidecar.node.settings import load_settings as load_sidecar_settings
 
 from tests.conftest import REPO_ROOT
 from tests.support.chart import (
@@ -977,7 +977,7 @@ def test_rules_file_is_generated_from_the_code() -> None:
     shipped = (CHART_DIR / rbac.CHART_RULES_FILE).read_text(encoding="utf-8")
     assert shipped == rbac.chart_rules_yaml(), (
         "charts/datapin/rbac/rules.yaml is stale. Fix: regenerate it from "
-        "datapin_operator.rbac.chart_rules_yaml()"
+        "datapin_operator.api.rbac.chart_rules_yaml()"
     )
 
 
@@ -1175,7 +1175,7 @@ def test_monitors_select_what_exports_metrics(release: Release, values: dict[str
         for key, value in values["metrics"]["serviceMonitor"]["labels"].items():
             assert monitor["metadata"]["labels"][key] == value
     for monitor in release.of_kind("PodMonitor"):
-        # What datapin_operator.inject puts on every injected sidecar.
+        # What datapin_operator.webhook.inject puts on every injected sidecar.
         assert monitor["spec"]["selector"] == {"matchLabels": {SIDECAR_LABEL: "true"}}
         assert monitor["spec"]["namespaceSelector"] == {"any": True}
         [endpoint] = monitor["spec"]["podMetricsEndpoints"]

@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
 
 from tests.support.trees import object_name, put_revision
 

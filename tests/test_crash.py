@@ -1,6 +1,6 @@
 """Crash safety: `kill -9` a materialise anywhere, and the next run must put things right.
 
-The contract under test (sidecar/datapin_sidecar/workspace.py and cache.py):
+The contract under test (sidecar/datapin_sidecar/engine/workspace.py and cache.py):
 
 * A reader that resolves ``DEST/current`` sees all of one revision or nothing: never a partial
   or mixed tree, whatever instant the materialiser died at.
@@ -62,12 +62,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.linker import Strategy
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.remote import DirectoryRemote
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.remotes.base import DirectoryRemote
 
 from tests.support import rmtree_robust
 from tests.support.dvcrepo import tree_bytes

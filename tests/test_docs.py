@@ -51,22 +51,22 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from datapin_operator.crd import validate_dataset
+from datapin_operator.api.crd import validate_dataset
+from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import OperatorError
-from datapin_operator.gitsource import GitSource
-from datapin_operator.inject import NODE_VOLUME, POD_UID_ENV, DatasetMount, inject
-from datapin_operator.models import DatasetSpec
-from datapin_operator.requests import (
+from datapin_operator.resolve.gitsource import GitSource
+from datapin_operator.resolve.resolver import Resolver
+from datapin_operator.settings import Settings as OperatorSettings
+from datapin_operator.webhook.inject import NODE_VOLUME, POD_UID_ENV, DatasetMount, inject
+from datapin_operator.webhook.requests import (
     ANNOTATION_PREFIX,
     PINS_KEY,
     PinRecord,
     format_pins,
     parse_request,
 )
-from datapin_operator.resolve import Resolver
-from datapin_operator.settings import Settings as OperatorSettings
-from datapin_sidecar.metrics import Metrics
-from datapin_sidecar.settings import Settings as SidecarSettings
+from datapin_sidecar.node.metrics import Metrics
+from datapin_sidecar.node.settings import Settings as SidecarSettings
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import REPO_ROOT
@@ -300,7 +300,7 @@ def operator_reasons() -> frozenset[str]:
     """
     reasons: set[str] = set()
     statuses = {"True", "False", "Unknown"}
-    for path in sorted(OPERATOR_SRC.glob("*.py")):
+    for path in sorted(OPERATOR_SRC.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and any(

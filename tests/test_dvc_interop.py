@@ -14,11 +14,11 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.remote import DirectoryRemote
-from datapin_sidecar.revision import Revision, read_dvc_file
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision, read_dvc_file
+from datapin_sidecar.remotes.base import DirectoryRemote
 
 from tests.support.dvcrepo import DvcFixture, dvc_checkout, tree_bytes
 

@@ -60,9 +60,9 @@ from typing import Any, Final
 
 import kubernetes_validate
 import pytest
-from datapin_operator.crd import validate_dataset
-from datapin_operator.requests import parse_request
+from datapin_operator.api.crd import validate_dataset
 from datapin_operator.settings import Settings
+from datapin_operator.webhook.requests import parse_request
 
 from tests.support.kind import (
     REMOTE_VARS,

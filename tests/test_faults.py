@@ -14,18 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import (
     CorruptObjectError,
     DestinationError,
     ManifestError,
     ObjectsMissingError,
 )
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.linker import Strategy
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.remote import DirectoryRemote
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.remotes.base import DirectoryRemote
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision

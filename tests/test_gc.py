@@ -22,9 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache, Slot
+from datapin_sidecar.engine.cache import NodeCache, Slot
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.engine.workspace import Workspace
 from datapin_sidecar.errors import UsageError
-from datapin_sidecar.gc import (
+from datapin_sidecar.node.gc import (
     VolumeUsage,
     Watermarks,
     clean_slots,
@@ -35,10 +39,6 @@ from datapin_sidecar.gc import (
     scan,
     touch_used,
 )
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.revision import Revision
-from datapin_sidecar.workspace import Workspace
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
@@ -220,7 +220,7 @@ def test_gc_never_evicts_roots_even_when_the_target_is_out_of_reach(
     used_percent = VolumeUsage.measure(root).used_percent
     marks = Watermarks(high_percent=used_percent - 1, low_percent=1.0)
 
-    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.gc"):
+    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.gc"):
         report = collect(cache, roots(root), marks)
 
     assert report.triggered
@@ -407,7 +407,7 @@ def test_reap_workspaces_removes_only_pods_that_are_gone(
     warned: set[str] = set()
     with (
         Workspace(busy / "ds").locked(),
-        caplog.at_level(logging.WARNING, logger="datapin_sidecar.gc"),
+        caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.gc"),
     ):
         removed = reap_workspaces(root, live=live, grace=300, warned=warned)
 
@@ -419,7 +419,7 @@ def test_reap_workspaces_removes_only_pods_that_are_gone(
     assert warned == {"not-a-pod"}
     # The lock is free now; a second pass takes the busy one, and warns no more.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.gc"):
+    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.gc"):
         assert reap_workspaces(root, live=live, grace=300, warned=warned) == [UIDS[4]]
     assert "not-a-pod" not in caplog.text
     # Later, kubelet forgets the young ones too, and time passes.

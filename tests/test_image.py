@@ -240,7 +240,7 @@ def test_dockerignore_keeps_the_sources_and_drops_the_rest() -> None:
     ignore = DockerIgnore(DOCKERIGNORE.read_text())
     for source in _copy_sources(_stages()[0]):
         assert not ignore.ignored(source), f"COPY source {source} is excluded by .dockerignore"
-    for kept in ("sidecar/datapin_sidecar/main.py", "operator/datapin_operator/py.typed"):
+    for kept in ("sidecar/datapin_sidecar/node/main.py", "operator/datapin_operator/py.typed"):
         assert not ignore.ignored(kept)
     for dropped in (
         ".git/HEAD",
@@ -474,7 +474,7 @@ def test_imports_use_the_precompiled_bytecode(image_venv: ImageVenv) -> None:
     env = _image_env(image_venv.venv, image_venv.venv / "no-such-home")
     python = image_venv.venv / "bin" / "python"
     done = run(
-        [python, "-v", "-c", "import datapin_sidecar.main, datapin_operator.main"],
+        [python, "-v", "-c", "import datapin_sidecar.node.main, datapin_operator.main"],
         cwd=REPO_ROOT,
         env=env,
         timeout=60,
@@ -524,7 +524,7 @@ def test_printing_commands_match_the_source_tree(
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     if program == "datapin-sidecar":
-        from datapin_sidecar.main import main  # noqa: PLC0415
+        from datapin_sidecar.node.main import main  # noqa: PLC0415
     else:
         from datapin_operator.main import main  # noqa: PLC0415
     assert done.stdout == _in_process(main, [command], capsys, monkeypatch)

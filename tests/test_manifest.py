@@ -15,10 +15,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from datapin_sidecar.engine.hashing import Layout, ObjectHasher, hash_file, is_text_block
+from datapin_sidecar.engine.manifest import Manifest, diff
+from datapin_sidecar.engine.revision import Revision, find_out, read_dvc_file, read_dvc_lock
 from datapin_sidecar.errors import ManifestError, RevisionError
-from datapin_sidecar.hashing import Layout, ObjectHasher, hash_file, is_text_block
-from datapin_sidecar.manifest import Manifest, diff
-from datapin_sidecar.revision import Revision, find_out, read_dvc_file, read_dvc_lock
 
 MD5A = "0" * 31 + "a"
 MD5B = "0" * 31 + "b"
@@ -119,7 +119,7 @@ def test_million_entries_load_within_memory_budget(tmp_path: Path) -> None:
         f.write("]")
     script = textwrap.dedent(
         f"""
-        from datapin_sidecar.manifest import Manifest
+        from datapin_sidecar.engine.manifest import Manifest
         with open({str(path)!r}, "rb") as f:
             m = Manifest.parse(f.read(), source="big.dir")
         assert len(m) == {n}

@@ -13,14 +13,14 @@ import stat
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Linker, LinkMode, Strategy
+from datapin_sidecar.engine.materialize import Progress, Request, Result, materialize
+from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import LinkError
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.linker import Linker, LinkMode, Strategy
-from datapin_sidecar.materialize import Progress, Request, Result, materialize
 from datapin_sidecar.progress import Reporter
-from datapin_sidecar.remote import DirectoryRemote
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.remotes.base import DirectoryRemote
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision

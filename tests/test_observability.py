@@ -13,8 +13,8 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from datapin_sidecar.agent import prefetch_file_text
-from datapin_sidecar.settings import DatasetSettings
+from datapin_sidecar.node.agent import prefetch_file_text
+from datapin_sidecar.node.settings import DatasetSettings
 
 from tests.support.dashboard import expand, load_dashboard, panel_queries
 from tests.support.dvcremote import S3DvcFixture

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from datapin_operator.certs import (
+from datapin_operator.webhook.certs import (
     DevWebhookServer,
     ServiceWebhookServer,
     self_signed,

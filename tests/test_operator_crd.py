@@ -21,9 +21,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from datapin_operator import crd, rbac
-from datapin_operator.crd import CHART_CRD_PATH, build_crd, crd_yaml, validate_dataset, write
-from datapin_operator.models import DatasetSpec, DatasetStatus
+from datapin_operator.api import crd, rbac
+from datapin_operator.api.crd import CHART_CRD_PATH, build_crd, crd_yaml, validate_dataset, write
+from datapin_operator.api.models import DatasetSpec, DatasetStatus
 from pydantic import BaseModel, ValidationError
 
 KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
@@ -113,7 +113,7 @@ def test_committed_crd_is_the_generated_one() -> None:
     committed = CHART_CRD_PATH.read_text(encoding="utf-8") if CHART_CRD_PATH.exists() else ""
     assert committed == crd_yaml(), (
         f"{CHART_CRD_PATH} is stale: the models changed. Regenerate it with "
-        '`python -c "from datapin_operator.crd import write; write()"` or '
+        '`python -c "from datapin_operator.api.crd import write; write()"` or '
         "`datapin-operator crd > charts/datapin/crds/datasets.datapin.dev.yaml`"
     )
 

@@ -1,4 +1,5 @@
-"""The injection builder (`datapin_operator.inject`): pod templates in, injected templates out.
+"""The injection builder (`datapin_operator.webhook.inject`): pod templates in, injected
+templates out.
 
 What users depend on, checked on realistic Job pod templates in both modes and with one or two
 datasets (with and without Secret key names):
@@ -26,19 +27,19 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from datapin_operator import models
+from datapin_operator.api import models
 from datapin_operator.errors import MountCollisionError, RejectedError
-from datapin_operator.inject import (
+from datapin_operator.settings import STARTUP_PERIOD_SECONDS, Settings
+from datapin_operator.webhook.inject import (
     ANNOTATIONS_FILE,
     DatasetMount,
     inject,
     is_injected,
 )
-from datapin_operator.requests import PinRecord, Request, parse_request
-from datapin_operator.settings import STARTUP_PERIOD_SECONDS, Settings
-from datapin_sidecar import settings as sidecar_settings
-from datapin_sidecar.annotations import format_downward_annotations, parse_pins
-from datapin_sidecar.sidecar import targets
+from datapin_operator.webhook.requests import PinRecord, Request, parse_request
+from datapin_sidecar.node import settings as sidecar_settings
+from datapin_sidecar.node.sidecar import targets
+from datapin_sidecar.pins import format_downward_annotations, parse_pins
 
 PIN_A = "0123456789abcdef0123456789abcdef.dir"
 PIN_B = "fedcba9876543210fedcba9876543210.dir"

@@ -17,8 +17,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from datapin_operator.crd import CHART_CRD_PATH
-from datapin_operator.rbac import rbac_table
+from datapin_operator.api.crd import CHART_CRD_PATH
+from datapin_operator.api.rbac import rbac_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

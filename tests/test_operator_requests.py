@@ -1,4 +1,4 @@
-"""The `datapin.dev/*` annotation contract (`datapin_operator.requests`).
+"""The `datapin.dev/*` annotation contract (`datapin_operator.webhook.requests`).
 
 What users depend on: every documented form parses to the mounts, mode and writability they
 wrote; every malformed form is refused with a message that names the annotation key at fault
@@ -12,7 +12,7 @@ import json
 
 import pytest
 from datapin_operator.errors import AnnotationError, MountCollisionError
-from datapin_operator.requests import (
+from datapin_operator.webhook.requests import (
     COMMITS_KEY,
     DATASET_NAME_MAX,
     PINS_KEY,
@@ -23,8 +23,8 @@ from datapin_operator.requests import (
     parse_request,
     read_pins,
 )
-from datapin_sidecar.annotations import parse_pins
-from datapin_sidecar.hashing import Layout
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.pins import parse_pins
 
 ROOT = "/data"
 PIN_A = "0123456789abcdef0123456789abcdef.dir"

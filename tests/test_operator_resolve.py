@@ -32,10 +32,10 @@ from typing import Any
 
 import pytest
 import yaml
+from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import GitError, PinReadError, UnknownRevisionError
-from datapin_operator.gitsource import GitCredentials, GitSource
-from datapin_operator.models import DatasetSpec
-from datapin_operator.resolve import Resolved, Resolver
+from datapin_operator.resolve.gitsource import GitCredentials, GitSource
+from datapin_operator.resolve.resolver import Resolved, Resolver
 
 from tests.support.dvcrepo import DvcUnavailable, make_dvc_repo, run_dvc, run_git
 from tests.support.gitrepo import GitHttpServer, git_recorder

@@ -33,10 +33,10 @@ import aiohttp.abc
 import pytest
 import yaml
 from cryptography import x509
-from datapin_operator.certs import service_hostnames
 from datapin_operator.kube import Kube
 from datapin_operator.settings import Settings
-from datapin_operator.webhooktls import (
+from datapin_operator.webhook.certs import service_hostnames
+from datapin_operator.webhook.tls import (
     CA,
     CERT,
     CURRENT,

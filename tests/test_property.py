@@ -53,13 +53,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.manifest import Manifest, diff
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import ManifestError
-from datapin_sidecar.linker import Strategy
-from datapin_sidecar.manifest import Manifest, diff
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.remote import DirectoryRemote
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.remotes.base import DirectoryRemote
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 from datapin_sidecar import cli
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout, hash_file
+from datapin_sidecar.engine.materialize import Request, Result, materialize
+from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import CorruptObjectError, ObjectsMissingError, RemoteError
-from datapin_sidecar.hashing import Layout, hash_file
-from datapin_sidecar.materialize import Request, Result, materialize
-from datapin_sidecar.revision import Revision
-from datapin_sidecar.s3 import FetchOptions, S3Remote
-from datapin_sidecar.s3config import Credentials, RemoteConfig, StaticCredentials
-from datapin_sidecar.sigv4 import EMPTY_SHA256, Signer
+from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
+from datapin_sidecar.remotes.sigv4 import EMPTY_SHA256, Signer
 
 from tests.support.dvcremote import S3DvcFixture
 from tests.support.faultproxy import FaultProxy

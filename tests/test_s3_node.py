@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 from datapin_sidecar import cli
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.revision import Revision
-from datapin_sidecar.s3 import FetchOptions, S3Remote
-from datapin_sidecar.s3config import RemoteConfig, SecretDirCredentials
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+from datapin_sidecar.remotes.s3config import RemoteConfig, SecretDirCredentials
 
 from tests.support.faultproxy import FaultProxy
 from tests.support.k8svolume import kubelet_update
@@ -124,11 +124,11 @@ _CHILD = textwrap.dedent(
     """
     import asyncio, json, sys
     from pathlib import Path
-    from datapin_sidecar.cache import NodeCache
-    from datapin_sidecar.materialize import Request, materialize
-    from datapin_sidecar.revision import Revision
-    from datapin_sidecar.s3 import FetchOptions, S3Remote
-    from datapin_sidecar.s3config import Credentials, RemoteConfig, StaticCredentials
+    from datapin_sidecar.engine.cache import NodeCache
+    from datapin_sidecar.engine.materialize import Request, materialize
+    from datapin_sidecar.engine.revision import Revision
+    from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+    from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 
     endpoint, bucket, rev, cache, dest, access, secret = sys.argv[1:]
     async def main():

@@ -1,4 +1,4 @@
-"""Where an S3/B2 DVC remote is and which keys read it: `datapin_sidecar.s3config`.
+"""Where an S3/B2 DVC remote is and which keys read it: `datapin_sidecar.remotes.s3config`.
 
 * `RemoteConfig`: URL and bucket validation, region derivation (B2 and AWS endpoints),
   path/virtual addressing, and object URLs encoded exactly as botocore (the reference signer)
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from datapin_sidecar.errors import UsageError
-from datapin_sidecar.s3config import (
+from datapin_sidecar.remotes.s3config import (
     DEFAULT_ID_KEYS,
     DEFAULT_SECRET_KEYS,
     Addressing,

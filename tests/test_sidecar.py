@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout, hash_file
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout, hash_file
 
 from tests.support.dvcremote import S3DvcFixture
 from tests.support.dvcrepo import DvcFixture, tree_bytes

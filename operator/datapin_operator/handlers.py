@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import kopf
 
-from .errors import OperatorError, UnknownDatasetError
-from .inject import is_injected
-from .models import GROUP, PLURAL, VERSION
-from .requests import read_pins
+from datapin_operator.api.models import GROUP, PLURAL, VERSION
+from datapin_operator.errors import OperatorError, UnknownDatasetError
+from datapin_operator.webhook.inject import is_injected
+from datapin_operator.webhook.requests import read_pins
 
 if TYPE_CHECKING:
-    from .controller import Outcome
-    from .main import App
+    from datapin_operator.main import App
+    from datapin_operator.reconcile.controller import Outcome
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from .models import GROUP, PLURAL, VERSION
-from .settings import Settings
+from datapin_operator.api.models import GROUP, PLURAL, VERSION
+from datapin_operator.settings import Settings
 
 #: Who wrote an object: the label on everything the operator creates.
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "datapin-operator"}

@@ -32,20 +32,20 @@ import kopf
 import yaml
 from datapin_sidecar.logs import configure_logging
 
-from .admission import Admission
-from .certs import DevWebhookServer, ServiceWebhookServer
-from .controller import Controller
-from .crd import crd_yaml
-from .errors import SettingsError
-from .fleet import Fleet
-from .gitsource import GitSource
-from .handlers import build_registry
-from .kube import Kube
-from .models import GROUP, PLURAL, VERSION
-from .rbac import build_rbac
-from .resolve import Resolver
-from .settings import Settings, describe, load_settings
-from .webhooktls import CA, CERT, CURRENT, KEY, TLSKeeper
+from datapin_operator.api.crd import crd_yaml
+from datapin_operator.api.models import GROUP, PLURAL, VERSION
+from datapin_operator.api.rbac import build_rbac
+from datapin_operator.errors import SettingsError
+from datapin_operator.handlers import build_registry
+from datapin_operator.kube import Kube
+from datapin_operator.reconcile.controller import Controller
+from datapin_operator.reconcile.fleet import Fleet
+from datapin_operator.resolve.gitsource import GitSource
+from datapin_operator.resolve.resolver import Resolver
+from datapin_operator.settings import Settings, describe, load_settings
+from datapin_operator.webhook.admission import Admission
+from datapin_operator.webhook.certs import DevWebhookServer, ServiceWebhookServer
+from datapin_operator.webhook.tls import CA, CERT, CURRENT, KEY, TLSKeeper
 
 log = logging.getLogger("datapin_operator")
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from datapin_sidecar.settings import problems
+from datapin_sidecar.node.settings import problems
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import SettingsError
+from datapin_operator.errors import SettingsError
 
 ENV_PREFIX: Final = "DATAPIN_"
 

@@ -56,17 +56,17 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
-from .cache import NodeCache
-from .errors import DatapinError, UsageError
-from .hashing import Layout
-from .limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
-from .linker import Strategy
-from .logs import redacting_excepthook
-from .materialize import Request, Result, materialize
-from .progress import Reporter
-from .remote import DirectoryRemote, Remote
-from .revision import Revision, resolve_target
-from .s3config import (
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.materialize import Request, Result, materialize
+from datapin_sidecar.engine.revision import Revision, resolve_target
+from datapin_sidecar.errors import DatapinError, UsageError
+from datapin_sidecar.limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
+from datapin_sidecar.logs import redacting_excepthook
+from datapin_sidecar.progress import Reporter
+from datapin_sidecar.remotes.base import DirectoryRemote, Remote
+from datapin_sidecar.remotes.s3config import (
     Addressing,
     ChainCredentials,
     CredentialSource,
@@ -416,7 +416,7 @@ async def _open_remote(
     sources += [*repo_sources, EnvCredentials(environ)]
     credentials = ChainCredentials(sources)
     # Imported here: aiohttp costs ~100 ms of start-up that runs without an S3 remote skip.
-    from .s3 import FetchOptions, S3Remote  # noqa: PLC0415
+    from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote  # noqa: PLC0415
 
     async with S3Remote(config, credentials, options=FetchOptions(jobs=args.jobs)) as remote:
         yield remote

@@ -45,8 +45,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, Literal, TextIO
 
-from .errors import UsageError
-from .s3config import redact
+from datapin_sidecar.errors import UsageError
+from datapin_sidecar.remotes.s3config import redact
 
 #: The name of the handler `configure_logging` installs, so a second call replaces it.
 _HANDLER_NAME: Final = "datapin"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from .materialize import Progress
+from datapin_sidecar.engine.materialize import Progress
 
 _BAR = 24
 

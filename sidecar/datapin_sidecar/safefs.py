@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import UnsafeFileError
+from datapin_sidecar.errors import UnsafeFileError
 
 #: Flags that open a directory without following a symlink in its last component.
 O_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK

@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.errors import DestinationError
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.remote import FetchReport
-from datapin_sidecar.s3 import FetchOptions, S3Remote
-from datapin_sidecar.s3config import Credentials, RemoteConfig, StaticCredentials
+from datapin_sidecar.remotes.base import FetchReport
+from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 
 from tests.support.seaweed import SeaweedServer
 from tests.support.trees import object_name
@@ -128,11 +128,11 @@ def test_a_full_volume_fails_cleanly_releases_every_claim_and_recovers(
 
 _CHILD = """
 import asyncio, sys, time
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.errors import DatapinError
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.s3 import FetchOptions, S3Remote
-from datapin_sidecar.s3config import Credentials, RemoteConfig, StaticCredentials
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 
 endpoint, bucket, access, secret, cache, oids = sys.argv[1:7]
 cfg = RemoteConfig.from_url(f"s3://{bucket}/store", endpoint_url=endpoint)

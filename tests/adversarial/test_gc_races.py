@@ -24,10 +24,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from datapin_sidecar import gc as gc_module
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.gc import BATCH, VolumeUsage, Watermarks, collect, roots
-from datapin_sidecar.hashing import Layout
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.node import gc as gc_module
+from datapin_sidecar.node.gc import BATCH, VolumeUsage, Watermarks, collect, roots
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
@@ -41,10 +41,10 @@ EVICT_ALL = Watermarks(high_percent=0.02, low_percent=0.01)
 BUILDER = """
 import sys
 from pathlib import Path
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.remote import DirectoryRemote
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.engine.revision import Revision
 
 cache, rev = NodeCache(sys.argv[1]), Revision.parse(sys.argv[2])
 dest, remote = Path(sys.argv[3]), DirectoryRemote(sys.argv[4])
@@ -147,7 +147,7 @@ def test_registrations_of_dead_builders_are_removed_and_protect_nothing(
     files = files_of(4)
     rev = put_revision(cache, files)
     code = (
-        "import sys, time; from datapin_sidecar.cache import NodeCache; "
+        "import sys, time; from datapin_sidecar.engine.cache import NodeCache; "
         "c = NodeCache(sys.argv[1]); "
         "b = c.building(sys.argv[2]); b.__enter__(); print('registered', flush=True); "
         "time.sleep(600)"

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.materialize import Request, Result, materialize
+from datapin_sidecar.engine.workspace import TreeInfo
 from datapin_sidecar.errors import DestinationError
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.linker import Strategy
-from datapin_sidecar.materialize import Request, Result, materialize
-from datapin_sidecar.remote import DirectoryRemote, FetchReport
-from datapin_sidecar.workspace import TreeInfo
+from datapin_sidecar.remotes.base import DirectoryRemote, FetchReport
 
 from tests.support.dvcremote import S3DvcFixture
 from tests.support.seaweed import SeaweedServer

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 from datapin_sidecar import cli
-from datapin_sidecar.cache import NodeCache
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.errors import DestinationError, RemoteError
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.remote import DirectoryRemote, FetchReport
-from datapin_sidecar.s3 import FetchOptions, S3Remote
-from datapin_sidecar.s3config import Credentials, RemoteConfig, StaticCredentials
+from datapin_sidecar.remotes.base import DirectoryRemote, FetchReport
+from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 
 from tests.support.hostiles3 import HostileS3, Hostility
 from tests.support.trees import object_name, put_revision
@@ -375,7 +375,9 @@ def test_an_unreadable_directory_remote_exits_8_naming_the_path(public_dir: Path
     # nobody before it touches the remote.
     child = (
         "import os, sys, asyncio, concurrent.futures.thread, json\n"
-        "from datapin_sidecar import cli, materialize, remote, cache, safefs\n"
+        "from datapin_sidecar import cli, safefs\n"
+        "from datapin_sidecar.engine import cache, materialize\n"
+        "from datapin_sidecar.remotes import base\n"
         f"os.setgroups([]); os.setgid({nobody}); os.setuid({nobody})\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )

@@ -25,8 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.gc import (
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.engine.workspace import TreeInfo
+from datapin_sidecar.node.gc import (
     Task,
     VolumeUsage,
     Watermarks,
@@ -36,10 +40,6 @@ from datapin_sidecar.gc import (
     roots,
     scan,
 )
-from datapin_sidecar.hashing import Layout
-from datapin_sidecar.materialize import Request, materialize
-from datapin_sidecar.revision import Revision
-from datapin_sidecar.workspace import TreeInfo
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.sidecarproc import SidecarProcess

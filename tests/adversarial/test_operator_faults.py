@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from datapin_operator.crd import CHART_CRD_PATH
+from datapin_operator.api.crd import CHART_CRD_PATH
 from datapin_operator.settings import Settings
 
 from tests.support.kubeapi import DATASETS, Api, Emulator, emulator, events_of

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from datapin_sidecar.annotations import ANNOTATION, format_downward_annotations
+from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dvcremote import S3DvcFixture
@@ -66,7 +66,7 @@ class SidecarProcess:
     def start(self) -> SidecarProcess:
         workdir_log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "datapin_sidecar.main", self.mode],
+            [sys.executable, "-m", "datapin_sidecar.node.main", self.mode],
             env=self.env,
             stdout=workdir_log,
             stderr=subprocess.STDOUT,

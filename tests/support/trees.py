@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from datapin_sidecar.cache import NodeCache
-from datapin_sidecar.hashing import Layout, ObjectHasher
-from datapin_sidecar.manifest import Manifest
-from datapin_sidecar.revision import Revision
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout, ObjectHasher
+from datapin_sidecar.engine.manifest import Manifest
+from datapin_sidecar.engine.revision import Revision
 
 
 def object_name(data: bytes, layout: Layout = Layout.DVC3) -> str:

@@ -1,0 +1,179 @@
+"""Can the Dataset's remote be read with its Secret's keys, and are the pins there?
+
+The check is what the sidecar will do, done early: the same S3 client
+(`datapin_sidecar.remotes.s3`), the same addressing, signing and error messages, so a
+Dataset that reports `RemoteReachable` is one a pod can read. One small GET of an object that
+cannot exist proves the endpoint, the bucket and the keys at once (S3 answers 404 NoSuchKey
+only to a request it authenticated and authorised; a wrong key, a missing bucket or a wrong
+region are distinct errors). Then each resolved pin's `.dir` is looked up in its layout, so a
+tag whose data was never `dvc push`ed
+shows as not Resolved before any Job asks for it.
+
+`git_credentials_from_secret` is the same check for the git Secret of `spec.source`, shared
+by the webhook and the controller.
+
+Keys are taken from the Secret's data (the names the Dataset gives, else the AWS and B2 names
+the sidecar also accepts) and live only in memory for the duration of the check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.errors import DatapinError
+from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
+from datapin_sidecar.remotes.s3config import (
+    DEFAULT_ID_KEYS,
+    DEFAULT_SECRET_KEYS,
+    Addressing,
+    Credentials,
+    RemoteConfig,
+    StaticCredentials,
+)
+
+from datapin_operator.api.models import CredentialsSecretRef, Remote
+from datapin_operator.errors import RemoteCheckError, SecretError
+from datapin_operator.resolve.gitsource import GitCredentials
+
+#: A `.dir` no one can have pushed: its absence proves the request was accepted.
+_PROBE: Final = "0" * 32 + ".dir"
+_LAYOUTS: Final = {
+    "auto": (Layout.DVC3, Layout.LEGACY),
+    "dvc3": (Layout.DVC3,),
+    "legacy": (Layout.LEGACY,),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteKeys:
+    """An access key pair read from a Secret; repr never shows the secret."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    #: The Secret keys they came from (for the agents' copy and for messages).
+    id_key: str
+    secret_key: str
+
+
+def keys_from_secret(
+    data: Mapping[str, str] | None, *, ref: CredentialsSecretRef, namespace: str
+) -> RemoteKeys:
+    """The key pair in a Secret's data, or a `SecretError` naming what is missing."""
+    if data is None:
+        raise SecretError(
+            secret=ref.name,
+            namespace=namespace,
+            problem="does not exist",
+            fix=f"create it: kubectl create secret generic {ref.name} -n {namespace} "
+            "--from-literal=AWS_ACCESS_KEY_ID=<B2 keyID> "
+            "--from-literal=AWS_SECRET_ACCESS_KEY=<B2 applicationKey>",
+        )
+    id_names = (ref.access_key_id_key,) if ref.access_key_id_key else DEFAULT_ID_KEYS
+    secret_names = (
+        (ref.secret_access_key_key,) if ref.secret_access_key_key else DEFAULT_SECRET_KEYS
+    )
+    id_key = next((k for k in id_names if data.get(k, "").strip()), None)
+    secret_key = next((k for k in secret_names if data.get(k, "").strip()), None)
+    missing = [
+        " or ".join(names)
+        for names, found in ((id_names, id_key), (secret_names, secret_key))
+        if found is None
+    ]
+    if id_key is None or secret_key is None:
+        raise SecretError(
+            secret=ref.name,
+            namespace=namespace,
+            problem=f"has no non-empty key {' and no '.join(missing)} (it has: "
+            f"{', '.join(sorted(data)) or 'no keys'})",
+            fix="add the key id and secret under those names, or name its keys in the "
+            "Dataset's spec.remote.credentialsSecretRef.accessKeyIdKey/secretAccessKeyKey",
+        )
+    return RemoteKeys(
+        access_key_id=data[id_key].strip(),
+        secret_access_key=data[secret_key].strip(),
+        id_key=id_key,
+        secret_key=secret_key,
+    )
+
+
+def git_credentials_from_secret(
+    data: Mapping[str, str] | None, *, secret: str, namespace: str
+) -> GitCredentials:
+    """The git credentials in a Secret's data, or a `SecretError` naming what is missing."""
+    fix = "`username` and `password` (or `token`) for https, or `ssh-privatekey` for ssh"
+    if data is None:
+        raise SecretError(
+            secret=secret,
+            namespace=namespace,
+            problem="does not exist (spec.source.credentialsSecretRef names it)",
+            fix=f"create it with {fix}",
+        )
+    credentials = GitCredentials.from_secret_data(data)
+    if credentials.is_empty:
+        raise SecretError(
+            secret=secret,
+            namespace=namespace,
+            problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
+            fix=f"add {fix}",
+        )
+    return credentials
+
+
+async def check_remote(
+    remote: Remote,
+    keys: RemoteKeys,
+    *,
+    pins: Sequence[tuple[str, str]] = (),
+    request_timeout: float = 10.0,
+    where: str,
+) -> list[str]:
+    """Probe the remote; return the pins (of `(pin, layout)`) it does not hold.
+
+    Raises `RemoteCheckError` when the remote cannot be read at all. `where` names the Secret
+    in messages (`Secret ns/name`).
+    """
+    try:
+        config = RemoteConfig.from_url(
+            remote.url,
+            endpoint_url=remote.endpoint,
+            region=remote.region,
+            addressing=Addressing(remote.addressing),
+            remote_name=remote.url,
+        )
+        credentials = StaticCredentials(
+            Credentials(access_key_id=keys.access_key_id, secret_access_key=keys.secret_access_key),
+            source=where,
+        )
+    except DatapinError as exc:
+        raise RemoteCheckError(str(exc), reason="BadRemote") from None
+    options = FetchOptions(
+        jobs=4, connect_timeout=request_timeout, read_timeout=request_timeout, attempts=2
+    )
+    try:
+        async with asyncio.timeout(request_timeout * 3):
+            async with S3Remote(config, credentials, options=options) as s3:
+                await s3.afind(_PROBE, (Layout.DVC3,))
+                missing = []
+                for pin, layout in pins:
+                    if await s3.afind(pin, _LAYOUTS[layout]) is None:
+                        missing.append(pin)
+                return missing
+    except TimeoutError:
+        raise RemoteCheckError(
+            f"{remote.url} at {config.resolved_endpoint} did not answer within "
+            f"{request_timeout * 3:g} s. Fix: check spec.remote.endpoint and the network path from "
+            "the operator to it",
+            reason="RemoteTimeout",
+        ) from None
+    except DatapinError as exc:
+        cause = getattr(exc, "cause", "") or ""
+        reason = {
+            "access_denied": "AccessDenied",
+            "no_bucket": "NoSuchBucket",
+            "region": "WrongRegion",
+        }.get(cause, "RemoteUnreachable")
+        raise RemoteCheckError(str(exc), reason=reason) from None

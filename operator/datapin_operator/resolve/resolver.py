@@ -1,0 +1,119 @@
+"""Turn the revision a user names for a Dataset into a pin (`<md5>.dir`): pure logic over git.
+
+A revision is tried as, in this order:
+
+1. a literal DVC directory id, `<32 hex>.dir`: that is the pin (any case; pins are written in
+   lower case, as DVC writes them);
+2. a named revision of the Dataset (`spec.revisions`);
+3. a git ref of `spec.source.repo` (tag, branch, full or abbreviated commit sha), whose
+   `spec.source.path` out at that commit is the pin (`GitSource`).
+
+The order is a contract. A literal id cannot be anything else, and resolving it needs nothing
+but the string. A name in `spec.revisions` that is also a git ref means the *named* one: the
+Dataset's author wrote that mapping down on purpose, it cannot move when someone pushes a tag,
+and it keeps working when the repository is unreachable. Git is asked only when `spec.source`
+is set; otherwise the error lists the named revisions and says how to make the revision
+resolvable.
+
+Layouts: a git pin carries the layout its out records (`hash: md5` -> dvc3, none -> legacy),
+which is what the materialiser must use; a literal or named pin has no such record, so it takes
+`spec.remote.layout` (by default `auto`, which tries dvc3 then legacy).
+
+Errors are `ResolutionError`s carrying `dataset=` and `revision=`, so the webhook's rejection
+and the Dataset's conditions say which Dataset and which revision failed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from datapin_sidecar.engine.hashing import Layout as OutLayout
+
+from datapin_operator.api.models import DatasetSpec, Layout
+from datapin_operator.errors import ResolutionError, UnknownRevisionError
+from datapin_operator.resolve.gitsource import GitCredentials, GitSource
+
+__all__ = ["Resolved", "Resolver"]
+
+_LITERAL_PIN: Final = re.compile(r"[0-9a-f]{32}\.dir", re.IGNORECASE)
+_BARE_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolved:
+    """What a revision resolved to."""
+
+    ref: str
+    """What the user asked for (surrounding whitespace removed)."""
+    pin: str
+    """The directory object, `<md5>.dir`."""
+    layout: Layout
+    """named/literal: `spec.remote.layout`; git: the out's own layout (dvc3 or legacy)."""
+    kind: Literal["pin", "named", "git"]
+    commit: str | None = None
+    """The commit, for git refs."""
+
+
+class Resolver:
+    """Resolve a Dataset's revisions: literal pin, then named revision, then git ref."""
+
+    def __init__(self, git: GitSource) -> None:
+        self._git = git
+
+    async def resolve(
+        self,
+        *,
+        dataset: str,
+        spec: DatasetSpec,
+        revision: str,
+        git_credentials: GitCredentials | None = None,
+    ) -> Resolved:
+        """Resolve `revision` of `dataset`; raise a `ResolutionError` naming both."""
+        ref = revision.strip()
+        if not ref:
+            raise UnknownRevisionError(
+                "the revision is empty. Fix: name a revision in datapin.dev/revision: a named "
+                f"revision ({_names(spec)}), a git tag, branch or commit of spec.source, or "
+                "a `<md5>.dir` pin",
+                dataset=dataset,
+                revision=revision,
+            )
+        if _LITERAL_PIN.fullmatch(ref):
+            return Resolved(ref=ref, pin=ref.lower(), layout=spec.remote.layout, kind="pin")
+        named = spec.revisions.get(ref)
+        if named is not None:
+            return Resolved(ref=ref, pin=named, layout=spec.remote.layout, kind="named")
+        if spec.source is None:
+            hint = (
+                " (it looks like a DVC md5: a directory pin ends in `.dir`)"
+                if _BARE_MD5.fullmatch(ref)
+                else ""
+            )
+            raise UnknownRevisionError(
+                f"{ref!r} is not a `<md5>.dir` pin nor a named revision of the Dataset (named "
+                f"revisions: {_names(spec)}){hint}, and the Dataset has no spec.source to look "
+                "git refs up in. Fix: add it to spec.revisions, or set spec.source (repo and "
+                "path) so tags, branches and commits resolve",
+                dataset=dataset,
+                revision=revision,
+            )
+        try:
+            pin = await self._git.resolve(
+                repo=spec.source.repo,
+                ref=ref,
+                target=spec.source.path,
+                credentials=git_credentials,
+            )
+        except ResolutionError as exc:
+            # Same class (GitError, PinReadError), now saying which Dataset and revision.
+            raise type(exc)(exc.message, dataset=dataset, revision=revision) from exc
+        layout: Layout = "dvc3" if pin.out.layout is OutLayout.DVC3 else "legacy"
+        return Resolved(
+            ref=ref, pin=pin.out.revision.oid, layout=layout, kind="git", commit=pin.commit
+        )
+
+
+def _names(spec: DatasetSpec) -> str:
+    return ", ".join(sorted(spec.revisions)) or "none"

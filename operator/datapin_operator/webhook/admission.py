@@ -1,0 +1,173 @@
+"""What the mutating webhook does with a Job or Pod being created: resolve, pin, inject.
+
+The flow, for a Job (a Pod is the same with the Pod as its own template):
+
+1. Parse the `datapin.dev/*` annotations of the Job and of its pod template (`requests.py`;
+   the Job's win). None: not ours, admitted unchanged.
+2. Already injected (a second webhook pass, or a Pod of an admitted Job): unchanged.
+3. Pins already recorded (`datapin.dev/pins` on the Job or the template): reused as they are.
+   This is what makes a Job's pin immutable: the Job controller copies the template, pins
+   included, into every Pod, and the Pod webhook never resolves again, so every Pod of the Job
+   sees the same bytes even if the tag moved in between.
+4. Otherwise each dataset is looked up among the namespace's Datasets (listed fresh from the
+   API server for each admission: with several replicas only one has kopf's watches running,
+   and a webhook answering from a stale copy would pin to an old named revision or reject a
+   Dataset created a second ago), its Secret is checked
+   for a key pair (a pod whose sidecar cannot authenticate would fail after scheduling, far
+   from the user's `kubectl apply`), and its revision is resolved (`resolve.py`).
+5. `inject.py` builds the new pod template; the pins go on the Job and on the template.
+
+Any `OperatorError` is a rejection whose message says what is wrong and how to fix it. The
+class is free of kopf: the handlers adapt it (`handlers.py`), and tests drive it directly too.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from datapin_operator.api.models import DatasetSpec
+from datapin_operator.errors import UnknownDatasetError
+from datapin_operator.reconcile.remotecheck import git_credentials_from_secret, keys_from_secret
+from datapin_operator.resolve.resolver import Resolver
+from datapin_operator.settings import Settings
+from datapin_operator.webhook.inject import DatasetMount, inject, is_injected
+from datapin_operator.webhook.requests import (
+    PinRecord,
+    Request,
+    format_pins,
+    parse_request,
+    read_pins,
+)
+
+#: (namespace, name) -> the Secret's data as text, or None if it does not exist.
+SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
+#: namespace -> the Datasets there, name -> spec.
+DatasetLister = Callable[[str], Awaitable[Mapping[str, Mapping[str, Any]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The Datasets the webhook can see: (namespace, name) -> spec."""
+
+    specs: Mapping[tuple[str, str], Mapping[str, Any]]
+
+    @classmethod
+    def of(cls, namespace: str, specs: Mapping[str, Mapping[str, Any]]) -> Catalog:
+        """The Datasets of one namespace, name -> spec."""
+        return cls({(namespace, name): spec for name, spec in specs.items()})
+
+    def get(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return self.specs.get((namespace, name))
+
+    def names(self, namespace: str) -> list[str]:
+        return sorted(n for ns, n in self.specs if ns == namespace)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admitted:
+    """The object to admit, and how its pins came about."""
+
+    obj: dict[str, Any]
+    request: Request
+    pins: tuple[PinRecord, ...]
+    #: True when the pins were already recorded (a Pod of an admitted Job, a re-applied Job).
+    reused: bool
+
+
+class Admission:
+    """Job/Pod CREATE -> the object to admit (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        secrets: SecretReader,
+        datasets: DatasetLister,
+        resolver: Resolver,
+    ) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.datasets = datasets
+        self.resolver = resolver
+
+    async def admit(self, obj: Mapping[str, Any], *, namespace: str) -> Admitted | None:
+        """The mutated object, or None when it is not ours or already done."""
+        new = copy.deepcopy(dict(obj))
+        template = _template(new)
+        own = (new.get("metadata") or {}).get("annotations") or {}
+        tmpl_annotations = (template.get("metadata") or {}).get("annotations") or {}
+        merged = {**tmpl_annotations, **own} if template is not new else dict(own)
+        request = parse_request(merged, mount_root=self.settings.mount_root)
+        if request is None or is_injected(template):
+            return None
+        catalog = Catalog.of(namespace, await self.datasets(namespace))
+        recorded = read_pins(own) or read_pins(tmpl_annotations)
+        if recorded is not None and set(request.datasets) <= set(recorded):
+            pins = tuple(recorded[d] for d in request.datasets)
+            reused = True
+        else:
+            pins = tuple(
+                [await self._pin(catalog, namespace, m.dataset, m.revision) for m in request.mounts]
+            )
+            reused = False
+        mounts = [
+            DatasetMount(request=m, spec=self._spec(catalog, namespace, m.dataset), pin=p)
+            for m, p in zip(request.mounts, pins, strict=True)
+        ]
+        for mount in mounts:
+            await self._check_secret(namespace, mount.spec)
+        injected = inject(template, request=request, mounts=mounts, settings=self.settings)
+        if template is new:
+            new = injected
+        else:
+            new["spec"]["template"] = injected
+            meta = new.setdefault("metadata", {})
+            meta["annotations"] = {**(meta.get("annotations") or {}), **format_pins(pins)}
+        return Admitted(obj=new, request=request, pins=pins, reused=reused)
+
+    @staticmethod
+    def _spec(catalog: Catalog, namespace: str, dataset: str) -> DatasetSpec:
+        raw = catalog.get(namespace, dataset)
+        if raw is None:
+            raise UnknownDatasetError(
+                dataset=dataset, namespace=namespace, known=catalog.names(namespace)
+            )
+        return DatasetSpec.model_validate(raw)
+
+    async def _pin(
+        self, catalog: Catalog, namespace: str, dataset: str, revision: str
+    ) -> PinRecord:
+        spec = self._spec(catalog, namespace, dataset)
+        credentials = None
+        if spec.source is not None and spec.source.credentials_secret_ref is not None:
+            name = spec.source.credentials_secret_ref.name
+            credentials = git_credentials_from_secret(
+                await self.secrets(namespace, name), secret=name, namespace=namespace
+            )
+        resolved = await self.resolver.resolve(
+            dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
+        )
+        return PinRecord(
+            dataset=dataset,
+            pin=resolved.pin,
+            ref=revision,
+            layout=resolved.layout,
+            commit=resolved.commit,
+        )
+
+    async def _check_secret(self, namespace: str, spec: DatasetSpec) -> None:
+        ref = spec.remote.credentials_secret_ref
+        keys_from_secret(await self.secrets(namespace, ref.name), ref=ref, namespace=namespace)
+
+
+def _template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of a workload, or the Pod itself."""
+    spec = obj.get("spec") or {}
+    template = spec.get("template") if obj.get("kind") != "Pod" else None
+    if isinstance(template, dict):
+        template.setdefault("metadata", {})
+        return template
+    return obj

@@ -1,0 +1,342 @@
+"""Prometheus metrics of the sidecar and the node agent, on an injected registry.
+
+Design:
+
+* No global metrics. `Metrics(registry)` creates every family on the registry it is given; the
+  program's app factory makes one `CollectorRegistry` and hands it to the HTTP server and to
+  whoever observes. Tests build as many independent programs as they like in one process.
+* Names follow the Prometheus conventions: `datapin_` prefix, base units (`_bytes`,
+  `_seconds`), `_total` on counters, `_info` gauges set to 1 carrying labels, ratios in 0..1.
+* Labels are bounded: `dataset` (a Dataset name), `mode` (reflink, hardlink, copy, none),
+  `result` (success, noop, error), `reason` (a short fixed label from `errors.py` or the S3
+  client, never request data). The node is *not* a label we set: it is a property of the scrape
+  target, added by the PodMonitor's relabelling (`__meta_kubernetes_pod_node_name` -> `node`),
+  which is what the dashboard groups by.
+* Series that a dashboard divides or sums are created at zero when a dataset is first seen
+  (`dataset()`), so "no errors yet" reads as 0, not as "no data", and a hit ratio exists from
+  the first materialise on.
+* Secrets cannot reach a metric: no label takes a value that came from a credential source.
+
+Sidecar metrics come from `Result` (what a materialise did) and from the error that ended one;
+node metrics from the agent's statvfs and GC reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from datapin_sidecar.engine.materialize import Result
+from datapin_sidecar.errors import DatapinError, RemoteError
+
+#: Error reasons created at zero for every dataset (the `reason` of each error class, and the
+#: `cause` of `RemoteError`s, which is the more useful label for remote failures).
+ERROR_REASONS: Final = (
+    "usage",
+    "revision",
+    "manifest",
+    "missing",
+    "corrupt",
+    "destination",
+    "link",
+    "unreachable",
+    "access_denied",
+    "no_bucket",
+    "region",
+    "tls",
+    "gave_up",
+    "wait_timeout",
+    "remote",
+    "stopped",
+    "error",
+)
+#: Retry reasons created at zero: the client's own labels and the S3 codes B2 sends most.
+RETRY_REASONS: Final = (
+    "timeout",
+    "connection",
+    "truncated",
+    "md5_mismatch",
+    "credentials_rotated",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+)
+LINK_MODES: Final = ("reflink", "hardlink", "copy")
+#: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (`gc.Task`).
+AGENT_TASKS: Final = ("roots", "collect", "slots", "reap", "scan", "builds", "prefetch")
+#: Materialise latency: a no-op is ~1 ms, a warm start of a large revision seconds, a cold one
+#: minutes.
+DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+)
+
+
+def error_reason(exc: BaseException) -> str:
+    """The `reason` label of an error that ended a materialise."""
+    if isinstance(exc, RemoteError):
+        return exc.cause if exc.cause in ERROR_REASONS else "remote"
+    if isinstance(exc, DatapinError):
+        return exc.reason
+    return "error"
+
+
+class Metrics:
+    """Every metric datapin exports. The node families (volume, cache, GC, prefetch) are only
+    registered for the agent: from a sidecar they would be zeros next to the agent's values.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, role: str = "sidecar") -> None:
+        self.registry = registry
+        ds = ("dataset",)
+        # -- per dataset: what materialising and prefetching did --------------------------------
+        self.hit_objects = Counter(
+            "datapin_cache_hit_objects_total",
+            "Files linked from objects already in the node cache.",
+            ds,
+            registry=registry,
+        )
+        self.hit_bytes = Counter(
+            "datapin_cache_hit_bytes_total",
+            "Bytes of files linked from objects already in the node cache.",
+            ds,
+            registry=registry,
+        )
+        self.miss_objects = Counter(
+            "datapin_cache_miss_objects_total",
+            "Files whose object was not in the node cache and had to be fetched.",
+            ds,
+            registry=registry,
+        )
+        self.miss_bytes = Counter(
+            "datapin_cache_miss_bytes_total",
+            "Bytes of files whose object was not in the node cache.",
+            ds,
+            registry=registry,
+        )
+        self.fetched_objects = Counter(
+            "datapin_remote_fetched_objects_total",
+            "Objects downloaded from the remote (S3 / B2) by this process.",
+            ds,
+            registry=registry,
+        )
+        self.fetched_bytes = Counter(
+            "datapin_remote_fetched_bytes_total",
+            "Bytes downloaded from the remote (S3 / B2) by this process: the egress bill.",
+            ds,
+            registry=registry,
+        )
+        self.waited_objects = Counter(
+            "datapin_remote_waited_objects_total",
+            "Objects another process on the node was downloading, waited for instead.",
+            ds,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "datapin_fetch_errors_total",
+            "Materialises or prefetches that failed, by reason.",
+            ("dataset", "reason"),
+            registry=registry,
+        )
+        self.retries = Counter(
+            "datapin_remote_retries_total",
+            "Remote requests retried, by reason.",
+            ("dataset", "reason"),
+            registry=registry,
+        )
+        self.linked = Counter(
+            "datapin_objects_linked_total",
+            "Files placed into trees, by link mode.",
+            ("dataset", "mode"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "datapin_materialize_duration_seconds",
+            "Time to materialise a revision, by main link mode and result.",
+            ("dataset", "mode", "result"),
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.revision = Gauge(
+            "datapin_revision_info",
+            "The revision served (1): the ref the user asked for and the pin it resolved to.",
+            ("dataset", "revision", "pin"),
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "datapin_last_success_timestamp_seconds",
+            "Unix time of the last successful materialise or prefetch.",
+            ds,
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "datapin_ready",
+            "1 once every dataset of the pod is published (the startupProbe's answer).",
+            registry=registry,
+        )
+        self.annotation_errors = Counter(
+            "datapin_annotations_errors_total",
+            "Times the annotations file could not be read or parsed (previous pins kept).",
+            registry=registry,
+        )
+        # -- per node: the cache and its volume (agent) -----------------------------------------
+        node = registry if role == "agent" else None  # None: created, never exported
+        self.cache_bytes = Gauge(
+            "datapin_cache_bytes", "Bytes of objects in the node cache.", registry=node
+        )
+        self.cache_objects = Gauge(
+            "datapin_cache_objects", "Objects in the node cache.", registry=node
+        )
+        self.volume_size = Gauge(
+            "datapin_volume_size_bytes", "Size of the node volume.", registry=node
+        )
+        self.volume_used = Gauge(
+            "datapin_volume_used_bytes",
+            "Bytes used on the node volume (cache and workspaces).",
+            registry=node,
+        )
+        self.volume_free = Gauge(
+            "datapin_volume_free_bytes", "Bytes free on the node volume.", registry=node
+        )
+        self.volume_inodes = Gauge(
+            "datapin_volume_inodes", "Inodes of the node volume.", registry=node
+        )
+        self.volume_inodes_used = Gauge(
+            "datapin_volume_inodes_used", "Inodes used on the node volume.", registry=node
+        )
+        self.watermark = Gauge(
+            "datapin_gc_watermark_ratio",
+            "GC watermarks as a fraction of the volume (kind: bytes|inodes, level: high|low).",
+            ("kind", "level"),
+            registry=node,
+        )
+        self.evicted_objects = Counter(
+            "datapin_cache_evictions_total",
+            "Objects evicted from the node cache by the GC.",
+            registry=node,
+        )
+        self.evicted_bytes = Counter(
+            "datapin_cache_evicted_bytes_total",
+            "Bytes of objects evicted from the node cache by the GC.",
+            registry=node,
+        )
+        self.gc_runs = Counter(
+            "datapin_gc_runs_total",
+            "GC passes that had to evict, by result (reached: down to the low watermark; "
+            "short: everything left is in use; error).",
+            ("result",),
+            registry=node,
+        )
+        self.workspaces_removed = Counter(
+            "datapin_workspaces_removed_total",
+            "Workspaces of pods no longer on the node, removed by the agent.",
+            registry=node,
+        )
+        self.slots_removed = Counter(
+            "datapin_download_slots_removed_total",
+            "Abandoned partial downloads removed by the agent.",
+            registry=node,
+        )
+        self.prefetch = Gauge(
+            "datapin_prefetch_revisions",
+            "Revisions on the agent's prefetch list, by state (warm, pending, failed).",
+            ("state",),
+            registry=node,
+        )
+        self.item_errors = Counter(
+            "datapin_agent_item_errors_total",
+            "Items (a file, a directory, a workspace, a prefetch entry) the agent skipped "
+            "because they could not be handled, by task; the rest of the work went on.",
+            ("task",),
+            registry=node,
+        )
+        if role == "agent":
+            for task in AGENT_TASKS:
+                self.item_errors.labels(task)
+            for result in ("reached", "short", "error"):
+                self.gc_runs.labels(result)
+            for state in ("warm", "pending", "failed"):
+                self.prefetch.labels(state).set(0)
+        self._known: set[str] = set()
+        self._pins: dict[str, tuple[str, str]] = {}
+
+    # -- sidecar ------------------------------------------------------------------------------
+
+    def dataset(self, name: str) -> None:
+        """Create the dataset's series at zero (see the module doc)."""
+        if name in self._known:
+            return
+        self._known.add(name)
+        for family in (
+            self.hit_objects,
+            self.hit_bytes,
+            self.miss_objects,
+            self.miss_bytes,
+            self.fetched_objects,
+            self.fetched_bytes,
+            self.waited_objects,
+        ):
+            family.labels(name)
+        for reason in ERROR_REASONS:
+            self.errors.labels(name, reason)
+        for reason in RETRY_REASONS:
+            self.retries.labels(name, reason)
+        for mode in LINK_MODES:
+            self.linked.labels(name, mode)
+            for outcome in ("success", "noop"):
+                self.duration.labels(name, mode, outcome)
+        self.duration.labels(name, "none", "noop")
+        self.duration.labels(name, "none", "error")
+
+    def observe(self, dataset: str, result: Result, *, now: float) -> None:
+        """Count what one successful materialise (or prefetch) did."""
+        self.dataset(dataset)
+        self.hit_objects.labels(dataset).inc(result.hits)
+        self.hit_bytes.labels(dataset).inc(result.hit_bytes)
+        self.miss_objects.labels(dataset).inc(result.misses)
+        self.miss_bytes.labels(dataset).inc(result.miss_bytes)
+        self.fetched_objects.labels(dataset).inc(result.fetched_objects)
+        self.fetched_bytes.labels(dataset).inc(result.fetched_bytes)
+        self.waited_objects.labels(dataset).inc(result.waited_objects)
+        self._retries(dataset, result.retries.items())
+        for mode, n in result.modes.items():
+            self.linked.labels(dataset, mode).inc(n)
+        outcome = "noop" if result.noop else "success"
+        self.duration.labels(dataset, result.mode, outcome).observe(result.seconds)
+        self.last_success.labels(dataset).set(now)
+
+    def observe_failure(self, dataset: str, exc: BaseException, *, seconds: float) -> None:
+        self.dataset(dataset)
+        self.errors.labels(dataset, error_reason(exc)).inc()
+        self.duration.labels(dataset, "none", "error").observe(seconds)
+
+    def _retries(self, dataset: str, items: Iterable[tuple[str, int]]) -> None:
+        for reason, n in items:
+            self.retries.labels(dataset, reason).inc(n)
+
+    def serving(self, dataset: str, *, ref: str, pin: str) -> None:
+        """`datapin_revision_info`: one series per dataset, the one being served."""
+        old = self._pins.get(dataset)
+        if old == (ref, pin):
+            return
+        if old is not None:
+            self.revision.remove(dataset, *old)
+        self.revision.labels(dataset, ref, pin).set(1)
+        self._pins[dataset] = (ref, pin)
