@@ -4,6 +4,7 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
 
     OperatorError                       base; `reason` is the Event/condition reason
     ├── SettingsError                   DATAPIN_* settings of the operator fail validation
+    ├── BadSpecError                    a Dataset spec the API server took but the models refuse
     ├── RejectedError                   an object cannot be admitted (the webhook's answer)
     │   ├── AnnotationError             malformed `datapin.dev/*` annotations
     │   ├── UnknownDatasetError         the annotation names no Dataset in the namespace
@@ -42,6 +43,12 @@ class SettingsError(OperatorError):
     """The operator's `DATAPIN_*` settings fail validation: one line per bad field."""
 
     reason = "BadSettings"
+
+
+class BadSpecError(OperatorError):
+    """A spec the API server accepted but the models do not (a CRD older than the operator)."""
+
+    reason = "BadSpec"
 
 
 class RejectedError(OperatorError):

@@ -39,17 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from datapin_sidecar import errors
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import RevisionError, UnsafeFileError
+from datapin_sidecar.errors import (
+    SNIPPET_CHARS,
+    AnnotationsError,
+    RevisionError,
+    UnsafeFileError,
+)
+from datapin_sidecar.errors import snippet as _snippet
 from datapin_sidecar.safefs import read_regular
 
 #: The annotation the webhook writes: a JSON object of dataset name -> pin.
 ANNOTATION: Final = "datapin.dev/pins"
 
-#: How many characters of a value or line an error message quotes.
-_SNIPPET: Final = 60
 #: Kubernetes caps a pod's annotations at 256 KiB; the file adds quoting to that.
 MAX_ANNOTATIONS_FILE: Final = 1024 * 1024
 
@@ -82,31 +85,6 @@ _DATASET: Final = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _DATASET_MAX: Final = 253
 _PIN_KEYS: Final = frozenset({"pin", "layout", "ref"})
 _LAYOUTS: Final = {"auto": None, **{layout.value: layout for layout in Layout}}
-
-
-class AnnotationsError(errors.AnnotationsError):
-    """The pod's annotations do not say what to serve: a bad file, no pins, or a bad pin.
-
-    `errors.AnnotationsError` with the structured fields the other errors carry (source,
-    line, dataset, problem); `except errors.AnnotationsError` catches it.
-    """
-
-    def __init__(
-        self,
-        *,
-        source: str,
-        problem: str,
-        fix: str,
-        line: int | None = None,
-        dataset: str | None = None,
-    ) -> None:
-        self.source = source
-        self.problem = problem
-        self.line = line
-        self.dataset = dataset
-        where = f" line {line}" if line is not None else ""
-        where += f" dataset {_snippet(dataset)}" if dataset is not None else ""
-        super().__init__(f"{source}{where}: {problem}. Fix: {fix}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -430,11 +408,6 @@ def read_pins(path: Path) -> dict[str, Pin]:
 def _json_snippet(value: Any) -> str:
     """A JSON value as JSON for a message, cut to its first characters if it is long."""
     text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= _SNIPPET else f"{text[:_SNIPPET]}... ({len(text)} characters)"
-
-
-def _snippet(text: str) -> str:
-    """`text` quoted for a message, cut to its first characters if it is long."""
-    if len(text) <= _SNIPPET:
-        return repr(text)
-    return f"{text[:_SNIPPET]!r}... ({len(text)} characters)"
+    if len(text) <= SNIPPET_CHARS:
+        return text
+    return f"{text[:SNIPPET_CHARS]}... ({len(text)} characters)"

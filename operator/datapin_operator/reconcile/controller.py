@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from datapin_operator.api.models import DatasetSpec, PrefetchStatus, ResolvedRevision
 from datapin_operator.errors import (
     AgentConfigError,
+    BadSpecError,
     OperatorError,
     RemoteCheckError,
     ResolutionError,
@@ -70,12 +71,6 @@ _POLL_CAP: Final = 15.0
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class BadSpecError(OperatorError):
-    """A spec the API server accepted but the models do not (a CRD older than the operator)."""
-
-    reason = "BadSpec"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -62,7 +62,8 @@ from dataclasses import dataclass
 from typing import Final, Literal, NoReturn, cast, get_args
 
 from datapin_sidecar import pins as sidecar_annotations
-from datapin_sidecar.pins import AnnotationsError, parse_pins
+from datapin_sidecar.errors import AnnotationsError
+from datapin_sidecar.pins import parse_pins
 
 from datapin_operator.errors import AnnotationError, MountCollisionError
 
