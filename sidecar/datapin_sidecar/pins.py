@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import (
     SNIPPET_CHARS,
@@ -84,7 +84,7 @@ _MAYBE_ESCAPED: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 _DATASET: Final = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _DATASET_MAX: Final = 253
 _PIN_KEYS: Final = frozenset({"pin", "layout", "ref"})
-_LAYOUTS: Final = {"auto": None, **{layout.value: layout for layout in Layout}}
+_LAYOUTS: Final = tuple(choice.value for choice in LayoutChoice)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -318,7 +318,7 @@ def _pin(where: str, name: str, value: Any) -> Pin:
     pin = value.get("pin")
     if not isinstance(pin, str):
         _pins_error(where, 'no "pin": "<md5>.dir" string', dataset=name)
-    layout = value.get("layout", "auto")
+    layout = value.get("layout", LayoutChoice.AUTO.value)
     if not isinstance(layout, str) or layout not in _LAYOUTS:
         _pins_error(
             where,
@@ -328,7 +328,12 @@ def _pin(where: str, name: str, value: Any) -> Pin:
     ref = value.get("ref", pin)
     if not isinstance(ref, str) or not ref:
         _pins_error(where, f"ref {_json_snippet(ref)} is not a non-empty string", dataset=name)
-    return Pin(dataset=name, revision=_revision(where, name, pin), layout=_LAYOUTS[layout], ref=ref)
+    return Pin(
+        dataset=name,
+        revision=_revision(where, name, pin),
+        layout=LayoutChoice(layout).pinned,
+        ref=ref,
+    )
 
 
 def _revision(where: str, name: str, text: str) -> Revision:

@@ -46,7 +46,7 @@ CATEGORIES: Final = ("datapin",)
 
 #: Where the chart keeps the CRD (Helm installs `crds/` before anything else, untemplated).
 CHART_CRD_PATH: Final = (
-    Path(__file__).resolve().parents[2] / "charts" / "datapin" / "crds" / f"{NAME}.yaml"
+    Path(__file__).resolve().parents[3] / "charts" / "datapin" / "crds" / f"{NAME}.yaml"
 )
 
 HEADER: Final = (

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.errors import DatapinError
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 from datapin_sidecar.remotes.s3config import (
@@ -41,11 +41,6 @@ from datapin_operator.resolve.gitsource import GitCredentials
 
 #: A `.dir` no one can have pushed: its absence proves the request was accepted.
 _PROBE: Final = "0" * 32 + ".dir"
-_LAYOUTS: Final = {
-    "auto": (Layout.DVC3, Layout.LEGACY),
-    "dvc3": (Layout.DVC3,),
-    "legacy": (Layout.LEGACY,),
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,7 +122,7 @@ async def check_remote(
     remote: Remote,
     keys: RemoteKeys,
     *,
-    pins: Sequence[tuple[str, str]] = (),
+    pins: Sequence[tuple[str, LayoutChoice]] = (),
     request_timeout: float = 10.0,
     where: str,
 ) -> list[str]:
@@ -159,7 +154,7 @@ async def check_remote(
                 await s3.afind(_PROBE, (Layout.DVC3,))
                 missing = []
                 for pin, layout in pins:
-                    if await s3.afind(pin, _LAYOUTS[layout]) is None:
+                    if await s3.afind(pin, LayoutChoice(layout).candidates) is None:
                         missing.append(pin)
                 return missing
     except TimeoutError:

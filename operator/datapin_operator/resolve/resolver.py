@@ -29,9 +29,9 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from datapin_sidecar.engine.hashing import Layout as OutLayout
+from datapin_sidecar.engine.hashing import LayoutChoice
 
-from datapin_operator.api.models import DatasetSpec, Layout
+from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import ResolutionError, UnknownRevisionError
 from datapin_operator.resolve.gitsource import GitCredentials, GitSource
 
@@ -49,7 +49,7 @@ class Resolved:
     """What the user asked for (surrounding whitespace removed)."""
     pin: str
     """The directory object, `<md5>.dir`."""
-    layout: Layout
+    layout: LayoutChoice
     """named/literal: `spec.remote.layout`; git: the out's own layout (dvc3 or legacy)."""
     kind: Literal["pin", "named", "git"]
     commit: str | None = None
@@ -109,7 +109,7 @@ class Resolver:
         except ResolutionError as exc:
             # Same class (GitError, PinReadError), now saying which Dataset and revision.
             raise type(exc)(exc.message, dataset=dataset, revision=revision) from exc
-        layout: Layout = "dvc3" if pin.out.layout is OutLayout.DVC3 else "legacy"
+        layout = LayoutChoice.of(pin.out.layout)
         return Resolved(
             ref=ref, pin=pin.out.revision.oid, layout=layout, kind="git", commit=pin.commit
         )

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.node.settings import DatasetSettings
 from pydantic import ValidationError
 
@@ -232,7 +233,7 @@ def _dataset_settings(mount: DatasetMount, *, writable: bool = False) -> dict[st
             endpoint_url=remote.endpoint,
             region=remote.region,
             addressing=remote.addressing,
-            layout=mount.pin.layout if mount.pin.layout != "auto" else remote.layout,
+            layout=mount.pin.layout if mount.pin.layout != LayoutChoice.AUTO else remote.layout,
             credentials_dir=Path(_credentials_dir(name)),
             access_key_id_file=ref.access_key_id_key,
             secret_access_key_file=ref.secret_access_key_key,

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, NoReturn, cast, get_args
 
 from datapin_sidecar import pins as sidecar_annotations
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.errors import AnnotationsError
 from datapin_sidecar.pins import parse_pins
 
@@ -94,7 +95,6 @@ LINK_NAME: Final = "current"
 _PIN: Final = re.compile(r"[0-9a-f]{32}\.dir")
 
 Mode = Literal["sidecar", "init"]
-Layout = Literal["auto", "dvc3", "legacy"]
 _MODES: Final[tuple[str, ...]] = get_args(Mode)
 
 
@@ -127,7 +127,7 @@ class PinRecord:
     dataset: str
     pin: str
     ref: str
-    layout: Layout
+    layout: LayoutChoice
     commit: str | None = None
 
 
@@ -398,7 +398,7 @@ def read_pins(annotations: Mapping[str, str]) -> dict[str, PinRecord] | None:
             dataset=name,
             pin=str(pin.revision),
             ref=pin.ref,
-            layout="auto" if pin.layout is None else pin.layout.value,
+            layout=LayoutChoice.of(pin.layout),
             commit=commits.get(name),
         )
         for name, pin in pins.items()

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import BadSettingsError, RevisionError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES
@@ -145,8 +146,8 @@ class DatasetSettings(BaseModel):
     secret_access_key_file: str | None = Field(
         default=None, description="File name of the secret key in credentials_dir."
     )
-    layout: Literal["auto", "dvc3", "legacy"] = Field(
-        default="auto", description="Cache layout the revisions were pushed in."
+    layout: LayoutChoice = Field(
+        default=LayoutChoice.AUTO, description="Cache layout the revisions were pushed in."
     )
     pin: str | None = Field(
         default=None,
