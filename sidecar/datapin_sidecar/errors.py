@@ -77,7 +77,8 @@ class BadSettingsError(UsageError):
 class AnnotationsError(UsageError):
     """The pod's annotations do not say what to serve: a bad file, no pins, or a bad pin.
 
-    `source` is the file or annotation, `line`/`dataset` where in it, `problem` what is wrong.
+    `source` is the file or annotation, `line`/`dataset` where in it, `problem` what is wrong,
+    `annotation` the annotation at fault when it is one (`datapin.dev/pins` or `.../commits`).
     """
 
     reason = "annotations"
@@ -90,8 +91,10 @@ class AnnotationsError(UsageError):
         fix: str,
         line: int | None = None,
         dataset: str | None = None,
+        annotation: str | None = None,
     ) -> None:
         self.source = source
+        self.annotation = annotation
         self.problem = problem
         self.line = line
         self.dataset = dataset

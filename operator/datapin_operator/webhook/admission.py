@@ -28,19 +28,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from datapin_sidecar.pins import PinRecord, format_pins
+
 from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import UnknownDatasetError
 from datapin_operator.reconcile.remotecheck import git_credentials_from_secret, keys_from_secret
 from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.inject import DatasetMount, inject, is_injected
-from datapin_operator.webhook.requests import (
-    PinRecord,
-    Request,
-    format_pins,
-    parse_request,
-    read_pins,
-)
+from datapin_operator.webhook.requests import Request, parse_request, read_pins
 
 #: (namespace, name) -> the Secret's data as text, or None if it does not exist.
 SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]

@@ -69,18 +69,13 @@ from typing import Any, Final
 
 from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.node.settings import DatasetSettings
+from datapin_sidecar.pins import PinRecord, format_pins
 from pydantic import ValidationError
 
 from datapin_operator.api import models
 from datapin_operator.errors import MountCollisionError, RejectedError
 from datapin_operator.settings import STARTUP_PERIOD_SECONDS, Settings
-from datapin_operator.webhook.requests import (
-    MountRequest,
-    PinRecord,
-    Request,
-    format_pins,
-    paths_overlap,
-)
+from datapin_operator.webhook.requests import MountRequest, Request, paths_overlap
 
 CONTAINER_NAME: Final = "datapin"
 SIDECAR_LABEL: Final = "datapin.dev/sidecar"
