@@ -913,7 +913,12 @@ def operator_layout(dataset: str, spec: DatasetSpec, ref: str, dvc: DvcFixture, 
         git = GitSource(
             cache_dir=root / "git-cache", timeout=60, ref_ttl=0, allow_protocols=("file",)
         )
-        resolved = await Resolver(git).resolve(dataset=dataset, spec=spec, revision=ref)
+
+        async def no_secret(namespace: str, name: str) -> None:
+            return None
+
+        resolver = Resolver(git, secrets=no_secret)
+        resolved = await resolver.resolve(dataset=dataset, spec=spec, revision=ref)
         return str(resolved.layout)
 
     return asyncio.run(resolve())

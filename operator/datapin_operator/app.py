@@ -101,7 +101,7 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
         ref_ttl=settings.git_ref_ttl_seconds,
         allow_protocols=tuple(settings.git_allow_protocols),
     )
-    resolver = Resolver(git)
+    resolver = Resolver(git, secrets=kube.get_secret)
     fleet = Fleet(kube, settings)
     return App(
         settings=settings,

@@ -41,7 +41,6 @@ from datapin_operator.errors import (
     BadSpecError,
     OperatorError,
     RemoteCheckError,
-    ResolutionError,
     SecretError,
 )
 from datapin_operator.kube import Kube
@@ -56,7 +55,6 @@ from datapin_operator.reconcile.fleet import (
 from datapin_operator.reconcile.remotecheck import (
     RemoteKeys,
     check_remote,
-    git_credentials_from_secret,
     keys_from_secret,
 )
 from datapin_operator.reconcile.status import Observation, Transition, build_status, transitions
@@ -258,43 +256,25 @@ class Controller:
         wanted = list(
             dict.fromkeys([*spec.revisions, *(spec.prefetch.revisions if spec.prefetch else [])])
         )
-        if not wanted:
-            return []
-        credentials = None
-        if spec.source is not None and spec.source.credentials_secret_ref is not None:
-            git_secret = spec.source.credentials_secret_ref.name
-            try:
-                credentials = git_credentials_from_secret(
-                    await self.kube.get_secret(namespace, git_secret),
-                    secret=git_secret,
-                    namespace=namespace,
-                )
-            except SecretError as exc:
-                errors.append(exc)
+        found, failed = await self.resolver.resolve_many(
+            namespace, dataset=name, spec=spec, revisions=wanted
+        )
+        errors += failed
         before = {
             (r.get("ref"), r.get("pin")): r.get("resolvedAt")
             for r in (previous or {}).get("resolved", []) or []
             if isinstance(r, dict)
         }
-        resolved = []
-        for revision in wanted:
-            try:
-                r = await self.resolver.resolve(
-                    dataset=name, spec=spec, revision=revision, git_credentials=credentials
-                )
-            except ResolutionError as exc:
-                errors.append(exc)
-                continue
-            resolved.append(
-                ResolvedRevision(
-                    ref=revision,
-                    pin=r.pin,
-                    layout=r.layout,
-                    commit=r.commit,
-                    resolved_at=before.get((revision, r.pin)) or now_iso(),
-                )
+        return [
+            ResolvedRevision(
+                ref=revision,
+                pin=r.pin,
+                layout=r.layout,
+                commit=r.commit,
+                resolved_at=before.get((revision, r.pin)) or now_iso(),
             )
-        return resolved
+            for revision, r in found.items()
+        ]
 
     async def _prefetch(  # noqa: PLR0917 - private; the steps of one reconcile
         self,

@@ -9,9 +9,6 @@ region are distinct errors). Then each resolved pin's `.dir` is looked up in its
 tag whose data was never `dvc push`ed
 shows as not Resolved before any Job asks for it.
 
-`git_credentials_from_secret` is the same check for the git Secret of `spec.source`, shared
-by the webhook and the controller.
-
 Keys are taken from the Secret's data (the names the Dataset gives, else the AWS and B2 names
 the sidecar also accepts) and live only in memory for the duration of the check.
 """
@@ -37,7 +34,6 @@ from datapin_sidecar.remotes.s3config import (
 
 from datapin_operator.api.models import CredentialsSecretRef, Remote
 from datapin_operator.errors import RemoteCheckError, SecretError
-from datapin_operator.resolve.gitsource import GitCredentials
 
 #: A `.dir` no one can have pushed: its absence proves the request was accepted.
 _PROBE: Final = "0" * 32 + ".dir"
@@ -93,29 +89,6 @@ def keys_from_secret(
         id_key=id_key,
         secret_key=secret_key,
     )
-
-
-def git_credentials_from_secret(
-    data: Mapping[str, str] | None, *, secret: str, namespace: str
-) -> GitCredentials:
-    """The git credentials in a Secret's data, or a `SecretError` naming what is missing."""
-    fix = "`username` and `password` (or `token`) for https, or `ssh-privatekey` for ssh"
-    if data is None:
-        raise SecretError(
-            secret=secret,
-            namespace=namespace,
-            problem="does not exist (spec.source.credentialsSecretRef names it)",
-            fix=f"create it with {fix}",
-        )
-    credentials = GitCredentials.from_secret_data(data)
-    if credentials.is_empty:
-        raise SecretError(
-            secret=secret,
-            namespace=namespace,
-            problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
-            fix=f"add {fix}",
-        )
-    return credentials
 
 
 async def check_remote(

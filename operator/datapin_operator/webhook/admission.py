@@ -32,14 +32,12 @@ from datapin_sidecar.pins import PinRecord, format_pins
 
 from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import UnknownDatasetError
-from datapin_operator.reconcile.remotecheck import git_credentials_from_secret, keys_from_secret
-from datapin_operator.resolve.resolver import Resolver
+from datapin_operator.reconcile.remotecheck import keys_from_secret
+from datapin_operator.resolve.resolver import Resolver, SecretReader
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.inject import DatasetMount, inject, is_injected
 from datapin_operator.webhook.requests import Request, parse_request, read_pins
 
-#: (namespace, name) -> the Secret's data as text, or None if it does not exist.
-SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
 #: namespace -> the Datasets there, name -> spec.
 DatasetLister = Callable[[str], Awaitable[Mapping[str, Mapping[str, Any]]]]
 
@@ -137,14 +135,8 @@ class Admission:
         self, catalog: Catalog, namespace: str, dataset: str, revision: str
     ) -> PinRecord:
         spec = self._spec(catalog, namespace, dataset)
-        credentials = None
-        if spec.source is not None and spec.source.credentials_secret_ref is not None:
-            name = spec.source.credentials_secret_ref.name
-            credentials = git_credentials_from_secret(
-                await self.secrets(namespace, name), secret=name, namespace=namespace
-            )
-        resolved = await self.resolver.resolve(
-            dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
+        resolved = await self.resolver.resolve_in(
+            namespace, dataset=dataset, spec=spec, revision=revision
         )
         return PinRecord(
             dataset=dataset,
