@@ -61,6 +61,15 @@ _AUTH_MARKERS: Final = (
 )
 
 
+#: What servers say when asked for a commit they do not have (or will not serve by sha).
+_MISSING_COMMIT_MARKERS: Final = (
+    "not our ref",
+    "couldn't find remote ref",
+    "no such remote ref",
+    "unadvertised object",
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class GitCredentials:
     """Credentials from the Secret named by `spec.source.credentialsSecretRef`.
@@ -331,3 +340,9 @@ def remote_error(url: str, stderr: str, *, doing: str) -> GitError:
         f"cannot {doing} {shown}: {detail}. Fix: check spec.source.repo and the network "
         "(and the credentials Secret, for a private repository)"
     )
+
+
+def is_missing_commit(stderr: str) -> bool:
+    """Whether a failed fetch of a sha says the server lacks it (not a network or auth fault)."""
+    lowered = stderr.lower()
+    return any(marker in lowered for marker in _MISSING_COMMIT_MARKERS)

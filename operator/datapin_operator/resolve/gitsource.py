@@ -60,6 +60,7 @@ from datapin_operator.resolve.gitrun import (
     GitResult,
     GitSession,
     git_session,
+    is_missing_commit,
     redact_url,
     remote_error,
     run_git,
@@ -80,13 +81,6 @@ _BAD_TEXT: Final = re.compile(r"[\x00-\x20\x7f]")
 _SHOWN_REFS: Final = 12
 #: Bound of the immutable (url, commit, target) -> Out cache; an entry is a few hundred bytes.
 _MAX_OUTS: Final = 8192
-
-_MISSING_COMMIT_MARKERS: Final = (
-    "not our ref",
-    "couldn't find remote ref",
-    "no such remote ref",
-    "unadvertised object",
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,8 +339,7 @@ class GitSource:
             sha,
         )
         if result.returncode != 0:
-            lowered = result.stderr.lower()
-            if any(marker in lowered for marker in _MISSING_COMMIT_MARKERS):
+            if is_missing_commit(result.stderr):
                 raise GitError(
                     f"commit {sha} is not in {redact_url(state.url)} (or the server does not "
                     "serve commits by sha). Fix: push the commit, or name a tag or branch "
