@@ -4,7 +4,8 @@ Observing, in order, each step feeding the next:
 
 1. the spec parses (the CRD schema should have caught anything bad; this is the backstop);
 2. the remote's Secret exists and holds a key pair;
-3. every named and prefetch revision resolves to a pin (git refs through the DVC repo);
+3. every named and prefetch revision resolves to a pin (git refs through the DVC repo, with
+   the git Secret the resolver reads);
 4. the remote answers with those keys and holds every pin's `.dir`;
 5. for prefetch: the selected nodes get the pins in their agents' lists (fleet.py), and the
    agents' reports say how far they got.

@@ -34,7 +34,8 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from enum import StrEnum
+from typing import Final
 
 from datapin_sidecar.engine.hashing import LayoutChoice
 
@@ -47,13 +48,21 @@ from datapin_operator.errors import (
 )
 from datapin_operator.resolve.gitsource import GitCredentials, GitSource
 
-__all__ = ["Resolved", "Resolver", "SecretReader", "git_credentials_from_secret"]
+__all__ = ["Resolved", "Resolver", "RevisionKind", "SecretReader", "git_credentials_from_secret"]
 
 #: (namespace, name) -> the Secret's data as text, or None if it does not exist.
 SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
 
 _LITERAL_PIN: Final = re.compile(r"[0-9a-f]{32}\.dir", re.IGNORECASE)
 _BARE_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
+
+
+class RevisionKind(StrEnum):
+    """What a revision turned out to be, in the order they are tried."""
+
+    PIN = "pin"
+    NAMED = "named"
+    GIT = "git"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +75,7 @@ class Resolved:
     """The directory object, `<md5>.dir`."""
     layout: LayoutChoice
     """named/literal: `spec.remote.layout`; git: the out's own layout (dvc3 or legacy)."""
-    kind: Literal["pin", "named", "git"]
+    kind: RevisionKind
     commit: str | None = None
     """The commit, for git refs."""
 
@@ -143,10 +152,12 @@ class Resolver:
                 revision=revision,
             )
         if _LITERAL_PIN.fullmatch(ref):
-            return Resolved(ref=ref, pin=ref.lower(), layout=spec.remote.layout, kind="pin")
+            return Resolved(
+                ref=ref, pin=ref.lower(), layout=spec.remote.layout, kind=RevisionKind.PIN
+            )
         named = spec.revisions.get(ref)
         if named is not None:
-            return Resolved(ref=ref, pin=named, layout=spec.remote.layout, kind="named")
+            return Resolved(ref=ref, pin=named, layout=spec.remote.layout, kind=RevisionKind.NAMED)
         if spec.source is None:
             hint = (
                 " (it looks like a DVC md5: a directory pin ends in `.dir`)"
@@ -173,7 +184,11 @@ class Resolver:
             raise type(exc)(exc.message, dataset=dataset, revision=revision) from exc
         layout = LayoutChoice.of(pin.out.layout)
         return Resolved(
-            ref=ref, pin=pin.out.revision.oid, layout=layout, kind="git", commit=pin.commit
+            ref=ref,
+            pin=pin.out.revision.oid,
+            layout=layout,
+            kind=RevisionKind.GIT,
+            commit=pin.commit,
         )
 
 

@@ -14,7 +14,8 @@ The flow, for a Job (a Pod is the same with the Pod as its own template):
    and a webhook answering from a stale copy would pin to an old named revision or reject a
    Dataset created a second ago), its Secret is checked
    for a key pair (a pod whose sidecar cannot authenticate would fail after scheduling, far
-   from the user's `kubectl apply`), and its revision is resolved (`resolve.py`).
+   from the user's `kubectl apply`), and its revision is resolved (`resolve/resolver.py`, which
+   reads the git Secret of `spec.source` itself).
 5. `inject.py` builds the new pod template; the pins go on the Job and on the template.
 
 Any `OperatorError` is a rejection whose message says what is wrong and how to fix it. The
