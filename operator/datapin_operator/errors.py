@@ -18,6 +18,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     └── AgentConfigError                the node agents' prefetch ConfigMap or credentials
                                         Secret cannot be written (or the agents listed)
 
+    Conflict                            not a failure: an object changed (or appeared) since
+                                        it was read (`kube.py`); the caller re-reads
+
 Every message names the thing at fault and says how to fix it: the people reading them are
 looking at `kubectl apply`'s output, `kubectl describe` and Events, not at our source. The
 webhook answers any `OperatorError` with its message (a `ResolutionError` of a Job is a
@@ -147,3 +150,7 @@ class AgentConfigError(OperatorError):
     prefetch report it (as `Prefetched=False`); everything else in their status still holds."""
 
     reason = "AgentConfigFailed"
+
+
+class Conflict(Exception):  # noqa: N818 - a condition callers branch on, not a failure
+    """The object changed (or appeared) since it was read: re-read and decide again."""
