@@ -502,7 +502,7 @@ class Bench:
             settings=self.settings,
             secrets=read_secret,
             datasets=self.list_datasets,
-            resolver=Resolver(git),
+            resolver=Resolver(git, secrets=read_secret),
         )
         return admission, cache_dir, calls
 

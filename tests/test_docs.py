@@ -58,15 +58,10 @@ from datapin_operator.resolve.gitsource import GitSource
 from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings as OperatorSettings
 from datapin_operator.webhook.inject import NODE_VOLUME, POD_UID_ENV, DatasetMount, inject
-from datapin_operator.webhook.requests import (
-    ANNOTATION_PREFIX,
-    PINS_KEY,
-    PinRecord,
-    format_pins,
-    parse_request,
-)
+from datapin_operator.webhook.requests import ANNOTATION_PREFIX, PINS_KEY, parse_request
 from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.settings import Settings as SidecarSettings
+from datapin_sidecar.pins import PinRecord, format_pins
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import REPO_ROOT
@@ -918,7 +913,12 @@ def operator_layout(dataset: str, spec: DatasetSpec, ref: str, dvc: DvcFixture, 
         git = GitSource(
             cache_dir=root / "git-cache", timeout=60, ref_ttl=0, allow_protocols=("file",)
         )
-        resolved = await Resolver(git).resolve(dataset=dataset, spec=spec, revision=ref)
+
+        async def no_secret(namespace: str, name: str) -> None:
+            return None
+
+        resolver = Resolver(git, secrets=no_secret)
+        resolved = await resolver.resolve(dataset=dataset, spec=spec, revision=ref)
         return str(resolved.layout)
 
     return asyncio.run(resolve())

@@ -36,10 +36,10 @@ from datapin_operator.webhook.inject import (
     inject,
     is_injected,
 )
-from datapin_operator.webhook.requests import PinRecord, Request, parse_request
+from datapin_operator.webhook.requests import Request, parse_request
 from datapin_sidecar.node import settings as sidecar_settings
 from datapin_sidecar.node.sidecar import targets
-from datapin_sidecar.pins import format_downward_annotations, parse_pins
+from datapin_sidecar.pins import PinRecord, format_downward_annotations, parse_pins
 
 PIN_A = "0123456789abcdef0123456789abcdef.dir"
 PIN_B = "fedcba9876543210fedcba9876543210.dir"

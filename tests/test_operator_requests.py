@@ -14,17 +14,15 @@ import pytest
 from datapin_operator.errors import AnnotationError, MountCollisionError
 from datapin_operator.webhook.requests import (
     COMMITS_KEY,
-    DATASET_NAME_MAX,
     PINS_KEY,
     MountRequest,
-    PinRecord,
     Request,
-    format_pins,
     parse_request,
     read_pins,
 )
 from datapin_sidecar.engine.hashing import Layout
-from datapin_sidecar.pins import parse_pins
+from datapin_sidecar.pins import KEYED_DATASET_NAME_MAX as DATASET_NAME_MAX
+from datapin_sidecar.pins import PinRecord, format_pins, parse_pins
 
 ROOT = "/data"
 PIN_A = "0123456789abcdef0123456789abcdef.dir"

@@ -4,6 +4,7 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
 
     OperatorError                       base; `reason` is the Event/condition reason
     ├── SettingsError                   DATAPIN_* settings of the operator fail validation
+    ├── BadSpecError                    a Dataset spec the API server took but the models refuse
     ├── RejectedError                   an object cannot be admitted (the webhook's answer)
     │   ├── AnnotationError             malformed `datapin.dev/*` annotations
     │   ├── UnknownDatasetError         the annotation names no Dataset in the namespace
@@ -16,6 +17,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── RemoteCheckError                the Dataset's remote cannot be reached or read
     └── AgentConfigError                the node agents' prefetch ConfigMap or credentials
                                         Secret cannot be written (or the agents listed)
+
+    Conflict                            not a failure: an object changed (or appeared) since
+                                        it was read (`kube.py`); the caller re-reads
 
 Every message names the thing at fault and says how to fix it: the people reading them are
 looking at `kubectl apply`'s output, `kubectl describe` and Events, not at our source. The
@@ -42,6 +46,12 @@ class SettingsError(OperatorError):
     """The operator's `DATAPIN_*` settings fail validation: one line per bad field."""
 
     reason = "BadSettings"
+
+
+class BadSpecError(OperatorError):
+    """A spec the API server accepted but the models do not (a CRD older than the operator)."""
+
+    reason = "BadSpec"
 
 
 class RejectedError(OperatorError):
@@ -140,3 +150,7 @@ class AgentConfigError(OperatorError):
     prefetch report it (as `Prefetched=False`); everything else in their status still holds."""
 
     reason = "AgentConfigFailed"
+
+
+class Conflict(Exception):  # noqa: N818 - a condition callers branch on, not a failure
+    """The object changed (or appeared) since it was read: re-read and decide again."""

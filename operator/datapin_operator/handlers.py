@@ -12,7 +12,7 @@ decorators, so tests run as many operators as they like, each with its own setti
   drops the Dataset from the agents' prefetch lists. A short timer lets the controller
   refresh a prefetch that is not warm yet (`Controller.progress`) between resyncs.
 * kopf's scanning is on: it watches CRDs, so a Dataset CRD installed after the operator
-  started is served without a restart (main.py logs why nothing is served until then).
+  started is served without a restart (app.py logs why nothing is served until then).
 * Mutating webhooks for Job and Pod CREATE (`Admission.admit` -> the whole new object; kopf
   diffs it into the JSONPatch). Rejections are `kopf.AdmissionError`s with our message, and
   a Warning Event on the Dataset (when it exists) and on the Job.
@@ -39,7 +39,7 @@ from datapin_operator.webhook.inject import is_injected
 from datapin_operator.webhook.requests import read_pins
 
 if TYPE_CHECKING:
-    from datapin_operator.main import App
+    from datapin_operator.app import App
     from datapin_operator.reconcile.controller import Outcome
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
 from datapin_operator.api.models import GROUP, PLURAL, VERSION
+from datapin_operator.errors import Conflict
 from datapin_operator.settings import Settings
 
 #: Who wrote an object: the label on everything the operator creates.
@@ -43,10 +44,6 @@ MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "datapin-operator"}
 
 #: The patch type of every write: a JSON merge patch (RFC 7386).
 MERGE_PATCH: Final = "application/merge-patch+json"
-
-
-class Conflict(Exception):  # noqa: N818 - a condition callers branch on, not a failure
-    """The object changed (or appeared) since it was read: re-read and decide again."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from datapin_sidecar.engine.cache import NodeCache
-from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, Result, materialize
 from datapin_sidecar.engine.revision import Revision, resolve_target
@@ -218,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--layout",
-        default="auto",
-        choices=["auto", *(layout.value for layout in Layout)],
+        default=LayoutChoice.AUTO.value,
+        choices=[choice.value for choice in LayoutChoice],
         help="cache layout of the revision: dvc3 (`hash: md5` in its .dvc file), legacy "
         "(DVC 2), or auto (dvc3 if present, else legacy)",
     )
@@ -266,7 +266,7 @@ async def _materialize(
 ) -> int:
     _check_dir("--cache", args.cache)
     _check_dir("--dest", args.dest)
-    layout = None if args.layout == "auto" else Layout(args.layout)
+    layout = LayoutChoice(args.layout).pinned
     file_name = args.file_name
     if args.target is not None:
         if args.dvc_repo is None:

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 #: How many object ids an error lists before it says "and N more".
 _SHOWN = 5
+#: How many characters of a value or line a message quotes.
+SNIPPET_CHARS = 60
 
 
 def _some(items: Sequence[str]) -> str:
@@ -73,9 +75,43 @@ class BadSettingsError(UsageError):
 
 
 class AnnotationsError(UsageError):
-    """The downward-API annotations file is missing, malformed, or pins nothing usable."""
+    """The pod's annotations do not say what to serve: a bad file, no pins, or a bad pin.
+
+    `source` is the file or annotation, `line`/`dataset` where in it, `problem` what is wrong,
+    `annotation` the annotation at fault when it is one (`datapin.dev/pins` or `.../commits`).
+    """
 
     reason = "annotations"
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        problem: str,
+        fix: str,
+        line: int | None = None,
+        dataset: str | None = None,
+        annotation: str | None = None,
+    ) -> None:
+        self.source = source
+        self.annotation = annotation
+        self.problem = problem
+        self.line = line
+        self.dataset = dataset
+        where = f" line {line}" if line is not None else ""
+        where += f" dataset {snippet(dataset)}" if dataset is not None else ""
+        super().__init__(f"{source}{where}: {problem}. Fix: {fix}")
+
+
+def snippet(text: str) -> str:
+    """`text` quoted for a message, cut to its first characters if it is long.
+
+    Some values are huge (`kubectl.kubernetes.io/last-applied-configuration` holds a whole
+    pod spec), and a message is read in `kubectl describe`.
+    """
+    if len(text) <= SNIPPET_CHARS:
+        return repr(text)
+    return f"{text[:SNIPPET_CHARS]!r}... ({len(text)} characters)"
 
 
 class RevisionError(DatapinError):

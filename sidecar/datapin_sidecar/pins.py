@@ -1,4 +1,9 @@
-"""Which revision of which dataset a pod gets: the `datapin.dev/pins` annotation.
+"""Which revision of which dataset a pod gets: the `datapin.dev/pins` annotation, both sides.
+
+This module owns the format: the webhook writes it (`PinRecord`, `format_pins`, and
+`read_pin_records` for pins already on an object), the sidecar reads it (`read_pins`,
+`parse_pins`), so what is written is by construction what is read. It also owns the rule for
+dataset names (`is_dataset_name`), which name the pins.
 
 The datapin webhook writes the pins into the pod's annotations; the sidecar reads them from a
 downward-API volume of `metadata.annotations`, not from the API server, so it needs no
@@ -34,22 +39,28 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
-from datapin_sidecar import errors
-from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import RevisionError, UnsafeFileError
+from datapin_sidecar.errors import (
+    SNIPPET_CHARS,
+    AnnotationsError,
+    RevisionError,
+    UnsafeFileError,
+)
+from datapin_sidecar.errors import snippet as _snippet
 from datapin_sidecar.safefs import read_regular
 
 #: The annotation the webhook writes: a JSON object of dataset name -> pin.
 ANNOTATION: Final = "datapin.dev/pins"
+#: Written beside it when a revision was a git ref: JSON `{"<dataset>": "<git sha>"}`, for
+#: humans reading `kubectl get -o yaml` (the sidecar does not read it).
+COMMITS_ANNOTATION: Final = "datapin.dev/commits"
 
-#: How many characters of a value or line an error message quotes.
-_SNIPPET: Final = 60
 #: Kubernetes caps a pod's annotations at 256 KiB; the file adds quoting to that.
 MAX_ANNOTATIONS_FILE: Final = 1024 * 1024
 
@@ -76,37 +87,24 @@ _NAMED_OUT: Final = {chr(v): "\\" + k for k, v in _NAMED.items()}
 # Everything but printable ASCII other than `"` and `\`: the only characters `Quote` may change.
 _MAYBE_ESCAPED: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 
-#: Dataset names become directory names and metric labels: a DNS-1123 subdomain, as for
-#: most Kubernetes object names.
-_DATASET: Final = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
-_DATASET_MAX: Final = 253
+# --- dataset names: the one rule ------------------------------------------------------------
+#: A dataset's name is its Dataset object's name, a directory name on the node and a metric
+#: label: a DNS-1123 subdomain (dot-separated labels of lower-case letters, digits and '-',
+#: each starting and ending with a letter or digit), as Kubernetes requires of object names.
+_DATASET_NAME: Final = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+#: The longest object name Kubernetes admits: the limit wherever a name only names a Dataset
+#: (the pins, the sidecar's and agent's settings).
+DATASET_NAME_MAX: Final = 253
+#: The longest name a Job may ask for: the per-dataset annotations put the name into an
+#: annotation key's name part (`datapin.dev/mount-path.<dataset>`), which Kubernetes caps at
+#: 63 characters, and the longest prefix, `mount-path.`, takes 11 of them.
+KEYED_DATASET_NAME_MAX: Final = 63 - len("mount-path.")
 _PIN_KEYS: Final = frozenset({"pin", "layout", "ref"})
-_LAYOUTS: Final = {"auto": None, **{layout.value: layout for layout in Layout}}
-
-
-class AnnotationsError(errors.AnnotationsError):
-    """The pod's annotations do not say what to serve: a bad file, no pins, or a bad pin.
-
-    `errors.AnnotationsError` with the structured fields the other errors carry (source,
-    line, dataset, problem); `except errors.AnnotationsError` catches it.
-    """
-
-    def __init__(
-        self,
-        *,
-        source: str,
-        problem: str,
-        fix: str,
-        line: int | None = None,
-        dataset: str | None = None,
-    ) -> None:
-        self.source = source
-        self.problem = problem
-        self.line = line
-        self.dataset = dataset
-        where = f" line {line}" if line is not None else ""
-        where += f" dataset {_snippet(dataset)}" if dataset is not None else ""
-        super().__init__(f"{source}{where}: {problem}. Fix: {fix}")
+#: What the webhook writes as a pin: a directory id as DVC writes it (lower case).
+_PIN: Final = re.compile(r"[0-9a-f]{32}\.dir")
+_LAYOUTS: Final = tuple(choice.value for choice in LayoutChoice)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,6 +267,11 @@ def _file_error(source: str, line: int, problem: str) -> NoReturn:
 # --- pins ----------------------------------------------------------------------------------
 
 
+def is_dataset_name(name: str, *, limit: int = DATASET_NAME_MAX) -> bool:
+    """Whether `name` is a usable dataset name of at most `limit` characters."""
+    return len(name) <= limit and _DATASET_NAME.fullmatch(name) is not None
+
+
 class _DuplicateKeyError(Exception):
     def __init__(self, key: str) -> None:
         self.key = key
@@ -314,11 +317,11 @@ def parse_pins(annotations: Mapping[str, str], *, source: str) -> dict[str, Pin]
 
 
 def _pin(where: str, name: str, value: Any) -> Pin:
-    if len(name) > _DATASET_MAX or _DATASET.fullmatch(name) is None:
+    if not is_dataset_name(name):
         _pins_error(
             where,
             "not a valid dataset name (lower-case letters, digits, '-' and '.', starting and "
-            f"ending with a letter or digit, at most {_DATASET_MAX} characters)",
+            f"ending with a letter or digit, at most {DATASET_NAME_MAX} characters)",
             dataset=name,
         )
     if isinstance(value, str):
@@ -340,7 +343,7 @@ def _pin(where: str, name: str, value: Any) -> Pin:
     pin = value.get("pin")
     if not isinstance(pin, str):
         _pins_error(where, 'no "pin": "<md5>.dir" string', dataset=name)
-    layout = value.get("layout", "auto")
+    layout = value.get("layout", LayoutChoice.AUTO.value)
     if not isinstance(layout, str) or layout not in _LAYOUTS:
         _pins_error(
             where,
@@ -350,7 +353,12 @@ def _pin(where: str, name: str, value: Any) -> Pin:
     ref = value.get("ref", pin)
     if not isinstance(ref, str) or not ref:
         _pins_error(where, f"ref {_json_snippet(ref)} is not a non-empty string", dataset=name)
-    return Pin(dataset=name, revision=_revision(where, name, pin), layout=_LAYOUTS[layout], ref=ref)
+    return Pin(
+        dataset=name,
+        revision=_revision(where, name, pin),
+        layout=LayoutChoice(layout).pinned,
+        ref=ref,
+    )
 
 
 def _revision(where: str, name: str, text: str) -> Revision:
@@ -376,7 +384,99 @@ def _revision(where: str, name: str, text: str) -> Revision:
 def _pins_error(
     where: str, problem: str, *, dataset: str | None = None, fix: str = _PINS_FIX
 ) -> NoReturn:
-    raise AnnotationsError(source=where, problem=problem, fix=fix, dataset=dataset)
+    raise AnnotationsError(
+        source=where, problem=problem, fix=fix, dataset=dataset, annotation=ANNOTATION
+    )
+
+
+# --- writing pins (the webhook) and reading them back --------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PinRecord:
+    """How one dataset's revision resolved: what the webhook writes into `datapin.dev/pins`."""
+
+    dataset: str
+    pin: str
+    ref: str
+    layout: LayoutChoice
+    commit: str | None = None
+
+
+def format_pins(records: Sequence[PinRecord]) -> dict[str, str]:
+    """The annotations that pin `records`: `datapin.dev/pins`, and `datapin.dev/commits` if
+    any record has a commit. Compact JSON with sorted keys, so equal pins give equal bytes
+    (idempotent patches, stable pod template hashes).
+
+    Raises ValueError for records no sidecar would accept: these come from our own resolution,
+    so a bad one is a bug, not a user error.
+    """
+    if not records:
+        raise ValueError("format_pins needs at least one record")
+    pins: dict[str, dict[str, str]] = {}
+    commits: dict[str, str] = {}
+    for record in records:
+        if record.dataset in pins:
+            raise ValueError(f"dataset {record.dataset!r} is pinned twice")
+        if not _PIN.fullmatch(record.pin) or not record.ref:
+            raise ValueError(f"dataset {record.dataset!r}: bad pin {record.pin!r} or empty ref")
+        pins[record.dataset] = {"layout": record.layout, "pin": record.pin, "ref": record.ref}
+        if record.commit is not None:
+            commits[record.dataset] = record.commit
+    result = {ANNOTATION: _compact(pins)}
+    if commits:
+        result[COMMITS_ANNOTATION] = _compact(commits)
+    return result
+
+
+def read_pin_records(annotations: Mapping[str, str], *, source: str) -> dict[str, PinRecord] | None:
+    """The pins (and commits) in `annotations` by dataset, None if there are none.
+
+    The pins are read by `parse_pins`, so the webhook accepts exactly what the sidecar would
+    serve. Raises `AnnotationsError` (with `annotation` set) for a malformed value of either key.
+    """
+    if ANNOTATION not in annotations:
+        return None
+    pins = parse_pins(annotations, source=source)
+    commits = _commits(annotations.get(COMMITS_ANNOTATION), set(pins), source=source)
+    return {
+        name: PinRecord(
+            dataset=name,
+            pin=str(pin.revision),
+            ref=pin.ref,
+            layout=LayoutChoice.of(pin.layout),
+            commit=commits.get(name),
+        )
+        for name, pin in pins.items()
+    }
+
+
+def _commits(text: str | None, datasets: set[str], *, source: str) -> dict[str, str]:
+    if text is None:
+        return {}
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _commits_error(source, f"not valid JSON ({exc.msg} at char {exc.pos})")
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        _commits_error(source, "not a JSON object of dataset name to commit string")
+    unknown = sorted(set(doc) - datasets)
+    if unknown:
+        _commits_error(source, f"names dataset(s) {', '.join(unknown)} that have no pin")
+    return cast(dict[str, str], doc)
+
+
+def _commits_error(source: str, problem: str) -> NoReturn:
+    raise AnnotationsError(
+        source=f"annotation {COMMITS_ANNOTATION} in {source}",
+        problem=problem,
+        fix=f"the datapin webhook writes {COMMITS_ANNOTATION} with {ANNOTATION}: remove both",
+        annotation=COMMITS_ANNOTATION,
+    )
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 # --- the file on disk ------------------------------------------------------------------------
@@ -430,11 +530,6 @@ def read_pins(path: Path) -> dict[str, Pin]:
 def _json_snippet(value: Any) -> str:
     """A JSON value as JSON for a message, cut to its first characters if it is long."""
     text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= _SNIPPET else f"{text[:_SNIPPET]}... ({len(text)} characters)"
-
-
-def _snippet(text: str) -> str:
-    """`text` quoted for a message, cut to its first characters if it is long."""
-    if len(text) <= _SNIPPET:
-        return repr(text)
-    return f"{text[:_SNIPPET]!r}... ({len(text)} characters)"
+    if len(text) <= SNIPPET_CHARS:
+        return text
+    return f"{text[:SNIPPET_CHARS]}... ({len(text)} characters)"

@@ -16,7 +16,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from datapin_sidecar.engine.hashing import LayoutChoice
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP: Final = "datapin.dev"
@@ -30,7 +38,12 @@ _OBJECT_NAME: Final = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _DATA_KEY: Final = r"^[-._a-zA-Z0-9]+$"
 
 Pin = Annotated[str, StringConstraints(pattern=PIN_PATTERN)]
-Layout = Literal["auto", "dvc3", "legacy"]
+#: `hashing.LayoutChoice`, schema'd as a plain string enum: the enum's docstring is for readers of
+#: the code, and would otherwise become the description of every layout field in the CRD.
+Layout = Annotated[
+    LayoutChoice,
+    WithJsonSchema({"type": "string", "enum": [choice.value for choice in LayoutChoice]}),
+]
 ConditionType = Literal["Ready", "RemoteReachable", "Resolved", "Prefetched"]
 CONDITION_TYPES: Final[tuple[ConditionType, ...]] = (
     "Ready",
@@ -104,11 +117,11 @@ class Remote(_Model):
     layout: Annotated[
         Layout,
         Field(
-            default="auto",
+            default=LayoutChoice.AUTO,
             description="Cache layout of the pushed objects: dvc3 (files/md5/), legacy (DVC 2) "
             "or auto (dvc3, then legacy).",
         ),
-    ] = "auto"
+    ] = LayoutChoice.AUTO
 
 
 class GitSecretRef(_Model):
@@ -213,7 +226,7 @@ class ResolvedRevision(_Model):
 
     ref: Annotated[str, Field(description="What was asked for: a name, git ref or md5.")]
     pin: Pin
-    layout: Layout = "auto"
+    layout: Layout = LayoutChoice.AUTO
     commit: Annotated[
         str | None, Field(default=None, description="The git commit, for git refs.")
     ] = None

@@ -4,7 +4,8 @@ Observing, in order, each step feeding the next:
 
 1. the spec parses (the CRD schema should have caught anything bad; this is the backstop);
 2. the remote's Secret exists and holds a key pair;
-3. every named and prefetch revision resolves to a pin (git refs through the DVC repo);
+3. every named and prefetch revision resolves to a pin (git refs through the DVC repo, with
+   the git Secret the resolver reads);
 4. the remote answers with those keys and holds every pin's `.dir`;
 5. for prefetch: the selected nodes get the pins in their agents' lists (fleet.py), and the
    agents' reports say how far they got.
@@ -38,9 +39,9 @@ from pydantic import ValidationError
 from datapin_operator.api.models import DatasetSpec, PrefetchStatus, ResolvedRevision
 from datapin_operator.errors import (
     AgentConfigError,
+    BadSpecError,
     OperatorError,
     RemoteCheckError,
-    ResolutionError,
     SecretError,
 )
 from datapin_operator.kube import Kube
@@ -55,7 +56,6 @@ from datapin_operator.reconcile.fleet import (
 from datapin_operator.reconcile.remotecheck import (
     RemoteKeys,
     check_remote,
-    git_credentials_from_secret,
     keys_from_secret,
 )
 from datapin_operator.reconcile.status import Observation, Transition, build_status, transitions
@@ -70,12 +70,6 @@ _POLL_CAP: Final = 15.0
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class BadSpecError(OperatorError):
-    """A spec the API server accepted but the models do not (a CRD older than the operator)."""
-
-    reason = "BadSpec"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,43 +257,25 @@ class Controller:
         wanted = list(
             dict.fromkeys([*spec.revisions, *(spec.prefetch.revisions if spec.prefetch else [])])
         )
-        if not wanted:
-            return []
-        credentials = None
-        if spec.source is not None and spec.source.credentials_secret_ref is not None:
-            git_secret = spec.source.credentials_secret_ref.name
-            try:
-                credentials = git_credentials_from_secret(
-                    await self.kube.get_secret(namespace, git_secret),
-                    secret=git_secret,
-                    namespace=namespace,
-                )
-            except SecretError as exc:
-                errors.append(exc)
+        found, failed = await self.resolver.resolve_many(
+            namespace, dataset=name, spec=spec, revisions=wanted
+        )
+        errors += failed
         before = {
             (r.get("ref"), r.get("pin")): r.get("resolvedAt")
             for r in (previous or {}).get("resolved", []) or []
             if isinstance(r, dict)
         }
-        resolved = []
-        for revision in wanted:
-            try:
-                r = await self.resolver.resolve(
-                    dataset=name, spec=spec, revision=revision, git_credentials=credentials
-                )
-            except ResolutionError as exc:
-                errors.append(exc)
-                continue
-            resolved.append(
-                ResolvedRevision(
-                    ref=revision,
-                    pin=r.pin,
-                    layout=r.layout,
-                    commit=r.commit,
-                    resolved_at=before.get((revision, r.pin)) or now_iso(),
-                )
+        return [
+            ResolvedRevision(
+                ref=revision,
+                pin=r.pin,
+                layout=r.layout,
+                commit=r.commit,
+                resolved_at=before.get((revision, r.pin)) or now_iso(),
             )
-        return resolved
+            for revision, r in found.items()
+        ]
 
     async def _prefetch(  # noqa: PLR0917 - private; the steps of one reconcile
         self,

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 import aiohttp
 import urllib3.exceptions
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.node.settings import DatasetSettings
 from kubernetes.client.exceptions import ApiException
 
@@ -68,7 +69,7 @@ class PrefetchEntry:
     namespace: str
     dataset: str
     pin: str
-    layout: str
+    layout: LayoutChoice
     ref: str
     remote: Remote
     keys: RemoteKeys = field(repr=False)
@@ -95,7 +96,7 @@ def render(
             endpoint_url=e.remote.endpoint,
             region=e.remote.region,
             addressing=e.remote.addressing,
-            layout=e.layout,  # type: ignore[arg-type]
+            layout=e.layout,
             credentials_dir=credentials_dir,  # type: ignore[arg-type]
             access_key_id_file=id_file,
             secret_access_key_file=secret_file,

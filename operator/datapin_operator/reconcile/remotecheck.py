@@ -9,9 +9,6 @@ region are distinct errors). Then each resolved pin's `.dir` is looked up in its
 tag whose data was never `dvc push`ed
 shows as not Resolved before any Job asks for it.
 
-`git_credentials_from_secret` is the same check for the git Secret of `spec.source`, shared
-by the webhook and the controller.
-
 Keys are taken from the Secret's data (the names the Dataset gives, else the AWS and B2 names
 the sidecar also accepts) and live only in memory for the duration of the check.
 """
@@ -23,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.errors import DatapinError
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 from datapin_sidecar.remotes.s3config import (
@@ -37,15 +34,9 @@ from datapin_sidecar.remotes.s3config import (
 
 from datapin_operator.api.models import CredentialsSecretRef, Remote
 from datapin_operator.errors import RemoteCheckError, SecretError
-from datapin_operator.resolve.gitsource import GitCredentials
 
 #: A `.dir` no one can have pushed: its absence proves the request was accepted.
 _PROBE: Final = "0" * 32 + ".dir"
-_LAYOUTS: Final = {
-    "auto": (Layout.DVC3, Layout.LEGACY),
-    "dvc3": (Layout.DVC3,),
-    "legacy": (Layout.LEGACY,),
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,34 +91,11 @@ def keys_from_secret(
     )
 
 
-def git_credentials_from_secret(
-    data: Mapping[str, str] | None, *, secret: str, namespace: str
-) -> GitCredentials:
-    """The git credentials in a Secret's data, or a `SecretError` naming what is missing."""
-    fix = "`username` and `password` (or `token`) for https, or `ssh-privatekey` for ssh"
-    if data is None:
-        raise SecretError(
-            secret=secret,
-            namespace=namespace,
-            problem="does not exist (spec.source.credentialsSecretRef names it)",
-            fix=f"create it with {fix}",
-        )
-    credentials = GitCredentials.from_secret_data(data)
-    if credentials.is_empty:
-        raise SecretError(
-            secret=secret,
-            namespace=namespace,
-            problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
-            fix=f"add {fix}",
-        )
-    return credentials
-
-
 async def check_remote(
     remote: Remote,
     keys: RemoteKeys,
     *,
-    pins: Sequence[tuple[str, str]] = (),
+    pins: Sequence[tuple[str, LayoutChoice]] = (),
     request_timeout: float = 10.0,
     where: str,
 ) -> list[str]:
@@ -159,7 +127,7 @@ async def check_remote(
                 await s3.afind(_PROBE, (Layout.DVC3,))
                 missing = []
                 for pin, layout in pins:
-                    if await s3.afind(pin, _LAYOUTS[layout]) is None:
+                    if await s3.afind(pin, LayoutChoice(layout).candidates) is None:
                         missing.append(pin)
                 return missing
     except TimeoutError:

@@ -3,7 +3,7 @@
 `GitSource.resolve(repo=, ref=, target=)` answers "which `<md5>.dir` did `data.dvc` name at tag
 v2?" with the git CLI, because git is the one client that speaks every transport users host DVC
 repositories on (https with tokens, ssh with deploy keys, file://), and the operator image ships
-it anyway. Every call is `asyncio.create_subprocess_exec` with an argument list, never a shell.
+it anyway.
 
 Design, and why:
 
@@ -27,158 +27,60 @@ Design, and why:
   tag), then `refs/heads/<ref>`; `HEAD` and full ref names (`refs/...`) as themselves. An
   abbreviated sha (7-39 hex) that names no tag or branch needs the history: all branches and
   tags are fetched (unshallowed, blobless) and `git rev-parse` finds the one commit.
-* **Targets** follow `datapin_sidecar.engine.revision.resolve_target`: `data.dvc`, `data.dvc:OUT`,
-  `dvc.lock:OUT`, or `OUT` (its `OUT.dvc` if that exists at the commit, else `dvc.lock`). The
-  file is parsed by the sidecar's own `read_dvc_file`/`read_dvc_lock`/`find_out`, so the pin and
-  its layout (dvc3 or legacy) are exactly what the materialiser will read. Only directory outs
-  are pins.
-* **Secrets stay out of argv** (`/proc/<pid>/cmdline` is world-readable; `environ` is not): https
-  basic auth travels as `http.extraHeader` through `GIT_CONFIG_COUNT`/`KEY`/`VALUE` environment
-  variables; an ssh key is written to a 0600 file (deleted when the resolve ends) named by
-  `GIT_SSH_COMMAND`. git never prompts (`GIT_TERMINAL_PROMPT=0`, an askpass that answers
-  nothing, ssh `BatchMode`), reads no user or system configuration, and runs with `LC_ALL=C` so
-  its messages can be classified. `GIT_ALLOW_PROTOCOL` limits transports (never `ext::`, which
-  runs commands).
+* **Targets** (`data.dvc`, `data.dvc:OUT`, `dvc.lock:OUT`, `OUT`) are read at the commit by
+  `dvcfile.read_out`, with the sidecar's own parsers; only directory outs are pins.
+* **How git runs** (secrets out of argv, no prompts, no user configuration, allowed transports,
+  timeouts that kill the process group, redacted stderr) is `gitrun.py`'s; every call of this
+  class goes through `_git`.
 * **Errors** are `GitError` (unreachable, authentication, unknown ref, timeout) or
-  `PinReadError` (the commit's DVC file lacks the out), each with a fix. git's stderr is kept as
-  a short tail with userinfo stripped from URLs and every credential value replaced by `***`.
-  Each git call has a timeout; on timeout or cancellation its whole process group is killed
-  (git spawns `git-remote-https`, `ssh`, `index-pack`).
+  `PinReadError` (the commit's DVC file lacks the out), each with a fix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import shlex
-import shutil
-import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
-from datapin_sidecar.engine.revision import Out, find_out, read_dvc_file, read_dvc_lock
-from datapin_sidecar.errors import ManifestError, RevisionError
+from datapin_sidecar.engine.revision import Out
 
 from datapin_operator.errors import GitError, PinReadError
+from datapin_operator.resolve.dvcfile import clean_target, read_out
+from datapin_operator.resolve.gitrun import (
+    DEFAULT_PROTOCOLS,
+    GitCredentials,
+    GitResult,
+    GitSession,
+    git_session,
+    is_missing_commit,
+    redact_url,
+    remote_error,
+    run_git,
+    tail,
+)
 
 __all__ = ["DEFAULT_PROTOCOLS", "GitCredentials", "GitPin", "GitSource", "redact_url"]
-
-#: Transports git may use (`GIT_ALLOW_PROTOCOL`). `file` serves tests and local mirrors; drop it
-#: where Dataset authors must not read the operator's own filesystem.
-DEFAULT_PROTOCOLS: Final = ("https", "http", "ssh", "git", "file")
-
-#: Username sent with a `token` that comes without one. GitHub and GitLab accept any username
-#: with a personal access token; this one is what GitHub documents for app tokens.
-TOKEN_USERNAME: Final = "x-access-token"  # noqa: S105 - a username, not a secret
 
 _FULL_SHA: Final = re.compile(r"[0-9a-f]{40}")
 _ABBREV_SHA: Final = re.compile(r"[0-9a-f]{7,39}")
 _LISTING_LINE: Final = re.compile(r"([0-9a-f]{40})\t(\S+)")
-_USERINFO: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 #: `<transport>::<address>` runs a remote helper (`ext::` runs any command).
 _TRANSPORT: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)::")
 _BAD_TEXT: Final = re.compile(r"[\x00-\x20\x7f]")
 
-#: How much of git's stderr an error keeps: enough to see the cause, not a wall of hints.
-_TAIL_LINES: Final = 4
-_TAIL_CHARS: Final = 400
 #: How many tags/branches an unknown-ref error lists.
 _SHOWN_REFS: Final = 12
 #: Bound of the immutable (url, commit, target) -> Out cache; an entry is a few hundred bytes.
 _MAX_OUTS: Final = 8192
-
-_AUTH_MARKERS: Final = (
-    "authentication failed",
-    "could not read username",
-    "could not read password",
-    "permission denied (publickey",
-    "access denied",
-    "returned error: 401",
-    "returned error: 403",
-    "invalid username or password",
-)
-_MISSING_COMMIT_MARKERS: Final = (
-    "not our ref",
-    "couldn't find remote ref",
-    "no such remote ref",
-    "unadvertised object",
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
-class GitCredentials:
-    """Credentials from the Secret named by `spec.source.credentialsSecretRef`.
-
-    https: `username` and `password` (or `token`); ssh: `ssh-privatekey` and optionally
-    `known_hosts` (without it the host key is accepted on first use and remembered).
-    """
-
-    username: str | None = None
-    password: str | None = None
-    ssh_private_key: str | None = None
-    known_hosts: str | None = None
-
-    #: The Secret keys read, for error messages about a Secret that has none of them.
-    KEYS = ("username", "password", "token", "ssh-privatekey", "known_hosts")
-
-    @classmethod
-    def from_secret_data(cls, data: Mapping[str, str]) -> GitCredentials:
-        """Credentials from a Secret's `data`, already base64-decoded.
-
-        A trailing newline (what `kubectl create secret --from-file` keeps from an editor) is
-        dropped from username, password and token; an ssh key gets one, as OpenSSH requires.
-        A `token` without `username` is sent as `x-access-token`. A Secret with none of
-        `KEYS` gives empty credentials (`is_empty`); the caller decides whether that is an
-        error.
-        """
-
-        def text(key: str) -> str | None:
-            value = data.get(key)
-            return (value.rstrip("\r\n") or None) if value is not None else None
-
-        password = text("password") or text("token")
-        username = text("username") or (TOKEN_USERNAME if password else None)
-        key = data.get("ssh-privatekey") or None
-        if key is not None and not key.endswith("\n"):
-            key += "\n"
-        return cls(
-            username=username,
-            password=password,
-            ssh_private_key=key,
-            known_hosts=data.get("known_hosts") or None,
-        )
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.username or self.password or self.ssh_private_key)
-
-    def __repr__(self) -> str:
-        # Only which fields are set: a repr ends up in logs and tracebacks.
-        shown = ", ".join(
-            f"{name}=<set>"
-            for name in ("username", "password", "ssh_private_key", "known_hosts")
-            if getattr(self, name)
-        )
-        return f"GitCredentials({shown})"
-
-    def _secret_values(self) -> list[str]:
-        values = [v for v in (self.username, self.password) if v]
-        if self.username is not None and self.password is not None:
-            values.append(_basic(self.username, self.password))
-        if self.ssh_private_key:
-            values += [line for line in self.ssh_private_key.splitlines() if "-----" not in line]
-        return [v.strip() for v in values if len(v.strip()) >= 4]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,22 +100,6 @@ class _Repo:
     #: Commits fetched (or found) in this process. Asking git instead could trigger a lazy
     #: fetch of a missing commit's whole history in a partial clone.
     present: set[str] = field(default_factory=set)
-
-
-@dataclass(slots=True, kw_only=True)
-class _Session:
-    """The environment of the git calls of one resolve, and what to redact from their output."""
-
-    env: dict[str, str]
-    secrets: list[str]
-    fingerprint: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Result:
-    returncode: int
-    stdout: bytes
-    stderr: str
 
 
 class GitSource:
@@ -260,17 +146,31 @@ class GitSource:
         Raises `GitError` (unreachable, authentication, unknown ref, timeout) or
         `PinReadError` (no such DVC file or out at that commit, or not a directory).
         """
-        url, ref, target = repo.strip(), ref.strip(), _clean_target(target)
+        url, ref, target = repo.strip(), ref.strip(), clean_target(target)
         self._check_inputs(url, ref, target)
         state = self._repo(url)
-        async with state.lock, self._session(credentials) as session:
+        creds = credentials or GitCredentials()
+        sealed = git_session(
+            cache_dir=self._cache_dir,
+            protocols=self._protocols,
+            credentials=creds,
+            fingerprint=self._fingerprint(creds),
+        )
+        async with state.lock, sealed as session:
             await self._ensure_repo(state, session)
             commit = await self._commit(state, session, ref)
             key = (url, commit, target)
             out = self._outs.get(key)
             if out is None:
                 await self._fetch_commit(state, session, commit)
-                out = await self._read_out(state, session, commit, target)
+                out = await read_out(
+                    partial(self._git, state, session),
+                    url=url,
+                    repo=state.path,
+                    commit=commit,
+                    target=target,
+                    tmp=self._cache_dir / "tmp",
+                )
                 if len(self._outs) >= _MAX_OUTS:
                     del self._outs[next(iter(self._outs))]
                 self._outs[key] = out
@@ -315,86 +215,6 @@ class GitSource:
 
     # -- the environment ----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _session(self, credentials: GitCredentials | None) -> AsyncIterator[_Session]:
-        creds = credentials or GitCredentials()
-        home, tmp = self._cache_dir / "home", self._cache_dir / "tmp"
-        for directory in (self._cache_dir, home, home / ".ssh", tmp):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        askpass = shutil.which("true") or "/bin/true"
-        env = {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "LC_ALL": "C",
-            "LANG": "C",
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_ASKPASS": askpass,
-            "SSH_ASKPASS": askpass,
-            "SSH_ASKPASS_REQUIRE": "never",
-            "GIT_ALLOW_PROTOCOL": ":".join(self._protocols),
-        }
-        # Proxies and CA bundles of the operator's environment still apply to git.
-        for name in (
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
-            "all_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "NO_PROXY",
-            "ALL_PROXY",
-            "SSL_CERT_FILE",
-            "SSL_CERT_DIR",
-            "GIT_SSL_CAINFO",
-            "GIT_SSL_CAPATH",
-        ):
-            if name in os.environ:
-                env[name] = os.environ[name]
-        config: list[tuple[str, str]] = []
-        if creds.username is not None and creds.password is not None:
-            config.append(
-                (
-                    "http.extraHeader",
-                    f"Authorization: Basic {_basic(creds.username, creds.password)}",
-                )
-            )
-        env["GIT_CONFIG_COUNT"] = str(len(config))
-        for index, (key, value) in enumerate(config):
-            env[f"GIT_CONFIG_KEY_{index}"] = key
-            env[f"GIT_CONFIG_VALUE_{index}"] = value
-
-        files: list[Path] = []
-        try:
-            ssh = ["ssh", "-F", os.devnull, "-o", "BatchMode=yes"]
-            if creds.ssh_private_key:
-                key_file = _private_file(tmp, creds.ssh_private_key)
-                files.append(key_file)
-                ssh += ["-i", str(key_file), "-o", "IdentitiesOnly=yes"]
-            if creds.known_hosts:
-                hosts = _private_file(tmp, creds.known_hosts)
-                files.append(hosts)
-                ssh += ["-o", f"UserKnownHostsFile={hosts}", "-o", "StrictHostKeyChecking=yes"]
-            else:
-                # ssh finds ~ through the password database, not $HOME: name the file.
-                hosts = home / ".ssh" / "known_hosts"
-                ssh += [
-                    "-o",
-                    f"UserKnownHostsFile={hosts}",
-                    "-o",
-                    "StrictHostKeyChecking=accept-new",
-                ]
-            env["GIT_SSH_COMMAND"] = shlex.join(ssh)
-            env["GIT_SSH_VARIANT"] = "ssh"
-            yield _Session(
-                env=env, secrets=creds._secret_values(), fingerprint=self._fingerprint(creds)
-            )
-        finally:
-            for path in files:
-                path.unlink(missing_ok=True)
-
     def _fingerprint(self, creds: GitCredentials) -> str:
         if creds.is_empty:
             return "anonymous"
@@ -406,45 +226,11 @@ class GitSource:
 
     # -- git ----------------------------------------------------------------------------------
 
-    async def _git(self, state: _Repo, session: _Session, *args: str) -> _Result:
-        """Run `git -C <bare repo> args...`; a timeout or cancellation kills its process group."""
-        argv = ["git", "-C", str(state.path), "-c", "protocol.version=2", *args]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=session.env,
-                start_new_session=True,
-            )
-        except FileNotFoundError:
-            raise GitError(
-                "the git executable is not on the operator's PATH. Fix: install git in the "
-                "operator image"
-            ) from None
-        try:
-            async with asyncio.timeout(self._timeout):
-                stdout, stderr = await proc.communicate()
-        except TimeoutError:
-            await _kill(proc)
-            raise GitError(
-                f"git {args[0]} of {redact_url(state.url)} timed out after "
-                f"{self._timeout:g} s. Fix: check that the repository is reachable from the "
-                "operator (network policy, proxy, firewall), or raise "
-                "DATAPIN_GIT_TIMEOUT_SECONDS for a slow server"
-            ) from None
-        except BaseException:
-            await _kill(proc)
-            raise
-        assert proc.returncode is not None  # noqa: S101 - communicate() waited for it
-        return _Result(
-            returncode=proc.returncode,
-            stdout=stdout,
-            stderr=_redact(stderr.decode("utf-8", "replace"), session.secrets),
-        )
+    async def _git(self, state: _Repo, session: GitSession, *args: str) -> GitResult:
+        """Every git call of this source goes through here (one place to time or trace)."""
+        return await run_git(state.path, state.url, session, *args, seconds=self._timeout)
 
-    async def _ensure_repo(self, state: _Repo, session: _Session) -> None:
+    async def _ensure_repo(self, state: _Repo, session: GitSession) -> None:
         if state.ready:
             return
         # Idempotent: a cache directory kept from an earlier run (or half made by a crash) is
@@ -465,12 +251,12 @@ class GitSource:
             if result.returncode != 0:
                 raise GitError(
                     f"cannot prepare the git cache {state.path} for {redact_url(state.url)}: "
-                    f"{_tail(result.stderr)}. Fix: make DATAPIN_GIT_CACHE_DIR a writable "
+                    f"{tail(result.stderr)}. Fix: make DATAPIN_GIT_CACHE_DIR a writable "
                     "directory (an emptyDir) with free space"
                 )
         state.ready = True
 
-    async def _listing(self, state: _Repo, session: _Session, scope: str = "") -> dict[str, str]:
+    async def _listing(self, state: _Repo, session: GitSession, scope: str = "") -> dict[str, str]:
         """Ref name -> commit sha (annotated tags peeled), cached for `ref_ttl` seconds.
 
         `scope` "" lists branches and tags (what users name, and cheap: protocol v2 sends only
@@ -486,7 +272,7 @@ class GitSource:
             state, session, *args, "--", state.url, *([scope] if scope else [])
         )
         if result.returncode != 0:
-            raise _remote_error(state.url, result.stderr, doing="list the refs of")
+            raise remote_error(state.url, result.stderr, doing="list the refs of")
         direct: dict[str, str] = {}
         peeled: dict[str, str] = {}
         for line in result.stdout.decode("utf-8", "replace").splitlines():
@@ -502,7 +288,7 @@ class GitSource:
         self._listings[key] = (now, refs)
         return refs
 
-    async def _commit(self, state: _Repo, session: _Session, ref: str) -> str:
+    async def _commit(self, state: _Repo, session: GitSession, ref: str) -> str:
         # The branch/tag listing is needed in every case: it proves these credentials can read
         # the repository before any cached answer is handed out.
         refs = await self._listing(state, session)
@@ -521,7 +307,7 @@ class GitSource:
             return await self._expand_abbreviated(state, session, lowered)
         raise _unknown_ref(state.url, ref, refs)
 
-    async def _peel_full_sha(self, state: _Repo, session: _Session, sha: str) -> str:
+    async def _peel_full_sha(self, state: _Repo, session: GitSession, sha: str) -> str:
         cached = self._peeled.get((state.url, sha))
         if cached is not None:
             return cached
@@ -536,7 +322,7 @@ class GitSource:
         state.present.add(commit)
         return commit
 
-    async def _fetch_commit(self, state: _Repo, session: _Session, sha: str) -> None:
+    async def _fetch_commit(self, state: _Repo, session: GitSession, sha: str) -> None:
         if sha in state.present:
             return
         result = await self._git(
@@ -553,17 +339,16 @@ class GitSource:
             sha,
         )
         if result.returncode != 0:
-            lowered = result.stderr.lower()
-            if any(marker in lowered for marker in _MISSING_COMMIT_MARKERS):
+            if is_missing_commit(result.stderr):
                 raise GitError(
                     f"commit {sha} is not in {redact_url(state.url)} (or the server does not "
                     "serve commits by sha). Fix: push the commit, or name a tag or branch "
                     "that points at it"
                 )
-            raise _remote_error(state.url, result.stderr, doing="fetch from")
+            raise remote_error(state.url, result.stderr, doing="fetch from")
         state.present.add(sha)
 
-    async def _expand_abbreviated(self, state: _Repo, session: _Session, prefix: str) -> str:
+    async def _expand_abbreviated(self, state: _Repo, session: GitSession, prefix: str) -> str:
         # Uniqueness can only be judged against the whole history, so fetch it (blobless).
         args = ["fetch", "--quiet", "--filter=blob:none", "--no-write-fetch-head", "--force"]
         if (state.path / "shallow").exists():
@@ -571,7 +356,7 @@ class GitSource:
         refspecs = ("+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
         result = await self._git(state, session, *args, "--", "origin", *refspecs)
         if result.returncode != 0:
-            raise _remote_error(state.url, result.stderr, doing="fetch the history of")
+            raise remote_error(state.url, result.stderr, doing="fetch the history of")
         check = await self._git(state, session, "rev-parse", "--verify", f"{prefix}^{{commit}}")
         shown = redact_url(state.url)
         if check.returncode != 0:
@@ -589,152 +374,12 @@ class GitSource:
         state.present.add(commit)
         return commit
 
-    async def _rev_parse(self, state: _Repo, session: _Session, sha: str) -> str | None:
+    async def _rev_parse(self, state: _Repo, session: GitSession, sha: str) -> str | None:
         result = await self._git(state, session, "rev-parse", "--verify", "-q", f"{sha}^{{commit}}")
         text = result.stdout.decode().strip()
         return text if result.returncode == 0 and _FULL_SHA.fullmatch(text) else None
 
     # -- the DVC file -------------------------------------------------------------------------
-
-    async def _read_out(self, state: _Repo, session: _Session, commit: str, target: str) -> Out:
-        shown = redact_url(state.url)
-        at = f"commit {commit[:12]} of {shown}"
-        file_part, sep, out_part = target.partition(":")
-        out: str | None
-        if sep and file_part.endswith("dvc.lock"):
-            file, out, lock = file_part, out_part, True
-        elif file_part.endswith(".dvc"):
-            file, out, lock = file_part, (out_part if sep else None), False
-        elif sep:
-            raise PinReadError(
-                f"DVC target {target!r} names neither a .dvc file nor dvc.lock before ':'. "
-                "Fix: set spec.source.path to data.dvc, data.dvc:OUT, dvc.lock:OUT or OUT"
-            )
-        else:
-            found = await self._ls_tree(state, session, commit, f"{target}.dvc", "dvc.lock")
-            if f"{target}.dvc" in found:
-                file, out, lock = f"{target}.dvc", None, False
-            elif "dvc.lock" in found:
-                file, out, lock = "dvc.lock", target, True
-            else:
-                raise PinReadError(
-                    f"DVC target {target!r} not found at {at}: no {target}.dvc and no dvc.lock. "
-                    "Fix: set spec.source.path to a .dvc file or a dvc.lock output that exists "
-                    "at that revision (and commit it)"
-                )
-        entries = await self._ls_tree(state, session, commit, file)
-        entry = entries.get(file)
-        if entry is None or entry[0] != "blob":
-            problem = "does not exist" if entry is None else "is not a file"
-            raise PinReadError(
-                f"{file} {problem} at {at}. Fix: set spec.source.path to a .dvc file or "
-                "dvc.lock:OUT that exists at that revision (is it committed?)"
-            )
-        blob = await self._git(state, session, "cat-file", "blob", entry[1])
-        if blob.returncode != 0:
-            raise _remote_error(state.url, blob.stderr, doing=f"read {file} from")
-        label = f"{file} at {at}"
-        tmp = self._cache_dir / "tmp"
-        result = await asyncio.to_thread(
-            _parse_out, blob.stdout, tmp=tmp, file=file, out=out, lock=lock, label=label
-        )
-        if not result.revision.is_dir:
-            raise PinReadError(
-                f"out {result.path!r} of {label} is a single file ({result.revision.md5}), not "
-                "a directory; datapin pins directories. Fix: point spec.source.path at a "
-                "directory out (dvc add <dir>), or use a named revision"
-            )
-        return result
-
-    async def _ls_tree(
-        self, state: _Repo, session: _Session, commit: str, *paths: str
-    ) -> dict[str, tuple[str, str]]:
-        """path -> (type, oid) of those of `paths` that exist at `commit` (trees only: no
-        blob is fetched)."""
-        result = await self._git(state, session, "ls-tree", "-z", commit, "--", *paths)
-        if result.returncode != 0:
-            raise GitError(
-                f"cannot list commit {commit[:12]} of {redact_url(state.url)}: "
-                f"{_tail(result.stderr)}. Fix: retry; if it persists, delete the git cache "
-                f"{state.path}"
-            )
-        found: dict[str, tuple[str, str]] = {}
-        for record in result.stdout.decode("utf-8", "replace").split("\0"):
-            meta, tab, path = record.partition("\t")
-            parts = meta.split()
-            if tab and len(parts) == 3:
-                found[path] = (parts[1], parts[2])
-        return found
-
-
-def redact_url(url: str) -> str:
-    """`url` without userinfo (`https://user:token@host/x` -> `https://host/x`)."""
-    return _USERINFO.sub(r"\1", url.strip())
-
-
-def _clean_target(target: str) -> str:
-    cleaned = target.strip()
-    while cleaned.startswith("./"):
-        cleaned = cleaned[2:]
-    return cleaned.lstrip("/")
-
-
-def _basic(username: str, password: str) -> str:
-    return base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-
-
-def _private_file(directory: Path, content: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=directory, prefix="cred-")  # mode 0600
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(content)
-    return Path(name)
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        await proc.wait()
-
-
-def _redact(text: str, values: Sequence[str]) -> str:
-    text = _USERINFO.sub(r"\1", text)
-    for value in sorted(values, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
-
-
-def _tail(stderr: str) -> str:
-    lines = [
-        line.strip()
-        for line in stderr.splitlines()
-        if line.strip() and not line.lstrip().lower().startswith("hint:")
-    ]
-    text = " / ".join(lines[-_TAIL_LINES:])
-    return text if len(text) <= _TAIL_CHARS else "..." + text[-_TAIL_CHARS:]
-
-
-def _remote_error(url: str, stderr: str, *, doing: str) -> GitError:
-    shown = redact_url(url)
-    lowered = stderr.lower()
-    detail = _tail(stderr) or "no output from git"
-    if "host key verification failed" in lowered:
-        return GitError(
-            f"cannot {doing} {shown}: the ssh host key does not match known_hosts ({detail}). "
-            "Fix: put the server's current host key in the `known_hosts` key of the "
-            "credentials Secret (ssh-keyscan <host>)"
-        )
-    if any(marker in lowered for marker in _AUTH_MARKERS):
-        return GitError(
-            f"authentication to {shown} failed ({detail}). Fix: check the Secret named by "
-            "spec.source.credentialsSecretRef (`username` and `password` or `token` for "
-            "https, `ssh-privatekey` for ssh) and that it grants read access to the repository"
-        )
-    return GitError(
-        f"cannot {doing} {shown}: {detail}. Fix: check spec.source.repo and the network "
-        "(and the credentials Secret, for a private repository)"
-    )
 
 
 def _natural(name: str) -> list[tuple[int, int | str]]:
@@ -758,38 +403,3 @@ def _unknown_ref(url: str, ref: str, refs: Mapping[str, str]) -> GitError:
         f"branches: {_some(heads)}. Fix: name an existing tag or branch, a commit sha (at "
         "least 7 hex digits), or a named revision of the Dataset"
     )
-
-
-def _parse_out(
-    data: bytes, *, tmp: Path, file: str, out: str | None, lock: bool, label: str
-) -> Out:
-    """Parse a DVC file's bytes with the sidecar's own readers (they take a path)."""
-    directory = Path(tempfile.mkdtemp(dir=tmp, prefix="dvcfile-"))
-    path = directory / Path(file).name
-    try:
-        path.write_bytes(data)
-        if lock:
-            outs = [o for stage in read_dvc_lock(path).values() for o in stage]
-        else:
-            outs = read_dvc_file(path)
-        if out is not None:
-            try:
-                return find_out(outs, out, source=label)
-            except ManifestError:
-                raise
-            except RevisionError as exc:
-                raise PinReadError(
-                    f"{exc}. Fix: set spec.source.path to {file}:<one of those outs>"
-                ) from None
-        if len(outs) > 1:
-            names = ", ".join(o.path for o in outs)
-            raise PinReadError(
-                f"{label} has {len(outs)} outs ({names}). Fix: pick one in spec.source.path "
-                f"as {file}:<path>"
-            )
-        return outs[0]
-    except RevisionError as exc:
-        # The readers name the temporary file; users know it as `file` at that commit.
-        raise PinReadError(str(exc).replace(str(path), label)) from None
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)

@@ -19,26 +19,50 @@ Layouts: a git pin carries the layout its out records (`hash: md5` -> dvc3, none
 which is what the materialiser must use; a literal or named pin has no such record, so it takes
 `spec.remote.layout` (by default `auto`, which tries dvc3 then legacy).
 
+Git credentials: a Dataset whose `spec.source.credentialsSecretRef` names a Secret is resolved
+with the git credentials in it, read here (`resolve_in`, `resolve_many`), so the webhook and the
+controller both just resolve. The Secret is read whenever the source names one, whatever the
+revision, so a missing or empty git Secret is reported even while every revision is a pin.
+
 Errors are `ResolutionError`s carrying `dataset=` and `revision=`, so the webhook's rejection
-and the Dataset's conditions say which Dataset and which revision failed.
+and the Dataset's conditions say which Dataset and which revision failed; an unreadable git
+Secret is a `SecretError`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from enum import StrEnum
+from typing import Final
 
-from datapin_sidecar.engine.hashing import Layout as OutLayout
+from datapin_sidecar.engine.hashing import LayoutChoice
 
-from datapin_operator.api.models import DatasetSpec, Layout
-from datapin_operator.errors import ResolutionError, UnknownRevisionError
+from datapin_operator.api.models import DatasetSpec
+from datapin_operator.errors import (
+    OperatorError,
+    ResolutionError,
+    SecretError,
+    UnknownRevisionError,
+)
 from datapin_operator.resolve.gitsource import GitCredentials, GitSource
 
-__all__ = ["Resolved", "Resolver"]
+__all__ = ["Resolved", "Resolver", "RevisionKind", "SecretReader", "git_credentials_from_secret"]
+
+#: (namespace, name) -> the Secret's data as text, or None if it does not exist.
+SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
 
 _LITERAL_PIN: Final = re.compile(r"[0-9a-f]{32}\.dir", re.IGNORECASE)
 _BARE_MD5: Final = re.compile(r"[0-9a-fA-F]{32}")
+
+
+class RevisionKind(StrEnum):
+    """What a revision turned out to be, in the order they are tried."""
+
+    PIN = "pin"
+    NAMED = "named"
+    GIT = "git"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,9 +73,9 @@ class Resolved:
     """What the user asked for (surrounding whitespace removed)."""
     pin: str
     """The directory object, `<md5>.dir`."""
-    layout: Layout
+    layout: LayoutChoice
     """named/literal: `spec.remote.layout`; git: the out's own layout (dvc3 or legacy)."""
-    kind: Literal["pin", "named", "git"]
+    kind: RevisionKind
     commit: str | None = None
     """The commit, for git refs."""
 
@@ -59,8 +83,54 @@ class Resolved:
 class Resolver:
     """Resolve a Dataset's revisions: literal pin, then named revision, then git ref."""
 
-    def __init__(self, git: GitSource) -> None:
+    def __init__(self, git: GitSource, *, secrets: SecretReader) -> None:
         self._git = git
+        self._secrets = secrets
+
+    async def resolve_in(
+        self, namespace: str, *, dataset: str, spec: DatasetSpec, revision: str
+    ) -> Resolved:
+        """Resolve `revision` of the Dataset `namespace/dataset`, with its git Secret's
+        credentials; raise a `ResolutionError`, or a `SecretError` for the git Secret."""
+        credentials = await self.git_credentials(namespace, spec)
+        return await self.resolve(
+            dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
+        )
+
+    async def resolve_many(
+        self, namespace: str, *, dataset: str, spec: DatasetSpec, revisions: Sequence[str]
+    ) -> tuple[dict[str, Resolved], list[OperatorError]]:
+        """Resolve each of `revisions`: (what resolved by revision, every error).
+
+        A bad git Secret is one error, and the revisions are still resolved without
+        credentials (pins, named revisions and public repositories need none).
+        """
+        errors: list[OperatorError] = []
+        if not revisions:
+            return {}, errors
+        credentials = None
+        try:
+            credentials = await self.git_credentials(namespace, spec)
+        except SecretError as exc:
+            errors.append(exc)
+        resolved: dict[str, Resolved] = {}
+        for revision in revisions:
+            try:
+                resolved[revision] = await self.resolve(
+                    dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
+                )
+            except ResolutionError as exc:
+                errors.append(exc)
+        return resolved, errors
+
+    async def git_credentials(self, namespace: str, spec: DatasetSpec) -> GitCredentials | None:
+        """The credentials in the git Secret `spec.source` names; None if it names none."""
+        if spec.source is None or spec.source.credentials_secret_ref is None:
+            return None
+        name = spec.source.credentials_secret_ref.name
+        return git_credentials_from_secret(
+            await self._secrets(namespace, name), secret=name, namespace=namespace
+        )
 
     async def resolve(
         self,
@@ -70,7 +140,8 @@ class Resolver:
         revision: str,
         git_credentials: GitCredentials | None = None,
     ) -> Resolved:
-        """Resolve `revision` of `dataset`; raise a `ResolutionError` naming both."""
+        """Resolve `revision` of `dataset` with `git_credentials` (none: anonymous git); raise
+        a `ResolutionError` naming both."""
         ref = revision.strip()
         if not ref:
             raise UnknownRevisionError(
@@ -81,10 +152,12 @@ class Resolver:
                 revision=revision,
             )
         if _LITERAL_PIN.fullmatch(ref):
-            return Resolved(ref=ref, pin=ref.lower(), layout=spec.remote.layout, kind="pin")
+            return Resolved(
+                ref=ref, pin=ref.lower(), layout=spec.remote.layout, kind=RevisionKind.PIN
+            )
         named = spec.revisions.get(ref)
         if named is not None:
-            return Resolved(ref=ref, pin=named, layout=spec.remote.layout, kind="named")
+            return Resolved(ref=ref, pin=named, layout=spec.remote.layout, kind=RevisionKind.NAMED)
         if spec.source is None:
             hint = (
                 " (it looks like a DVC md5: a directory pin ends in `.dir`)"
@@ -109,10 +182,37 @@ class Resolver:
         except ResolutionError as exc:
             # Same class (GitError, PinReadError), now saying which Dataset and revision.
             raise type(exc)(exc.message, dataset=dataset, revision=revision) from exc
-        layout: Layout = "dvc3" if pin.out.layout is OutLayout.DVC3 else "legacy"
+        layout = LayoutChoice.of(pin.out.layout)
         return Resolved(
-            ref=ref, pin=pin.out.revision.oid, layout=layout, kind="git", commit=pin.commit
+            ref=ref,
+            pin=pin.out.revision.oid,
+            layout=layout,
+            kind=RevisionKind.GIT,
+            commit=pin.commit,
         )
+
+
+def git_credentials_from_secret(
+    data: Mapping[str, str] | None, *, secret: str, namespace: str
+) -> GitCredentials:
+    """The git credentials in a Secret's data, or a `SecretError` naming what is missing."""
+    fix = "`username` and `password` (or `token`) for https, or `ssh-privatekey` for ssh"
+    if data is None:
+        raise SecretError(
+            secret=secret,
+            namespace=namespace,
+            problem="does not exist (spec.source.credentialsSecretRef names it)",
+            fix=f"create it with {fix}",
+        )
+    credentials = GitCredentials.from_secret_data(data)
+    if credentials.is_empty:
+        raise SecretError(
+            secret=secret,
+            namespace=namespace,
+            problem=f"has none of the keys {', '.join(GitCredentials.KEYS)}",
+            fix=f"add {fix}",
+        )
+    return credentials
 
 
 def _names(spec: DatasetSpec) -> str:

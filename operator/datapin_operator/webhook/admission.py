@@ -14,7 +14,8 @@ The flow, for a Job (a Pod is the same with the Pod as its own template):
    and a webhook answering from a stale copy would pin to an old named revision or reject a
    Dataset created a second ago), its Secret is checked
    for a key pair (a pod whose sidecar cannot authenticate would fail after scheduling, far
-   from the user's `kubectl apply`), and its revision is resolved (`resolve.py`).
+   from the user's `kubectl apply`), and its revision is resolved (`resolve/resolver.py`, which
+   reads the git Secret of `spec.source` itself).
 5. `inject.py` builds the new pod template; the pins go on the Job and on the template.
 
 Any `OperatorError` is a rejection whose message says what is wrong and how to fix it. The
@@ -28,22 +29,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from datapin_sidecar.pins import PinRecord, format_pins
+
 from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import UnknownDatasetError
-from datapin_operator.reconcile.remotecheck import git_credentials_from_secret, keys_from_secret
-from datapin_operator.resolve.resolver import Resolver
+from datapin_operator.reconcile.remotecheck import keys_from_secret
+from datapin_operator.resolve.resolver import Resolver, SecretReader
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.inject import DatasetMount, inject, is_injected
-from datapin_operator.webhook.requests import (
-    PinRecord,
-    Request,
-    format_pins,
-    parse_request,
-    read_pins,
-)
+from datapin_operator.webhook.requests import Request, parse_request, read_pins
 
-#: (namespace, name) -> the Secret's data as text, or None if it does not exist.
-SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
 #: namespace -> the Datasets there, name -> spec.
 DatasetLister = Callable[[str], Awaitable[Mapping[str, Mapping[str, Any]]]]
 
@@ -141,14 +136,8 @@ class Admission:
         self, catalog: Catalog, namespace: str, dataset: str, revision: str
     ) -> PinRecord:
         spec = self._spec(catalog, namespace, dataset)
-        credentials = None
-        if spec.source is not None and spec.source.credentials_secret_ref is not None:
-            name = spec.source.credentials_secret_ref.name
-            credentials = git_credentials_from_secret(
-                await self.secrets(namespace, name), secret=name, namespace=namespace
-            )
-        resolved = await self.resolver.resolve(
-            dataset=dataset, spec=spec, revision=revision, git_credentials=credentials
+        resolved = await self.resolver.resolve_in(
+            namespace, dataset=dataset, spec=spec, revision=revision
         )
         return PinRecord(
             dataset=dataset,

@@ -67,19 +67,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.node.settings import DatasetSettings
+from datapin_sidecar.pins import PinRecord, format_pins
 from pydantic import ValidationError
 
 from datapin_operator.api import models
 from datapin_operator.errors import MountCollisionError, RejectedError
 from datapin_operator.settings import STARTUP_PERIOD_SECONDS, Settings
-from datapin_operator.webhook.requests import (
-    MountRequest,
-    PinRecord,
-    Request,
-    format_pins,
-    paths_overlap,
-)
+from datapin_operator.webhook.requests import MountRequest, Request, paths_overlap
 
 CONTAINER_NAME: Final = "datapin"
 SIDECAR_LABEL: Final = "datapin.dev/sidecar"
@@ -232,7 +228,7 @@ def _dataset_settings(mount: DatasetMount, *, writable: bool = False) -> dict[st
             endpoint_url=remote.endpoint,
             region=remote.region,
             addressing=remote.addressing,
-            layout=mount.pin.layout if mount.pin.layout != "auto" else remote.layout,
+            layout=mount.pin.layout if mount.pin.layout != LayoutChoice.AUTO else remote.layout,
             credentials_dir=Path(_credentials_dir(name)),
             access_key_id_file=ref.access_key_id_key,
             secret_access_key_file=ref.secret_access_key_key,

@@ -25,8 +25,8 @@ Containers read a dataset at `<mount path>/current/...` (`current` is the symlin
 swaps atomically). `datapin.dev/mount-path` without a dataset suffix is only accepted when one
 dataset is listed: with several, one shared path would be a collision by construction.
 
-The operator writes two more keys, which users never set: `datapin.dev/pins` (JSON, the
-sidecar's contract, parsed by `datapin_sidecar.pins.parse_pins`:
+The operator writes two more keys, which users never set (their format is
+`datapin_sidecar.pins`'s, writer and reader): `datapin.dev/pins` (JSON, the sidecar's contract:
 `{"<dataset>": {"layout": "dvc3", "pin": "<md5>.dir", "ref": "v2"}}`) and
 `datapin.dev/commits` (JSON `{"<dataset>": "<git sha>"}`, only when a revision was a git ref;
 for humans reading `kubectl get -o yaml`).
@@ -39,10 +39,9 @@ Design:
   Every other malformed input is an `AnnotationError` naming the key, the problem and the fix,
   because it is what `kubectl apply` prints. Unknown `datapin.dev/` keys are errors with the
   closest known key suggested (difflib), for the same reason.
-* Dataset names are DNS-1123 subdomains (they are Dataset object names, directory names and
-  metric labels) of at most 52 characters: the per-dataset keys put the name into an
-  annotation key's name part, which Kubernetes caps at 63 characters, and the longest prefix,
-  `mount-path.`, takes 11 of them.
+* Dataset names follow the one rule of `datapin_sidecar.pins.is_dataset_name`, with the
+  shorter limit `KEYED_DATASET_NAME_MAX` (52): the per-dataset keys put the name into an
+  annotation key's name part, which Kubernetes caps at 63 characters.
 * Mount paths are checked only for what breaks a mount or its use: not absolute, `/` itself,
   empty/`.`/`..` components (which also rules out `//` and a trailing `/`), `:`, the kernel's
   own `/proc`, `/sys`, `/dev`, and a last component `current` (the data would then be at
@@ -55,14 +54,19 @@ Design:
 from __future__ import annotations
 
 import difflib
-import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NoReturn, cast, get_args
 
-from datapin_sidecar import pins as sidecar_annotations
-from datapin_sidecar.pins import AnnotationsError, parse_pins
+from datapin_sidecar.errors import AnnotationsError
+from datapin_sidecar.pins import (
+    ANNOTATION,
+    COMMITS_ANNOTATION,
+    KEYED_DATASET_NAME_MAX,
+    PinRecord,
+    is_dataset_name,
+    read_pin_records,
+)
 
 from datapin_operator.errors import AnnotationError, MountCollisionError
 
@@ -72,28 +76,21 @@ REVISION_KEY: Final = f"{ANNOTATION_PREFIX}revision"
 MOUNT_PATH_KEY: Final = f"{ANNOTATION_PREFIX}mount-path"
 MODE_KEY: Final = f"{ANNOTATION_PREFIX}mode"
 WRITABLE_KEY: Final = f"{ANNOTATION_PREFIX}writable"
-#: Written by the operator; the sidecar reads it (one constant, so the two cannot drift).
-PINS_KEY: Final = sidecar_annotations.ANNOTATION
-COMMITS_KEY: Final = f"{ANNOTATION_PREFIX}commits"
+#: Written by the operator; the sidecar reads it (`datapin_sidecar.pins` owns the format).
+PINS_KEY: Final = ANNOTATION
+COMMITS_KEY: Final = COMMITS_ANNOTATION
 
 #: Keys users write (per-dataset keys are `<key>.<dataset>` of the first two).
 USER_KEYS: Final = (DATASET_KEY, REVISION_KEY, MOUNT_PATH_KEY, MODE_KEY, WRITABLE_KEY)
 OPERATOR_KEYS: Final = (PINS_KEY, COMMITS_KEY)
 _PER_DATASET: Final = ("revision.", "mount-path.")
 
-#: 63 (the name part of an annotation key) minus len("mount-path.").
-DATASET_NAME_MAX: Final = 63 - len("mount-path.")
-_DNS1123_SUBDOMAIN: Final = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-)
 #: Mounting onto these breaks the container (runtimes refuse, or the app loses its /dev).
 _KERNEL_DIRS: Final = ("/proc", "/sys", "/dev")
 #: The symlink the sidecar publishes in each dataset's directory.
 LINK_NAME: Final = "current"
-_PIN: Final = re.compile(r"[0-9a-f]{32}\.dir")
 
 Mode = Literal["sidecar", "init"]
-Layout = Literal["auto", "dvc3", "legacy"]
 _MODES: Final[tuple[str, ...]] = get_args(Mode)
 
 
@@ -117,17 +114,6 @@ class Request:
     @property
     def datasets(self) -> tuple[str, ...]:
         return tuple(mount.dataset for mount in self.mounts)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PinRecord:
-    """How one dataset's revision resolved: what the operator writes into `datapin.dev/pins`."""
-
-    dataset: str
-    pin: str
-    ref: str
-    layout: Layout
-    commit: str | None = None
 
 
 # --- parsing a request ---------------------------------------------------------------------
@@ -216,13 +202,14 @@ def _datasets(value: str) -> list[str]:
         if name in seen:
             _fail(DATASET_KEY, f"dataset {name!r} is listed twice", "list each Dataset once")
         seen.add(name)
-        if len(name) > DATASET_NAME_MAX or not _DNS1123_SUBDOMAIN.fullmatch(name):
+        if not is_dataset_name(name, limit=KEYED_DATASET_NAME_MAX):
             _fail(
                 DATASET_KEY,
                 f"{name!r} is not a usable Dataset name",
                 "use a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', starting "
-                f"and ending with a letter or digit) of at most {DATASET_NAME_MAX} characters, "
-                "so that the per-dataset keys (datapin.dev/mount-path.<dataset>) stay valid "
+                "and ending with a letter or digit) of at most "
+                f"{KEYED_DATASET_NAME_MAX} characters, so that the per-dataset keys "
+                "(datapin.dev/mount-path.<dataset>) stay valid "
                 "annotation keys; rename the Dataset if needed",
             )
     return names
@@ -345,79 +332,22 @@ def _fail(key: str, problem: str, fix: str) -> NoReturn:
     raise AnnotationError(key=key, problem=problem, fix=fix)
 
 
-# --- the pins the operator writes ----------------------------------------------------------
-
-
-def format_pins(records: Sequence[PinRecord]) -> dict[str, str]:
-    """The annotations that pin `records`: `datapin.dev/pins`, and `datapin.dev/commits` if
-    any record has a commit. Compact JSON with sorted keys, so equal pins give equal bytes
-    (idempotent patches, stable pod template hashes).
-
-    Raises ValueError for records no sidecar would accept: these come from our own resolution,
-    so a bad one is a bug, not a user error.
-    """
-    if not records:
-        raise ValueError("format_pins needs at least one record")
-    pins: dict[str, dict[str, str]] = {}
-    commits: dict[str, str] = {}
-    for record in records:
-        if record.dataset in pins:
-            raise ValueError(f"dataset {record.dataset!r} is pinned twice")
-        if not _PIN.fullmatch(record.pin) or not record.ref:
-            raise ValueError(f"dataset {record.dataset!r}: bad pin {record.pin!r} or empty ref")
-        pins[record.dataset] = {"layout": record.layout, "pin": record.pin, "ref": record.ref}
-        if record.commit is not None:
-            commits[record.dataset] = record.commit
-    result = {PINS_KEY: _compact(pins)}
-    if commits:
-        result[COMMITS_KEY] = _compact(commits)
-    return result
+# --- pins already on the object ----------------------------------------------------------
 
 
 def read_pins(annotations: Mapping[str, str]) -> dict[str, PinRecord] | None:
     """The pins in `annotations` by dataset, None if there are none.
 
-    The sidecar's own parser reads `datapin.dev/pins`, so the operator accepts exactly what
-    the sidecar would serve. Raises `AnnotationError` for a malformed value of either key.
+    `pins.read_pin_records` reads them as the sidecar would. Raises `AnnotationError` for a
+    malformed value of either key: on a Job or Pod, pins are the webhook's to write.
     """
-    if PINS_KEY not in annotations:
-        return None
-    fix = (
-        f"remove {PINS_KEY} and {COMMITS_KEY}: the datapin webhook writes them when it admits "
-        "the object; to choose a revision set datapin.dev/revision"
-    )
     try:
-        pins = parse_pins(annotations, source="the object")
+        return read_pin_records(annotations, source="the object")
     except AnnotationsError as exc:
         where = f"dataset {exc.dataset!r}: " if exc.dataset is not None else ""
-        _fail(PINS_KEY, where + exc.problem, fix)
-    commits = _commits(annotations.get(COMMITS_KEY), set(pins), fix)
-    return {
-        name: PinRecord(
-            dataset=name,
-            pin=str(pin.revision),
-            ref=pin.ref,
-            layout="auto" if pin.layout is None else pin.layout.value,
-            commit=commits.get(name),
+        _fail(
+            exc.annotation or PINS_KEY,
+            where + exc.problem,
+            f"remove {PINS_KEY} and {COMMITS_KEY}: the datapin webhook writes them when it "
+            "admits the object; to choose a revision set datapin.dev/revision",
         )
-        for name, pin in pins.items()
-    }
-
-
-def _commits(text: str | None, datasets: set[str], fix: str) -> dict[str, str]:
-    if text is None:
-        return {}
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        _fail(COMMITS_KEY, f"not valid JSON ({exc.msg} at char {exc.pos})", fix)
-    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
-        _fail(COMMITS_KEY, "not a JSON object of dataset name to commit string", fix)
-    unknown = sorted(set(doc) - datasets)
-    if unknown:
-        _fail(COMMITS_KEY, f"names dataset(s) {', '.join(unknown)} that have no pin", fix)
-    return cast(dict[str, str], doc)
-
-
-def _compact(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -50,7 +50,8 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from datapin_operator.kube import Conflict, Kube
+from datapin_operator.errors import Conflict
+from datapin_operator.kube import Kube
 from datapin_operator.webhook.certs import self_signed, service_hostnames
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,9 @@ legacy text objects `md5(bytes) != name`: checking one with the plain md5 would 
 perfectly good object. `ObjectHasher` reproduces DVC 2's reads chunk for chunk (a CRLF split
 across a 1 MiB boundary is not folded by DVC either), so our verdict matches DVC's.
 
+`Layout` is one of the two layouts; `LayoutChoice` is what users name (`auto`, `dvc3`,
+`legacy`), with the candidates `auto` stands for: the one definition of that vocabulary.
+
 `ObjectHasher` is incremental so that a download can hash while it writes (issue 3), and the
 same class checks an object already on disk.
 """
@@ -38,6 +41,37 @@ class Layout(StrEnum):
     def prefix(self) -> str:
         """The directory under a cache or remote root that holds this layout's objects."""
         return "files/md5/" if self is Layout.DVC3 else ""
+
+
+class LayoutChoice(StrEnum):
+    """A layout as users and settings name it: one of the two, or `auto` (find out).
+
+    The one vocabulary of the CLI's `--layout`, the sidecar's and agent's `layout` setting,
+    the Dataset's `spec.remote.layout` and the `layout` of a `datapin.dev/pins` entry. `auto`
+    means the objects are looked for in dvc3, then legacy, and the first layout that holds the
+    revision is used.
+    """
+
+    AUTO = "auto"
+    DVC3 = "dvc3"
+    LEGACY = "legacy"
+
+    @property
+    def candidates(self) -> tuple[Layout, ...]:
+        """The layouts to look in, in order."""
+        if self is LayoutChoice.AUTO:
+            return (Layout.DVC3, Layout.LEGACY)
+        return (Layout(self.value),)
+
+    @property
+    def pinned(self) -> Layout | None:
+        """The one layout this choice names; None for `auto` (to be found out)."""
+        return None if self is LayoutChoice.AUTO else Layout(self.value)
+
+    @classmethod
+    def of(cls, layout: Layout | None) -> LayoutChoice:
+        """The choice that pins `layout` (None: `auto`)."""
+        return cls.AUTO if layout is None else cls(layout.value)
 
 
 def is_text_block(block: bytes) -> bool:

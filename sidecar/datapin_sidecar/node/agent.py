@@ -403,7 +403,7 @@ class Agent:
         started = time.monotonic()
         try:
             revision = Revision.parse(entry.pin or "")
-            layout = None if entry.layout == "auto" else Layout(entry.layout)
+            layout = entry.layout.pinned
             remote = await self._remote(entry)
             result: PrefetchResult = await _in_thread(
                 prefetch, self.cache, revision, remote, layout=layout
@@ -510,7 +510,7 @@ class Agent:
             except DatapinError as exc:
                 report(Task.ROOTS, f"prefetch entry {e.name}", exc)
                 continue
-            layouts = list(Layout) if e.layout == "auto" else [Layout(e.layout)]
+            layouts = e.layout.candidates
             protected += [(revision, layout) for layout in layouts]
         in_use = await _in_thread(roots, self.settings.root, protected, on_error=report)
         result = await _in_thread(collect, self.cache, in_use, self.watermarks, on_error=report)

@@ -31,17 +31,15 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import BadSettingsError, RevisionError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES
+from datapin_sidecar.pins import DATASET_NAME_MAX, is_dataset_name
 from datapin_sidecar.remotes.s3config import SECRET_KEY_NAME, redact
 
 ENV_PREFIX: Final = "DATAPIN_"
 Mode = Literal["once", "run", "agent"]
-#: A Kubernetes resource name (RFC 1123 subdomain): dot-separated labels.
-_DATASET_NAME: Final = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-)
 _SHOWN_VALUE: Final = 80
 #: The published symlink's name: one plain file name (as `workspace.Workspace` requires).
 _LINK_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
@@ -145,8 +143,8 @@ class DatasetSettings(BaseModel):
     secret_access_key_file: str | None = Field(
         default=None, description="File name of the secret key in credentials_dir."
     )
-    layout: Literal["auto", "dvc3", "legacy"] = Field(
-        default="auto", description="Cache layout the revisions were pushed in."
+    layout: LayoutChoice = Field(
+        default=LayoutChoice.AUTO, description="Cache layout the revisions were pushed in."
     )
     pin: str | None = Field(
         default=None,
@@ -163,10 +161,11 @@ class DatasetSettings(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if len(value) > 253 or not _DATASET_NAME.fullmatch(value):
+        if not is_dataset_name(value):
             raise ValueError(
                 "must be a Kubernetes resource name (lower-case letters, digits, '-', '.'; "
-                "at most 253 characters, starting and ending with a letter or digit)"
+                f"at most {DATASET_NAME_MAX} characters, starting and ending with a letter or "
+                "digit)"
             )
         return value
 

@@ -105,7 +105,7 @@ def targets(settings: Settings) -> dict[str, Target]:
             d.name: Target(
                 dataset=d.name,
                 revision=Revision.parse(d.pin or ""),
-                layout=None if d.layout == "auto" else Layout(d.layout),
+                layout=d.layout.pinned,
                 ref=d.ref or d.pin or "",
             )
             for d in settings.datasets
@@ -124,8 +124,8 @@ def targets(settings: Settings) -> dict[str, Target]:
 
 def _target(pin: Pin, dataset: DatasetSettings) -> Target:
     layout = pin.layout
-    if layout is None and dataset.layout != "auto":
-        layout = Layout(dataset.layout)
+    if layout is None:
+        layout = dataset.layout.pinned
     return Target(dataset=pin.dataset, revision=pin.revision, layout=layout, ref=pin.ref)
 
 
