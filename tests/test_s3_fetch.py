@@ -21,8 +21,9 @@ from datapin_sidecar.engine.hashing import Layout, hash_file
 from datapin_sidecar.engine.materialize import Request, Result, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import CorruptObjectError, ObjectsMissingError, RemoteError
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 from datapin_sidecar.remotes.sigv4 import EMPTY_SHA256, Signer
 
 from tests.support.dvcremote import S3DvcFixture
