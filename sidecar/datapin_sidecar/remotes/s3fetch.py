@@ -457,7 +457,6 @@ class Fetch:
                     keys=[self.client.key(o, self.layout) for o in pending],
                     cause=RemoteCause.WAIT_TIMEOUT,
                 ) from None
-        await self.committer.flush()
 
     async def _claim(self, oids: list[str]) -> list[Claim]:
         """Claim `oids` in an I/O thread; a cancelled wait releases what the thread claims."""

@@ -24,7 +24,7 @@ Durability: `sync_and_install` makes a batch of verified slots durable with one 
 writeback early so the sync waits only for the tail.
 
 Slot descriptors: a call on a slot gets a duplicate of its descriptor (`with_dup`), closed when
-the call ends, or by `close_if_cancelled` if the call never ran (see `Fetch.on_slot`).
+the call ends, or by `close_if_cancelled` if the call never ran (see `s3fetch.Fetch._on`).
 """
 
 from __future__ import annotations
