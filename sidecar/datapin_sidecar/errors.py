@@ -25,6 +25,15 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
                                          (`safefs`); handled like a damaged file, never
                                          followed, opened or read whole
 
+    RemoteSignal                         what a request or object came to, from the S3
+    │                                    client to its fetch; never reaches a user
+    ├── HTTPStatusError                  a non-success answer (status, S3 code, Retry-After)
+    ├── TruncatedError                   a body shorter than announced (retried)
+    ├── BadBodyError                     a body longer than announced, or another range
+    ├── AbsentError                      the remote lacks the object (`FetchReport.absent`)
+    ├── GaveUpError                      still failing after every attempt
+    └── Md5MismatchError                 the bytes fail their md5 (fetched again, whole)
+
 Every message names the thing at fault and says how to fix it, because the people reading it
 are looking at `kubectl describe pod`, not at our source. Values are keyword-only so a raise
 site reads as a sentence, and the structured fields stay available to callers (the CLI, the
@@ -296,6 +305,61 @@ class StoppedError(DatapinError):
 
     def __init__(self) -> None:
         super().__init__("stopped by SIGTERM before the revision was published")
+
+
+# -- signals inside the S3 remote ---------------------------------------------------------------
+
+
+class RemoteSignal(Exception):  # noqa: N818 - a signal between two modules, never a failure shown
+    """What one request or object came to, told by the S3 client (`remotes.s3client`) to the
+    fetch (`remotes.s3fetch`). Never reaches a user: each ends as a retry, a `FetchReport`
+    entry (absent, corrupt) or a `RemoteError`."""
+
+
+class HTTPStatusError(RemoteSignal):
+    """A non-success answer: its status, S3 error code and Retry-After."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None) -> None:
+        super().__init__(f"{status} {code}".strip())
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def reason(self) -> str:
+        return self.code or f"http_{self.status}"
+
+
+class TruncatedError(RemoteSignal):
+    """The body ended before the length the server announced."""
+
+
+class BadBodyError(RemoteSignal):
+    """The answer does not frame the bytes asked for: a body longer than its declared length
+    or than the range, or a different range. Nothing past the expected end is read."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        #: A short label (`overlong`, `bad_range`) for the retry counters.
+        self.reason = reason
+
+
+class AbsentError(RemoteSignal):
+    """The remote does not have the object."""
+
+
+class GaveUpError(RemoteSignal):
+    """A request still failed after every attempt."""
+
+    def __init__(self, key: str, last: str, attempts: int) -> None:
+        super().__init__(f"{key}: {last} after {attempts} attempts")
+        self.key = key
+        self.last = last
+
+
+class Md5MismatchError(RemoteSignal):
+    """The bytes fail their md5 (fetched again, whole, a bounded number of times)."""
 
 
 class UnsafeFileError(OSError):

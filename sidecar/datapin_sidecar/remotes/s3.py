@@ -48,15 +48,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
-from datapin_sidecar.errors import RemoteCause, RemoteError
+from datapin_sidecar.errors import AbsentError, GaveUpError, RemoteCause, RemoteError
 from datapin_sidecar.remotes.base import FetchReport
-from datapin_sidecar.remotes.s3client import (
-    LAST_ERROR,
-    AbsentError,
-    FetchOptions,
-    GaveUpError,
-    S3Client,
-)
+from datapin_sidecar.remotes.s3client import LAST_ERROR, FetchOptions, S3Client
 from datapin_sidecar.remotes.s3fetch import Fetch
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ What it offers the fetch (`s3fetch`) and the remote (`s3`):
 * `exists(key)`: a one-byte GET (a HEAD's error answer has no body, so a missing bucket would
   look like a missing key).
 
-The exceptions defined here are the client's signals to the fetch, never seen outside the
-remotes package: every failure a caller sees is a `RemoteError` (errors.py).
+The client tells the fetch what happened with `RemoteSignal`s (errors.py), which never reach a
+user: each ends as a retry, a `FetchReport` entry or a `RemoteError`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,15 @@ import yarl
 
 from datapin_sidecar import __version__
 from datapin_sidecar.engine.hashing import Layout
-from datapin_sidecar.errors import RemoteCause, RemoteError
+from datapin_sidecar.errors import (
+    AbsentError,
+    BadBodyError,
+    GaveUpError,
+    HTTPStatusError,
+    RemoteCause,
+    RemoteError,
+    TruncatedError,
+)
 from datapin_sidecar.limits import MAX_JOBS
 from datapin_sidecar.remotes.sigv4 import Signer
 from datapin_sidecar.remotes.slotfiles import MiB
@@ -94,49 +102,12 @@ class FetchOptions:
     wait_timeout: float = 900.0
 
 
-class HTTPStatusError(Exception):
-    """A non-success answer: its status, S3 error code and Retry-After."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None) -> None:
-        super().__init__(f"{status} {code}".strip())
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-
-    @property
-    def retryable(self) -> bool:
-        return self.status >= 500 or self.status == 429 or self.code in _RETRYABLE_CODES
-
-    @property
-    def reason(self) -> str:
-        return self.code or f"http_{self.status}"
-
-
-class TruncatedError(Exception):
-    """The body ended before the length the server announced."""
-
-
-class BadBodyError(Exception):
-    """The answer does not frame the bytes asked for: a body longer than its declared length
-    or than the range, or a different range. Nothing past the expected end is read."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        #: A short label (`overlong`, `bad_range`) for the retry counters.
-        self.reason = reason
-
-
 #: What the retry labels mean, for the message of a fetch that gave up.
 LAST_ERROR: Final = {
     "timeout": "timeout: no complete answer within the request's deadline",
     "overlong": "overlong: a body longer than its declared length or its range",
     "bad_range": "bad_range: the server answered a range other than the one asked for",
 }
-
-
-class AbsentError(Exception):
-    """The remote does not have the object."""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -148,15 +119,6 @@ def _retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
         return max(0.0, when.timestamp() - time.time())
     return None
-
-
-class GaveUpError(Exception):
-    """A request still failed after every attempt."""
-
-    def __init__(self, key: str, last: str, attempts: int) -> None:
-        super().__init__(f"{key}: {last} after {attempts} attempts")
-        self.key = key
-        self.last = last
 
 
 class S3Client:
@@ -287,7 +249,7 @@ class S3Client:
                     if self._credentials.refresh() != before:
                         retries["credentials_rotated"] += 1
                         continue
-                if not exc.retryable:
+                if not _retryable(exc):
                     raise self._fatal(exc, key) from None
                 last, retry_after = exc.reason, exc.retry_after
             except aiohttp.ClientConnectorCertificateError as exc:
@@ -394,6 +356,10 @@ def retry_label(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return "connection"
+
+
+def _retryable(exc: HTTPStatusError) -> bool:
+    return exc.status >= 500 or exc.status == 429 or exc.code in _RETRYABLE_CODES
 
 
 def _auth_failure(exc: HTTPStatusError) -> bool:

@@ -47,23 +47,28 @@ import aiohttp
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
 from datapin_sidecar.engine.hashing import Layout, ObjectHasher
-from datapin_sidecar.errors import DatapinError, RemoteCause, RemoteError, os_error
+from datapin_sidecar.errors import (
+    AbsentError,
+    BadBodyError,
+    DatapinError,
+    GaveUpError,
+    HTTPStatusError,
+    Md5MismatchError,
+    RemoteCause,
+    RemoteError,
+    TruncatedError,
+    os_error,
+)
 from datapin_sidecar.remotes.base import MAX_DIR_BYTES, FetchReport
 from datapin_sidecar.remotes.s3client import (
     LAST_ERROR,
-    AbsentError,
-    BadBodyError,
-    GaveUpError,
-    HTTPStatusError,
     S3Client,
-    TruncatedError,
     content_range,
     read_at_most,
     retry_label,
 )
 from datapin_sidecar.remotes.slotfiles import (
     MAX_OBJECT_BYTES,
-    CorruptError,
     GiB,
     MiB,
     Present,
@@ -201,11 +206,15 @@ class Fetch:
             for attempt in range(self.opts.verify_attempts):
                 try:
                     size = await self._download(slot, key, resume=attempt == 0)
-                except CorruptError:
+                except Md5MismatchError:
                     self.report.retries["md5_mismatch"] += 1
                     continue
-                await self.committer.add(slot, size)
+                # The committer owns the slot from the moment `add` is entered (it appends
+                # before its first await): if the add is cancelled in a flush, the install
+                # thread may be using the slot, and releasing it here too would close its
+                # descriptor under that thread (a double close can leave another slot locked).
                 handed_over = True
+                await self.committer.add(slot, size)
                 self.report.fetched += 1
                 return
             self.report.corrupt.append(oid)
@@ -219,7 +228,7 @@ class Fetch:
                 slot.release()  # keep partial bytes (and a journal) for a resume
 
     async def _download(self, slot: Slot, key: str, *, resume: bool) -> int:
-        """Fill `slot` with the verified object; its size (or CorruptError, AbsentError...)."""
+        """Fill `slot` with the verified object; its size (or Md5MismatchError, AbsentError...)."""
         # Only a slot left with bytes in it can have a journal (a fresh one is empty).
         journal = await self._run(read_journal, slot.journal) if resume and slot.size else None
         if journal is not None:
@@ -281,7 +290,7 @@ class Fetch:
         head = first[0]
         if isinstance(head, bytes):
             if not await self._on(slot, write_small, slot.layout, slot.oid, head, slot.size):
-                raise CorruptError
+                raise Md5MismatchError
             self.report.fetched_bytes += len(head)
             return len(head)
         total, got, part_size = head
@@ -377,7 +386,7 @@ class Fetch:
             raise _first_error(group, self.cache, self.client.url) from None
         if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
             await self._on(slot, reset, slot.journal)  # torn resume or bad bytes: redo it whole
-            raise CorruptError
+            raise Md5MismatchError
         return total
 
     async def _write_body(
@@ -556,7 +565,7 @@ def _first_error(
 
     walk(group)
     # The most telling first: ours, then what ends the object (absent, gave up, corrupt).
-    for kinds in (DatapinError, AbsentError, GaveUpError, CorruptError):
+    for kinds in (DatapinError, AbsentError, GaveUpError, Md5MismatchError):
         for exc in leaves:
             if isinstance(exc, kinds):
                 return exc

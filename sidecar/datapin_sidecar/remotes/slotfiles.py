@@ -41,7 +41,7 @@ from typing import Any, Final, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
 from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout, ObjectHasher
-from datapin_sidecar.errors import DestinationError
+from datapin_sidecar.errors import DestinationError, Md5MismatchError
 from datapin_sidecar.safefs import open_regular, read_regular
 
 T = TypeVar("T")
@@ -53,10 +53,6 @@ MAX_OBJECT_BYTES: Final = 5 * TiB
 #: Our own journals are small (a byte per part); anything bigger is not one of ours.
 _JOURNAL_LIMIT: Final = 64 + MAX_OBJECT_BYTES // MiB
 _JOURNAL_MAGIC: Final = b"datapin-parts 1"
-
-
-class CorruptError(Exception):
-    """The bytes fail their md5."""
 
 
 def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
@@ -231,7 +227,7 @@ def hash_range(fd: int, start: int, end: int, hasher: ObjectHasher) -> None:
     while offset < end:
         chunk = os.pread(fd, min(DVC2_CHUNK, end - offset), offset)
         if not chunk:
-            raise CorruptError  # shorter than its size: cannot be the object
+            raise Md5MismatchError  # shorter than its size: cannot be the object
         hasher.update(chunk)
         offset += len(chunk)
 
