@@ -65,7 +65,8 @@ _CHILD = textwrap.dedent(
 
     def remote():
         from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-        from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
+        from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+        from datapin_sidecar.remotes.endpoint import RemoteConfig
         cfg = RemoteConfig.from_url(f"s3://{bucket}", endpoint_url=endpoint)
         creds = StaticCredentials(
             Credentials(access_key_id=access, secret_access_key=secret), source="bench")

@@ -72,7 +72,7 @@ def test_concurrent_writers_and_materialisers(fs_dir: Path) -> None:
         from pathlib import Path
         from datapin_sidecar.engine.cache import NodeCache
         from datapin_sidecar.engine.materialize import Request, materialize
-        from datapin_sidecar.remotes.base import DirectoryRemote
+        from datapin_sidecar.remotes.directory import DirectoryRemote
         from datapin_sidecar.engine.revision import Revision
         cache, remote, rev, dest = sys.argv[1:]
         materialize(Request(cache=NodeCache(cache), revision=Revision.parse(rev),

@@ -67,7 +67,7 @@ from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from tests.support import rmtree_robust
 from tests.support.dvcrepo import tree_bytes

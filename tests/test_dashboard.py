@@ -27,7 +27,7 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.materialize import Request, Result, materialize
 from datapin_sidecar.errors import ObjectsMissingError
 from datapin_sidecar.node.metrics import LINK_MODES, Metrics
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.conftest import REPO_ROOT

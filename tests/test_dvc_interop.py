@@ -18,7 +18,7 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision, read_dvc_file
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from tests.support.dvcrepo import DvcFixture, dvc_checkout, tree_bytes
 

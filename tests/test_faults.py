@@ -25,7 +25,7 @@ from datapin_sidecar.errors import (
     ManifestError,
     ObjectsMissingError,
 )
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision

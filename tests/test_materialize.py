@@ -20,7 +20,7 @@ from datapin_sidecar.engine.materialize import Progress, Request, Result, materi
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import LinkError
 from datapin_sidecar.progress import Reporter
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision

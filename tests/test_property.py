@@ -59,7 +59,7 @@ from datapin_sidecar.engine.manifest import Manifest, diff
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import ManifestError
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 

@@ -21,8 +21,9 @@ from datapin_sidecar.engine.hashing import Layout, hash_file
 from datapin_sidecar.engine.materialize import Request, Result, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import CorruptObjectError, ObjectsMissingError, RemoteError
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 from datapin_sidecar.remotes.sigv4 import EMPTY_SHA256, Signer
 
 from tests.support.dvcremote import S3DvcFixture
@@ -434,3 +435,46 @@ def test_missing_bucket_and_unreachable_endpoint_fail_in_bounded_time(
     assert info.value.cause == "unreachable"
     assert time.monotonic() - started < 10
     assert "--endpoint-url" in str(info.value)
+
+
+def test_an_object_another_process_holds_is_waited_for_then_taken_over(
+    seaweed: SeaweedServer,
+    s3_bucket: str,
+    big_revision: tuple[str, dict[str, bytes]],
+    xfs_dir: Path,
+) -> None:
+    """A slot held by someone else is waited for on its lock: when the holder lets go without
+    installing (it died), the fetch downloads the object itself at once, not at a poll; when it
+    never lets go, the fetch fails as `wait_timeout` in about `wait_timeout`."""
+    rev, files = big_revision
+    oid = hashlib.md5(files["small/b.bin"]).hexdigest()
+    cfg = config(seaweed.endpoint, s3_bucket, "store")
+    cache = NodeCache(xfs_dir / "cache")
+    holder = cache.claim(oid, Layout.DVC3)  # another open file description: another process
+    assert holder is not None
+
+    async def pull_and_let_go() -> tuple[Result, float]:
+        async def let_go() -> float:
+            await asyncio.sleep(1.0)
+            holder.release()
+            return time.monotonic()
+
+        released = asyncio.create_task(let_go())
+        result = await pull(cache, rev, xfs_dir / "p", cfg, _keys_of(seaweed), wait_timeout=60.0)
+        return result, time.monotonic() - await released
+
+    result, after_release = asyncio.run(pull_and_let_go())
+    assert published(xfs_dir / "p" / "current") == files
+    assert after_release < 5.0, "the fetch did not wake when the holder let go"
+    assert result.waited_objects == 0, "the holder died: the object is ours to download"
+    assert_cache_sound(cache)
+
+    other = NodeCache(xfs_dir / "other")
+    stuck = other.claim(oid, Layout.DVC3)
+    assert stuck is not None
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="held the download") as info:
+        asyncio.run(pull(other, rev, xfs_dir / "q", cfg, _keys_of(seaweed), wait_timeout=1.0))
+    assert info.value.cause == "wait_timeout"
+    assert time.monotonic() - started < 30.0
+    stuck.release()

@@ -24,8 +24,9 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.remotes.credentials import SecretDirCredentials
+from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import RemoteConfig, SecretDirCredentials
 
 from tests.support.faultproxy import FaultProxy
 from tests.support.k8svolume import kubelet_update
@@ -128,7 +129,8 @@ _CHILD = textwrap.dedent(
     from datapin_sidecar.engine.materialize import Request, materialize
     from datapin_sidecar.engine.revision import Revision
     from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-    from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
+    from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+    from datapin_sidecar.remotes.endpoint import RemoteConfig
 
     endpoint, bucket, rev, cache, dest, access, secret = sys.argv[1:]
     async def main():

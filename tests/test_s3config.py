@@ -25,23 +25,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from datapin_sidecar.errors import UsageError
-from datapin_sidecar.remotes.s3config import (
-    DEFAULT_ID_KEYS,
-    DEFAULT_SECRET_KEYS,
-    Addressing,
+from datapin_sidecar.errors import NoCredentialsError, UsageError
+from datapin_sidecar.remotes.credentials import (
     ChainCredentials,
     Credentials,
     CredentialSource,
     EnvCredentials,
-    NoCredentialsError,
-    RemoteConfig,
     SecretDirCredentials,
     StaticCredentials,
     credentials_from_env_file,
-    read_dvc_remote,
     read_env_file,
 )
+from datapin_sidecar.remotes.dvcconfig import read_dvc_remote
+from datapin_sidecar.remotes.endpoint import Addressing, RemoteConfig
+from datapin_sidecar.remotes.secretkeys import DEFAULT_ID_KEYS, DEFAULT_SECRET_KEYS
 
 from tests.support.dvcrepo import DvcUnavailable, find_dvc, run_dvc, run_git
 from tests.support.k8svolume import kubelet_update

@@ -33,7 +33,7 @@ fix: an empty value is refused (it never silently means the working directory), 
 capped at `MAX_JOBS`, the cache and destination must be directories (or not exist yet) with
 paths of at most `MAX_DIR_PATH_BYTES` bytes, and names (`--link-name`, `--file-name`) are
 single file names. Messages never quote a key: values read from key files, `.env` files or
-`config.local` are masked in everything printed (`s3config.redact`), whichever file they were
+`config.local` are masked in everything printed (`redaction.redact`), whichever file they were
 pasted into.
 
 The summary goes to stdout (or JSON with `--json`, for scripts); progress and errors go to
@@ -65,19 +65,20 @@ from datapin_sidecar.errors import DatapinError, UsageError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
 from datapin_sidecar.logs import redacting_excepthook
 from datapin_sidecar.progress import Reporter
-from datapin_sidecar.remotes.base import DirectoryRemote, Remote
-from datapin_sidecar.remotes.s3config import (
-    Addressing,
+from datapin_sidecar.redaction import redact
+from datapin_sidecar.remotes.base import Remote
+from datapin_sidecar.remotes.credentials import (
     ChainCredentials,
     CredentialSource,
     EnvCredentials,
-    RemoteConfig,
     SecretDirCredentials,
     StaticCredentials,
     credentials_from_env_file,
-    read_dvc_remote,
-    redact,
 )
+from datapin_sidecar.remotes.directory import DirectoryRemote
+from datapin_sidecar.remotes.dvcconfig import read_dvc_remote
+from datapin_sidecar.remotes.endpoint import Addressing, RemoteConfig
+from datapin_sidecar.remotes.opening import open_s3_remote
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -414,11 +415,7 @@ async def _open_remote(
         sources.append(credentials_from_env_file(args.env_file))
     # DVC's own order: keys in the repo's config win over the environment.
     sources += [*repo_sources, EnvCredentials(environ)]
-    credentials = ChainCredentials(sources)
-    # Imported here: aiohttp costs ~100 ms of start-up that runs without an S3 remote skip.
-    from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote  # noqa: PLC0415
-
-    async with S3Remote(config, credentials, options=FetchOptions(jobs=args.jobs)) as remote:
+    async with open_s3_remote(config, ChainCredentials(sources), jobs=args.jobs) as remote:
         yield remote
 
 

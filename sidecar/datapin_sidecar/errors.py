@@ -5,7 +5,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     DatapinError                      exit 1 unless a subclass says otherwise
     ├── UsageError                    2  a bad argument or option value
     │   ├── BadSettingsError          2  DATAPIN_* settings that fail validation
-    │   └── AnnotationsError          2  the pod's annotations file cannot be read or parsed
+    │   ├── AnnotationsError          2  the pod's annotations file cannot be read or parsed
+    │   └── NoCredentialsError        2  a credential source has no S3 keys at all
+    │                                    (a chain of sources moves on to the next)
     ├── RevisionError                 3  the revision the user named cannot be read
     │   └── ManifestError             3  a `.dir`/`.dvc`/`dvc.lock` is malformed or unsafe
     ├── ObjectsMissingError           4  objects are in neither the node cache nor the remote
@@ -13,7 +15,8 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── DestinationError              6  the destination cannot take the tree
     │                                    (not ours, read-only, no space, permission)
     ├── LinkError                     7  the requested link strategy is impossible here
-    ├── RemoteError                   8  the remote cannot be read
+    ├── RemoteError                   8  the remote cannot be read; `cause` says why
+    │                                    (a `RemoteCause`: metrics label, transient or not)
     └── StoppedError                143  SIGTERM arrived before the work was done
 
     OSError
@@ -21,6 +24,15 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
                                          device or oversized file where ours should be
                                          (`safefs`); handled like a damaged file, never
                                          followed, opened or read whole
+
+    RemoteSignal                         what a request or object came to, from the S3
+    │                                    client to its fetch; never reaches a user
+    ├── HTTPStatusError                  a non-success answer (status, S3 code, Retry-After)
+    ├── TruncatedError                   a body shorter than announced (retried)
+    ├── BadBodyError                     a body longer than announced, or another range
+    ├── AbsentError                      the remote lacks the object (`FetchReport.absent`)
+    ├── GaveUpError                      still failing after every attempt
+    └── Md5MismatchError                 the bytes fail their md5 (fetched again, whole)
 
 Every message names the thing at fault and says how to fix it, because the people reading it
 are looking at `kubectl describe pod`, not at our source. Values are keyword-only so a raise
@@ -33,6 +45,8 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from enum import StrEnum
+from typing import Final
 
 #: How many object ids an error lists before it says "and N more".
 _SHOWN = 5
@@ -112,6 +126,30 @@ def snippet(text: str) -> str:
     if len(text) <= SNIPPET_CHARS:
         return repr(text)
     return f"{text[:SNIPPET_CHARS]!r}... ({len(text)} characters)"
+
+
+#: The fix for "no S3 keys anywhere", in the words of the two places users put them.
+S3_KEYS_FIX: Final = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the application key's keyID and "
+    "applicationKey (Backblaze B2) or an access key (AWS), or mount a Secret created with "
+    "`kubectl create secret generic datapin-s3 --from-literal=AWS_ACCESS_KEY_ID=<keyID> "
+    "--from-literal=AWS_SECRET_ACCESS_KEY=<applicationKey>`"
+)
+
+
+class NoCredentialsError(UsageError):
+    """A credential source has nothing configured (not even half of a key pair).
+
+    Distinct from a plain `UsageError`, which a source raises for something half configured:
+    `ChainCredentials` skips a source raising this one and stops at any other error.
+    """
+
+    reason = "credentials"
+
+    def __init__(self, *, source: str, looked: str, fix: str = S3_KEYS_FIX) -> None:
+        self.source = source
+        self.looked = looked
+        super().__init__(f"no S3 credentials in {source}: {looked}. Fix: {fix}")
 
 
 class RevisionError(DatapinError):
@@ -228,6 +266,48 @@ class LinkError(DatapinError):
         )
 
 
+class RemoteCause(StrEnum):
+    """Why a remote could not be read: the one list of causes a `RemoteError` carries.
+
+    Each cause says whether it is *transient* (the sidecar retries it with backoff before its
+    first publish; any other error is permanent) and whether it is *labelled* (its own value of
+    the `reason` label of `datapin_fetch_errors_total`, created at zero for every dataset; the
+    others count as `remote`). The values are the label values: a public contract.
+    """
+
+    UNREACHABLE = "unreachable"
+    ACCESS_DENIED = "access_denied"
+    NO_BUCKET = "no_bucket"
+    REGION = "region"
+    TLS = "tls"
+    GAVE_UP = "gave_up"
+    WAIT_TIMEOUT = "wait_timeout"
+    #: Anything else the server refused (an S3 error code we have no cause for).
+    REMOTE = "remote"
+    UNREADABLE = "unreadable"  # a directory remote datapin cannot read
+    TOO_LARGE = "too_large"  # a `.dir` over `MAX_DIR_BYTES`
+    BAD_SIZE = "bad_size"  # a size no S3 object can have
+    MEMORY = "memory"
+
+    @property
+    def transient(self) -> bool:
+        """Whether waiting may fix it (network, load, another process's download)."""
+        return self in _TRANSIENT_CAUSES
+
+    @property
+    def labelled(self) -> bool:
+        """Whether it is a `reason` label value of its own (else it counts as `remote`)."""
+        return self not in _UNLABELLED_CAUSES
+
+
+_TRANSIENT_CAUSES: Final = frozenset(
+    {RemoteCause.UNREACHABLE, RemoteCause.GAVE_UP, RemoteCause.WAIT_TIMEOUT, RemoteCause.TLS}
+)
+_UNLABELLED_CAUSES: Final = frozenset(
+    {RemoteCause.UNREADABLE, RemoteCause.TOO_LARGE, RemoteCause.BAD_SIZE, RemoteCause.MEMORY}
+)
+
+
 class RemoteError(DatapinError):
     """The remote cannot be read at all (as opposed to single objects missing from it)."""
 
@@ -235,15 +315,20 @@ class RemoteError(DatapinError):
     reason = "remote"
 
     def __init__(
-        self, *, remote: str, problem: str, fix: str, keys: Sequence[str] = (), cause: str = ""
+        self,
+        *,
+        remote: str,
+        problem: str,
+        fix: str,
+        keys: Sequence[str] = (),
+        cause: RemoteCause = RemoteCause.REMOTE,
     ) -> None:
         self.remote = remote
         self.problem = problem
         #: The object keys that failed (all of them; the message shows the first few).
         self.keys = tuple(keys)
-        #: A short label of what failed (`unreachable`, `access_denied`, `no_bucket`, ...),
-        #: for metrics and tests; never contains request data.
-        self.cause = cause or "remote"
+        #: What failed, for metrics, retry decisions and tests; never contains request data.
+        self.cause = cause
         some = f" ({len(self.keys)} object(s): {_some(self.keys)})" if self.keys else ""
         super().__init__(f"remote {remote}: {problem}{some}. Fix: {fix}")
 
@@ -256,6 +341,61 @@ class StoppedError(DatapinError):
 
     def __init__(self) -> None:
         super().__init__("stopped by SIGTERM before the revision was published")
+
+
+# -- signals inside the S3 remote ---------------------------------------------------------------
+
+
+class RemoteSignal(Exception):  # noqa: N818 - a signal between two modules, never a failure shown
+    """What one request or object came to, told by the S3 client (`remotes.s3client`) to the
+    fetch (`remotes.s3fetch`). Never reaches a user: each ends as a retry, a `FetchReport`
+    entry (absent, corrupt) or a `RemoteError`."""
+
+
+class HTTPStatusError(RemoteSignal):
+    """A non-success answer: its status, S3 error code and Retry-After."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None) -> None:
+        super().__init__(f"{status} {code}".strip())
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def reason(self) -> str:
+        return self.code or f"http_{self.status}"
+
+
+class TruncatedError(RemoteSignal):
+    """The body ended before the length the server announced."""
+
+
+class BadBodyError(RemoteSignal):
+    """The answer does not frame the bytes asked for: a body longer than its declared length
+    or than the range, or a different range. Nothing past the expected end is read."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        #: A short label (`overlong`, `bad_range`) for the retry counters.
+        self.reason = reason
+
+
+class AbsentError(RemoteSignal):
+    """The remote does not have the object."""
+
+
+class GaveUpError(RemoteSignal):
+    """A request still failed after every attempt."""
+
+    def __init__(self, key: str, last: str, attempts: int) -> None:
+        super().__init__(f"{key}: {last} after {attempts} attempts")
+        self.key = key
+        self.last = last
+
+
+class Md5MismatchError(RemoteSignal):
+    """The bytes fail their md5 (fetched again, whole, a bounded number of times)."""
 
 
 class UnsafeFileError(OSError):

@@ -25,7 +25,7 @@ is formatted, which our handler does synchronously in the thread that logs.
 Secrets are never passed to a logger: callers log which remote or which Secret volume, never a
 key. As a safety net for a mistake, a field whose name contains `secret`, `password`, `token`
 or `credential` is written as `[redacted]` whatever its value, and every formatted line,
-traceback included, goes through `s3config.redact`, which masks any key value datapin has read
+traceback included, goes through `redaction.redact`, which masks any key value datapin has read
 (a key pasted into the wrong file, or echoed back by an S3 server, is still a key).
 `redacting_excepthook` does the same for a traceback nobody caught.
 """
@@ -46,13 +46,12 @@ from types import TracebackType
 from typing import Any, Final, Literal, TextIO
 
 from datapin_sidecar.errors import UsageError
-from datapin_sidecar.remotes.s3config import redact
+from datapin_sidecar.redaction import REDACTED, redact
 
 #: The name of the handler `configure_logging` installs, so a second call replaces it.
 _HANDLER_NAME: Final = "datapin"
 
 _REDACT: Final = re.compile(r"secret|password|token|credential", re.IGNORECASE)
-_REDACTED: Final = "[redacted]"
 
 #: Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -134,7 +133,7 @@ def _fields(record: logging.LogRecord, static: Mapping[str, str]) -> dict[str, A
             fields[name] = value
     for name in fields:
         if _REDACT.search(name):
-            fields[name] = _REDACTED
+            fields[name] = REDACTED
     return fields
 
 

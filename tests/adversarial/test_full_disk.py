@@ -24,8 +24,9 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.errors import DestinationError
 from datapin_sidecar.remotes.base import FetchReport
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 
 from tests.support.seaweed import SeaweedServer
 from tests.support.trees import object_name
@@ -132,7 +133,8 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.errors import DatapinError
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+from datapin_sidecar.remotes.endpoint import RemoteConfig
 
 endpoint, bucket, access, secret, cache, oids = sys.argv[1:7]
 cfg = RemoteConfig.from_url(f"s3://{bucket}/store", endpoint_url=endpoint)

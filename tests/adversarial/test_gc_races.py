@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.materialize import Request, materialize
-from datapin_sidecar.remotes.base import DirectoryRemote
+from datapin_sidecar.remotes.directory import DirectoryRemote
 from datapin_sidecar.engine.revision import Revision
 
 cache, rev = NodeCache(sys.argv[1]), Revision.parse(sys.argv[2])

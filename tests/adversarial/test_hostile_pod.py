@@ -38,7 +38,8 @@ from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, Result, materialize
 from datapin_sidecar.engine.workspace import TreeInfo
 from datapin_sidecar.errors import DestinationError
-from datapin_sidecar.remotes.base import DirectoryRemote, FetchReport
+from datapin_sidecar.remotes.base import FetchReport
+from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from tests.support.dvcremote import S3DvcFixture
 from tests.support.seaweed import SeaweedServer

@@ -29,9 +29,11 @@ from datapin_sidecar import cli
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.errors import DestinationError, RemoteError
-from datapin_sidecar.remotes.base import DirectoryRemote, FetchReport
+from datapin_sidecar.remotes.base import FetchReport
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+from datapin_sidecar.remotes.directory import DirectoryRemote
+from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import Credentials, RemoteConfig, StaticCredentials
 
 from tests.support.hostiles3 import HostileS3, Hostility
 from tests.support.trees import object_name, put_revision

@@ -1,7 +1,7 @@
 """Can the Dataset's remote be read with its Secret's keys, and are the pins there?
 
-The check is what the sidecar will do, done early: the same S3 client
-(`datapin_sidecar.remotes.s3`), the same addressing, signing and error messages, so a
+The check is what the sidecar will do, done early: the same S3 remote, built by the same
+`remotes.opening.open_s3_remote`, the same addressing, signing and error messages, so a
 Dataset that reports `RemoteReachable` is one a pod can read. One small GET of an object that
 cannot exist proves the endpoint, the bucket and the keys at once (S3 answers 404 NoSuchKey
 only to a request it authenticated and authorised; a wrong key, a missing bucket or a wrong
@@ -9,8 +9,10 @@ region are distinct errors). Then each resolved pin's `.dir` is looked up in its
 tag whose data was never `dvc push`ed
 shows as not Resolved before any Job asks for it.
 
-Keys are taken from the Secret's data (the names the Dataset gives, else the AWS and B2 names
-the sidecar also accepts) and live only in memory for the duration of the check.
+Keys are taken from the Secret's data under the names the sidecar reads them by
+(`remotes.secretkeys`: the names the Dataset gives, else the AWS and B2 names) and live only in
+memory for the duration of the check. A remote failure's `RemoteCause` picks the condition's
+reason.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from datapin_sidecar.engine.hashing import Layout, LayoutChoice
-from datapin_sidecar.errors import DatapinError
-from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
-from datapin_sidecar.remotes.s3config import (
+from datapin_sidecar.errors import DatapinError, RemoteCause, RemoteError
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
+from datapin_sidecar.remotes.endpoint import Addressing, RemoteConfig
+from datapin_sidecar.remotes.opening import open_s3_remote
+from datapin_sidecar.remotes.secretkeys import (
     DEFAULT_ID_KEYS,
     DEFAULT_SECRET_KEYS,
-    Addressing,
-    Credentials,
-    RemoteConfig,
-    StaticCredentials,
+    first_present,
+    key_names,
 )
 
 from datapin_operator.api.models import CredentialsSecretRef, Remote
@@ -63,12 +65,10 @@ def keys_from_secret(
             "--from-literal=AWS_ACCESS_KEY_ID=<B2 keyID> "
             "--from-literal=AWS_SECRET_ACCESS_KEY=<B2 applicationKey>",
         )
-    id_names = (ref.access_key_id_key,) if ref.access_key_id_key else DEFAULT_ID_KEYS
-    secret_names = (
-        (ref.secret_access_key_key,) if ref.secret_access_key_key else DEFAULT_SECRET_KEYS
-    )
-    id_key = next((k for k in id_names if data.get(k, "").strip()), None)
-    secret_key = next((k for k in secret_names if data.get(k, "").strip()), None)
+    id_names = key_names(ref.access_key_id_key, DEFAULT_ID_KEYS)
+    secret_names = key_names(ref.secret_access_key_key, DEFAULT_SECRET_KEYS)
+    id_key = first_present(data, id_names)
+    secret_key = first_present(data, secret_names)
     missing = [
         " or ".join(names)
         for names, found in ((id_names, id_key), (secret_names, secret_key))
@@ -118,12 +118,11 @@ async def check_remote(
         )
     except DatapinError as exc:
         raise RemoteCheckError(str(exc), reason="BadRemote") from None
-    options = FetchOptions(
-        jobs=4, connect_timeout=request_timeout, read_timeout=request_timeout, attempts=2
-    )
     try:
         async with asyncio.timeout(request_timeout * 3):
-            async with S3Remote(config, credentials, options=options) as s3:
+            async with open_s3_remote(
+                config, credentials, jobs=4, socket_timeout=request_timeout, attempts=2
+            ) as s3:
                 await s3.afind(_PROBE, (Layout.DVC3,))
                 missing = []
                 for pin, layout in pins:
@@ -137,11 +136,12 @@ async def check_remote(
             "the operator to it",
             reason="RemoteTimeout",
         ) from None
-    except DatapinError as exc:
-        cause = getattr(exc, "cause", "") or ""
+    except RemoteError as exc:
         reason = {
-            "access_denied": "AccessDenied",
-            "no_bucket": "NoSuchBucket",
-            "region": "WrongRegion",
-        }.get(cause, "RemoteUnreachable")
+            RemoteCause.ACCESS_DENIED: "AccessDenied",
+            RemoteCause.NO_BUCKET: "NoSuchBucket",
+            RemoteCause.REGION: "WrongRegion",
+        }.get(exc.cause, "RemoteUnreachable")
         raise RemoteCheckError(str(exc), reason=reason) from None
+    except DatapinError as exc:
+        raise RemoteCheckError(str(exc), reason="RemoteUnreachable") from None

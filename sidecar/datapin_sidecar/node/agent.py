@@ -240,9 +240,7 @@ class Agent:
         self.stopping.set()
         self.cancel.set()
         for remote in self._remotes.values():
-            abort = getattr(remote, "abort", None)
-            if abort is not None:
-                abort()
+            remote.abort()
         for task in self._tasks:
             task.cancel()  # they await a thread, not do the work: cancelling is immediate
 

@@ -35,7 +35,7 @@ from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.server import Health, make_app, serve
 from datapin_sidecar.node.settings import Settings, check_directories, describe, load_settings
 from datapin_sidecar.node.sidecar import Sidecar, outcome_of
-from datapin_sidecar.remotes.s3config import redact
+from datapin_sidecar.redaction import redact
 
 log = logging.getLogger("datapin_sidecar")
 

@@ -29,10 +29,11 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from datapin_sidecar.engine.materialize import Result
-from datapin_sidecar.errors import DatapinError, RemoteError
+from datapin_sidecar.errors import DatapinError, RemoteCause, RemoteError
 
 #: Error reasons created at zero for every dataset (the `reason` of each error class, and the
-#: `cause` of `RemoteError`s, which is the more useful label for remote failures).
+#: `cause` of `RemoteError`s, which is the more useful label for remote failures: the labelled
+#: `RemoteCause`s, `remote` among them).
 ERROR_REASONS: Final = (
     "usage",
     "revision",
@@ -41,14 +42,7 @@ ERROR_REASONS: Final = (
     "corrupt",
     "destination",
     "link",
-    "unreachable",
-    "access_denied",
-    "no_bucket",
-    "region",
-    "tls",
-    "gave_up",
-    "wait_timeout",
-    "remote",
+    *(cause.value for cause in RemoteCause if cause.labelled),
     "stopped",
     "error",
 )
@@ -92,7 +86,7 @@ DURATION_BUCKETS: Final = (
 def error_reason(exc: BaseException) -> str:
     """The `reason` label of an error that ended a materialise."""
     if isinstance(exc, RemoteError):
-        return exc.cause if exc.cause in ERROR_REASONS else "remote"
+        return exc.cause.value if exc.cause.labelled else RemoteCause.REMOTE.value
     if isinstance(exc, DatapinError):
         return exc.reason
     return "error"

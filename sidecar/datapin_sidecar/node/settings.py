@@ -15,7 +15,7 @@ A bad value fails at start with one line per bad field, naming the variable, wha
 the value given (long values are cut). Settings hold no secrets, but people paste keys into the
 wrong place: the value is never shown for a field that names key files, for a field the model
 does not know (`"secret_access_key": ...` in a dataset), or when it matches a key datapin has
-read (`s3config.redact`). Every path must be non-empty (an empty variable would otherwise mean
+read (`redaction.redact`). Every path must be non-empty (an empty variable would otherwise mean
 the working directory), the node volume paths absolute, `DATAPIN_POD_UID` a UUID (it becomes
 a directory name under the workspaces root), and every number has a stated upper bound, so a
 typo cannot make a loop spin, a sleep last forever (`inf`) or a pool take all memory.
@@ -36,7 +36,8 @@ from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import BadSettingsError, RevisionError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES
 from datapin_sidecar.pins import DATASET_NAME_MAX, is_dataset_name
-from datapin_sidecar.remotes.s3config import SECRET_KEY_NAME, redact
+from datapin_sidecar.redaction import redact
+from datapin_sidecar.remotes.secretkeys import SECRET_KEY_NAME
 
 ENV_PREFIX: Final = "DATAPIN_"
 Mode = Literal["once", "run", "agent"]

@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 #: The workspace's directory of the datasets' records (`<workspace>/.state/<dataset>/`): dataset
 #: names cannot start with a dot, so no pod mounts it.
 STATE_DIR = ".state"
-#: Remote failures worth retrying before the first publish; any other error is permanent.
-TRANSIENT_CAUSES = frozenset({"unreachable", "gave_up", "wait_timeout", "tls"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,9 +186,7 @@ class Sidecar:
         self.stopping.set()
         self.cancel.set()
         for remote in self.remotes.values():
-            abort = getattr(remote, "abort", None)
-            if abort is not None:
-                abort()
+            remote.abort()
 
     def _write_pod_record(self) -> None:
         """`<workspace>/.pod.json`: who owns this workspace (read by the agent and humans)."""
@@ -327,7 +323,7 @@ class Sidecar:
             state.last_error = str(exc)
             delay = min(self.settings.retry_max_seconds, 2.0 ** min(state.failures, 16))
             state.retry_at = self.clock() + delay
-            transient = isinstance(exc, RemoteError) and exc.cause in TRANSIENT_CAUSES
+            transient = isinstance(exc, RemoteError) and exc.cause.transient
             if state.serving is None and not transient:
                 raise
             log.warning(

@@ -1,7 +1,16 @@
 """Remotes: where missing objects come from, behind one protocol.
 
-`base` is the `Remote` protocol the engine calls; `opening` opens the remote a dataset's
-settings name. The S3 / Backblaze B2 remote is our own client: `sigv4` signs, `s3` fetches
-(verified, once per node), `s3config` resolves the endpoint and credentials from settings and
-DVC's config. A plain directory (a DVC local remote) is in `base`.
+* `base` — the `Remote` protocol the engine calls (find, key, fetch, abort), `FetchReport`.
+* `directory` — `DirectoryRemote`, a DVC directory remote (a plain path).
+* `opening` — `open_s3_remote`, the one builder of an S3 remote (CLI, node programs, the
+  operator's check), and `open_remote`, the remote a dataset's settings name.
+* The S3 / Backblaze B2 remote, our own client: `s3` (`S3Remote`, which ties the parts),
+  `s3client` (signed requests, retries, S3 errors), `s3fetch` (one fetch: claims, workers,
+  committer), `slotfiles` (claims, part files, journals and durability, in worker threads),
+  `sigv4` (signing).
+* Its configuration: `endpoint` (`RemoteConfig`: where the bucket is and how to address it),
+  `credentials` (keys and the sources they come from), `secretkeys` (which Secret key names
+  hold them), `dvcconfig` (a DVC repository's remote, read as DVC reads it).
+
+The secret-redaction registry every `Credentials` registers with is `datapin_sidecar.redaction`.
 """
