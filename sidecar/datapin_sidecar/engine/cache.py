@@ -35,7 +35,7 @@ Contract, relied on by every reader and by the linker:
 * **Builds register before they look.** Whoever builds a tree of, or prefetches, revision
   `<oid>` (`<md5>.dir`, or a single-file `<md5>`) wraps the whole run, from before its first
   lookup in the cache to after its last link, in `with cache.building(oid):`. That creates a
-  flock-held registration in `.datapin/builds/`; the GC (`gc.collect`) treats every held
+  flock-held registration in `.datapin/builds/`; the GC (`housekeeping.evict`) treats every held
   registration as a root (the revision's `.dir` and every object it names, in every layout,
   or the single object) and removes registrations whose lock is free (dead builders). A
   registration is created under a shared lock on `.datapin/builds.lock` which the GC holds
@@ -270,7 +270,7 @@ class NodeCache:
     def building(self, oid: str) -> Iterator[None]:
         """Register a build or prefetch of revision `oid` for the whole `with` block.
 
-        Enter it before the first lookup in the cache: while it is held, `gc.collect` keeps
+        Enter it before the first lookup in the cache: while it is held, `evict.collect` keeps
         the revision's `.dir` and every object it names (or, for a single-file revision, the
         object), in every layout. See the module contract.
         """

@@ -3,7 +3,7 @@
 The agent keeps the revisions on its list warm so that a pod scheduled on the node later
 starts at warm-start cost (metadata only). Building a tree would cost a link per file for
 nothing and would make the revision look "in use" to the GC; the prefetch list protects it
-from the GC instead (see `gc.roots`).
+from the GC instead (see `housekeeping.roots`).
 
 The same plan as the materialiser, minus the tree: find the layout, get the `.dir`, list what
 the cache lacks (one `lstat` per distinct object), fetch that in one batch (once per node,
