@@ -49,6 +49,7 @@ from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Progress, Request, Result, materialize
 from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.engine.workspace import tree_layout
 from datapin_sidecar.errors import DatapinError, RemoteError, StoppedError, UsageError
 from datapin_sidecar.logs import log_context
 from datapin_sidecar.node.housekeeping.clock import touch_used
@@ -363,8 +364,7 @@ class Sidecar(Program):
             now = self.clock()
             self.metrics.observe(target.dataset, result, now=now)
             self.metrics.serving(target.dataset, ref=target.ref, pin=target.revision.oid)
-            layout = Layout.LEGACY if result.tree.endswith("-legacy") else Layout.DVC3
-            touch_used(self.cache, target.revision, layout, now=now)
+            touch_used(self.cache, target.revision, tree_layout(Path(result.tree).name), now=now)
             state.serving = target
             state.path = result.path
             state.last_error = ""

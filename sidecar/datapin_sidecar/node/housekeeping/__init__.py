@@ -22,7 +22,7 @@ The agent is the only process that deletes cache objects. Everything here is syn
 sizes, symlinks, even the legacy records), and a subverted writer may have planted things in
 the cache. So every path there is opened with `safefs`: directories one component at a time
 without following symlinks, files only if they are regular (no FIFO, device or symlink is ever
-opened, so nothing blocks) and meta files bounded (`roots.META_LIMIT`, `roots.MAX_META_FILES`);
+opened, so nothing blocks) and meta files bounded (`workspace.META_LIMIT`, `roots.MAX_META_FILES`);
 unlinks are relative to a directory descriptor, so a shard swapped for a symlink cannot
 redirect them. What is not ours in the cache's own areas (a directory where a download slot or
 temp file belongs, a symlinked shard) is removed without being followed. An item that cannot be

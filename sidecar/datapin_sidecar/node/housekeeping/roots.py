@@ -24,7 +24,7 @@ from typing import Final
 from datapin_sidecar import safefs
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.engine.workspace import TreeInfo
+from datapin_sidecar.engine.workspace import META_LIMIT, TreeInfo
 from datapin_sidecar.errors import UnsafeFileError
 from datapin_sidecar.node.housekeeping.tasks import (
     STATE,
@@ -34,8 +34,6 @@ from datapin_sidecar.node.housekeeping.tasks import (
     sorted_names,
 )
 
-#: A meta file is a small JSON record; anything larger is not ours.
-META_LIMIT: Final = 64 * 1024
 #: Meta files read per workspace meta directory (a workspace has two or three trees).
 MAX_META_FILES: Final = 256
 
