@@ -48,7 +48,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
@@ -68,9 +68,8 @@ from datapin_sidecar.node.housekeeping.roots import roots
 from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.tasks import Task
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
-from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.program import Program
-from datapin_sidecar.node.settings import DatasetSettings, Settings
+from datapin_sidecar.node.settings import DatasetSettings
 from datapin_sidecar.remotes.base import Remote
 from datapin_sidecar.remotes.opening import open_remote
 
@@ -165,15 +164,8 @@ class Warmth:
 class Agent(Program):
     """One node's cache: prefetch, GC, workspace reaping, node metrics."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        environ: Mapping[str, str],
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(settings, environ=environ, metrics=metrics, clock=clock)
+    def _setup(self) -> None:
+        settings, metrics = self.settings, self.metrics
         self.watermarks = Watermarks(
             high_percent=settings.gc_high_percent,
             low_percent=settings.gc_low_percent,

@@ -4,8 +4,9 @@ Both are built from the same `Settings`, environment and `Metrics`, own a `NodeC
 their open remotes in `remotes`, and stop the same way: `stop()` (the signal handler, so
 idempotent) sets `stopping` for the event loop and `cancel` for the worker threads, whose
 synchronous materialiser or prefetch sees it at its next progress tick, and aborts every open
-remote so a thread waiting on a download returns at once. A program with more to cancel (the
-agent's tasks) does it in `_stopped`.
+remote so a thread waiting on a download returns at once. A program sets up its own state in
+`_setup` (so the constructor is written once) and cancels what else it has in flight (the
+agent's tasks) in `_stopped`.
 
 Both retry a failed dataset with the same exponential backoff (`backoff`), capped by
 `retry_max_seconds`.
@@ -48,6 +49,10 @@ class Program:
         self.remotes: dict[str, Remote] = {}
         self.cancel = threading.Event()
         self.stopping = asyncio.Event()
+        self._setup()
+
+    def _setup(self) -> None:
+        """The program's own state, from `settings` and `metrics` (called by the constructor)."""
 
     def stop(self) -> None:
         """Cancel the work in flight (signal handler; idempotent)."""

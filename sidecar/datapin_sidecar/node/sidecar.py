@@ -41,7 +41,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,6 @@ from datapin_sidecar.engine.workspace import tree_layout
 from datapin_sidecar.errors import DatapinError, RemoteError, StoppedError, UsageError
 from datapin_sidecar.logs import log_context
 from datapin_sidecar.node.housekeeping.clock import touch_used
-from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.program import Program
 from datapin_sidecar.node.settings import DatasetSettings, Settings
 from datapin_sidecar.pins import Pin, read_pins
@@ -132,15 +131,8 @@ def _target(pin: Pin, dataset: DatasetSettings) -> Target:
 class Sidecar(Program):
     """One pod's datasets, materialised and (in `run` mode) kept current."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        environ: Mapping[str, str],
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(settings, environ=environ, metrics=metrics, clock=clock)
+    def _setup(self) -> None:
+        settings, metrics = self.settings, self.metrics
         self.workspace = self._workspace_dir(settings)
         self.datasets = {d.name: d for d in settings.datasets}
         self.states: dict[str, DatasetState] = {name: DatasetState() for name in self.datasets}
