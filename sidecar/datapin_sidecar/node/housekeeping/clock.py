@@ -17,13 +17,12 @@ from datapin_sidecar import safefs
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.node.housekeeping.tasks import private_dir
 
 log = logging.getLogger(__name__)
 
 
 def used_dir(cache: NodeCache) -> Path:
-    return private_dir(cache) / "used"
+    return cache.private_dir / "used"
 
 
 def touch_used(

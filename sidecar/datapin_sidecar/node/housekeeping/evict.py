@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from datapin_sidecar import safefs
-from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.cache import PRIVATE, NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import UnsafeFileError, os_error
@@ -46,11 +46,9 @@ from datapin_sidecar.node.housekeeping.inventory import (
     plan,
 )
 from datapin_sidecar.node.housekeeping.tasks import (
-    PRIVATE,
     OnError,
     Task,
     log_item_error,
-    private_dir,
     sorted_names,
 )
 from datapin_sidecar.node.housekeeping.volume import (
@@ -95,7 +93,7 @@ class GcReport:
 
 @contextlib.contextmanager
 def _gc_lock(cache: NodeCache) -> Iterator[None]:
-    path = private_dir(cache) / "gc.lock"
+    path = cache.private_dir / "gc.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = safefs.open_regular(path, os.O_RDWR | os.O_CREAT)

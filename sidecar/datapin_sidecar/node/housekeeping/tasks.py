@@ -1,5 +1,4 @@
-"""What every housekeeping task shares: its name, how it reports an item it skips, and the
-cache's private area.
+"""What every housekeeping task shares: its name, and how it reports an item it skips.
 
 A task never stops at one bad item (the volume is hostile, see the package doc): it reports the
 item to an `OnError` and goes on. The agent's `OnError` counts per task (the `task` label of
@@ -12,15 +11,10 @@ import enum
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final
-
-from datapin_sidecar.engine.cache import NodeCache
 
 log = logging.getLogger(__name__)
 
-#: datapin's own area in the cache (see `engine.cache`).
-PRIVATE: Final = ".datapin"
 #: A pod's `.state/<dataset>/` holds datapin's records of each workspace (see `engine.workspace`).
 STATE: Final = ".state"
 
@@ -49,7 +43,3 @@ def log_item_error(task: Task, path: str, exc: BaseException) -> None:
 def sorted_names(fd: int) -> list[str]:
     """Names in the open directory `fd`, sorted."""
     return sorted(os.listdir(fd))
-
-
-def private_dir(cache: NodeCache) -> Path:
-    return cache.root / PRIVATE
