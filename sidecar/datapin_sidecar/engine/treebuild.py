@@ -24,6 +24,7 @@ import contextlib
 import os
 from array import array
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from datapin_sidecar import safefs
@@ -47,31 +48,24 @@ class TickFn(Protocol):
     def __call__(self, phase: str, total: int, done: int | None = None) -> None: ...
 
 
+@dataclass(slots=True, kw_only=True)
 class TreeBuilder:
     """The filesystem work of one build, and its tally (see the module doc)."""
 
-    def __init__(
-        self,
-        *,
-        cache: NodeCache,
-        layout: Layout,
-        linker: Linker,
-        modes: tuple[LinkMode, ...],
-        fetcher: Fetcher,
-        quarantined: list[str],
-        tick: TickFn,
-    ) -> None:
-        self.cache = cache
-        self.layout = layout
-        self.linker = linker
-        self.modes = modes
-        self.fetcher = fetcher
-        #: Objects found corrupt in the cache this run (an object the remote then lacks is
-        #: reported corrupt, not missing).
-        self.quarantined = quarantined
-        self.tick = tick
-        self.hits = self.hit_bytes = self.misses = self.miss_bytes = 0
-        self.removed_bytes = 0
+    cache: NodeCache
+    layout: Layout
+    linker: Linker
+    modes: tuple[LinkMode, ...]
+    fetcher: Fetcher
+    #: Objects found corrupt in the cache this run (an object the remote then lacks is
+    #: reported corrupt, not missing).
+    quarantined: list[str]
+    tick: TickFn
+    hits: int = 0
+    hit_bytes: int = 0
+    misses: int = 0
+    miss_bytes: int = 0
+    removed_bytes: int = 0
 
     def remove_entries(self, old: Manifest, remove: array[int], build: int) -> None:
         """Drop entries of the recycled tree, then the directories they leave empty.
