@@ -32,14 +32,14 @@ Cases (`--only`):
   over with hardlinks) and 0 (the spare is recycled; in an A->B->A alternation the spare *is*
   the target, so the switch changes no file). Each is compared with `materialize()` in this
   process doing the same alternation with the same grace, interleaved switch by switch.
-* `gc`: `datapin_sidecar.node.gc.collect` evicting N unreferenced objects (a revision nobody uses,
-  plus its `.dir`) from a cache that also holds a revision in use (N/10 objects, protected),
-  in objects/s; `gc.scan` of the same cache; peers `rm -rf` of an equivalent tree (N objects
-  in the same 256 shard directories) and `du -s` of the cache. Caches are written fresh for
-  every run (untimed). `collect` runs in this process with watermarks of 0.002%/0.001% so it
-  evicts everything not in use; its phases (inventory walk, manifest plan, unlinks, the final
-  wait for XFS's background inode freeing in `_settled`) are timed by wrapping the module's
-  functions in this process.
+* `gc`: `datapin_sidecar.node.housekeeping.evict.collect` evicting N unreferenced objects (a
+  revision nobody uses, plus its `.dir`) from a cache that also holds a revision in use (N/10
+  objects, protected), in objects/s; `gc.scan` of the same cache; peers `rm -rf` of an equivalent
+  tree (N objects in the same 256 shard directories) and `du -s` of the cache. Caches are written
+  fresh for every run (untimed). `collect` runs in this process with watermarks of 0.002%/0.001% so
+  it evicts everything not in use; its phases (inventory walk, manifest plan, unlinks, the final
+  wait for XFS's background inode freeing in `settled`) are timed by wrapping the module's functions
+  in this process.
 
 Design (the shape is bench_materialize's, whose helpers are reused):
 
@@ -94,7 +94,8 @@ from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.node import gc
+from datapin_sidecar.node.housekeeping import evict, inventory
+from datapin_sidecar.node.housekeeping.volume import Watermarks
 from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 
 from bench.bench_materialize import (
@@ -907,7 +908,7 @@ class Bench:
         self.log(f"{case}: ({kept:,} in use kept); caches written fresh per run")
         # Our watermarks are unreachable on purpose (evict all that is not in use), which
         # collect() reports as a warning every run.
-        logging.getLogger("datapin_sidecar.node.gc").setLevel(logging.ERROR)
+        logging.getLogger("datapin_sidecar.node.housekeeping").setLevel(logging.ERROR)
         phases: dict[str, list[float]] = {}
         current: dict[str, float] = {}
 
@@ -915,10 +916,10 @@ class Bench:
         def timing_phases() -> Iterator[None]:
             """Wrap gc's phase functions (in this process only) to time them."""
             originals = {
-                "_settled": gc._settled,
-                "_plan": gc._plan,
+                "settled": evict.settled,
+                "plan": evict.plan,
             }
-            take = gc._Inventory.__dict__["take"]
+            take = inventory.Inventory.__dict__["take"]
 
             def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 def wrapper(*a: Any, **kw: Any) -> Any:
@@ -930,17 +931,17 @@ class Bench:
 
                 return wrapper
 
-            gc._settled = timed("settle", originals["_settled"])  # type: ignore[assignment]
-            gc._plan = timed("plan", originals["_plan"])  # type: ignore[assignment]
-            gc._Inventory.take = classmethod(  # type: ignore[method-assign,assignment]
+            evict.settled = timed("settle", originals["settled"])  # type: ignore[assignment]
+            evict.plan = timed("plan", originals["plan"])  # type: ignore[assignment]
+            inventory.Inventory.take = classmethod(  # type: ignore[method-assign,assignment]
                 timed("inventory", take.__func__)
             )
             try:
                 yield
             finally:
-                gc._settled = originals["_settled"]  # type: ignore[assignment]
-                gc._plan = originals["_plan"]  # type: ignore[assignment]
-                gc._Inventory.take = take  # type: ignore[method-assign]
+                evict.settled = originals["settled"]  # type: ignore[assignment]
+                evict.plan = originals["plan"]  # type: ignore[assignment]
+                inventory.Inventory.take = take  # type: ignore[method-assign]
 
         scans: list[float] = []
         dus: list[float] = []
@@ -955,13 +956,13 @@ class Bench:
                 if who == "scan":
                     settle()
                     t = time.perf_counter()
-                    objects, _size = gc.scan(cache)
+                    objects, _size = inventory.scan(cache)
                     scans.append(time.perf_counter() - t)
                     if objects != n + kept + 2:
                         raise BenchError(f"scan found {objects}, expected {n + kept + 2}")
                 else:
                     dus.append(run_timed(["du", "-s", root]).wall)
-            wm = gc.Watermarks(
+            wm = Watermarks(
                 high_percent=0.002,
                 low_percent=0.001,
                 inodes_high_percent=0.002,
@@ -972,7 +973,7 @@ class Bench:
             cpu0 = time.thread_time()
             t = time.perf_counter()
             with timing_phases():
-                report = gc.collect(cache, {(in_use, Layout.DVC3)}, wm)
+                report = evict.collect(cache, {(in_use, Layout.DVC3)}, wm)
             wall = time.perf_counter() - t
             cpu = time.thread_time() - cpu0
             for name, value in current.items():

@@ -28,17 +28,13 @@ from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import Workspace
 from datapin_sidecar.errors import UsageError
-from datapin_sidecar.node.gc import (
-    VolumeUsage,
-    Watermarks,
-    clean_slots,
-    collect,
-    kubelet_pods_liveness,
-    reap_workspaces,
-    roots,
-    scan,
-    touch_used,
-)
+from datapin_sidecar.node.housekeeping.clock import touch_used
+from datapin_sidecar.node.housekeeping.evict import collect
+from datapin_sidecar.node.housekeeping.inventory import scan
+from datapin_sidecar.node.housekeeping.reaper import kubelet_pods_liveness, reap_workspaces
+from datapin_sidecar.node.housekeeping.roots import roots
+from datapin_sidecar.node.housekeeping.slots import clean_slots
+from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
@@ -220,7 +216,7 @@ def test_gc_never_evicts_roots_even_when_the_target_is_out_of_reach(
     used_percent = VolumeUsage.measure(root).used_percent
     marks = Watermarks(high_percent=used_percent - 1, low_percent=1.0)
 
-    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.gc"):
+    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.housekeeping"):
         report = collect(cache, roots(root), marks)
 
     assert report.triggered
@@ -407,7 +403,7 @@ def test_reap_workspaces_removes_only_pods_that_are_gone(
     warned: set[str] = set()
     with (
         Workspace(busy / "ds").locked(),
-        caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.gc"),
+        caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.housekeeping"),
     ):
         removed = reap_workspaces(root, live=live, grace=300, warned=warned)
 
@@ -419,7 +415,7 @@ def test_reap_workspaces_removes_only_pods_that_are_gone(
     assert warned == {"not-a-pod"}
     # The lock is free now; a second pass takes the busy one, and warns no more.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.gc"):
+    with caplog.at_level(logging.WARNING, logger="datapin_sidecar.node.housekeeping"):
         assert reap_workspaces(root, live=live, grace=300, warned=warned) == [UIDS[4]]
     assert "not-a-pod" not in caplog.text
     # Later, kubelet forgets the young ones too, and time passes.

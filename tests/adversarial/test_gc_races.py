@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
-from datapin_sidecar.node import gc as gc_module
-from datapin_sidecar.node.gc import BATCH, VolumeUsage, Watermarks, collect, roots
+from datapin_sidecar.node.housekeeping import evict as gc_module
+from datapin_sidecar.node.housekeeping.evict import BATCH, collect
+from datapin_sidecar.node.housekeeping.roots import roots
+from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.trees import object_name, put_revision
@@ -105,10 +107,10 @@ def test_a_build_registering_while_the_gc_evicts_is_honoured_from_the_next_batch
     os.utime(cache.path(rev.oid, Layout.DVC3), (5000, 5000))
     evicted_before: list[int] = []
     batches = 0
-    original = gc_module._Builds.held
+    original = gc_module.Builds.held
     with contextlib.ExitStack() as registration:
 
-        def held(self: gc_module._Builds) -> contextlib.AbstractContextManager[set[str]]:
+        def held(self: gc_module.Builds) -> contextlib.AbstractContextManager[set[str]]:
             nonlocal batches
             batches += 1
             if batches == 3:  # the first takes the plan's registrations, the second a batch
@@ -116,7 +118,7 @@ def test_a_build_registering_while_the_gc_evicts_is_honoured_from_the_next_batch
                 evicted_before.append(ORPHANS - len(_orphans(cache)))
             return original(self)
 
-        monkeypatch.setattr(gc_module._Builds, "held", held)
+        monkeypatch.setattr(gc_module.Builds, "held", held)
         collect(cache, set(), EVICT_ALL)
         assert batches > 3, "the GC ran several batches"
         assert 0 < evicted_before[0] < ORPHANS, "registered between batches, mid-GC"

@@ -30,16 +30,13 @@ from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import TreeInfo
-from datapin_sidecar.node.gc import (
-    Task,
-    VolumeUsage,
-    Watermarks,
-    clean_slots,
-    collect,
-    reap_workspaces,
-    roots,
-    scan,
-)
+from datapin_sidecar.node.housekeeping.evict import collect
+from datapin_sidecar.node.housekeeping.inventory import scan
+from datapin_sidecar.node.housekeeping.reaper import reap_workspaces
+from datapin_sidecar.node.housekeeping.roots import roots
+from datapin_sidecar.node.housekeeping.slots import clean_slots
+from datapin_sidecar.node.housekeeping.tasks import Task
+from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 
 from tests.support.dvcrepo import tree_bytes
 from tests.support.sidecarproc import SidecarProcess

@@ -35,7 +35,7 @@ Contract, relied on by every reader and by the linker:
 * **Builds register before they look.** Whoever builds a tree of, or prefetches, revision
   `<oid>` (`<md5>.dir`, or a single-file `<md5>`) wraps the whole run, from before its first
   lookup in the cache to after its last link, in `with cache.building(oid):`. That creates a
-  flock-held registration in `.datapin/builds/`; the GC (`gc.collect`) treats every held
+  flock-held registration in `.datapin/builds/`; the GC (`housekeeping.evict`) treats every held
   registration as a root (the revision's `.dir` and every object it names, in every layout,
   or the single object) and removes registrations whose lock is free (dead builders). A
   registration is created under a shared lock on `.datapin/builds.lock` which the GC holds
@@ -72,7 +72,8 @@ from datapin_sidecar.errors import CorruptObjectError, UnsafeFileError, os_error
 OBJECT_MODE: Final = 0o444
 log = logging.getLogger(__name__)
 
-_PRIVATE: Final = ".datapin"
+#: datapin's own area in the cache (see the module doc).
+PRIVATE: Final = ".datapin"
 _REVISION_OID: Final = re.compile(r"[0-9a-f]{32}(?:\.dir)?")
 #: Times a slot's name is cleared of something planted before giving up.
 _PLANTED_RETRIES: Final = 8
@@ -84,12 +85,13 @@ class NodeCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self._prefix = {layout: f"{self.root}/{layout.prefix()}" for layout in Layout}
-        self.tmp_dir = self.root / _PRIVATE / "tmp"
-        self.quarantine_dir = self.root / _PRIVATE / "quarantine"
-        self.manifests_dir = self.root / _PRIVATE / "manifests"
-        self.fetch_dir = self.root / _PRIVATE / "fetch"
-        self.builds_dir = self.root / _PRIVATE / "builds"
-        self.builds_lock = self.root / _PRIVATE / "builds.lock"
+        self.private_dir = self.root / PRIVATE
+        self.tmp_dir = self.private_dir / "tmp"
+        self.quarantine_dir = self.private_dir / "quarantine"
+        self.manifests_dir = self.private_dir / "manifests"
+        self.fetch_dir = self.private_dir / "fetch"
+        self.builds_dir = self.private_dir / "builds"
+        self.builds_lock = self.private_dir / "builds.lock"
         self._shards_checked: set[str] = set()
 
     def __repr__(self) -> str:
@@ -270,7 +272,7 @@ class NodeCache:
     def building(self, oid: str) -> Iterator[None]:
         """Register a build or prefetch of revision `oid` for the whole `with` block.
 
-        Enter it before the first lookup in the cache: while it is held, `gc.collect` keeps
+        Enter it before the first lookup in the cache: while it is held, `evict.collect` keeps
         the revision's `.dir` and every object it names (or, for a single-file revision, the
         object), in every layout. See the module contract.
         """

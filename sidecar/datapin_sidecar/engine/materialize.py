@@ -20,18 +20,10 @@ and a writable run builds fresh: the pod may have edited anything in it, and har
 recycling would carry its edits (or, through a planted symlink, another pod's files) into the
 next revision. Writable trees cost O(files) per switch; read-only ones keep O(changed).
 
-Every operation inside the destination goes through directory descriptors (`_Dirs`): each
-directory of the tree is opened once, with `O_NOFOLLOW`, relative to its parent's descriptor,
-and entries are made, linked and unlinked by name in it. A directory a pod swapped for a
-symlink is refused, never followed.
-
-Objects are linked optimistically: a warm start must cost metadata only, so there is no stat
-per object up front. An object that turns out to be missing is collected, fetched from the
-remote once (however many entries share it), and linked afterwards. The node agent's GC may
-evict an object between its fetch and its link: such objects are fetched again, up to
-`FETCH_ROUNDS` times. Publishing happens only
-after every entry is in place, so a failure at any point leaves the published tree as it was
-and the build is removed.
+The filesystem work of a build (linking through directory descriptors, never following a
+symlink a pod planted; fetching what turns out to be missing) is `treebuild`'s. Publishing
+happens only after every entry is in place, so a failure at any point leaves the published
+tree as it was and the build is removed.
 
 Filesystem work is synchronous on purpose: it is syscall-bound, and an async service runs this
 in a worker thread (`asyncio.to_thread`), which is what aiofiles would do per call anyway.
@@ -39,31 +31,24 @@ in a worker thread (`asyncio.to_thread`), which is what aiofiles would do per ca
 
 from __future__ import annotations
 
-import binascii
-import contextlib
 import dataclasses
 import os
 import time
-from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datapin_sidecar import safefs
 from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.fetching import Fetcher, layouts_to_try
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Linker, LinkMode, Strategy
 from datapin_sidecar.engine.manifest import Manifest, diff
 from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.engine.treebuild import TreeBuilder
 from datapin_sidecar.engine.workspace import TreeInfo, Workspace, tree_key
-from datapin_sidecar.errors import CorruptObjectError, DestinationError, ObjectsMissingError
-from datapin_sidecar.remotes.base import FetchReport, Remote
-
-#: How often (in entries) the progress callback is called.
-PROGRESS_EVERY = 2048
-#: How many times objects evicted between their fetch and their link are fetched again.
-FETCH_ROUNDS = 3
+from datapin_sidecar.errors import DestinationError
+from datapin_sidecar.remotes.base import Remote
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,10 +167,7 @@ class _Run:
         self.progress = progress
         self.state = Progress()
         self.counts_before = Counter(linker.counts)
-        self.hits = self.hit_bytes = self.misses = self.miss_bytes = 0
-        self.removed_bytes = 0
-        self.fetched_objects = self.fetched_bytes = self.waited_objects = 0
-        self.retries: Counter[str] = Counter()
+        self.fetcher = Fetcher(req.cache, req.remote)
         self.quarantined: list[str] = []
         self.layout = Layout.DVC3
         self.modes: tuple[LinkMode, ...] = ()
@@ -219,6 +201,15 @@ class _Run:
         except OSError as exc:
             raise self.ws.dest_error(exc) from exc
         base, base_name, base_info = self._choose_base(self.modes[0].read_only)
+        builder = TreeBuilder(
+            cache=self.cache,
+            layout=self.layout,
+            linker=self.linker,
+            modes=self.modes,
+            fetcher=self.fetcher,
+            quarantined=self.quarantined,
+            tick=self._tick,
+        )
         reused = removed = 0
         carried_read_only = False
         build: str | None = None
@@ -227,7 +218,7 @@ class _Run:
             build_fd = self.ws.open_tree(build)
             try:
                 if base_info is None or base_name is None:
-                    self._link_entries(manifest, build_fd)
+                    builder.link_entries(manifest, build_fd)
                 else:
                     old = self.cache.load_manifest(
                         Revision.parse(base_info.revision), Layout(base_info.layout)
@@ -236,14 +227,14 @@ class _Run:
                     reused, removed = plan.unchanged, len(plan.remove)
                     carried_read_only = base_info.read_only and reused > 0
                     if base == "spare":
-                        self._count_removed_bytes(old, plan.remove, build_fd)
-                        self._remove_entries(old, plan.remove, build_fd)
-                        self._link_entries(manifest, build_fd, only=plan.add)
+                        builder.count_removed_bytes(old, plan.remove, build_fd)
+                        builder.remove_entries(old, plan.remove, build_fd)
+                        builder.link_entries(manifest, build_fd, only=plan.add)
                     else:
                         base_fd = self.ws.open_tree(base_name)
                         try:
-                            self._count_removed_bytes(old, plan.remove, base_fd)
-                            self._link_entries(manifest, build_fd, carry=(plan.add, base_fd))
+                            builder.count_removed_bytes(old, plan.remove, base_fd)
+                            builder.link_entries(manifest, build_fd, carry=(plan.add, base_fd))
                         finally:
                             os.close(base_fd)
             except OSError as exc:
@@ -261,7 +252,7 @@ class _Run:
                 revision=rev.oid,
                 layout=str(self.layout),
                 files=len(manifest),
-                bytes=self._tree_bytes(base_info),
+                bytes=builder.tree_bytes(base_info),
                 modes={m: n for m, n in total_modes.items() if n > 0},
                 read_only=read_only,
                 writable=self.req.writable,
@@ -281,14 +272,14 @@ class _Run:
             bytes=info.bytes,
             modes=run_modes,
             read_only=read_only,
-            hits=self.hits,
-            hit_bytes=self.hit_bytes,
-            misses=self.misses,
-            miss_bytes=self.miss_bytes,
-            fetched_objects=self.fetched_objects,
-            fetched_bytes=self.fetched_bytes,
-            waited_objects=self.waited_objects,
-            retries=dict(self.retries),
+            hits=builder.hits,
+            hit_bytes=builder.hit_bytes,
+            misses=builder.misses,
+            miss_bytes=builder.miss_bytes,
+            fetched_objects=self.fetcher.fetched_objects,
+            fetched_bytes=self.fetcher.fetched_bytes,
+            waited_objects=self.fetcher.waited_objects,
+            retries=dict(self.fetcher.retries),
             reused=reused,
             removed=removed,
             base=base,
@@ -348,33 +339,10 @@ class _Run:
         return dataclasses.replace(self._unchanged(key, info, recovered), files=info.files)
 
     def _layouts(self) -> tuple[Layout, ...]:
-        return (self.req.layout,) if self.req.layout else (Layout.DVC3, Layout.LEGACY)
+        return layouts_to_try(self.req.layout)
 
     def _resolve_layout(self) -> Layout:
-        oid = self.req.revision.oid
-        layout = self.cache.find(oid, self._layouts())
-        remote = self.req.remote
-        if layout is None and remote is not None:
-            layout = remote.find(oid, self._layouts())
-            if layout is not None and self.req.revision.is_dir:
-                report = remote.fetch(self.cache, [oid], layout)
-                self._count(report)
-                if report.absent or report.corrupt:
-                    self._raise_missing(report.absent, report.corrupt, layout)
-        if layout is None:
-            raise ObjectsMissingError(
-                oids=[oid],
-                cache=str(self.cache.root),
-                remote=remote.url if remote else None,
-                keys=[remote.key(oid, lay) for lay in self._layouts()] if remote else (),
-            )
-        return layout
-
-    def _count(self, report: FetchReport) -> None:
-        self.fetched_objects += report.fetched
-        self.fetched_bytes += report.fetched_bytes
-        self.waited_objects += report.waited
-        self.retries.update(report.retries)
+        return self.fetcher.resolve_layout(self.req.revision, self._layouts())
 
     def _manifest(self) -> Manifest:
         rev = self.req.revision
@@ -439,227 +407,6 @@ class _Run:
             return False
         return time.time() - retired >= self.req.spare_grace
 
-    # -- building -----------------------------------------------------------------------------
-
-    def _remove_entries(self, old: Manifest, remove: array[int], build: int) -> None:
-        """Drop entries of the recycled tree, then the directories they leave empty.
-
-        DVC trees never contain empty directories, and neither may ours.
-        """
-        parents: set[bytes] = set()
-        self._tick("remove", len(remove))
-        dirs = _Dirs(build, create=False)
-        try:
-            for i in remove:
-                rel = old.relpath_bytes(i)
-                cut = rel.rfind(b"/")
-                try:
-                    fd = dirs.enter(rel[:cut] if cut > 0 else b"")
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.unlink(rel[cut + 1 :], dir_fd=fd)
-                except FileNotFoundError:
-                    pass
-                except IsADirectoryError:
-                    safefs.remove_tree(rel[cut + 1 :], dir_fd=fd)
-                while cut > 0:
-                    parents.add(rel[:cut])
-                    cut = rel.rfind(b"/", 0, cut)
-        finally:
-            dirs.close()
-        # Deepest first, so a directory emptied of subdirectories goes too.
-        for parent in sorted(parents, key=lambda p: p.count(b"/"), reverse=True):
-            cut = parent.rfind(b"/")
-            with contextlib.suppress(OSError):
-                fd = safefs.open_dir_beneath(build, parent[:cut]) if cut > 0 else os.dup(build)
-                try:
-                    os.rmdir(parent[cut + 1 :], dir_fd=fd)
-                finally:
-                    os.close(fd)
-
-    def _link_entries(
-        self,
-        manifest: Manifest,
-        build: int,
-        *,
-        only: array[int] | None = None,
-        carry: tuple[array[int], int] | None = None,
-    ) -> None:
-        """The hot loop: link every entry (or those in `only`) of `manifest` into `build`.
-
-        With `carry=(add, base)`, entries not in `add` are hardlinked from the tree `base` (a
-        directory fd) instead of coming from the cache.
-        """
-        prefix = os.fsencode(self.cache.prefix(self.layout))
-        link = self.linker.link
-        modes = self.modes
-        hexlify = binascii.b2a_hex
-        missing = array("Q")
-        total = len(only) if only is not None else len(manifest)
-        self._tick("link", total)
-        add_iter = iter(carry[0]) if carry is not None else None
-        next_add = next(add_iter, -1) if add_iter is not None else -1
-        dirs = _Dirs(build, create=True)
-        base_dirs = _Dirs(carry[1], create=False) if carry is not None else None
-        last_parent: bytes | None = None
-        dir_fd = base_fd = -1
-        # A recycled tree needs only the planned entries: visit those by index rather than
-        # scanning the whole manifest for them.
-        entries: Iterator[tuple[int, tuple[bytes, bytes]]] = (
-            ((i, manifest.entry_raw(i)) for i in only)
-            if only is not None
-            else enumerate(manifest.iter_raw())
-        )
-        done = 0
-        try:
-            for index, (rel, raw) in entries:
-                cut = rel.rfind(b"/")
-                parent = rel[:cut] if cut > 0 else b""
-                if parent != last_parent:
-                    dir_fd = dirs.enter(parent)
-                    if base_dirs is not None:
-                        try:
-                            base_fd = base_dirs.enter(parent)
-                        except OSError:
-                            base_fd = -1  # not in the base after all: from the cache
-                    last_parent = parent
-                name = rel[cut + 1 :]
-                done += 1
-                if done % PROGRESS_EVERY == 0:
-                    self._tick("link", total, done)
-                if add_iter is not None:
-                    if index != next_add:
-                        if base_fd >= 0:
-                            try:
-                                os.link(
-                                    name,
-                                    name,
-                                    src_dir_fd=base_fd,
-                                    dst_dir_fd=dir_fd,
-                                    follow_symlinks=False,
-                                )
-                                continue
-                            except OSError:
-                                pass  # EMLINK on a popular object: use the cache
-                    else:
-                        next_add = next(add_iter, -1)
-                h = hexlify(raw)
-                try:
-                    size = link(modes, prefix + h[:2] + b"/" + h[2:], dir_fd, name)
-                except FileNotFoundError:
-                    missing.append(index)
-                else:
-                    self.hits += 1
-                    self.hit_bytes += size
-        finally:
-            dirs.close()
-            if base_dirs is not None:
-                base_dirs.close()
-        if missing:
-            self._fetch_and_link(manifest, missing, build, prefix)
-
-    def _fetch_and_link(
-        self, manifest: Manifest, missing: array[int], build: int, prefix: bytes
-    ) -> None:
-        remote = self.req.remote
-        for _ in range(FETCH_ROUNDS):
-            oids = sorted({manifest.md5(i) for i in missing})
-            if remote is None:
-                self._raise_missing(oids, [])
-            assert remote is not None  # noqa: S101 - for mypy; _raise_missing raised otherwise
-            total = len(oids)
-            self._tick("fetch", total)
-            report = remote.fetch(self.cache, oids, self.layout, self._fetch_ticker(total))
-            self._count(report)
-            if report.absent or report.corrupt:
-                self._raise_missing(report.absent, report.corrupt, self.layout)
-            # The node agent's GC may have evicted some again before they were linked.
-            missing = self._link_fetched(manifest, missing, build, prefix)
-            if not missing:
-                return
-        gone = sorted({manifest.md5(i) for i in missing})
-        raise DestinationError(
-            dest=str(self.cache.root),
-            problem=f"{len(gone)} object(s) were fetched {FETCH_ROUNDS} times and removed "
-            f"from the node cache each time before they could be linked ({', '.join(gone[:5])})"
-            ": the node volume is short of space and its GC evicts them",
-            fix="free space on the node volume (or raise the agent's GC watermarks); the "
-            "next attempt fetches them again",
-        )
-
-    def _fetch_ticker(self, total: int) -> Callable[[int], None]:
-        return lambda n: self._tick("fetch", total, n)
-
-    def _link_fetched(
-        self, manifest: Manifest, missing: array[int], build: int, prefix: bytes
-    ) -> array[int]:
-        """Link the fetched entries; those whose object is gone again."""
-        again = array("Q")
-        dirs = _Dirs(build, create=True)
-        try:
-            for i in missing:
-                rel = manifest.relpath_bytes(i)
-                cut = rel.rfind(b"/")
-                fd = dirs.enter(rel[:cut] if cut > 0 else b"")
-                h = manifest.md5(i).encode()
-                try:
-                    size = self.linker.link(
-                        self.modes, prefix + h[:2] + b"/" + h[2:], fd, rel[cut + 1 :]
-                    )
-                except FileNotFoundError:
-                    again.append(i)
-                    continue
-                self.misses += 1
-                self.miss_bytes += size
-        finally:
-            dirs.close()
-        return again
-
-    def _raise_missing(
-        self, absent: list[str], corrupt: list[str], layout: Layout | None = None
-    ) -> None:
-        remote = self.req.remote
-        layout = layout or self.layout
-        if corrupt and remote is not None:
-            raise CorruptObjectError(
-                oids=corrupt,
-                cache=str(self.cache.root),
-                remote=remote.url,
-                keys=[remote.key(o, layout) for o in corrupt[:5]],
-            )
-        bad = [o for o in self.quarantined if o in set(absent)] + corrupt
-        if bad:
-            raise CorruptObjectError(
-                oids=bad,
-                cache=str(self.cache.root),
-                detail="md5 mismatch"
-                + (f"; remote {remote.url} has no good copy" if remote else ""),
-            )
-        raise ObjectsMissingError(
-            oids=absent,
-            cache=str(self.cache.root),
-            remote=remote.url if remote else None,
-            keys=[remote.key(o, layout) for o in absent[:5]] if remote else (),
-        )
-
-    def _tree_bytes(self, base: TreeInfo | None) -> int:
-        added = self.hit_bytes + self.miss_bytes
-        return added if base is None else base.bytes - self.removed_bytes + added
-
-    def _count_removed_bytes(self, old: Manifest, remove: array[int], base: int) -> None:
-        """Sizes of the entries leaving the base tree: O(changed) lstat calls."""
-        dirs = _Dirs(base, create=False)
-        try:
-            for i in remove:
-                rel = old.relpath_bytes(i)
-                cut = rel.rfind(b"/")
-                with contextlib.suppress(OSError):
-                    fd = dirs.enter(rel[:cut] if cut > 0 else b"")
-                    self.removed_bytes += os.lstat(rel[cut + 1 :], dir_fd=fd).st_size
-        finally:
-            dirs.close()
-
     def _tick(self, phase: str, total: int, done: int | None = None) -> None:
         if self.progress is None:
             return
@@ -667,47 +414,3 @@ class _Run:
         self.state.total = total
         self.state.done = total if done is None and phase == "done" else (done or 0)
         self.progress(self.state)
-
-
-class _Dirs:
-    """The open directories along one path of a tree, under the tree's root descriptor.
-
-    Entries come in manifest order (sorted by relpath), so a directory's entries are
-    contiguous: moving to the next parent closes the components it leaves and opens (with
-    `create`, makes first) the ones it enters, one `openat` per directory visited. Every
-    component is opened with `O_NOFOLLOW` relative to the one above, so a directory a pod
-    swapped for a symlink raises `UnsafeFileError` instead of leading elsewhere.
-    """
-
-    __slots__ = ("create", "fds", "parts", "root")
-
-    def __init__(self, root: int, *, create: bool) -> None:
-        self.root = root
-        self.create = create
-        self.parts: list[bytes] = []
-        self.fds: list[int] = []
-
-    def enter(self, parent: bytes) -> int:
-        """The descriptor of directory `parent` (relative to the root; b"" is the root)."""
-        parts = parent.split(b"/") if parent else []
-        keep = 0
-        limit = min(len(parts), len(self.parts))
-        while keep < limit and parts[keep] == self.parts[keep]:
-            keep += 1
-        while len(self.fds) > keep:
-            os.close(self.fds.pop())
-            self.parts.pop()
-        fd = self.fds[-1] if self.fds else self.root
-        for part in parts[keep:]:
-            if self.create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-            fd = safefs.open_dir(part, dir_fd=fd)
-            self.fds.append(fd)
-            self.parts.append(part)
-        return fd
-
-    def close(self) -> None:
-        while self.fds:
-            os.close(self.fds.pop())
-        self.parts.clear()

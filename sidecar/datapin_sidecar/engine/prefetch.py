@@ -3,12 +3,12 @@
 The agent keeps the revisions on its list warm so that a pod scheduled on the node later
 starts at warm-start cost (metadata only). Building a tree would cost a link per file for
 nothing and would make the revision look "in use" to the GC; the prefetch list protects it
-from the GC instead (see `gc.roots`).
+from the GC instead (see `housekeeping.roots`).
 
 The same plan as the materialiser, minus the tree: find the layout, get the `.dir`, list what
-the cache lacks (one `lstat` per distinct object), fetch that in one batch (once per node,
-whoever else is fetching), and report. Synchronous like the materialiser: the agent runs it in
-a worker thread, and cancellation reaches it through `S3Remote.abort()`.
+the cache lacks (one `lstat` per distinct object), fetch that in one batch (`fetching`: once
+per node, whoever else is fetching), and report. Synchronous like the materialiser: the agent
+runs it in a worker thread, and cancellation reaches it through `S3Remote.abort()`.
 
 The whole run is registered with `NodeCache.building` before the first lookup, so a GC running
 meanwhile keeps every object of the revision that is already in the cache: an object found
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.fetching import Fetcher, layouts_to_try
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import CorruptObjectError, ObjectsMissingError
 from datapin_sidecar.remotes.base import Remote
 
 
@@ -54,58 +53,29 @@ def _prefetch(
     cache: NodeCache, revision: Revision, remote: Remote, *, layout: Layout | None
 ) -> PrefetchResult:
     started = time.monotonic()
-    layouts = (layout,) if layout else (Layout.DVC3, Layout.LEGACY)
+    fetcher = Fetcher(cache, remote)
+    layouts = layouts_to_try(layout)
     found = cache.find(revision.oid, layouts) or remote.find(revision.oid, layouts)
     if found is None:
-        raise ObjectsMissingError(
-            oids=[revision.oid],
-            cache=str(cache.root),
-            remote=remote.url,
-            keys=[remote.key(revision.oid, lay) for lay in layouts],
-        )
-    fetched = fetched_bytes = waited = 0
-    retries: Counter[str] = Counter()
-
-    def fetch(oids: list[str]) -> None:
-        nonlocal fetched, fetched_bytes, waited
-        report = remote.fetch(cache, oids, found)
-        fetched += report.fetched
-        fetched_bytes += report.fetched_bytes
-        waited += report.waited
-        retries.update(report.retries)
-        if report.absent:
-            raise ObjectsMissingError(
-                oids=list(report.absent),
-                cache=str(cache.root),
-                remote=remote.url,
-                keys=[remote.key(oid, found) for oid in report.absent],
-            )
-        if report.corrupt:
-            raise CorruptObjectError(
-                oids=list(report.corrupt),
-                cache=str(cache.root),
-                remote=remote.url,
-                keys=[remote.key(oid, found) for oid in report.corrupt],
-            )
-
+        raise fetcher.not_found(revision.oid, layouts)
     needed = [revision.oid]
     dir_fetched = not cache.present(revision.oid, found)
     if dir_fetched:
-        fetch([revision.oid])
+        fetcher.fetch([revision.oid], found)
     if revision.is_dir:
         manifest = cache.load_manifest(revision, found)
         needed += sorted({manifest.md5(i) for i in range(len(manifest))})
     missing = [oid for oid in needed if not os.path.lexists(cache.path(oid, found))]
     if missing:
-        fetch(missing)
+        fetcher.fetch(missing, found)
     return PrefetchResult(
         revision=revision.oid,
         layout=str(found),
         objects=len(needed),
         present=len(needed) - len(missing) - int(dir_fetched),
-        fetched_objects=fetched,
-        fetched_bytes=fetched_bytes,
-        waited_objects=waited,
-        retries=dict(retries),
+        fetched_objects=fetcher.fetched_objects,
+        fetched_bytes=fetcher.fetched_bytes,
+        waited_objects=fetcher.waited_objects,
+        retries=dict(fetcher.retries),
         seconds=time.monotonic() - started,
     )

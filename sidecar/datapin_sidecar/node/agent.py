@@ -14,10 +14,10 @@ Loops in one TaskGroup, each on its own interval:
   entry's own backoff; one that is warm is re-checked every `scan_interval`. A bad file is
   logged and the previous list kept.
 * **gc** — every `gc_interval`: workspaces of pods that left the node are removed
-  (`gc.reap_workspaces`, when kubelet's pods directory is mounted); abandoned partial
-  downloads go (`gc.clean_slots`); above the high watermark (bytes or inodes) the least
+  (`housekeeping.reaper`, when kubelet's pods directory is mounted); abandoned partial
+  downloads go (`housekeeping.slots`); above the high watermark (bytes or inodes) the least
   recently used objects that no workspace, no prefetch entry and no build in progress needs
-  are evicted down to the low watermark (`gc.collect`).
+  are evicted down to the low watermark (`housekeeping.evict`).
 * **gauges** — statvfs of the node volume every `GAUGE_SECONDS`; the cache's objects and bytes
   are counted again (a full walk, in a worker thread) when the volume's used bytes or inodes
   moved since the last count, at most once per `max(GAUGE_SECONDS, 4 * the last walk's
@@ -48,34 +48,28 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.prefetch import PrefetchResult, prefetch
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import DatapinError, UsageError
 from datapin_sidecar.logs import log_context
-from datapin_sidecar.node.gc import (
-    GcReport,
-    Task,
-    VolumeUsage,
-    Watermarks,
-    clean_slots,
-    collect,
-    kubelet_pods_liveness,
-    reap_workspaces,
-    roots,
-    scan,
-    touch_used,
-)
-from datapin_sidecar.node.metrics import Metrics
-from datapin_sidecar.node.settings import DatasetSettings, Settings
+from datapin_sidecar.node.housekeeping.clock import touch_used
+from datapin_sidecar.node.housekeeping.evict import GcReport, collect
+from datapin_sidecar.node.housekeeping.inventory import scan
+from datapin_sidecar.node.housekeeping.reaper import kubelet_pods_liveness, reap_workspaces
+from datapin_sidecar.node.housekeeping.roots import roots
+from datapin_sidecar.node.housekeeping.slots import clean_slots
+from datapin_sidecar.node.housekeeping.tasks import Task
+from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
+from datapin_sidecar.node.program import Program
+from datapin_sidecar.node.settings import DatasetSettings
 from datapin_sidecar.remotes.base import Remote
 from datapin_sidecar.remotes.opening import open_remote
 
@@ -167,22 +161,11 @@ class Warmth:
     running: bool = False
 
 
-class Agent:
+class Agent(Program):
     """One node's cache: prefetch, GC, workspace reaping, node metrics."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        environ: Mapping[str, str],
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.settings = settings
-        self.environ = environ
-        self.metrics = metrics
-        self.clock = clock
-        self.cache = NodeCache(settings.cache_dir)
+    def _setup(self) -> None:
+        settings, metrics = self.settings, self.metrics
         self.watermarks = Watermarks(
             high_percent=settings.gc_high_percent,
             low_percent=settings.gc_low_percent,
@@ -200,9 +183,6 @@ class Agent:
         self.cycles = 0
         #: Called after every GC cycle (the program updates its probes from it).
         self.on_cycle: Callable[[], None] = lambda: None
-        self.stopping = asyncio.Event()
-        self.cancel = threading.Event()
-        self._remotes: dict[str, Remote] = {}
         self._remote_lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._list_error = ""
@@ -233,14 +213,7 @@ class Agent:
             yield self
             self._stack = None
 
-    def stop(self) -> None:
-        if self.stopping.is_set():
-            return
-        log.info("stopping: cancelling the work in flight")
-        self.stopping.set()
-        self.cancel.set()
-        for remote in self._remotes.values():
-            remote.abort()
+    def _stopped(self) -> None:
         for task in self._tasks:
             task.cancel()  # they await a thread, not do the work: cancelling is immediate
 
@@ -413,9 +386,7 @@ class Agent:
                 return
             w.state, w.failures = "failed", w.failures + 1
             w.last_error = str(exc) or type(exc).__name__
-            w.retry_at = self.clock() + min(
-                self.settings.retry_max_seconds, 2.0 ** min(w.failures, 16)
-            )
+            w.retry_at = self.clock() + self.backoff(w.failures)
             self.metrics.observe_failure(entry.name, exc, seconds=time.monotonic() - started)
             if isinstance(exc, DatapinError):
                 log.error("prefetch failed: %s", exc, extra={"reason": exc.reason})
@@ -445,13 +416,13 @@ class Agent:
     async def _remote(self, entry: DatasetSettings) -> Remote:
         key = entry.model_dump_json(exclude={"pin", "ref"})
         async with self._remote_lock:  # entries run concurrently: one client per remote
-            remote = self._remotes.get(key)
+            remote = self.remotes.get(key)
             if remote is None:
                 assert self._stack is not None  # noqa: S101 - only called inside opened()
                 remote = await self._stack.enter_async_context(
                     open_remote(entry, jobs=self.settings.jobs, environ=self.environ)
                 )
-                self._remotes[key] = remote
+                self.remotes[key] = remote
         return remote
 
     def _count_warmth(self) -> None:

@@ -58,7 +58,7 @@ RETRY_REASONS: Final = (
     "InternalError",
 )
 LINK_MODES: Final = ("reflink", "hardlink", "copy")
-#: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (`gc.Task`).
+#: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (housekeeping `Task`).
 AGENT_TASKS: Final = ("roots", "collect", "slots", "reap", "scan", "builds", "prefetch")
 #: Materialise latency: a no-op is ~1 ms, a warm start of a large revision seconds, a cold one
 #: minutes.

@@ -41,22 +41,21 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Progress, Request, Result, materialize
 from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.engine.workspace import tree_layout
 from datapin_sidecar.errors import DatapinError, RemoteError, StoppedError, UsageError
 from datapin_sidecar.logs import log_context
-from datapin_sidecar.node.gc import touch_used
-from datapin_sidecar.node.metrics import Metrics
+from datapin_sidecar.node.housekeeping.clock import touch_used
+from datapin_sidecar.node.program import Program
 from datapin_sidecar.node.settings import DatasetSettings, Settings
 from datapin_sidecar.pins import Pin, read_pins
-from datapin_sidecar.remotes.base import Remote
 from datapin_sidecar.remotes.opening import open_remote
 
 log = logging.getLogger(__name__)
@@ -127,28 +126,14 @@ def _target(pin: Pin, dataset: DatasetSettings) -> Target:
     return Target(dataset=pin.dataset, revision=pin.revision, layout=layout, ref=pin.ref)
 
 
-class Sidecar:
+class Sidecar(Program):
     """One pod's datasets, materialised and (in `run` mode) kept current."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        environ: Mapping[str, str],
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.settings = settings
-        self.environ = environ
-        self.metrics = metrics
-        self.clock = clock
-        self.cache = NodeCache(settings.cache_dir)
+    def _setup(self) -> None:
+        settings, metrics = self.settings, self.metrics
         self.workspace = self._workspace_dir(settings)
         self.datasets = {d.name: d for d in settings.datasets}
         self.states: dict[str, DatasetState] = {name: DatasetState() for name in self.datasets}
-        self.remotes: dict[str, Remote] = {}
-        self.cancel = threading.Event()
-        self.stopping = asyncio.Event()
         self._annotations_digest = ""
         self._last_annotations_error = ""
         for name in self.datasets:
@@ -177,16 +162,6 @@ class Sidecar:
                     open_remote(dataset, jobs=self.settings.jobs, environ=self.environ)
                 )
             yield self
-
-    def stop(self) -> None:
-        """Cancel the work in flight (signal handler; idempotent)."""
-        if self.stopping.is_set():
-            return
-        log.info("stopping: cancelling the work in flight")
-        self.stopping.set()
-        self.cancel.set()
-        for remote in self.remotes.values():
-            remote.abort()
 
     def _write_pod_record(self) -> None:
         """`<workspace>/.pod.json`: who owns this workspace (read by the agent and humans)."""
@@ -321,7 +296,7 @@ class Sidecar:
                 return
             state.failures += 1
             state.last_error = str(exc)
-            delay = min(self.settings.retry_max_seconds, 2.0 ** min(state.failures, 16))
+            delay = self.backoff(state.failures)
             state.retry_at = self.clock() + delay
             transient = isinstance(exc, RemoteError) and exc.cause.transient
             if state.serving is None and not transient:
@@ -379,8 +354,7 @@ class Sidecar:
             now = self.clock()
             self.metrics.observe(target.dataset, result, now=now)
             self.metrics.serving(target.dataset, ref=target.ref, pin=target.revision.oid)
-            layout = Layout.LEGACY if result.tree.endswith("-legacy") else Layout.DVC3
-            touch_used(self.cache, target.revision, layout, now=now)
+            touch_used(self.cache, target.revision, tree_layout(Path(result.tree).name), now=now)
             state.serving = target
             state.path = result.path
             state.last_error = ""
