@@ -231,18 +231,17 @@ class Controller:
         prefetch, prefetch_error, entries, wrote = await self._prefetch(
             namespace, name, spec, resolved, keys, known
         )
-        endpoint = f" ({spec.remote.endpoint})" if spec.remote.endpoint else ""
         obs = Observation(
             generation=generation,
             remote_error=remote_error,
             remote_checked=checked,
+            endpoint=f" ({spec.remote.endpoint})" if spec.remote.endpoint else "",
+            not_pushed=not_pushed,
             resolved=resolved,
             resolution_errors=errors,
-            not_pushed=not_pushed,
-            prefetch=prefetch,
             wants_prefetch=bool(spec.prefetch and spec.prefetch.revisions),
+            prefetch=prefetch,
             prefetch_error=prefetch_error,
-            endpoint=endpoint,
         )
         return obs, entries, wrote
 

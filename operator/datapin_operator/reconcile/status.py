@@ -22,7 +22,7 @@ expect; `transitions()` lists the changes, which the controller posts as Events.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from datapin_operator.api.models import (
@@ -48,6 +48,8 @@ class Observation:
     remote_error: OperatorError | None
     #: False when the check was not made (e.g. the Secret is missing).
     remote_checked: bool
+    #: The remote's endpoint as messages name it (` (<url>)`), or empty when the spec names none.
+    endpoint: str = ""
     resolved: Sequence[ResolvedRevision] = ()
     resolution_errors: Sequence[OperatorError] = ()
     #: Resolved pins whose `.dir` the remote does not have.
@@ -57,16 +59,17 @@ class Observation:
     wants_prefetch: bool = False
     #: Why the agents' objects could not be written or their reports read (prefetch only).
     prefetch_error: OperatorError | None = None
-    endpoint: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Transition:
+    """A condition whose status or reason changed: the Event the controller posts."""
+
     type: ConditionType
     status: str
     reason: str
     message: str
-    warning: bool = field(default=False)
+    warning: bool = False
 
 
 def build_status(obs: Observation, *, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:

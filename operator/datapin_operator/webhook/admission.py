@@ -72,21 +72,14 @@ class Admitted:
     reused: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Admission:
     """Job/Pod CREATE -> the object to admit (see the module doc)."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        secrets: SecretReader,
-        datasets: DatasetLister,
-        resolver: Resolver,
-    ) -> None:
-        self.settings = settings
-        self.secrets = secrets
-        self.datasets = datasets
-        self.resolver = resolver
+    settings: Settings
+    secrets: SecretReader
+    datasets: DatasetLister
+    resolver: Resolver
 
     async def admit(self, obj: Mapping[str, Any], *, namespace: str) -> Admitted | None:
         """The mutated object, or None when it is not ours or already done."""
