@@ -28,6 +28,39 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from datapin_operator.errors import SettingsError
 
 ENV_PREFIX: Final = "DATAPIN_"
+_PORT_MAX: Final = 65535
+
+# One factory per family of fields, so each declaration reads as default, bounds, meaning.
+
+
+def _unset(what: str) -> Any:
+    """An optional setting, unset unless given."""
+    return Field(default=None, description=what)
+
+
+def _name(default: str, what: str) -> Any:
+    """The name of a Kubernetes object the operator uses or serves."""
+    return Field(default=default, description=what)
+
+
+def _path(default: str, what: str) -> Any:
+    """An absolute path on a node or in a container (normalised by `Settings._absolute`)."""
+    return Field(default=default, description=what)
+
+
+def _port(default: int, what: str, *, lowest: int = 1) -> Any:
+    """A TCP port; `lowest=0` where 0 means "none" or "any free port"."""
+    return Field(default=default, ge=lowest, le=_PORT_MAX, description=what)
+
+
+def _whole(default: int, what: str, *, at_least: int) -> Any:
+    """A whole number (days, seconds, an id) with a lower bound."""
+    return Field(default=default, ge=at_least, description=what)
+
+
+def _seconds(default: float, what: str, *, at_most: float | None = None) -> Any:
+    """A positive duration in seconds, bounded above where a longer one makes no sense."""
+    return Field(default=default, gt=0, le=at_most, description=what)
 
 
 class Settings(BaseSettings):
@@ -38,20 +71,17 @@ class Settings(BaseSettings):
     )
 
     # -- where we run -------------------------------------------------------------------------
-    namespace: str = Field(
-        default="datapin",
-        description="The operator's namespace: node agents, their prefetch list and their "
+    namespace: str = _name(
+        "datapin",
+        "The operator's namespace: node agents, their prefetch list and their "
         "credentials Secret live here.",
     )
-    api_server: str | None = Field(
-        default=None,
-        description="Talk to this API server URL without authentication (tests against a "
+    api_server: str | None = _unset(
+        "Talk to this API server URL without authentication (tests against a "
         "local emulator). Unset: in-cluster config, else the kubeconfig.",
     )
-    kubeconfig: Path | None = Field(
-        default=None, description="Kubeconfig file (default: $KUBECONFIG or ~/.kube/config)."
-    )
-    context: str | None = Field(default=None, description="Kubeconfig context.")
+    kubeconfig: Path | None = _unset("Kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
+    context: str | None = _unset("Kubeconfig context.")
     webhook_mode: Literal["cluster", "dev", "off"] = Field(
         default="cluster",
         description="cluster: serve on 0.0.0.0 behind the webhook Service with the certificate "
@@ -61,47 +91,42 @@ class Settings(BaseSettings):
     webhook_host: str = Field(
         default="127.0.0.1", description="dev mode: the address to serve on and register."
     )
-    webhook_port: int = Field(default=9443, ge=0, le=65535, description="0: any free port.")
-    webhook_service: str = Field(
-        default="datapin-webhook", description="cluster mode: the webhook Service's name."
-    )
-    webhook_cert_file: Path | None = Field(
-        default=None,
-        description="cluster mode: TLS certificate (PEM), e.g. from cert-manager; unset: the "
+    webhook_port: int = _port(9443, "0: any free port.", lowest=0)
+    webhook_service: str = _name("datapin-webhook", "cluster mode: the webhook Service's name.")
+    webhook_cert_file: Path | None = _unset(
+        "cluster mode: TLS certificate (PEM), e.g. from cert-manager; unset: the "
         "self-signed certificate in webhook_tls_secret.",
     )
-    webhook_key_file: Path | None = Field(
-        default=None, description="cluster mode: TLS private key (PEM)."
+    webhook_key_file: Path | None = _unset("cluster mode: TLS private key (PEM).")
+    webhook_ca_file: Path | None = _unset(
+        "CA bundle for the webhook configuration (default: the cert)."
     )
-    webhook_ca_file: Path | None = Field(
-        default=None, description="CA bundle for the webhook configuration (default: the cert)."
-    )
-    webhook_tls_secret: str = Field(
-        default="datapin-webhook-tls",
-        description="cluster mode without certificate files: the Secret (operator namespace) "
+    webhook_tls_secret: str = _name(
+        "datapin-webhook-tls",
+        "cluster mode without certificate files: the Secret (operator namespace) "
         "holding the self-signed certificate every replica serves. The operator creates it, "
         "renews it webhook_renew_days before it expires and keeps the caBundle of "
         "webhook_configuration current.",
     )
-    webhook_cert_days: int = Field(
-        default=365, ge=2, description="Validity of a self-signed webhook certificate (days)."
+    webhook_cert_days: int = _whole(
+        365, "Validity of a self-signed webhook certificate (days).", at_least=2
     )
-    webhook_renew_days: int = Field(
-        default=30,
-        ge=1,
-        description="Renew the self-signed certificate this long before it "
+    webhook_renew_days: int = _whole(
+        30,
+        "Renew the self-signed certificate this long before it "
         "expires; old and new are both in the caBundle until the old one expires.",
+        at_least=1,
     )
     webhook_cert_dir: Path = Field(
         default=Path("/tmp/datapin-webhook"),  # noqa: S108 - an emptyDir in the chart
         description="Where the self-signed certificate files are written for the server.",
     )
-    webhook_tls_check_seconds: float = Field(
-        default=300.0, gt=0, description="How often the certificate Secret is re-read."
+    webhook_tls_check_seconds: float = _seconds(
+        300.0, "How often the certificate Secret is re-read."
     )
-    webhook_configuration: str = Field(
-        default="datapin.dev",
-        description="Name of the MutatingWebhookConfiguration the operator keeps current.",
+    webhook_configuration: str = _name(
+        "datapin.dev",
+        "Name of the MutatingWebhookConfiguration the operator keeps current.",
     )
     pod_failure_policy: Literal["Fail", "Ignore"] = Field(
         default="Ignore",
@@ -110,17 +135,14 @@ class Settings(BaseSettings):
         "of admitted Jobs already carry the sidecar).",
     )
 
-    peering: str | None = Field(
-        default=None,
-        description="Name of the ClusterKopfPeering the replicas elect a leader in (the chart "
+    peering: str | None = _unset(
+        "Name of the ClusterKopfPeering the replicas elect a leader in (the chart "
         "sets it when operator.replicas > 1). Unset: standalone, a single replica.",
     )
-    health_port: int = Field(
-        default=0,
-        ge=0,
-        le=65535,
-        description="Port of kopf's liveness endpoint /healthz on 0.0.0.0 (the chart sets "
-        "8080); 0: none.",
+    health_port: int = _port(
+        0,
+        "Port of kopf's liveness endpoint /healthz on 0.0.0.0 (the chart sets 8080); 0: none.",
+        lowest=0,
     )
 
     # -- what we inject -----------------------------------------------------------------------
@@ -130,14 +152,12 @@ class Settings(BaseSettings):
     sidecar_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="imagePullPolicy of the sidecar."
     )
-    node_path: str = Field(
-        default="/var/lib/datapin",
-        description="hostPath of the node volume (an XFS with reflink=1, prepared on every "
+    node_path: str = _path(
+        "/var/lib/datapin",
+        "hostPath of the node volume (an XFS with reflink=1, prepared on every "
         "node that runs datapin pods).",
     )
-    sidecar_root: str = Field(
-        default="/datapin", description="Where the sidecar mounts the node volume."
-    )
+    sidecar_root: str = _path("/datapin", "Where the sidecar mounts the node volume.")
     link: Literal["auto", "reflink", "hardlink", "copy"] = Field(
         default="auto",
         description="How the sidecar makes files from cache objects. Writable mounts need "
@@ -145,23 +165,21 @@ class Settings(BaseSettings):
     )
     sidecar_cpu_request: str = Field(default="100m", description="Sidecar CPU request.")
     sidecar_memory_request: str = Field(default="128Mi", description="Sidecar memory request.")
-    sidecar_cpu_limit: str | None = Field(default=None, description="Sidecar CPU limit.")
+    sidecar_cpu_limit: str | None = _unset("Sidecar CPU limit.")
     sidecar_memory_limit: str = Field(default="1Gi", description="Sidecar memory limit.")
-    sidecar_user: int = Field(
-        default=65532, ge=1, description="UID (and GID) the sidecar runs as; owns the volume."
+    sidecar_user: int = _whole(
+        65532, "UID (and GID) the sidecar runs as; owns the volume.", at_least=1
     )
-    sidecar_port: int = Field(
-        default=9479, ge=1, le=65535, description="The sidecar's /readyz and /metrics port."
-    )
-    startup_timeout_seconds: int = Field(
-        default=3600,
-        ge=10,
-        description="How long the native sidecar may take to publish before kubelet restarts "
+    sidecar_port: int = _port(9479, "The sidecar's /readyz and /metrics port.")
+    startup_timeout_seconds: int = _whole(
+        3600,
+        "How long the native sidecar may take to publish before kubelet restarts "
         "it (startupProbe failureThreshold x periodSeconds).",
+        at_least=10,
     )
-    mount_root: str = Field(
-        default="/data",
-        description="Default mount path of a dataset in app containers: MOUNT_ROOT/<dataset>.",
+    mount_root: str = _path(
+        "/data",
+        "Default mount path of a dataset in app containers: MOUNT_ROOT/<dataset>.",
     )
 
     # -- agents and timings -------------------------------------------------------------------
@@ -169,45 +187,39 @@ class Settings(BaseSettings):
         default="app.kubernetes.io/name=datapin,app.kubernetes.io/component=agent",
         description="Label selector of the node agent pods in the operator's namespace.",
     )
-    agent_port: int = Field(default=9479, ge=1, le=65535, description="Agents' /status port.")
-    prefetch_configmap: str = Field(
-        default="datapin-prefetch",
-        description="ConfigMap of per-node prefetch lists (key <node>.json) the agents mount.",
+    agent_port: int = _port(9479, "Agents' /status port.")
+    prefetch_configmap: str = _name(
+        "datapin-prefetch",
+        "ConfigMap of per-node prefetch lists (key <node>.json) the agents mount.",
     )
-    agent_credentials_secret: str = Field(
-        default="datapin-agent-credentials",
-        description="Secret the operator fills with the keys of prefetched Datasets.",
+    agent_credentials_secret: str = _name(
+        "datapin-agent-credentials",
+        "Secret the operator fills with the keys of prefetched Datasets.",
     )
-    agent_credentials_dir: str = Field(
-        default="/etc/datapin/credentials",
-        description="Where the agents mount agent_credentials_secret.",
+    agent_credentials_dir: str = _path(
+        "/etc/datapin/credentials",
+        "Where the agents mount agent_credentials_secret.",
     )
-    resync_seconds: float = Field(
-        default=60.0, gt=0, description="How often Datasets are re-checked."
-    )
-    prefetch_poll_seconds: float = Field(
-        default=5.0,
-        gt=0,
-        le=60,
-        description="While a Dataset's prefetch is not warm, how soon the agents' reports are "
+    resync_seconds: float = _seconds(60.0, "How often Datasets are re-checked.")
+    prefetch_poll_seconds: float = _seconds(
+        5.0,
+        "While a Dataset's prefetch is not warm, how soon the agents' reports are "
         "read again (doubling while nothing changes, up to 15 s), so warm shows within seconds "
         "rather than at the next resync.",
+        at_most=60,
     )
-    prefetch_watch_seconds: float = Field(
-        default=900.0,
-        gt=0,
-        le=86400,
-        description="How long after a prefetch list is written that polling goes on; after "
+    prefetch_watch_seconds: float = _seconds(
+        900.0,
+        "How long after a prefetch list is written that polling goes on; after "
         "that a prefetch still copying is reported at each resync.",
+        at_most=86400,
     )
-    remote_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="Timeout of one remote check request."
-    )
+    remote_timeout_seconds: float = _seconds(10.0, "Timeout of one remote check request.")
     git_cache_dir: Path = Field(
         default=Path("/tmp/datapin-git"),  # noqa: S108 - an emptyDir in the chart
         description="Where bare clones of DVC repositories are cached.",
     )
-    git_timeout_seconds: float = Field(default=60.0, gt=0, description="Timeout of one git call.")
+    git_timeout_seconds: float = _seconds(60.0, "Timeout of one git call.")
     git_ref_ttl_seconds: float = Field(
         default=5.0,
         ge=0,
