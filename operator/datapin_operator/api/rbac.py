@@ -72,6 +72,20 @@ class Grant:
         return rule
 
 
+def _grant(what: tuple[Scope, str, str, str], why: str, *, named: str = "") -> Grant:
+    """A row of `grants`: (scope, API group, resource, verbs separated by spaces), the reason,
+    and the one object the rule is limited to, if any."""
+    scope, api_group, resource, verbs = what
+    return Grant(
+        scope=scope,
+        api_group=api_group,
+        resources=(resource,),
+        verbs=tuple(verbs.split()),
+        why=why,
+        resource_names=(named,) if named else (),
+    )
+
+
 def grants(
     *,
     webhook_configuration: str | None = None,
@@ -88,139 +102,88 @@ def grants(
     own: Scope = "namespace"
     return [
         # -- kopf itself ---------------------------------------------------------------------
-        Grant(
-            scope=cluster,
-            api_group="apiextensions.k8s.io",
-            resources=("customresourcedefinitions",),
-            verbs=("list", "watch"),
-            why="kopf watches CRDs to learn when the Dataset resource appears or changes.",
+        _grant(
+            (cluster, "apiextensions.k8s.io", "customresourcedefinitions", "list watch"),
+            "kopf watches CRDs to learn when the Dataset resource appears or changes.",
         ),
-        Grant(
-            scope=cluster,
-            api_group="",
-            resources=("namespaces",),
-            verbs=("list", "watch"),
-            why="kopf serves every namespace and follows namespaces coming and going.",
+        _grant(
+            (cluster, "", "namespaces", "list watch"),
+            "kopf serves every namespace and follows namespaces coming and going.",
         ),
-        Grant(
-            scope=cluster,
-            api_group="",
-            resources=("events",),
-            verbs=("create", "patch"),
-            why="Events on Datasets and admitted Jobs (kopf posts core v1 Events).",
+        _grant(
+            (cluster, "", "events", "create patch"),
+            "Events on Datasets and admitted Jobs (kopf posts core v1 Events).",
         ),
-        Grant(
-            scope=cluster,
-            api_group="events.k8s.io",
-            resources=("events",),
-            verbs=("create", "patch"),
-            why="The same Events through the events.k8s.io API, which newer clients use.",
+        _grant(
+            (cluster, "events.k8s.io", "events", "create patch"),
+            "The same Events through the events.k8s.io API, which newer clients use.",
         ),
         # -- Datasets ------------------------------------------------------------------------
-        Grant(
-            scope=cluster,
-            api_group=GROUP,
-            resources=(PLURAL,),
-            verbs=("get", "list", "watch", "patch"),
-            why="The controllers watch Datasets; kopf patches its progress annotations and "
+        _grant(
+            (cluster, GROUP, PLURAL, "get list watch patch"),
+            "The controllers watch Datasets; kopf patches its progress annotations and "
             "finalizer; the webhook lists the Datasets of a Job's namespace (a fresh read, "
             "so every replica answers alike).",
         ),
-        Grant(
-            scope=cluster,
-            api_group=GROUP,
-            resources=(f"{PLURAL}/status",),
-            verbs=("patch",),
-            why="Conditions, resolved revisions and prefetch progress.",
+        _grant(
+            (cluster, GROUP, f"{PLURAL}/status", "patch"),
+            "Conditions, resolved revisions and prefetch progress.",
         ),
         # -- what the webhook and controllers read -------------------------------------------
-        Grant(
-            scope=cluster,
-            api_group="batch",
-            resources=("jobs",),
-            verbs=("list", "watch"),
-            why="Post an `Injected` Event on each admitted Job; Jobs are never written.",
+        _grant(
+            (cluster, "batch", "jobs", "list watch"),
+            "Post an `Injected` Event on each admitted Job; Jobs are never written.",
         ),
-        Grant(
-            scope=cluster,
-            api_group="",
-            resources=("secrets",),
-            verbs=("get",),
-            why="Read the Secret a Dataset names (remote check, the agents' copy of the "
+        _grant(
+            (cluster, "", "secrets", "get"),
+            "Read the Secret a Dataset names (remote check, the agents' copy of the "
             "keys). get only: no list or watch, so Secrets cannot be enumerated.",
         ),
-        Grant(
-            scope=cluster,
-            api_group="",
-            resources=("nodes",),
-            verbs=("list", "watch"),
-            why="Match the prefetch nodeSelector of Datasets against nodes.",
+        _grant(
+            (cluster, "", "nodes", "list watch"),
+            "Match the prefetch nodeSelector of Datasets against nodes.",
         ),
         # -- the webhook configuration and kopf peering --------------------------------------
-        Grant(
-            scope=cluster,
-            api_group="admissionregistration.k8s.io",
-            resources=("mutatingwebhookconfigurations",),
-            verbs=("get", "patch"),
-            resource_names=(webhook,),
-            why="Keep the caBundle of the chart's webhook configuration equal to the "
+        _grant(
+            (cluster, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "get patch"),
+            "Keep the caBundle of the chart's webhook configuration equal to the "
             "certificate the operator serves (self-signed mode); only that one object.",
+            named=webhook,
         ),
-        Grant(
-            scope=cluster,
-            api_group="kopf.dev",
-            resources=("clusterkopfpeerings",),
-            verbs=("get", "list", "watch", "patch"),
-            why="kopf peering between operator replicas: keep-alives in the peering object "
+        _grant(
+            (cluster, "kopf.dev", "clusterkopfpeerings", "get list watch patch"),
+            "kopf peering between operator replicas: keep-alives in the peering object "
             "elect the one replica that reconciles.",
         ),
         # -- the operator's own namespace ----------------------------------------------------
-        Grant(
-            scope=own,
-            api_group="",
-            resources=("configmaps",),
-            verbs=("create",),
-            why="Create the agents' prefetch list on first use (create takes no resourceNames).",
+        _grant(
+            (own, "", "configmaps", "create"),
+            "Create the agents' prefetch list on first use (create takes no resourceNames).",
         ),
-        Grant(
-            scope=own,
-            api_group="",
-            resources=("configmaps",),
-            verbs=("get", "patch", "update"),
-            resource_names=(configmap,),
-            why="Keep the per-node prefetch lists the node agents mount current.",
+        _grant(
+            (own, "", "configmaps", "get patch update"),
+            "Keep the per-node prefetch lists the node agents mount current.",
+            named=configmap,
         ),
-        Grant(
-            scope=own,
-            api_group="",
-            resources=("secrets",),
-            verbs=("create",),
-            why="Create the agents' credentials Secret and the webhook's certificate Secret "
+        _grant(
+            (own, "", "secrets", "create"),
+            "Create the agents' credentials Secret and the webhook's certificate Secret "
             "on first use (create takes no resourceNames).",
         ),
-        Grant(
-            scope=own,
-            api_group="",
-            resources=("secrets",),
-            verbs=("get", "patch", "update"),
-            resource_names=(secret,),
-            why="Fill the agents' credentials Secret with the keys of prefetched Datasets.",
+        _grant(
+            (own, "", "secrets", "get patch update"),
+            "Fill the agents' credentials Secret with the keys of prefetched Datasets.",
+            named=secret,
         ),
-        Grant(
-            scope=own,
-            api_group="",
-            resources=("secrets",),
-            verbs=("get", "patch"),
-            resource_names=(tls_secret,),
-            why="The webhook's self-signed certificate, shared by the replicas and renewed "
+        _grant(
+            (own, "", "secrets", "get patch"),
+            "The webhook's self-signed certificate, shared by the replicas and renewed "
             "before it expires (created with the create rule above).",
+            named=tls_secret,
         ),
-        Grant(
-            scope=own,
-            api_group="",
-            resources=("pods",),
-            verbs=("get", "list", "watch"),
-            why="Find the node agents and read their /status for prefetch progress.",
+        _grant(
+            (own, "", "pods", "get list watch"),
+            "Find the node agents and read their /status for prefetch progress.",
         ),
     ]
 
