@@ -2,7 +2,8 @@
 
 The hierarchy (in the style of httpx: one base, a branch per thing that went wrong)::
 
-    OperatorError                       base; `reason` is the Event/condition reason
+    OperatorError                       base; `reason` (named in each class line) is the
+                                        Event/condition reason
     ├── SettingsError                   DATAPIN_* settings of the operator fail validation
     ├── BadSpecError                    a Dataset spec the API server took but the models refuse
     ├── RejectedError                   an object cannot be admitted (the webhook's answer)
@@ -31,39 +32,40 @@ Secrets and keys, and git's stderr is redacted before it is kept.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class OperatorError(Exception):
-    """Base class: an error raised on purpose, with a message fit for users."""
+    """Base class: an error raised on purpose, with a message fit for users.
+
+    Each subclass names its reason in its class line (`class GitError(ResolutionError,
+    reason="GitFailed")`), so no error class can be declared without one."""
 
     reason = "Error"
+
+    def __init_subclass__(cls, *, reason: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.reason = reason
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class SettingsError(OperatorError):
+class SettingsError(OperatorError, reason="BadSettings"):
     """The operator's `DATAPIN_*` settings fail validation: one line per bad field."""
 
-    reason = "BadSettings"
 
-
-class BadSpecError(OperatorError):
+class BadSpecError(OperatorError, reason="BadSpec"):
     """A spec the API server accepted but the models do not (a CRD older than the operator)."""
 
-    reason = "BadSpec"
 
-
-class RejectedError(OperatorError):
+class RejectedError(OperatorError, reason="Rejected"):
     """An object the webhook must not admit."""
 
-    reason = "Rejected"
 
-
-class AnnotationError(RejectedError):
+class AnnotationError(RejectedError, reason="BadAnnotation"):
     """A `datapin.dev/*` annotation is malformed, unknown or inconsistent."""
-
-    reason = "BadAnnotation"
 
     def __init__(self, *, key: str, problem: str, fix: str) -> None:
         super().__init__(f"annotation {key}: {problem}. Fix: {fix}")
@@ -71,10 +73,8 @@ class AnnotationError(RejectedError):
         self.problem = problem
 
 
-class UnknownDatasetError(RejectedError):
+class UnknownDatasetError(RejectedError, reason="UnknownDataset"):
     """The annotations name a Dataset that does not exist in the object's namespace."""
-
-    reason = "UnknownDataset"
 
     def __init__(self, *, dataset: str, namespace: str, known: list[str]) -> None:
         names = ", ".join(sorted(known)) or "none"
@@ -87,16 +87,12 @@ class UnknownDatasetError(RejectedError):
         self.namespace = namespace
 
 
-class MountCollisionError(RejectedError):
+class MountCollisionError(RejectedError, reason="MountCollision"):
     """A dataset's mount path (or a volume/container name datapin needs) is already taken."""
 
-    reason = "MountCollision"
 
-
-class SecretError(RejectedError):
+class SecretError(RejectedError, reason="SecretNotFound"):
     """A Secret a Dataset names is missing, or lacks the keys it should hold."""
-
-    reason = "SecretNotFound"
 
     def __init__(self, *, secret: str, namespace: str, problem: str, fix: str) -> None:
         super().__init__(f"Secret {namespace}/{secret}: {problem}. Fix: {fix}")
@@ -104,10 +100,8 @@ class SecretError(RejectedError):
         self.namespace = namespace
 
 
-class ResolutionError(OperatorError):
+class ResolutionError(OperatorError, reason="Unresolvable"):
     """A revision cannot be resolved to a pin."""
-
-    reason = "Unresolvable"
 
     def __init__(self, message: str, *, dataset: str = "", revision: str = "") -> None:
         prefix = f"Dataset {dataset!r} revision {revision!r}: " if dataset else ""
@@ -116,40 +110,30 @@ class ResolutionError(OperatorError):
         self.revision = revision
 
 
-class UnknownRevisionError(ResolutionError):
+class UnknownRevisionError(ResolutionError, reason="UnknownRevision"):
     """Not an md5, not a named revision of the Dataset, and no git source to ask."""
 
-    reason = "UnknownRevision"
 
-
-class GitError(ResolutionError):
+class GitError(ResolutionError, reason="GitFailed"):
     """git could not answer: the repository is unreachable, refuses us, or lacks the ref."""
 
-    reason = "GitFailed"
 
-
-class PinReadError(ResolutionError):
+class PinReadError(ResolutionError, reason="PinNotFound"):
     """The commit exists but its `.dvc` file or `dvc.lock` does not name the dataset's out."""
 
-    reason = "PinNotFound"
 
-
-class RemoteCheckError(OperatorError):
+class RemoteCheckError(OperatorError, reason="RemoteUnreachable"):
     """The Dataset's remote cannot be reached, refuses the credentials, or lacks an object."""
-
-    reason = "RemoteUnreachable"
 
     def __init__(self, message: str, *, reason: str = "RemoteUnreachable") -> None:
         super().__init__(message)
         self.reason = reason
 
 
-class AgentConfigError(OperatorError):
+class AgentConfigError(OperatorError, reason="AgentConfigFailed"):
     """The objects the node agents read (their prefetch ConfigMap, their credentials Secret)
     cannot be written, or the nodes and agents cannot be listed. Only Datasets that ask for
     prefetch report it (as `Prefetched=False`); everything else in their status still holds."""
-
-    reason = "AgentConfigFailed"
 
 
 class Conflict(Exception):  # noqa: N818 - a condition callers branch on, not a failure
