@@ -35,7 +35,7 @@ Design:
   `data.dvc` written by hand as DVC 3 writes it: md5 `.dir`, size, nfiles, `hash: md5`) with
   one commit per tag v1..vK, each naming another directory pin. Its bare clone (with
   `uploadpack.allowFilter`, as GitHub and GitLab allow filters) is served as `file://` and
-  over smart HTTP by `git http-backend` behind basic auth (`tests.support.gitrepo.
+  over smart HTTP by `git http-backend` behind basic auth (`testkit.gitrepo.
   GitHttpServer`) on 127.0.0.1, so every HTTP ls-remote is a real round trip (two requests,
   each a `git http-backend` process). The server runs in a child process, so its work never
   competes with the admission path for this process's GIL. The HTTP Dataset names a git
@@ -90,7 +90,7 @@ from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.admission import Admission, Catalog
 
-from tests.support.dvcrepo import run_git
+from testkit.dvcrepo import run_git
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -194,7 +194,7 @@ def http_server(root: Path) -> Iterator[int]:
 
 def serve(root: Path) -> int:
     """Child-process mode: serve `root`, print the port, stop when stdin closes."""
-    from tests.support.gitrepo import GitHttpServer  # noqa: PLC0415 - only the child needs it
+    from testkit.gitrepo import GitHttpServer  # noqa: PLC0415 - only the child needs it
 
     with GitHttpServer(root, username=USER, password=PASSWORD) as server:
         print(server.port, flush=True)

@@ -24,7 +24,7 @@ Cases (`--only`, comma list; `--profile` adds `profile`):
 
 Design, and why (the shape is bench_materialize's; its helpers are reused):
 
-* **A real S3 server, on this machine.** `tests.support.seaweed.SeaweedServer` starts one
+* **A real S3 server, on this machine.** `testkit.seaweed.SeaweedServer` starts one
   `weed server -s3` on free 127.0.0.1 ports with random keys (stopped by PID in a `finally`);
   its data lives in a private directory under `--workdir` (/var/tmp: the root disk, not the XFS
   volume and not /tmp). Every tool talks to that one server over loopback, so the figures
@@ -40,7 +40,7 @@ Design, and why (the shape is bench_materialize's; its helpers are reused):
 * **Cold, consistently.** Before every run the tool's outputs are gone: datapin's node cache
   and destination, dvc's cache, workspace and `.dvc/tmp` (its state and index databases), the
   s5cmd / rclone output directory. All of them live on one fresh reflink XFS loop volume
-  (`tests.support.xfs.xfs_volume`, always torn down). The server side is warm: its files are in
+  (`testkit.xfs.xfs_volume`, always torn down). The server side is warm: its files are in
   the page cache after the upload, the same for every tool. `sync` runs before each timed run
   and deleting outputs is never timed. datapin `syncfs`es its cache before naming objects
   (durability); the other tools do not flush, so their writeback may finish after their clock
@@ -112,9 +112,9 @@ from bench.bench_materialize import (
     run_timed,
     secs,
 )
-from tests.support.dvcrepo import hermetic_env
-from tests.support.seaweed import SeaweedServer, find_weed
-from tests.support.xfs import xfs_volume
+from testkit.dvcrepo import hermetic_env
+from testkit.seaweed import SeaweedServer, find_weed
+from testkit.xfs import xfs_volume
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -12,7 +12,7 @@ broke).
 Design, and why:
 
 * **One volume, one run, peers side by side.** Every case runs on the same fresh reflink XFS
-  volume (`tests.support.xfs.xfs_volume`, always torn down), and datapin and its peers take
+  volume (`testkit.xfs.xfs_volume`, always torn down), and datapin and its peers take
   turns within each round (the starting peer rotates per round), so a noisy neighbour on this
   shared 2-core machine hits every peer alike. We quote medians (min-max beside them), never
   means, and ratios of medians.
@@ -87,8 +87,8 @@ from datapin_sidecar.engine.manifest import Manifest
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
 
-from tests.support.dvcrepo import hermetic_env
-from tests.support.xfs import shared_extents, xfs_volume
+from testkit.dvcrepo import hermetic_env
+from testkit.xfs import shared_extents, xfs_volume
 
 KIB = 1024
 MIB = 1024 * KIB

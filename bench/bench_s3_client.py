@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.seaweed import SeaweedServer  # noqa: E402
-from tests.support.xfs import xfs_volume  # noqa: E402
+from testkit.seaweed import SeaweedServer  # noqa: E402
+from testkit.xfs import xfs_volume  # noqa: E402
 
 _CHILD = textwrap.dedent(
     """

@@ -14,8 +14,8 @@ Cases (`--only`):
   module): what the program imports before it can do anything, biggest first.
 * `ready`: time to ready, warm. A pod starts on a node whose cache holds its revision (objects
   and parsed manifest). `datapin-sidecar run` is spawned (`python -m datapin_sidecar.node.main run`,
-  settings in `DATAPIN_*` as `tests.support.sidecarproc.SidecarProcess` builds them, the pin in
-  a downward-API annotations file written by `tests.support.k8svolume.kubelet_update`, the
+  settings in `DATAPIN_*` as `testkit.sidecarproc.SidecarProcess` builds them, the pin in
+  a downward-API annotations file written by `testkit.k8svolume.kubelet_update`, the
   dataset's remote an empty DVC directory remote that a warm start never reads) and timed from
   fork until `/readyz` answers 200. Peers in the same rounds: `datapin-sidecar once` to exit,
   the one-shot CLI (`python -m datapin_sidecar.cli materialize`) to exit, `materialize()` in
@@ -119,9 +119,9 @@ from bench.bench_materialize import (
     secs,
     settle,
 )
-from tests.support.k8svolume import kubelet_update
-from tests.support.sidecarproc import SidecarProcess
-from tests.support.xfs import (
+from testkit.k8svolume import kubelet_update
+from testkit.sidecarproc import SidecarProcess
+from testkit.xfs import (
     XfsUnavailable,
     check_xfs_available,
     shared_extents,
@@ -1161,8 +1161,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"- command: `{command}` (from the repository root"
             f"{', as root' if os.geteuid() == 0 else ''})",
             machine(),
-            f"- datapin: `{sys.executable} -m datapin_sidecar.node.main|cli` importing a "
-            f"private copy of {os.environ[SOURCE_ENV]}; DVC {dvc_version}",
+            f"- datapin: `{sys.executable} -m datapin_sidecar.node.main|cli` importing a private copy "
+            f"of {os.environ[SOURCE_ENV]}; DVC {dvc_version}",
             f"- volume: {where}; {args.runs} rounds per peer; seed {args.seed}",
             f"- load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
             f"whole run {elapsed / 60:.1f} min",

@@ -17,7 +17,7 @@ Design, and why:
 - The bucket is filled by the real `dvc push` of the project's DVC 3 (`.tools/dvc3`, made by
   scripts/setup), configured as the Backblaze B2 tutorial does (`dvc remote add -d`,
   `endpointurl`): the e2e test must prove datapin reads what DVC writes, not what we believe
-  it writes. The repository is built by :func:`tests.support.dvcrepo.make_dvc_repo`, the same
+  it writes. The repository is built by :func:`testkit.dvcrepo.make_dvc_repo`, the same
   helper the rest of the suite trusts.
 - The keys come from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), are
   handed to DVC through its environment (never `dvc remote modify ... secret_access_key`,
@@ -55,14 +55,14 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
-from tests.support.dvcremote import dvc_s3_env, object_key
-from tests.support.dvcrepo import (
+from testkit.dvcremote import dvc_s3_env, object_key
+from testkit.dvcrepo import (
     DvcUnavailable,
     make_dvc_repo,
     object_path,
     run_git,
 )
-from tests.support.procs import CommandError, run
+from testkit.procs import CommandError, run
 
 KEY_VARS: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 REMOTE_NAME: Final = "b2"

@@ -7,14 +7,14 @@ Design:
   (``xfs_mount``) and one repository per DVC version (``dvc3_fixture``, ``dvc2_fixture``).
   Tests get isolation from cheap function-scoped children: ``xfs_dir`` / ``rootfs_dir`` are fresh
   empty directories removed afterwards even if the test left read-only trees behind, and
-  :func:`tests.support.dvcrepo.dvc_checkout` clones rather than touching the shared repo.
+  :func:`testkit.dvcrepo.dvc_checkout` clones rather than touching the shared repo.
 - ``fs_dir`` is parametrised over ``xfs`` and ``rootfs``, so a test written once runs on a
   reflink filesystem and on one without reflinks (ext4 here), covering both link strategies.
 - ``small_xfs`` is a fresh 320M volume per test, for ENOSPC behaviour that must not leak into
   other tests.
 - S3: one SeaweedFS server per session (``seaweed``); isolation comes from a fresh bucket per
   test (``s3_bucket``, deleted afterwards, which also returns its volume slots to the server) and
-  a fresh :class:`~tests.support.faultproxy.FaultProxy` per test (``fault_proxy``), so no rule or
+  a fresh :class:`~testkit.faultproxy.FaultProxy` per test (``fault_proxy``), so no rule or
   counter leaks between tests. The DVC push fixtures (``dvc3_s3``, ``dvc2_s3``) are session-wide,
   each in its own bucket, and must be treated as read-only.
 - Tests that use these fixtures are marked automatically with the ``xfs`` / ``dvc`` / ``s3``
@@ -38,18 +38,18 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-from tests.support import rmtree_robust
-from tests.support.dvcremote import S3DvcFixture, push_dvc_fixture
-from tests.support.dvcrepo import DvcFixture, DvcUnavailable, make_dvc_repo, sample_files
-from tests.support.faultproxy import FaultProxy
-from tests.support.prometheus import (
+from testkit import rmtree_robust
+from testkit.dvcremote import S3DvcFixture, push_dvc_fixture
+from testkit.dvcrepo import DvcFixture, DvcUnavailable, make_dvc_repo, sample_files
+from testkit.faultproxy import FaultProxy
+from testkit.prometheus import (
     PrometheusServer,
     PrometheusUnavailable,
     find_prometheus,
     find_promtool,
 )
-from tests.support.seaweed import SeaweedServer, SeaweedUnavailable, find_weed
-from tests.support.xfs import MIN_XFS_SIZE, XfsUnavailable, xfs_volume
+from testkit.seaweed import SeaweedServer, SeaweedUnavailable, find_weed
+from testkit.xfs import MIN_XFS_SIZE, XfsUnavailable, xfs_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

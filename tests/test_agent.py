@@ -26,12 +26,12 @@ from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.node.agent import prefetch_file_text
 from datapin_sidecar.node.settings import DatasetSettings
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.dvcrepo import tree_bytes
-from tests.support.k8svolume import kubelet_update
-from tests.support.seaweed import SeaweedServer
-from tests.support.sidecarproc import SidecarProcess
-from tests.support.trees import put_revision
+from testkit.dvcremote import S3DvcFixture
+from testkit.dvcrepo import tree_bytes
+from testkit.k8svolume import kubelet_update
+from testkit.seaweed import SeaweedServer
+from testkit.sidecarproc import SidecarProcess
+from testkit.trees import put_revision
 
 
 def _secret(work: Path, fx: S3DvcFixture) -> Path:

@@ -35,7 +35,7 @@ from datapin_sidecar.pins import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.support.k8svolume import kubelet_update
+from testkit.k8svolume import kubelet_update
 
 MD5A = "0123456789abcdef0123456789abcdef"
 MD5B = "fedcba9876543210fedcba9876543210"

@@ -19,8 +19,8 @@ from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.manifest import Manifest
 from datapin_sidecar.errors import CorruptObjectError
 
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import object_name, put_revision
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import object_name, put_revision
 
 
 def test_insert_verifies_and_publishes_read_only(fs_dir: Path) -> None:

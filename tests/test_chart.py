@@ -58,8 +58,7 @@ from datapin_operator.webhook.inject import HTTP_PORT_NAME, SIDECAR_LABEL
 from datapin_sidecar.node.settings import Settings as SidecarSettings
 from datapin_sidecar.node.settings import load_settings as load_sidecar_settings
 
-from tests.conftest import REPO_ROOT
-from tests.support.chart import (
+from testkit.chart import (
     CHART_DIR,
     Release,
     container_env,
@@ -73,7 +72,8 @@ from tests.support.chart import (
     subcommands,
     volume_named,
 )
-from tests.support.procs import run, which
+from testkit.procs import run, which
+from tests.conftest import REPO_ROOT
 
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 LINT_KUBE_VERSIONS = ("v1.29.0", f"v{kubernetes_validate.latest_version()}")

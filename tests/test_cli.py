@@ -16,7 +16,7 @@ import pytest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 
-from tests.support.trees import object_name, put_revision
+from testkit.trees import object_name, put_revision
 
 FILES = {f"d{i % 7}/f{i:05d}.txt": f"row {i}\n".encode() * 20 for i in range(5000)}
 

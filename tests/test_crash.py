@@ -69,9 +69,9 @@ from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
-from tests.support import rmtree_robust
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import object_name, put_revision
+from testkit import rmtree_robust
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import object_name, put_revision
 
 LINK = "current"
 CLI = (sys.executable, "-m", "datapin_sidecar.cli", "materialize")

@@ -30,10 +30,10 @@ from datapin_sidecar.node.metrics import LINK_MODES, Metrics
 from datapin_sidecar.remotes.directory import DirectoryRemote
 from prometheus_client import CollectorRegistry, generate_latest
 
+from testkit.dashboard import expand, iter_panels, load_dashboard, metric_names, panel_queries
+from testkit.prometheus import PrometheusServer, sample_value, serve_registry
+from testkit.trees import put_revision
 from tests.conftest import REPO_ROOT
-from tests.support.dashboard import expand, iter_panels, load_dashboard, metric_names, panel_queries
-from tests.support.prometheus import PrometheusServer, sample_value, serve_registry
-from tests.support.trees import put_revision
 
 DASHBOARD = REPO_ROOT / "charts" / "datapin" / "dashboards" / "datapin.json"
 

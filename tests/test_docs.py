@@ -64,9 +64,9 @@ from datapin_sidecar.node.settings import Settings as SidecarSettings
 from datapin_sidecar.pins import PinRecord, format_pins
 from prometheus_client import CollectorRegistry
 
+from testkit.dashboard import iter_panels, load_dashboard
+from testkit.dvcrepo import DvcFixture, run_git
 from tests.conftest import REPO_ROOT
-from tests.support.dashboard import iter_panels, load_dashboard
-from tests.support.dvcrepo import DvcFixture, run_git
 
 DOCS_DIR = REPO_ROOT / "docs"
 INSTALL = DOCS_DIR / "install.md"

@@ -20,7 +20,7 @@ from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision, read_dvc_file
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
-from tests.support.dvcrepo import DvcFixture, dvc_checkout, tree_bytes
+from testkit.dvcrepo import DvcFixture, dvc_checkout, tree_bytes
 
 
 @pytest.fixture(params=[3, 2], ids=["dvc3", "dvc2"])

@@ -64,7 +64,7 @@ from datapin_operator.api.crd import validate_dataset
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.requests import parse_request
 
-from tests.support.kind import (
+from testkit.kind import (
     REMOTE_VARS,
     Cluster,
     E2EConfig,
@@ -78,7 +78,7 @@ from tests.support.kind import (
     parse_md5sum,
     wait_for,
 )
-from tests.support.procs import CommandError, which
+from testkit.procs import CommandError, which
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 RELEASE: Final = "datapin"

@@ -27,8 +27,8 @@ from datapin_sidecar.errors import (
 )
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import object_name, put_revision
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import object_name, put_revision
 
 FILES_A = {f"a/{i:03d}.bin": f"file {i} of A\n".encode() * 50 for i in range(40)}
 FILES_B = {f"b/{i:03d}.bin": f"file {i} of B\n".encode() * 50 for i in range(40)}

@@ -36,8 +36,8 @@ from datapin_sidecar.node.housekeeping.roots import roots
 from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import object_name, put_revision
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import object_name, put_revision
 
 MiB = 1 << 20
 UIDS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(1, 10)]

@@ -5,7 +5,7 @@ ways that need none:
 
 1. hadolint lints the Dockerfile, and lints a copy with `FROM python:latest` to show the lint
    can fail.
-2. The facts users depend on are read from the Dockerfile itself (tests/support/image.py parses
+2. The facts users depend on are read from the Dockerfile itself (testkit/image.py parses
    its instructions): a multi-stage build on a pinned slim Python, a numeric non-root USER, an
    environment fit for a read-only root filesystem, `datapin-sidecar` as the entrypoint (the
    operator injects the sidecar with args only), and every `datapin-*` program it names being a
@@ -49,7 +49,7 @@ import pytest
 import yaml
 from datapin_sidecar.errors import UsageError
 
-from tests.support.image import (
+from testkit.image import (
     DockerIgnore,
     Stage,
     exec_form,
@@ -59,7 +59,7 @@ from tests.support.image import (
     readonly_unavailable,
     stages,
 )
-from tests.support.procs import run, which
+from testkit.procs import run, which
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "Dockerfile"

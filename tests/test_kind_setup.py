@@ -39,10 +39,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.dvcremote import object_key
-from tests.support.dvcrepo import DvcUnavailable, find_dvc
-from tests.support.procs import run, which
-from tests.support.seaweed import SeaweedServer, SeaweedUnavailable, find_weed
+from testkit.dvcremote import object_key
+from testkit.dvcrepo import DvcUnavailable, find_dvc
+from testkit.procs import run, which
+from testkit.seaweed import SeaweedServer, SeaweedUnavailable, find_weed
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 KIND_CONFIG: Final = REPO_ROOT / "kind-config.yaml"

@@ -22,9 +22,9 @@ from datapin_sidecar.errors import LinkError
 from datapin_sidecar.progress import Reporter
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import object_name, put_revision
-from tests.support.xfs import free_bytes, shared_extents
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import object_name, put_revision
+from testkit.xfs import free_bytes, shared_extents
 
 FILES_A = {
     "train/cat/001.jpg": b"\xff\xd8" + b"cat" * 3000,

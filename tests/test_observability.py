@@ -16,11 +16,11 @@ from pathlib import Path
 from datapin_sidecar.node.agent import prefetch_file_text
 from datapin_sidecar.node.settings import DatasetSettings
 
-from tests.support.dashboard import expand, load_dashboard, panel_queries
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.faultproxy import FaultProxy
-from tests.support.prometheus import PrometheusServer, sample_value
-from tests.support.sidecarproc import Pod, SidecarProcess, serving
+from testkit.dashboard import expand, load_dashboard, panel_queries
+from testkit.dvcremote import S3DvcFixture
+from testkit.faultproxy import FaultProxy
+from testkit.prometheus import PrometheusServer, sample_value
+from testkit.sidecarproc import Pod, SidecarProcess, serving
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "charts/datapin/dashboards/datapin.json"
 

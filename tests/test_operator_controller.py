@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 from datapin_operator.settings import Settings
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.k8svolume import kubelet_update
-from tests.support.kubeapi import Api, emulator, events_of
-from tests.support.operatorrun import running_operator, tagged_repo
-from tests.support.seaweed import SeaweedServer
-from tests.support.sidecarproc import SidecarProcess
+from testkit.dvcremote import S3DvcFixture
+from testkit.k8svolume import kubelet_update
+from testkit.kubeapi import Api, emulator, events_of
+from testkit.operatorrun import running_operator, tagged_repo
+from testkit.seaweed import SeaweedServer
+from testkit.sidecarproc import SidecarProcess
 
 pytestmark = [pytest.mark.s3, pytest.mark.dvc]
 

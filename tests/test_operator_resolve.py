@@ -37,8 +37,8 @@ from datapin_operator.errors import GitError, PinReadError, UnknownRevisionError
 from datapin_operator.resolve.gitsource import GitCredentials, GitSource
 from datapin_operator.resolve.resolver import Resolved, Resolver
 
-from tests.support.dvcrepo import DvcUnavailable, make_dvc_repo, run_dvc, run_git
-from tests.support.gitrepo import GitHttpServer, git_recorder
+from testkit.dvcrepo import DvcUnavailable, make_dvc_repo, run_dvc, run_git
+from testkit.gitrepo import GitHttpServer, git_recorder
 
 USER, PASSWORD = "reader", "pa55-Very-Secret-9f2c"
 GEN_CMD = "mkdir -p gen && echo generated > gen/out.txt"

@@ -48,10 +48,10 @@ from datapin_operator.webhook.tls import (
     publish,
 )
 
+from testkit.kubeapi import Api, admission_review, emulator
+from testkit.operatorrun import running_operator
+from testkit.seaweed import free_ports
 from tests.conftest import REPO_ROOT
-from tests.support.kubeapi import Api, admission_review, emulator
-from tests.support.operatorrun import running_operator
-from tests.support.seaweed import free_ports
 
 NS = "datapin"
 SERVICE = "datapin-webhook"

@@ -31,11 +31,11 @@ import kubernetes_validate
 import pytest
 from datapin_operator.settings import Settings
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.dvcrepo import run_git
-from tests.support.kubeapi import Api, admission_review, call_webhook, emulator, events_of
-from tests.support.operatorrun import running_operator, tagged_repo
-from tests.support.seaweed import SeaweedServer, free_ports
+from testkit.dvcremote import S3DvcFixture
+from testkit.dvcrepo import run_git
+from testkit.kubeapi import Api, admission_review, call_webhook, emulator, events_of
+from testkit.operatorrun import running_operator, tagged_repo
+from testkit.seaweed import SeaweedServer, free_ports
 
 pytestmark = [pytest.mark.s3, pytest.mark.dvc]
 

@@ -63,9 +63,9 @@ from datapin_sidecar.remotes.directory import DirectoryRemote
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from tests.support import rmtree_robust
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import put_revision
+from testkit import rmtree_robust
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import put_revision
 
 Files = dict[str, bytes]
 T = TypeVar("T")

@@ -26,10 +26,10 @@ from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 from datapin_sidecar.remotes.sigv4 import EMPTY_SHA256, Signer
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.faultproxy import FaultProxy
-from tests.support.seaweed import SeaweedServer
-from tests.support.trees import put_revision
+from testkit.dvcremote import S3DvcFixture
+from testkit.faultproxy import FaultProxy
+from testkit.seaweed import SeaweedServer
+from testkit.trees import put_revision
 from tests.test_materialize import published
 
 MiB = 1024 * 1024

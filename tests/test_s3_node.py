@@ -28,10 +28,10 @@ from datapin_sidecar.remotes.credentials import SecretDirCredentials
 from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 
-from tests.support.faultproxy import FaultProxy
-from tests.support.k8svolume import kubelet_update
-from tests.support.seaweed import SeaweedServer
-from tests.support.trees import object_name, put_revision
+from testkit.faultproxy import FaultProxy
+from testkit.k8svolume import kubelet_update
+from testkit.seaweed import SeaweedServer
+from testkit.trees import object_name, put_revision
 from tests.test_materialize import published
 from tests.test_s3_fetch import assert_cache_sound
 

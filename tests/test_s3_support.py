@@ -28,10 +28,10 @@ import botocore.exceptions
 import pytest
 import yaml
 
-from tests.support.dvcremote import S3DvcFixture, object_key
-from tests.support.dvcrepo import object_path
-from tests.support.faultproxy import FaultProxy, s3_error_body
-from tests.support.seaweed import SeaweedServer, SeaweedUnavailable, find_weed, free_ports
+from testkit.dvcremote import S3DvcFixture, object_key
+from testkit.dvcrepo import object_path
+from testkit.faultproxy import FaultProxy, s3_error_body
+from testkit.seaweed import SeaweedServer, SeaweedUnavailable, find_weed, free_ports
 
 MIB = 1024 * 1024
 

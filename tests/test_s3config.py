@@ -40,8 +40,8 @@ from datapin_sidecar.remotes.dvcconfig import read_dvc_remote
 from datapin_sidecar.remotes.endpoint import Addressing, RemoteConfig
 from datapin_sidecar.remotes.secretkeys import DEFAULT_ID_KEYS, DEFAULT_SECRET_KEYS
 
-from tests.support.dvcrepo import DvcUnavailable, find_dvc, run_dvc, run_git
-from tests.support.k8svolume import kubelet_update
+from testkit.dvcrepo import DvcUnavailable, find_dvc, run_dvc, run_git
+from testkit.k8svolume import kubelet_update
 
 #: A secret that must never appear in any message, repr, traceback or log line.
 CANARY = "SUPERSECRET123"

@@ -25,12 +25,12 @@ import pytest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout, hash_file
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.dvcrepo import DvcFixture, tree_bytes
-from tests.support.faultproxy import FaultProxy
-from tests.support.k8svolume import kubelet_update
-from tests.support.seaweed import SeaweedServer
-from tests.support.sidecarproc import Pod, SidecarProcess, serving
+from testkit.dvcremote import S3DvcFixture
+from testkit.dvcrepo import DvcFixture, tree_bytes
+from testkit.faultproxy import FaultProxy
+from testkit.k8svolume import kubelet_update
+from testkit.seaweed import SeaweedServer
+from testkit.sidecarproc import Pod, SidecarProcess, serving
 
 
 def _cache_sound(root: Path) -> None:

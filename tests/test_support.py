@@ -1,4 +1,4 @@
-"""Tests of the test infrastructure itself (tests/support and conftest fixtures).
+"""Tests of the test infrastructure itself (testkit and conftest fixtures).
 
 The rest of the suite trusts these fixtures to be what they claim: a real reflink-capable XFS
 volume that is always torn down, a root filesystem without reflinks, and real DVC 2/3
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import rmtree_robust
-from tests.support.dvcrepo import (
+from testkit import rmtree_robust
+from testkit.dvcrepo import (
     DvcFixture,
     dvc_checkout,
     object_path,
@@ -33,8 +33,8 @@ from tests.support.dvcrepo import (
     sample_files,
     tree_bytes,
 )
-from tests.support.procs import run, which
-from tests.support.xfs import (
+from testkit.procs import run, which
+from testkit.xfs import (
     XfsUnavailable,
     check_xfs_available,
     free_bytes,

@@ -21,7 +21,7 @@ import pytest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 
-from tests.support.trees import object_name, put_revision
+from testkit.trees import object_name, put_revision
 
 #: The documented limits (manifest.py): NAME_MAX, PATH_MAX, and a depth no dataset reaches.
 MAX_SEGMENT_BYTES = 255

@@ -28,8 +28,8 @@ from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
 from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 
-from tests.support.seaweed import SeaweedServer
-from tests.support.trees import object_name
+from testkit.seaweed import SeaweedServer
+from testkit.trees import object_name
 from tests.test_s3_node import upload_revision
 
 MiB = 1024 * 1024

@@ -31,8 +31,8 @@ from datapin_sidecar.node.housekeeping.evict import BATCH, collect
 from datapin_sidecar.node.housekeeping.roots import roots
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 
-from tests.support.dvcrepo import tree_bytes
-from tests.support.trees import object_name, put_revision
+from testkit.dvcrepo import tree_bytes
+from testkit.trees import object_name, put_revision
 
 KiB = 1 << 10
 ORPHANS = BATCH * 20

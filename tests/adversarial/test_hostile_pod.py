@@ -41,10 +41,10 @@ from datapin_sidecar.errors import DestinationError
 from datapin_sidecar.remotes.base import FetchReport
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.seaweed import SeaweedServer
-from tests.support.sidecarproc import Pod, SidecarProcess, serving
-from tests.support.trees import object_name, put_revision
+from testkit.dvcremote import S3DvcFixture
+from testkit.seaweed import SeaweedServer
+from testkit.sidecarproc import Pod, SidecarProcess, serving
+from testkit.trees import object_name, put_revision
 
 FILES_A = {
     "train/cat/001.jpg": b"\xff\xd8" + b"cat" * 3000,

@@ -1,6 +1,6 @@
 """Adversarial: a hostile or broken remote must not exhaust the node's time, memory or disk.
 
-A real HTTP server on 127.0.0.1 (`tests.support.hostiles3.HostileS3`) answers the client's S3
+A real HTTP server on 127.0.0.1 (`testkit.hostiles3.HostileS3`) answers the client's S3
 GETs with what no honest server sends: a body trickled a byte at a time, a chunked body that
 never ends, a Content-Length or Content-Range that lies, a 1 PiB object. The client under test
 is the real `S3Remote` (in this process, with short deadlines) or the real `datapin` CLI in a
@@ -35,8 +35,8 @@ from datapin_sidecar.remotes.directory import DirectoryRemote
 from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 
-from tests.support.hostiles3 import HostileS3, Hostility
-from tests.support.trees import object_name, put_revision
+from testkit.hostiles3 import HostileS3, Hostility
+from testkit.trees import object_name, put_revision
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

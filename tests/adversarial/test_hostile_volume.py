@@ -38,9 +38,9 @@ from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.tasks import Task
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 
-from tests.support.dvcrepo import tree_bytes
-from tests.support.sidecarproc import SidecarProcess
-from tests.support.trees import object_name, put_revision
+from testkit.dvcrepo import tree_bytes
+from testkit.sidecarproc import SidecarProcess
+from testkit.trees import object_name, put_revision
 
 T = TypeVar("T")
 MiB = 1 << 20

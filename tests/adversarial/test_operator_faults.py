@@ -1,7 +1,7 @@
 """Adversarial: the operator against a cluster that is not as the chart would leave it.
 
 What a real cluster showed (issue 17, finding 9), each rebuilt against the API emulator
-(tests/support/kubeapi.py) with the real operator (kopf and every handler) in-process:
+(testkit/kubeapi.py) with the real operator (kopf and every handler) in-process:
 
 * the operator's namespace does not exist (`datapin-operator dev` on a cluster without the
   chart): the agents' prefetch ConfigMap and credentials Secret cannot be created (404), and
@@ -30,9 +30,9 @@ import yaml
 from datapin_operator.api.crd import CHART_CRD_PATH
 from datapin_operator.settings import Settings
 
-from tests.support.kubeapi import DATASETS, Api, Emulator, emulator, events_of
-from tests.support.operatorrun import running_operator
-from tests.support.seaweed import free_ports
+from testkit.kubeapi import DATASETS, Api, Emulator, emulator, events_of
+from testkit.operatorrun import running_operator
+from testkit.seaweed import free_ports
 
 NS = "ml"
 OPERATOR_NS = "datapin"

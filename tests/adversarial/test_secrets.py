@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.k8svolume import kubelet_update
-from tests.support.seaweed import SeaweedServer
+from testkit.k8svolume import kubelet_update
+from testkit.seaweed import SeaweedServer
 
 #: Looks like a B2 applicationKey: base64 with '/' and '+' (the '/' once crashed the sidecar).
 CANARY = "K005Canary/Secret+Value0123456789"

@@ -44,8 +44,8 @@ from typing import Any
 
 import yaml
 
-from tests.support import rmtree_robust
-from tests.support.procs import CommandError, run, which
+from testkit import rmtree_robust
+from testkit.procs import CommandError, run, which
 
 __all__ = [
     "DvcFixture",
@@ -61,7 +61,7 @@ __all__ = [
     "tree_bytes",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _ENV_VARS = {3: "DATAPIN_DVC3", 2: "DATAPIN_DVC2"}
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.procs import run, which
+from testkit.procs import run, which
 
 __all__ = [
     "DockerIgnore",

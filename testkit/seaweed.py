@@ -61,7 +61,7 @@ from typing import Any
 import botocore.config
 import botocore.session
 
-from tests.support.procs import which
+from testkit.procs import which
 
 __all__ = ["SeaweedServer", "SeaweedUnavailable", "find_weed", "free_ports"]
 

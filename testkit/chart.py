@@ -49,7 +49,7 @@ __all__ = [
     "volume_named",
 ]
 
-CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "datapin"
+CHART_DIR = Path(__file__).resolve().parents[1] / "charts" / "datapin"
 
 # `$(NAME)` as kubelet expands it; `$$` is an escaped `$`.
 _ENV_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")

@@ -29,9 +29,9 @@ from typing import Any
 from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.k8svolume import kubelet_update
-from tests.support.seaweed import free_ports
+from testkit.dvcremote import S3DvcFixture
+from testkit.k8svolume import kubelet_update
+from testkit.seaweed import free_ports
 
 __all__ = ["Pod", "SidecarProcess", "serving"]
 

@@ -2,23 +2,23 @@
 
 Layout:
 
-- :mod:`tests.support.procs` runs external tools and turns failures into readable errors.
-- :mod:`tests.support.xfs` builds throw-away reflink-capable XFS volumes on loop devices.
-- :mod:`tests.support.dvcrepo` builds real git + DVC 2/3 repositories with a directory remote.
-- :mod:`tests.support.trees` puts revisions straight into a cache (for tests that need no DVC).
-- :mod:`tests.support.seaweed` runs a real SeaweedFS S3 server on free ports, stopped by PID.
-- :mod:`tests.support.faultproxy` is a fault-injecting HTTP proxy in front of it (SlowDown,
+- :mod:`testkit.procs` runs external tools and turns failures into readable errors.
+- :mod:`testkit.xfs` builds throw-away reflink-capable XFS volumes on loop devices.
+- :mod:`testkit.dvcrepo` builds real git + DVC 2/3 repositories with a directory remote.
+- :mod:`testkit.trees` puts revisions straight into a cache (for tests that need no DVC).
+- :mod:`testkit.seaweed` runs a real SeaweedFS S3 server on free ports, stopped by PID.
+- :mod:`testkit.faultproxy` is a fault-injecting HTTP proxy in front of it (SlowDown,
   resets, truncated bodies, flipped bits, latency, B2's refusal of checksum headers) that
   counts every byte it hands out.
-- :mod:`tests.support.dvcremote` pushes a real DVC 3 / DVC 2.58 repository to it with `dvc push`,
+- :mod:`testkit.dvcremote` pushes a real DVC 3 / DVC 2.58 repository to it with `dvc push`,
   configured as the Backblaze B2 tutorial does.
-- :mod:`tests.support.k8svolume` writes Secret volumes the way kubelet does (rotation).
+- :mod:`testkit.k8svolume` writes Secret volumes the way kubelet does (rotation).
 
 Nothing here is a mock: the point of these helpers is that the code under test meets the same
 kernel, filesystems and DVC on-disk formats it meets in production. Preconditions that a machine
 may lack (root, xfsprogs, loop devices, the pinned DVC executables) are reported by dedicated
-exception types (:class:`~tests.support.xfs.XfsUnavailable`,
-:class:`~tests.support.dvcrepo.DvcUnavailable`) so that fixtures turn them into explicit
+exception types (:class:`~testkit.xfs.XfsUnavailable`,
+:class:`~testkit.dvcrepo.DvcUnavailable`) so that fixtures turn them into explicit
 ``pytest.skip`` reasons naming the fix, never into silent passes.
 
 This module itself holds :func:`rmtree_robust`, because the trees the materialiser produces are

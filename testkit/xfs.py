@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support.procs import CommandError, run, which
+from testkit.procs import CommandError, run, which
 
 __all__ = [
     "MIN_XFS_SIZE",

@@ -3,7 +3,7 @@
 The dashboard's queries use Grafana's variables (``$node``, ``$dataset``, ``$__rate_interval``,
 ``$__range``, ...), which Prometheus does not know. :func:`expand` substitutes them the way
 Grafana would for one choice of values, so a test can run every panel's query against a real
-Prometheus (:mod:`tests.support.prometheus`); :func:`metric_names` lists the datapin metrics a
+Prometheus (:mod:`testkit.prometheus`); :func:`metric_names` lists the datapin metrics a
 query reads, so a test can check each against what the code exports.
 
 A variable :func:`expand` does not know raises ``ValueError``: a new variable in the dashboard

@@ -20,8 +20,8 @@ from typing import Any
 from datapin_operator.main import App, build_app, run
 from datapin_operator.settings import Settings
 
-from tests.support.dvcremote import S3DvcFixture
-from tests.support.dvcrepo import run_git
+from testkit.dvcremote import S3DvcFixture
+from testkit.dvcrepo import run_git
 
 
 @contextlib.asynccontextmanager

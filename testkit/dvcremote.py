@@ -8,13 +8,13 @@ think it writes. So the bucket contents come from the real ``dvc push`` of DVC 3
 
 Design:
 
-- :func:`push_dvc_fixture` builds the repository with :func:`tests.support.dvcrepo.make_dvc_repo`
+- :func:`push_dvc_fixture` builds the repository with :func:`testkit.dvcrepo.make_dvc_repo`
   (git + DVC, dataset added and committed, also pushed to its directory remote), then configures
   the S3 remote exactly as the tutorial does: ``dvc remote add -d b2 s3://BUCKET/PREFIX``,
   ``dvc remote modify b2 endpointurl ...`` (committed: it is shared project config) and the keys
   with ``dvc remote modify --local`` (so they land in the git-ignored ``.dvc/config.local``), and
   runs ``dvc push``.
-- DVC runs in :func:`tests.support.dvcrepo.hermetic_env` plus an AWS environment that cannot
+- DVC runs in :func:`testkit.dvcrepo.hermetic_env` plus an AWS environment that cannot
   leak the machine's: no ``AWS_*`` variables from outside, no shared config or credentials files,
   the EC2 metadata probe off (it would wait on an off-machine address), and checksums
   ``when_required``: newer botocore otherwise sends the CRC headers B2 rejects.
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.dvcrepo import (
+from testkit.dvcrepo import (
     DvcFixture,
     hermetic_env,
     make_dvc_repo,
@@ -38,8 +38,8 @@ from tests.support.dvcrepo import (
     run_git,
     sample_files,
 )
-from tests.support.procs import run
-from tests.support.seaweed import SeaweedServer
+from testkit.procs import run
+from testkit.seaweed import SeaweedServer
 
 __all__ = ["S3DvcFixture", "dvc_s3_env", "object_key", "push_dvc_fixture"]
 
@@ -129,7 +129,7 @@ def push_dvc_fixture(
     """Build a DVC ``version`` (3 or 2) repo under ``root`` and ``dvc push`` it to
     ``s3://bucket/prefix`` on ``server`` (or via ``endpoint``, e.g. a proxy in front of it).
 
-    Raises :class:`tests.support.dvcrepo.DvcUnavailable` when that DVC is missing, and
+    Raises :class:`testkit.dvcrepo.DvcUnavailable` when that DVC is missing, and
     ``RuntimeError`` (with the bucket listing) when the pushed layout is not what it should be.
     """
     prefix = prefix.strip("/")

@@ -10,7 +10,7 @@ missing otherwise. Design:
   dead API server costs seconds, never a hang. Variables that are present but malformed raise
   :class:`E2EConfigError` instead: a CI job that sets them wrongly must fail, not skip.
 * :class:`Cluster` runs `kubectl` and `helm` as argument lists with `KUBECONFIG` set and a
-  timeout on every call, raising :class:`~tests.support.procs.CommandError` with the output.
+  timeout on every call, raising :class:`~testkit.procs.CommandError` with the output.
   Manifests go in on stdin, so Secret values never appear in an argument list (visible to
   every process in /proc and quoted in error messages); known secret values are also
   redacted from any output that ends up in an error.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tests.support.procs import CommandError, which
+from testkit.procs import CommandError, which
 
 ENV_KUBECONFIG: Final = "DATAPIN_E2E_KUBECONFIG"
 ENV_REMOTE: Final = "DATAPIN_E2E_REMOTE"

@@ -56,7 +56,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from tests.support.procs import which
+from testkit.procs import which
 
 __all__ = [
     "PrometheusQueryError",
