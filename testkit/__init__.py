@@ -1,8 +1,17 @@
-"""Reusable test infrastructure for datapin: real filesystems, DVC repositories, S3 servers.
+"""The datapin test kit: real filesystems, DVC repositories and servers, for tests, benchmarks,
+the demo and the developer scripts.
+
+A top-level package beside tests/ and bench/ (not part of the installed distribution, which is
+only ``datapin_sidecar`` and ``datapin_operator``) so that everything that needs a real XFS volume
+or a real S3 server imports one kit, and nothing outside tests/ imports ``tests``. pytest
+fixtures stay in tests/conftest.py; they call the kit.
 
 Layout:
 
-- :mod:`testkit.procs` runs external tools and turns failures into readable errors.
+- :mod:`testkit.procs` runs external tools and turns failures into readable errors; its
+  :class:`~testkit.procs.Unavailable` is the base of the "this machine cannot" exceptions.
+- :mod:`testkit.launcher` is the one launcher of long-running servers (start, wait for ready,
+  retry a lost port race, log, stop by PID and process group), used by seaweed and prometheus.
 - :mod:`testkit.xfs` builds throw-away reflink-capable XFS volumes on loop devices.
 - :mod:`testkit.dvcrepo` builds real git + DVC 2/3 repositories with a directory remote.
 - :mod:`testkit.trees` puts revisions straight into a cache (for tests that need no DVC).
@@ -13,6 +22,9 @@ Layout:
 - :mod:`testkit.dvcremote` pushes a real DVC 3 / DVC 2.58 repository to it with `dvc push`,
   configured as the Backblaze B2 tutorial does.
 - :mod:`testkit.k8svolume` writes Secret volumes the way kubelet does (rotation).
+- :mod:`testkit.prometheus` runs a real Prometheus; :mod:`testkit.docscheck` checks the admin
+  docs against the code; the rest (chart, dashboard, gitrepo, hostiles3, image, kind, kubeapi,
+  operatorrun, sidecarproc) serve one group of tests each, named in their docstrings.
 
 Nothing here is a mock: the point of these helpers is that the code under test meets the same
 kernel, filesystems and DVC on-disk formats it meets in production. Preconditions that a machine
@@ -36,7 +48,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["rmtree_robust"]
+__all__ = ["REPO_ROOT", "rmtree_robust"]
+
+#: The repository checkout the kit lives in (for .tools, charts/, docs/).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _make_writable(path: Path) -> None:

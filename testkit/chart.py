@@ -29,10 +29,12 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
+
+from testkit import REPO_ROOT
 
 __all__ = [
     "CHART_DIR",
@@ -49,7 +51,7 @@ __all__ = [
     "volume_named",
 ]
 
-CHART_DIR = Path(__file__).resolve().parents[1] / "charts" / "datapin"
+CHART_DIR = REPO_ROOT / "charts" / "datapin"
 
 # `$(NAME)` as kubelet expands it; `$$` is an escaped `$`.
 _ENV_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")

@@ -44,8 +44,8 @@ from typing import Any
 
 import yaml
 
-from testkit import rmtree_robust
-from testkit.procs import CommandError, run, which
+from testkit import REPO_ROOT, rmtree_robust
+from testkit.procs import CommandError, Unavailable, run, which
 
 __all__ = [
     "DvcFixture",
@@ -61,19 +61,14 @@ __all__ = [
     "tree_bytes",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _ENV_VARS = {3: "DATAPIN_DVC3", 2: "DATAPIN_DVC2"}
 
 _TIMEOUT = 300.0
 
 
-class DvcUnavailable(RuntimeError):  # noqa: N818 - a skip reason, not an error; name is API
+class DvcUnavailable(Unavailable):
     """The requested DVC executable is missing or broken; ``reason`` names the fix."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @functools.cache

@@ -6,6 +6,8 @@ and on failure raises :class:`CommandError` whose message carries the exact comm
 exit status and both output streams. A failing fixture therefore explains itself in the pytest
 report instead of showing a bare ``CalledProcessError``.
 
+:class:`Unavailable` is the base of the kit's "this machine cannot" exceptions.
+
 :func:`which` also looks in the sbin directories: administration tools such as ``mkfs.xfs`` and
 ``losetup`` live in ``/usr/sbin``, which is missing from ``PATH`` in many non-login shells and CI
 runners even when running as root.
@@ -20,9 +22,21 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["CommandError", "run", "which"]
+__all__ = ["CommandError", "Unavailable", "run", "which"]
 
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+class Unavailable(RuntimeError):  # noqa: N818 - a skip reason, not an error; name is API
+    """This machine lacks something a helper needs (a tool, root, loop devices); ``reason``
+    says what and names the fix. Fixtures turn it into ``pytest.skip(reason)``; each kit module
+    has its own subclass (:class:`~testkit.xfs.XfsUnavailable`, ...), so a fixture skips on
+    exactly what it depends on.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class CommandError(RuntimeError):

@@ -9,9 +9,9 @@ done by scripts/setup) ships ``prometheus`` and ``promtool`` and does not start 
 Design:
 
 - :class:`PrometheusServer` is a context manager around one ``prometheus`` process listening on
-  127.0.0.1 on a free port, with its TSDB, config and log under its own work directory. A start
-  that dies with "address already in use" (the port was taken between our probe and its bind) is
-  retried with a new port.
+  127.0.0.1 on a free port, with its TSDB, config and log under its own work directory. Starting,
+  the retry of a start that lost its port to another process, the log and shutdown by PID are
+  the kit's one launcher (:class:`testkit.launcher.ServerProcess`).
 - Targets are added and removed while it runs: one scrape job reads a ``file_sd`` file
   (``targets.json``, re-read every second and on change) which :meth:`PrometheusServer.add_target`
   rewrites atomically (write a temporary file, rename it over). Prometheus's discovery manager
@@ -23,10 +23,8 @@ Design:
   is raised as :class:`PrometheusQueryError`. :meth:`PrometheusServer.wait_for` polls a query
   and, on timeout, fails with the last result and every target's health and last scrape error:
   "no data" is nearly always a target that is down, and the message says which.
-- Shutdown is by PID: SIGTERM (Prometheus flushes its head block and exits in well under a
-  second), SIGKILL after 10 s. With ``setpriv`` available the process also gets
-  ``PDEATHSIG=KILL`` so it dies with pytest even if no finaliser runs; an ``atexit`` hook covers
-  interpreter exits.
+- Shutdown: SIGTERM (Prometheus flushes its head block and exits in well under a second),
+  SIGKILL after 10 s.
 - A missing binary raises :class:`PrometheusUnavailable` whose reason names the fix; fixtures
   turn it into ``pytest.skip``. Any other start failure raises with the tail of its log.
 
@@ -36,14 +34,10 @@ tests that scrape in-process metrics.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -51,12 +45,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from testkit.procs import which
+from testkit.launcher import ServerProcess, free_ports, http_status
+from testkit.procs import Unavailable, which
 
 __all__ = [
     "PrometheusQueryError",
@@ -70,19 +64,11 @@ __all__ = [
 
 _INSTALL_FIX = "run scripts/setup, or `apt-get install -y --no-install-recommends prometheus`"
 _STOP_GRACE = 10.0
-_START_ATTEMPTS = 3
 _POLL = 0.5
 
-_live: set[PrometheusServer] = set()
-_live_lock = threading.Lock()
 
-
-class PrometheusUnavailable(RuntimeError):  # noqa: N818 - a skip reason, not an error; name is API
+class PrometheusUnavailable(Unavailable):
     """``prometheus`` or ``promtool`` is missing or unusable; ``reason`` names the fix."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class PrometheusQueryError(RuntimeError):
@@ -121,13 +107,6 @@ def find_promtool() -> Path:
     return _find("promtool", "DATAPIN_PROMTOOL")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def sample_value(sample: dict[str, Any]) -> float:
     """The float value of one instant-vector sample (``{"metric": ..., "value": [t, "v"]}``)."""
     return float(sample["value"][1])
@@ -153,12 +132,15 @@ def serve_registry(registry: CollectorRegistry) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-class PrometheusServer:
+class PrometheusServer(ServerProcess):
     """One ``prometheus`` on 127.0.0.1 scraping the targets given to :meth:`add_target`.
 
     Attributes (valid after :meth:`start`): ``url`` (``http://127.0.0.1:PORT``), ``port``,
     ``pid``, ``workdir``, ``log_path``, ``config_path``, ``targets_path``.
     """
+
+    name = "prometheus"
+    log_name = "prometheus.log"
 
     def __init__(
         self,
@@ -169,45 +151,18 @@ class PrometheusServer:
         startup_timeout: float = 60.0,
         stop_grace: float = _STOP_GRACE,
     ) -> None:
-        self.workdir = Path(workdir)
+        super().__init__(workdir, startup_timeout=startup_timeout, stop_grace=stop_grace)
         self.scrape_interval = scrape_interval
         self.binary = binary
-        self.startup_timeout = startup_timeout
-        self.stop_grace = stop_grace
         self.port: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
         self._groups: list[dict[str, Any]] = []
         self._groups_lock = threading.Lock()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> PrometheusServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError("PrometheusServer is not started")
-        return self.proc.pid
 
     @property
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("PrometheusServer is not started")
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "prometheus.log"
 
     @property
     def config_path(self) -> Path:
@@ -217,19 +172,12 @@ class PrometheusServer:
     def targets_path(self) -> Path:
         return self.workdir / "targets.json"
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            return f"(no log at {self.log_path}: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
+    # -- the launcher's hooks ----------------------------------------------------------------
 
-    def start(self) -> None:
-        """Write the configuration, start Prometheus and wait until ``/-/ready`` answers 200."""
-        if self.proc is not None:
-            raise RuntimeError("PrometheusServer already started")
-        binary = self.binary if self.binary is not None else find_prometheus()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
+        """Find the binary and write the configuration (scraping the ``file_sd`` targets)."""
+        if self.binary is None:
+            self.binary = find_prometheus()
         (self.workdir / "data").mkdir(exist_ok=True)
         self._write_targets()
         config = {
@@ -249,89 +197,24 @@ class PrometheusServer:
         }
         # JSON is YAML: no YAML writer needed.
         self.config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self.port = _free_port()
-            self._spawn(binary)
-            try:
-                self._wait_ready()
-            except _PortClashError:
-                self.stop()
-                if attempt == _START_ATTEMPTS:
-                    raise RuntimeError(
-                        f"prometheus could not bind a port in {_START_ATTEMPTS} attempts; "
-                        f"log tail:\n{self.log_tail()}"
-                    ) from None
-                continue
-            except BaseException:
-                self.stop()
-                raise
-            return
 
-    def _spawn(self, binary: Path) -> None:
-        argv = [
-            str(binary),
+    def _choose_ports(self) -> None:
+        (self.port,) = free_ports(1)
+
+    def _argv(self) -> list[str]:
+        return [
+            str(self.binary),
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--log.level=warn",
         ]
-        setpriv = which("setpriv")
-        if setpriv is not None:
-            # Dies with us even when pytest is SIGKILLed (no finaliser would run then).
-            argv = [str(setpriv), "--pdeathsig", "KILL", "--", *argv]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        with _live_lock:
-            _live.add(self)
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_tail()
-                if "address already in use" in tail:
-                    raise _PortClashError
-                raise RuntimeError(
-                    f"prometheus exited with status {self.proc.returncode} during startup "
-                    f"(port {self.port}); log tail ({self.log_path}):\n{tail}"
-                )
-            try:
-                ready = f"http://127.0.0.1:{self.port}/-/ready"
-                with urllib.request.urlopen(ready, timeout=2.0) as resp:
-                    if resp.status == 200:
-                        return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"Prometheus was not ready within {self.startup_timeout:.0f} s on {self.url}; "
-            f"log tail ({self.log_path}):\n{self.log_tail()}"
-        )
+    def _ready(self) -> bool:
+        return http_status(f"{self.url}/-/ready") == 200
 
-    def stop(self) -> None:
-        """Stop Prometheus by PID: SIGTERM, SIGKILL after ``stop_grace`` (10 s); idempotent."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=30)
-        with _live_lock:
-            _live.discard(self)
+    def _not_ready(self) -> str:
+        return f"/-/ready did not answer 200 on {self.url}"
 
     # -- targets -----------------------------------------------------------------------------
 
@@ -448,15 +331,3 @@ class PrometheusServer:
     def wait_for_number(self, expr: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         """:meth:`wait_for` a result with at least one sample that is not NaN."""
         return self.wait_for(expr, _has_number, timeout)
-
-
-class _PortClashError(Exception):
-    """Prometheus lost a port race with another process; retry with a fresh port."""
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    with _live_lock:
-        servers = list(_live)
-    for server in servers:
-        server.stop()

@@ -31,42 +31,33 @@ Design:
   hard-coded as ``/tmp/seaweedfs-<role>-grpc-<port>.sock`` (``TMPDIR`` is ignored) and survive a
   SIGKILL, so :meth:`SeaweedServer.stop` removes those of *our* ports - ports our weed held, so
   nobody else's sockets can carry those names at that moment.
-- Shutdown is by PID and process group: weed runs in its own session (``start_new_session``),
-  gets SIGTERM, and SIGKILL after 3 s (it otherwise takes 10-30 s draining). With ``setpriv``
-  available weed also gets ``PDEATHSIG=KILL``, so it dies with the Python process even if pytest
-  itself is killed and no finaliser runs; an ``atexit`` hook covers interpreter exits.
+- Starting, the port-race retry, the log and shutdown by PID and process group are the kit's
+  one launcher (:class:`testkit.launcher.ServerProcess`): weed gets SIGTERM and SIGKILL after
+  3 s (it otherwise takes 10-30 s draining; a test server has nothing worth draining).
 - A missing ``weed`` raises :class:`SeaweedUnavailable` whose reason names the fix; fixtures turn
   it into ``pytest.skip``. Any other start failure raises with the tail of weed's log.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sysconfig
-import threading
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import botocore.config
 import botocore.session
 
-from testkit.procs import which
+from testkit.launcher import ServerProcess, free_ports, http_status
+from testkit.procs import Unavailable, which
 
 __all__ = ["SeaweedServer", "SeaweedUnavailable", "find_weed", "free_ports"]
 
 _STOP_GRACE = 3.0
-_START_ATTEMPTS = 3
 _PORT_NAMES = (
     "master",
     "master_grpc",
@@ -86,16 +77,9 @@ copy_3 = 1
 copy_other = 1
 """
 
-_live: set[SeaweedServer] = set()
-_live_lock = threading.Lock()
 
-
-class SeaweedUnavailable(RuntimeError):  # noqa: N818 - a skip reason, not an error; name is API
+class SeaweedUnavailable(Unavailable):
     """``weed`` is missing or unusable; ``reason`` names the fix."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def find_weed() -> Path:
@@ -126,31 +110,6 @@ def find_weed() -> Path:
     return found
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _http_status(url: str, timeout: float = 2.0) -> int | None:
-    """Status of a GET to ``url`` (any HTTP answer, error statuses included); None if no answer."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - our own http URL
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (OSError, ValueError):
-        return None
-
-
 def _has_volume_slots(master_port: int) -> bool:
     try:
         url = f"http://127.0.0.1:{master_port}/dir/status"
@@ -162,13 +121,17 @@ def _has_volume_slots(master_port: int) -> bool:
     return int(topo.get("Max") or 0) > 0
 
 
-class SeaweedServer:
+class SeaweedServer(ServerProcess):
     """One ``weed server -s3`` on 127.0.0.1 with random static keys; use as a context manager.
 
     Attributes (valid after :meth:`start`): ``endpoint`` (``http://127.0.0.1:PORT`` of S3),
     ``access_key``, ``secret_key``, ``pid``, ``ports`` (name -> port), ``workdir``, ``log_path``.
+    :meth:`spawn` and :meth:`wait_ready` split :meth:`start` for callers with work to do while
+    weed comes up; after a lost port race the ports, and so ``endpoint``, are new ones.
     """
 
+    name = "weed"
+    log_name = "weed.log"
     region = "us-east-1"
 
     def __init__(
@@ -178,37 +141,17 @@ class SeaweedServer:
         weed: Path | None = None,
         startup_timeout: float = 60.0,
         stop_grace: float = _STOP_GRACE,
+        identity: str = "datapin-tests",
     ) -> None:
-        self.workdir = Path(workdir)
+        super().__init__(workdir, startup_timeout=startup_timeout, stop_grace=stop_grace)
         self.weed = weed
-        self.startup_timeout = startup_timeout
-        self.stop_grace = stop_grace
+        self.identity = identity
         self.access_key = "AK" + secrets.token_hex(9).upper()
         # Never starting with "-": tools (dvc remote modify) would take it for an option.
         self.secret_key = "S" + secrets.token_urlsafe(30)
         self.ports: dict[str, int] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
         self._client: Any = None
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> SeaweedServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError("SeaweedServer is not started")
-        return self.proc.pid
+        self._s3_up = False
 
     @property
     def endpoint(self) -> str:
@@ -216,59 +159,35 @@ class SeaweedServer:
             raise RuntimeError("SeaweedServer is not started")
         return f"http://127.0.0.1:{self.ports['s3']}"
 
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "weed.log"
+    # -- the launcher's hooks ----------------------------------------------------------------
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            return f"(no log at {self.log_path}: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def start(self) -> None:
-        """Start weed and wait until S3 answers and a volume server is registered."""
-        if self.proc is not None:
-            raise RuntimeError("SeaweedServer already started")
-        weed = self.weed if self.weed is not None else find_weed()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> None:
+        if self.weed is None:
+            self.weed = find_weed()
         for sub in ("data", "logs", "tmp"):
             (self.workdir / sub).mkdir(exist_ok=True)
         identity = {
             "identities": [
                 {
-                    "name": "datapin-tests",
+                    "name": self.identity,
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                 }
             ]
         }
-        (self.workdir / "s3.json").write_text(json.dumps(identity), encoding="utf-8")
+        config = self.workdir / "s3.json"
+        config.write_text(json.dumps(identity), encoding="utf-8")
+        config.chmod(0o600)
         (self.workdir / "master.toml").write_text(_MASTER_TOML, encoding="utf-8")
 
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES)), strict=True))
-            self._spawn(weed)
-            try:
-                self._wait_ready()
-            except _PortClashError:
-                self.stop()
-                if attempt == _START_ATTEMPTS:
-                    raise RuntimeError(
-                        f"weed could not bind its ports in {_START_ATTEMPTS} attempts; log tail:\n"
-                        f"{self.log_tail()}"
-                    ) from None
-                continue
-            except BaseException:
-                self.stop()
-                raise
-            return
+    def _choose_ports(self) -> None:
+        self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES)), strict=True))
+        self._s3_up = False
 
-    def _spawn(self, weed: Path) -> None:
+    def _argv(self) -> list[str]:
         p = self.ports
-        argv = [
-            str(weed),
+        return [
+            str(self.weed),
             "-logdir=logs",
             "server",
             "-ip=127.0.0.1",
@@ -297,78 +216,27 @@ class SeaweedServer:
             "-metricsPort=0",
             "-master.telemetry=false",
         ]
-        setpriv = which("setpriv")
-        if setpriv is not None:
-            # Dies with us even when pytest is SIGKILLed (no finaliser would run then).
-            argv = [str(setpriv), "--pdeathsig", "KILL", "--", *argv]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        with _live_lock:
-            _live.add(self)
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        s3_up = False
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_tail()
-                if "address already in use" in tail:
-                    raise _PortClashError
-                raise RuntimeError(
-                    f"weed exited with status {self.proc.returncode} during startup "
-                    f"(ports {self.ports}); log tail ({self.log_path}):\n{tail}"
-                )
-            if not s3_up:
-                s3_up = _http_status(self.endpoint + "/") is not None
-            if s3_up and _has_volume_slots(self.ports["master"]):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"SeaweedFS did not come up within {self.startup_timeout:.0f} s "
-            f"(S3 answering: {s3_up}; needs S3 on {self.endpoint} and a volume server registered "
-            f"with the master on port {self.ports['master']}); log tail ({self.log_path}):\n"
-            f"{self.log_tail()}"
+    def _ready(self) -> bool:
+        if not self._s3_up:
+            self._s3_up = http_status(self.endpoint + "/") is not None
+        return self._s3_up and _has_volume_slots(self.ports["master"])
+
+    def _not_ready(self) -> str:
+        return (
+            f"S3 answering: {self._s3_up}; needs S3 on {self.endpoint} and a volume server "
+            f"registered with the master on port {self.ports['master']}"
         )
 
-    def stop(self) -> None:
-        """Stop weed by PID/process group: SIGTERM, SIGKILL after ``stop_grace`` (3 s);
-        idempotent. weed needs 10-30 s to drain on SIGTERM, and a test server has nothing worth
-        draining, so in practice this ends in SIGKILL.
-        """
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            if not _exited(proc.pid, self.stop_grace):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                _exited(proc.pid, 30.0)
-            # The leader is a zombie now, not yet reaped, so its PID (= the group id) cannot
-            # have been reused: sweeping the group here can only hit processes weed started.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        self._remove_sockets()
-        with _live_lock:
-            _live.discard(self)
-        self._client = None
-
-    def _remove_sockets(self) -> None:
+    def _after_stop(self) -> None:
+        # weed's gRPC sockets are /tmp/seaweedfs-<role>-grpc-<port>.sock whatever TMPDIR says,
+        # and survive a SIGKILL; the ports were ours until now, so these names are our weed's.
         for port in self.ports.values():
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     if sock.is_socket():
                         sock.unlink()
+        self._client = None
 
     # -- S3 helpers --------------------------------------------------------------------------
 
@@ -428,30 +296,3 @@ class SeaweedServer:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             out.extend(obj["Key"] for obj in page.get("Contents", ()))
         return sorted(out)
-
-
-def _exited(pid: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` for child ``pid`` to exit, *without* reaping it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return True  # already reaped
-        if info is not None:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-class _PortClashError(Exception):
-    """weed lost a port race with another process; retry with fresh ports."""
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    with _live_lock:
-        servers = list(_live)
-    for server in servers:
-        server.stop()

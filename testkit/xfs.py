@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from testkit.procs import CommandError, run, which
+from testkit.procs import CommandError, Unavailable, run, which
 
 __all__ = [
     "MIN_XFS_SIZE",
@@ -57,12 +57,8 @@ MIN_XFS_SIZE = "320M"
 _SETUP_HINT = "run the tests as root on a machine with xfsprogs and loop devices (scripts/setup)"
 
 
-class XfsUnavailable(RuntimeError):  # noqa: N818 - a skip reason, not an error; name is API
+class XfsUnavailable(Unavailable):
     """This machine cannot provide an XFS loop volume; ``reason`` says why and how to fix it."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def check_xfs_available() -> None:
