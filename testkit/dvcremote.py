@@ -96,10 +96,14 @@ def object_key(prefix: str, md5: str, *, layout: str) -> str:
     return f"{base.lstrip('/')}/{md5[:2]}/{md5[2:]}"
 
 
-def dvc_s3_env(repo: Path) -> dict[str, str]:
-    """Environment for DVC against a local S3 endpoint: hermetic, no ambient AWS settings."""
-    private = repo / ".dvc" / "tmp"
-    env = {k: v for k, v in hermetic_env(private).items() if not k.startswith("AWS_")}
+def dvc_s3_env(repo: Path, *, private: Path | None = None, who: str = "tests") -> dict[str, str]:
+    """Environment for DVC against a local S3 endpoint: hermetic, no ambient AWS settings.
+
+    DVC's private state goes to ``private`` (default ``repo/.dvc/tmp``; the demo passes its own
+    directory, since it runs DVC before ``repo/.dvc`` exists); ``who`` names the git identity.
+    """
+    private = repo / ".dvc" / "tmp" if private is None else private
+    env = {k: v for k, v in hermetic_env(private, who=who).items() if not k.startswith("AWS_")}
     # An empty regular file: botocore refuses /dev/null ("config file could not be found").
     empty = private / "aws-empty-config"
     empty.parent.mkdir(parents=True, exist_ok=True)

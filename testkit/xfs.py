@@ -200,8 +200,14 @@ def _remove_quietly(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def xfs_volume(size: str = "4G", *, workdir: Path, reflink: bool = True) -> Iterator[Path]:
+def xfs_volume(
+    size: str = "4G", *, workdir: Path, reflink: bool = True, keep_image: bool = False
+) -> Iterator[Path]:
     """Create, mount and yield a fresh XFS filesystem; always tear it down completely.
+
+    With ``keep_image`` (the demo's ``--keep``) the teardown still unmounts and detaches, but
+    leaves the image file and the empty mountpoint, ``mountpoint.parent / "volume.img"``, in
+    place for ``mount -o loop``.
 
     ``size`` is passed to ``truncate -s`` (e.g. ``"4G"``, ``"320M"``); the image is sparse, so a
     4G volume costs only what is written. ``workdir`` holds the image and the mountpoint and must
@@ -213,10 +219,11 @@ def xfs_volume(size: str = "4G", *, workdir: Path, reflink: bool = True) -> Iter
     check_xfs_available()
     with contextlib.ExitStack() as stack:
         base = Path(tempfile.mkdtemp(prefix="xfs-", dir=workdir))
-        stack.callback(_remove_quietly, base)
         image = base / "volume.img"
         mountpoint = base / "mnt"
-        stack.callback(_remove_quietly, image)
+        if not keep_image:
+            stack.callback(_remove_quietly, base)
+            stack.callback(_remove_quietly, image)
         run(["truncate", "-s", size, str(image)])
         mkfs = run(
             ["mkfs.xfs", "-q", "-f", "-m", f"reflink={1 if reflink else 0}", str(image)],
@@ -236,7 +243,8 @@ def xfs_volume(size: str = "4G", *, workdir: Path, reflink: bool = True) -> Iter
         lazy: list[bool] = []
         stack.callback(_detach, device, image, lazy)
         mountpoint.mkdir()
-        stack.callback(_remove_quietly, mountpoint)
+        if not keep_image:
+            stack.callback(_remove_quietly, mountpoint)
         mount = run(["mount", "-t", "xfs", device, str(mountpoint)], check=False)
         if mount.returncode != 0:
             raise XfsUnavailable(
