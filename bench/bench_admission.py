@@ -68,7 +68,6 @@ import copy
 import datetime as dt
 import math
 import os
-import platform
 import random
 import resource
 import shlex
@@ -90,10 +89,9 @@ from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.admission import Admission, Catalog
 
+from bench.harness import REPO_ROOT, BenchError, machine, median, source_state, write_report
 from testkit.dvcrepo import run_git
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CHECKOUT_ENV = "DATAPIN_BENCH_CHECKOUT"  # set once re-executed against this checkout
 NAMESPACE = "bench"
 USER = "bench"
@@ -107,10 +105,6 @@ SECRETS: dict[tuple[str, str], dict[str, str]] = {
     },
     (NAMESPACE, GIT_SECRET): {"username": USER, "password": PASSWORD},
 }
-
-
-class BenchError(RuntimeError):
-    """Something did not behave as the benchmark requires: the run is void."""
 
 
 # -- the repository ------------------------------------------------------------------------------
@@ -269,10 +263,6 @@ def instrument(git: GitSource, calls: list[tuple[str, float]]) -> None:
             calls.append((args[0], time.perf_counter() - started))
 
     git._git = timed  # type: ignore[method-assign]
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def p90(values: Sequence[float]) -> float:
@@ -565,9 +555,7 @@ class Bench:
         admission, _cache, calls = self.admission(ref_ttl=0.0)
         literal = job("train-literal", "local", pin)
         named = job("train-named", "local", "golden")
-        admitted = self.runner.run(
-            admission.admit(literal, namespace=NAMESPACE, catalog=self.catalog)
-        )
+        admitted = self.runner.run(admission.admit(literal, namespace=NAMESPACE))
         assert admitted is not None
         pod = pod_of(admitted.obj)
         env = git_env(self.scratch / "home", auth=False)
@@ -745,35 +733,6 @@ class Bench:
 # -- main ---------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    git = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
-    return (
-        f"- machine: {os.cpu_count()} shared cores ({cpu}), {mem / 2**30:.0f} GiB RAM, "
-        f"kernel {platform.release()}; Python {platform.python_version()}; {git}"
-    )
-
-
-def source_state() -> str:
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
-        return proc.stdout
-
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = [
-        line[3:] for line in git("status", "--porcelain", "--", "operator", "sidecar").splitlines()
-    ]
-    if not dirty:
-        return f"commit {commit}"
-    return f"working tree at {commit} + uncommitted changes to {', '.join(dirty)}"
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.bench_admission",
@@ -824,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.bench_admission", *argv])
     when = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
-    what = source_state()
+    what = source_state(None, ("operator", "sidecar"))
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as tmp:
         scratch = Path(tmp)
         history = build_repo(scratch, args.tags, random.Random(args.seed))
@@ -845,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"- command: `{command}` (from the repository root)",
             f"- measured: {what} (`datapin_operator` imported from "
             f"{Path(operator_pkg.__file__ or '?').parent})",
-            machine(),
+            machine(["git", "--version"]),
             f"- repository: {args.tags} commits tagged v1..v{args.tags} (`data.dvc` + a DVC "
             "skeleton), served bare as file:// and by `git http-backend` on 127.0.0.1 "
             "(basic auth); `uploadpack.allowFilter` on",
@@ -857,12 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *(["- **--quick: a smoke test**"] if args.quick else []),
         ]
     )
-    text = bench.report.render(header)
-    print(text)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{when:%Y%m%dT%H%M%SZ}-admission{'-quick' if args.quick else ''}.md"
-    out.write_text(text)
-    print(f"bench: report written to {out}", file=sys.stderr)
+    write_report(bench.report.render(header), when, name="admission", quick=args.quick)
     return 0
 
 

@@ -22,7 +22,7 @@ Cases (`--only`, comma list; `--profile` adds `profile`):
 * `profile`: one cold small pull in a child process, `datapin_sidecar.cli.main()` under
   cProfile in every thread: top functions by own time, and the CPU split by thread.
 
-Design, and why (the shape is bench_materialize's; its helpers are reused):
+Design, and why (the shape is bench_materialize's; the shared helpers are bench/harness.py's):
 
 * **A real S3 server, on this machine.** `testkit.seaweed.SeaweedServer` starts one
   `weed server -s3` on free 127.0.0.1 ports with random keys (stopped by PID in a `finally`);
@@ -62,14 +62,14 @@ Design, and why (the shape is bench_materialize's; its helpers are reused):
   fewer times (`--dvc-runs`) under a cap (`--timeout`).
 * **Processes against processes.** Every tool runs as its command, timed from fork to
   `wait4` (wall, and user+sys CPU of the process tree), under `/usr/bin/time` for peak RSS
-  (`bench_materialize.run_timed`). datapin's JSON `seconds` (without interpreter start-up)
+  (`harness.run_timed`). datapin's JSON `seconds` (without interpreter start-up)
   is in the notes.
 * **Checked, not assumed.** The first run of every tool is checked in full: the file count,
   the md5 of every file, and a byte-for-byte comparison of a sample with the source bytes.
   datapin's tree and dvc's workspace must equal the revision; s5cmd's and rclone's outputs
   must be exactly the remote's objects.
-* **One version of datapin.** As in bench_materialize: the benchmark re-executes itself
-  against a private copy of `datapin_sidecar` (the working tree at start, or `--at COMMIT`)
+* **One version of datapin.** As in every benchmark (`harness.main_pinned`): it re-executes
+  itself against a private copy of `datapin_sidecar` (the working tree at start, or `--at COMMIT`)
   first on PYTHONPATH, so edits or commits during a run never mix into it.
 """
 
@@ -96,31 +96,32 @@ from pathlib import Path
 
 from datapin_sidecar.engine.manifest import Manifest
 
-from bench.bench_materialize import (
-    SNAPSHOT_ENV,
+from bench.harness import (
+    GIB,
+    KIB,
+    MIB,
     SOURCE_ENV,
     BenchError,
     Sample,
     Target,
     at_most,
+    check_pinned,
     datapin_cmd,
+    find_dvc,
     machine,
+    main_pinned,
     median,
     pct,
-    pin_sources,
+    proc_cpu,
     rm,
     run_timed,
     secs,
+    write_report,
 )
 from testkit.dvcrepo import hermetic_env
 from testkit.seaweed import SeaweedServer, find_weed
 from testkit.xfs import xfs_volume
 
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CASES = ("small", "profile", "large", "rss")
 TOOLS = ("datapin", "dvc", "s5cmd", "rclone")
 PREFIX = "store"  # the DVC remote is s3://BUCKET/store
@@ -293,16 +294,6 @@ def version(argv: Sequence[str | os.PathLike[str]], env: dict[str, str] | None =
         return f"unknown ({exc})"
     lines = (proc.stdout or proc.stderr).strip().splitlines()
     return lines[0] if lines else "unknown"
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user+sys, all threads) of a live process, from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -1112,21 +1103,7 @@ sys.exit(rc)
 # -- main ---------------------------------------------------------------------------------------
 
 
-def check_pinned() -> None:
-    """Both this process and the datapin processes it starts import the private copy."""
-    snap = os.environ[SNAPSHOT_ENV]
-    child = subprocess.run(
-        [sys.executable, "-c", "import datapin_sidecar; print(datapin_sidecar.__file__)"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    for where in (child, str(sys.modules["datapin_sidecar"].__file__)):
-        if not where.startswith(snap + os.sep):
-            raise BenchError(f"datapin imported from {where}, not from the copy in {snap}")
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.bench_fetch",
         description=__doc__,
@@ -1171,28 +1148,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def find_dvc(args: argparse.Namespace) -> Path | None:
-    if args.no_dvc or args.dvc_runs == 0:
-        return None
-    exe = args.dvc or Path(
-        os.environ.get("DATAPIN_DVC3") or REPO_ROOT / ".tools" / "dvc3" / "bin" / "dvc"
-    )
-    if not os.access(exe, os.X_OK):
-        print(f"bench: no DVC 3 at {exe}: dvc pull left out (--dvc PATH)", file=sys.stderr)
-        return None
-    return exe.absolute()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    pin_sources(args.at, argv, module="bench.bench_fetch")
-    try:
-        return run(args, argv)
-    finally:
-        snap = Path(os.environ.get(SNAPSHOT_ENV, ""))
-        if snap.name.startswith("datapin-bench-src-"):
-            shutil.rmtree(snap, ignore_errors=True)
+    return main_pinned(argv, parse_args, run, module="bench.bench_fetch")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1204,7 +1161,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if exe is None:
             raise BenchError(f"{name} not found: pip install the bench extra (scripts/setup)")
         tools[name] = exe
-    dvc = find_dvc(args)
+    dvc = find_dvc(args, "dvc pull left out") if args.dvc_runs else None
     if dvc is not None:
         tools["dvc"] = dvc
     need = parse_size(sizes.volume) + 2 * sizes.server_bytes + 2 * GIB
@@ -1271,12 +1228,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ]
     )
     bench.report.sections.insert(0, bench.commands_section())
-    text = bench.report.render(header)
-    print(text)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{when:%Y%m%dT%H%M%SZ}-fetch{'-quick' if args.quick else ''}.md"
-    out.write_text(text)
-    print(f"bench: report written to {out}", file=sys.stderr)
+    write_report(bench.report.render(header), when, name="fetch", quick=args.quick)
     return 0
 
 

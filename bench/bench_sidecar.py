@@ -41,7 +41,7 @@ Cases (`--only`):
   wait for XFS's background inode freeing in `settled`) are timed by wrapping the module's functions
   in this process.
 
-Design (the shape is bench_materialize's, whose helpers are reused):
+Design (the shape is bench_materialize's; the shared helpers are bench/harness.py's):
 
 * **Peers side by side.** Every case runs on one fresh reflink XFS volume; within each round
   the peers take turns and the peer that starts rotates, so this shared 2-core machine's noise
@@ -59,7 +59,7 @@ Design (the shape is bench_materialize's, whose helpers are reused):
   the parsed manifest in `cache/.datapin/manifests`, and byte code in `__pycache__` of the
   private copy of the package (see next).
 * **One version of datapin**: the benchmark re-executes itself against a private copy of the
-  package (`bench_materialize.pin_sources`), first on PYTHONPATH for every process.
+  package (`harness.pin_sources`), first on PYTHONPATH for every process.
 * **Checked**: the first tree of each peer has the right file count and shares extents with
   the cache; every switch is confirmed by `/status`; GC must evict exactly the unreferenced
   objects and keep every protected one.
@@ -76,7 +76,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import socket
 import statistics
 import subprocess
@@ -98,8 +97,8 @@ from datapin_sidecar.node.housekeeping import evict, inventory
 from datapin_sidecar.node.housekeeping.volume import Watermarks
 from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 
-from bench.bench_materialize import (
-    SNAPSHOT_ENV,
+from bench.harness import (
+    KIB,
     SOURCE_ENV,
     BenchError,
     Corpus,
@@ -108,16 +107,19 @@ from bench.bench_materialize import (
     Sample,
     check_pinned,
     count_files,
+    dvc_version,
     find_dvc,
     interleave,
     machine,
+    main_pinned,
     median,
-    pin_sources,
+    proc_cpu,
     relpath,
     rm,
     run_timed,
     secs,
     settle,
+    write_report,
 )
 from testkit.k8svolume import kubelet_update
 from testkit.sidecarproc import SidecarProcess
@@ -128,14 +130,10 @@ from testkit.xfs import (
     xfs_volume,
 )
 
-KIB = 1024
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CASES = ("imports", "ready", "switch", "gc")
 DATASET = "ds"
 WATCH_INTERVAL = 0.2
 DEFAULT_GRACE = 60.0  # Settings.spare_grace_seconds' default
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +173,6 @@ def probe(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     parts = head.split(b" ", 2)
     return (int(parts[1]) if len(parts) > 1 else 0), body
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a live process (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def logged_seconds(lines: Sequence[dict[str, Any]]) -> list[tuple[float, str]]:
@@ -1062,7 +1053,7 @@ def volume(size: str, workdir: Path) -> Iterator[tuple[Path, bool]]:
         yield vol, True
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.bench_sidecar",
         description=__doc__,
@@ -1092,15 +1083,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    pin_sources(args.at, argv, module="bench.bench_sidecar")
-    try:
-        return run(args, argv)
-    finally:
-        snap = Path(os.environ.get(SNAPSHOT_ENV, ""))
-        if snap.name.startswith("datapin-bench-src-"):
-            shutil.rmtree(snap, ignore_errors=True)
+    return main_pinned(argv, parse_args, run, module="bench.bench_sidecar")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1115,14 +1098,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         volume=base.volume,
     )
     dvc = find_dvc(args)
-    dvc_version = "left out"
-    if dvc is not None:
-        dvc_version = subprocess.run(
-            [dvc, "--version"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
-        ).stdout.strip()
     command = shlex.join(["python", "-m", "bench.bench_sidecar", *argv])
     when = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
@@ -1161,8 +1136,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"- command: `{command}` (from the repository root"
             f"{', as root' if os.geteuid() == 0 else ''})",
             machine(),
-            f"- datapin: `{sys.executable} -m datapin_sidecar.node.main|cli` importing a private copy "
-            f"of {os.environ[SOURCE_ENV]}; DVC {dvc_version}",
+            f"- datapin: `{sys.executable} -m datapin_sidecar.node.main|cli` importing a "
+            f"private copy of {os.environ[SOURCE_ENV]}; DVC {dvc_version(dvc)}",
             f"- volume: {where}; {args.runs} rounds per peer; seed {args.seed}",
             f"- load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
             f"whole run {elapsed / 60:.1f} min",
@@ -1176,12 +1151,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             ),
         ]
     )
-    text = bench.report.render(header)
-    print(text)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{when:%Y%m%dT%H%M%SZ}-sidecar{'-quick' if args.quick else ''}.md"
-    out.write_text(text)
-    print(f"bench: report written to {out} ({steps_done} cases)", file=sys.stderr)
+    note = f" ({steps_done} cases)"
+    write_report(bench.report.render(header), when, name="sidecar", quick=args.quick, note=note)
     return 0
 
 
