@@ -9,7 +9,7 @@ the same work per object -- GET the whole object, read the body, md5 it -- so th
 difference is the client stack's:
 
 * `aiobotocore`: `get_object` + `Body.read()`, B2-safe checksum settings, one client.
-* `datapin-get`: `S3Remote._get` (our signer, one aiohttp session), `resp.read()`.
+* `datapin-get`: `S3Client.get` (our signer, one aiohttp session), `resp.read()`.
 * `datapin-fetch`: the real `S3Remote.afetch` into a node cache on a reflink XFS loop volume
   (as on a node): the above plus
   claiming, writing, fsyncing and installing each object (what `datapin materialize` pays).
@@ -77,7 +77,7 @@ _CHILD = textwrap.dedent(
             it = iter(keys)
             async def worker():
                 for key in it:
-                    async with r._get(key, 0, size - 1) as resp:
+                    async with r._client.get(key, 0, size - 1) as resp:
                         hashlib.md5(await resp.read()).hexdigest()
             await asyncio.gather(*(worker() for _ in range(jobs)))
 
