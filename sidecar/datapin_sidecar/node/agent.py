@@ -396,10 +396,14 @@ class Agent(Program):
         now = self.clock()
         w.state, w.checked, w.failures, w.last_error = "warm", now, 0, ""
         m = self.metrics
-        m.dataset(entry.name)
-        m.fetched_objects.labels(entry.name).inc(result.fetched_objects)
-        m.fetched_bytes.labels(entry.name).inc(result.fetched_bytes)
-        m.waited_objects.labels(entry.name).inc(result.waited_objects)
+        m.tally(
+            entry.name,
+            {
+                "fetched_objects": result.fetched_objects,
+                "fetched_bytes": result.fetched_bytes,
+                "waited_objects": result.waited_objects,
+            },
+        )
         for reason, n in result.retries.items():
             m.retries.labels(entry.name, reason).inc(n)
         m.last_success.labels(entry.name).set(now)

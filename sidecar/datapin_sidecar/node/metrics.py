@@ -5,8 +5,11 @@ Design:
 * No global metrics. `Metrics(registry)` creates every family on the registry it is given; the
   program's app factory makes one `CollectorRegistry` and hands it to the HTTP server and to
   whoever observes. Tests build as many independent programs as they like in one process.
-* Names follow the Prometheus conventions: `datapin_` prefix, base units (`_bytes`,
-  `_seconds`), `_total` on counters, `_info` gauges set to 1 carrying labels, ratios in 0..1.
+* Names follow the Prometheus conventions: `datapin_` prefix (`NAMESPACE`, which every family
+  is declared in, so a declaration names only the rest), base units (`_bytes`, `_seconds`),
+  `_total` on counters, `_info` gauges set to 1 carrying labels, ratios in 0..1.
+* The per-dataset counters of a `Result` are one table (`TALLIES`, by `Result` field), which
+  declares them, creates their series and adds a result up.
 * Labels are bounded: `dataset` (a Dataset name), `mode` (reflink, hardlink, copy, none),
   `result` (success, noop, error), `reason` (a short fixed label from `errors.py` or the S3
   client, never request data). The node is *not* a label we set: it is a property of the scrape
@@ -23,7 +26,8 @@ node metrics from the agent's statvfs and GC reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,6 +62,8 @@ RETRY_REASONS: Final = (
     "InternalError",
 )
 LINK_MODES: Final = ("reflink", "hardlink", "copy")
+#: The prefix of every metric name (`datapin_` + the name a family is declared with).
+NAMESPACE: Final = "datapin"
 #: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (housekeeping `Task`).
 AGENT_TASKS: Final = ("roots", "collect", "slots", "reap", "scan", "builds", "prefetch")
 #: Materialise latency: a no-op is ~1 ms, a warm start of a large revision seconds, a cold one
@@ -92,6 +98,56 @@ def error_reason(exc: BaseException) -> str:
     return "error"
 
 
+#: What `observe` adds up per dataset: the `Result` field each counter counts, and the counter's
+#: name (after `datapin_`) and help.
+TALLIES: Final = {
+    "hits": ("cache_hit_objects_total", "Files linked from objects already in the node cache."),
+    "hit_bytes": (
+        "cache_hit_bytes_total",
+        "Bytes of files linked from objects already in the node cache.",
+    ),
+    "misses": (
+        "cache_miss_objects_total",
+        "Files whose object was not in the node cache and had to be fetched.",
+    ),
+    "miss_bytes": (
+        "cache_miss_bytes_total",
+        "Bytes of files whose object was not in the node cache.",
+    ),
+    "fetched_objects": (
+        "remote_fetched_objects_total",
+        "Objects downloaded from the remote (S3 / B2) by this process.",
+    ),
+    "fetched_bytes": (
+        "remote_fetched_bytes_total",
+        "Bytes downloaded from the remote (S3 / B2) by this process: the egress bill.",
+    ),
+    "waited_objects": (
+        "remote_waited_objects_total",
+        "Objects another process on the node was downloading, waited for instead.",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Families:
+    """Declares metric families, named `datapin_<name>`, on one registry (None: created but
+    never exported)."""
+
+    registry: CollectorRegistry | None
+
+    def counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, *labels: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(
+            name, doc, labels, namespace=NAMESPACE, buckets=buckets, registry=self.registry
+        )
+
+
 class Metrics:
     """Every metric datapin exports. The node families (volume, cache, GC, prefetch) are only
     registered for the agent: from a sidecar they would be zeros next to the agent's values.
@@ -99,167 +155,99 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, role: str = "sidecar") -> None:
         self.registry = registry
-        ds = ("dataset",)
+        pod = _Families(registry)
         # -- per dataset: what materialising and prefetching did --------------------------------
-        self.hit_objects = Counter(
-            "datapin_cache_hit_objects_total",
-            "Files linked from objects already in the node cache.",
-            ds,
-            registry=registry,
-        )
-        self.hit_bytes = Counter(
-            "datapin_cache_hit_bytes_total",
-            "Bytes of files linked from objects already in the node cache.",
-            ds,
-            registry=registry,
-        )
-        self.miss_objects = Counter(
-            "datapin_cache_miss_objects_total",
-            "Files whose object was not in the node cache and had to be fetched.",
-            ds,
-            registry=registry,
-        )
-        self.miss_bytes = Counter(
-            "datapin_cache_miss_bytes_total",
-            "Bytes of files whose object was not in the node cache.",
-            ds,
-            registry=registry,
-        )
-        self.fetched_objects = Counter(
-            "datapin_remote_fetched_objects_total",
-            "Objects downloaded from the remote (S3 / B2) by this process.",
-            ds,
-            registry=registry,
-        )
-        self.fetched_bytes = Counter(
-            "datapin_remote_fetched_bytes_total",
-            "Bytes downloaded from the remote (S3 / B2) by this process: the egress bill.",
-            ds,
-            registry=registry,
-        )
-        self.waited_objects = Counter(
-            "datapin_remote_waited_objects_total",
-            "Objects another process on the node was downloading, waited for instead.",
-            ds,
-            registry=registry,
-        )
-        self.errors = Counter(
-            "datapin_fetch_errors_total",
+        #: The `TALLIES` counters, by `Result` field.
+        self.tallies = {
+            field: pod.counter(name, doc, "dataset") for field, (name, doc) in TALLIES.items()
+        }
+        self.errors = pod.counter(
+            "fetch_errors_total",
             "Materialises or prefetches that failed, by reason.",
-            ("dataset", "reason"),
-            registry=registry,
+            "dataset",
+            "reason",
         )
-        self.retries = Counter(
-            "datapin_remote_retries_total",
-            "Remote requests retried, by reason.",
-            ("dataset", "reason"),
-            registry=registry,
+        self.retries = pod.counter(
+            "remote_retries_total", "Remote requests retried, by reason.", "dataset", "reason"
         )
-        self.linked = Counter(
-            "datapin_objects_linked_total",
-            "Files placed into trees, by link mode.",
-            ("dataset", "mode"),
-            registry=registry,
+        self.linked = pod.counter(
+            "objects_linked_total", "Files placed into trees, by link mode.", "dataset", "mode"
         )
-        self.duration = Histogram(
-            "datapin_materialize_duration_seconds",
+        self.duration = pod.histogram(
+            "materialize_duration_seconds",
             "Time to materialise a revision, by main link mode and result.",
-            ("dataset", "mode", "result"),
+            "dataset",
+            "mode",
+            "result",
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.revision = Gauge(
-            "datapin_revision_info",
+        self.revision = pod.gauge(
+            "revision_info",
             "The revision served (1): the ref the user asked for and the pin it resolved to.",
-            ("dataset", "revision", "pin"),
-            registry=registry,
+            "dataset",
+            "revision",
+            "pin",
         )
-        self.last_success = Gauge(
-            "datapin_last_success_timestamp_seconds",
+        self.last_success = pod.gauge(
+            "last_success_timestamp_seconds",
             "Unix time of the last successful materialise or prefetch.",
-            ds,
-            registry=registry,
+            "dataset",
         )
-        self.ready = Gauge(
-            "datapin_ready",
-            "1 once every dataset of the pod is published (the startupProbe's answer).",
-            registry=registry,
+        self.ready = pod.gauge(
+            "ready", "1 once every dataset of the pod is published (the startupProbe's answer)."
         )
-        self.annotation_errors = Counter(
-            "datapin_annotations_errors_total",
+        self.annotation_errors = pod.counter(
+            "annotations_errors_total",
             "Times the annotations file could not be read or parsed (previous pins kept).",
-            registry=registry,
         )
         # -- per node: the cache and its volume (agent) -----------------------------------------
-        node = registry if role == "agent" else None  # None: created, never exported
-        self.cache_bytes = Gauge(
-            "datapin_cache_bytes", "Bytes of objects in the node cache.", registry=node
+        node = _Families(registry if role == "agent" else None)
+        self.cache_bytes = node.gauge("cache_bytes", "Bytes of objects in the node cache.")
+        self.cache_objects = node.gauge("cache_objects", "Objects in the node cache.")
+        self.volume_size = node.gauge("volume_size_bytes", "Size of the node volume.")
+        self.volume_used = node.gauge(
+            "volume_used_bytes", "Bytes used on the node volume (cache and workspaces)."
         )
-        self.cache_objects = Gauge(
-            "datapin_cache_objects", "Objects in the node cache.", registry=node
+        self.volume_free = node.gauge("volume_free_bytes", "Bytes free on the node volume.")
+        self.volume_inodes = node.gauge("volume_inodes", "Inodes of the node volume.")
+        self.volume_inodes_used = node.gauge(
+            "volume_inodes_used", "Inodes used on the node volume."
         )
-        self.volume_size = Gauge(
-            "datapin_volume_size_bytes", "Size of the node volume.", registry=node
-        )
-        self.volume_used = Gauge(
-            "datapin_volume_used_bytes",
-            "Bytes used on the node volume (cache and workspaces).",
-            registry=node,
-        )
-        self.volume_free = Gauge(
-            "datapin_volume_free_bytes", "Bytes free on the node volume.", registry=node
-        )
-        self.volume_inodes = Gauge(
-            "datapin_volume_inodes", "Inodes of the node volume.", registry=node
-        )
-        self.volume_inodes_used = Gauge(
-            "datapin_volume_inodes_used", "Inodes used on the node volume.", registry=node
-        )
-        self.watermark = Gauge(
-            "datapin_gc_watermark_ratio",
+        self.watermark = node.gauge(
+            "gc_watermark_ratio",
             "GC watermarks as a fraction of the volume (kind: bytes|inodes, level: high|low).",
-            ("kind", "level"),
-            registry=node,
+            "kind",
+            "level",
         )
-        self.evicted_objects = Counter(
-            "datapin_cache_evictions_total",
-            "Objects evicted from the node cache by the GC.",
-            registry=node,
+        self.evicted_objects = node.counter(
+            "cache_evictions_total", "Objects evicted from the node cache by the GC."
         )
-        self.evicted_bytes = Counter(
-            "datapin_cache_evicted_bytes_total",
-            "Bytes of objects evicted from the node cache by the GC.",
-            registry=node,
+        self.evicted_bytes = node.counter(
+            "cache_evicted_bytes_total", "Bytes of objects evicted from the node cache by the GC."
         )
-        self.gc_runs = Counter(
-            "datapin_gc_runs_total",
+        self.gc_runs = node.counter(
+            "gc_runs_total",
             "GC passes that had to evict, by result (reached: down to the low watermark; "
             "short: everything left is in use; error).",
-            ("result",),
-            registry=node,
+            "result",
         )
-        self.workspaces_removed = Counter(
-            "datapin_workspaces_removed_total",
+        self.workspaces_removed = node.counter(
+            "workspaces_removed_total",
             "Workspaces of pods no longer on the node, removed by the agent.",
-            registry=node,
         )
-        self.slots_removed = Counter(
-            "datapin_download_slots_removed_total",
-            "Abandoned partial downloads removed by the agent.",
-            registry=node,
+        self.slots_removed = node.counter(
+            "download_slots_removed_total", "Abandoned partial downloads removed by the agent."
         )
-        self.prefetch = Gauge(
-            "datapin_prefetch_revisions",
+        self.prefetch = node.gauge(
+            "prefetch_revisions",
             "Revisions on the agent's prefetch list, by state (warm, pending, failed).",
-            ("state",),
-            registry=node,
+            "state",
         )
-        self.item_errors = Counter(
-            "datapin_agent_item_errors_total",
+        self.item_errors = node.counter(
+            "agent_item_errors_total",
             "Items (a file, a directory, a workspace, a prefetch entry) the agent skipped "
             "because they could not be handled, by task; the rest of the work went on.",
-            ("task",),
-            registry=node,
+            "task",
         )
         if role == "agent":
             for task in AGENT_TASKS:
@@ -278,15 +266,7 @@ class Metrics:
         if name in self._known:
             return
         self._known.add(name)
-        for family in (
-            self.hit_objects,
-            self.hit_bytes,
-            self.miss_objects,
-            self.miss_bytes,
-            self.fetched_objects,
-            self.fetched_bytes,
-            self.waited_objects,
-        ):
+        for family in self.tallies.values():
             family.labels(name)
         for reason in ERROR_REASONS:
             self.errors.labels(name, reason)
@@ -299,16 +279,15 @@ class Metrics:
         self.duration.labels(name, "none", "noop")
         self.duration.labels(name, "none", "error")
 
+    def tally(self, dataset: str, counts: Mapping[str, int]) -> None:
+        """Add `counts` (by `Result` field, a subset of `TALLIES`) to the dataset's counters."""
+        self.dataset(dataset)
+        for field, n in counts.items():
+            self.tallies[field].labels(dataset).inc(n)
+
     def observe(self, dataset: str, result: Result, *, now: float) -> None:
         """Count what one successful materialise (or prefetch) did."""
-        self.dataset(dataset)
-        self.hit_objects.labels(dataset).inc(result.hits)
-        self.hit_bytes.labels(dataset).inc(result.hit_bytes)
-        self.miss_objects.labels(dataset).inc(result.misses)
-        self.miss_bytes.labels(dataset).inc(result.miss_bytes)
-        self.fetched_objects.labels(dataset).inc(result.fetched_objects)
-        self.fetched_bytes.labels(dataset).inc(result.fetched_bytes)
-        self.waited_objects.labels(dataset).inc(result.waited_objects)
+        self.tally(dataset, {field: getattr(result, field) for field in TALLIES})
         self._retries(dataset, result.retries.items())
         for mode, n in result.modes.items():
             self.linked.labels(dataset, mode).inc(n)

@@ -47,6 +47,9 @@ _LINK_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 #: Upper bounds of the durations (seconds): far above any sensible value, below "forever".
 HOUR: Final = 3600.0
 DAY: Final = 86400.0
+MONTH: Final = 30 * DAY
+#: How a duration field's description states its bound.
+_SPOKEN: Final = {HOUR: "an hour", DAY: "a day", MONTH: "30 days"}
 #: Fields whose value is never shown in an error: they name key files, and a key pasted there
 #: instead of its name must not be echoed.
 _UNSHOWN: Final = frozenset({"access_key_id_file", "secret_access_key_file"})
@@ -78,6 +81,22 @@ def _absolute(value: Path | None) -> Path | None:
             "it fits in Linux's 4096-byte path limit"
         )
     return value
+
+
+def _seconds(default: float, *, at_most: float, what: str, zero_ok: bool = False) -> Any:
+    """A duration setting: above 0 (or at least 0), at most `at_most`, as its description says."""
+    return Field(
+        default=default,
+        gt=None if zero_ok else 0,
+        ge=0 if zero_ok else None,
+        le=at_most,
+        description=f"{what} (at most {_SPOKEN[at_most]}).",
+    )
+
+
+def _percent(default: float, what: str) -> Any:
+    """A watermark: a percentage of the volume, above 0 and at most 100."""
+    return Field(default=default, gt=0, le=100, description=what)
 
 
 def check_directories(settings: Settings) -> None:
@@ -260,35 +279,26 @@ class Settings(BaseSettings):
     jobs: int = Field(
         default=32, ge=1, le=1024, description="Remote requests in flight (1 to 1024)."
     )
-    spare_grace_seconds: float = Field(
-        default=60.0,
-        ge=0,
-        le=DAY,
-        description="A retired tree is not recycled for this long after a switch, so readers "
-        "that resolved the link before it keep a complete old tree (at most a day).",
+    spare_grace_seconds: float = _seconds(
+        60.0,
+        at_most=DAY,
+        what="A retired tree is not recycled for this long after a switch, so readers that "
+        "resolved the link before it keep a complete old tree",
+        zero_ok=True,
     )
     # -- the service (run, agent) --------------------------------------------------------------
     http_host: str = Field(default="0.0.0.0", description="Address of /readyz, /metrics.")  # noqa: S104 - kubelet probes the pod IP
     http_port: int = Field(
         default=9479, ge=0, le=65535, description="Port of /readyz, /healthz, /metrics."
     )
-    watch_interval_seconds: float = Field(
-        default=2.0,
-        gt=0,
-        le=HOUR,
-        description="How often the annotations file is checked (at most an hour).",
+    watch_interval_seconds: float = _seconds(
+        2.0, at_most=HOUR, what="How often the annotations file is checked"
     )
-    retry_max_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        le=DAY,
-        description="Longest wait between retries of a failed switch (at most a day).",
+    retry_max_seconds: float = _seconds(
+        60.0, at_most=DAY, what="Longest wait between retries of a failed switch"
     )
-    shutdown_timeout_seconds: float = Field(
-        default=20.0,
-        gt=0,
-        le=HOUR,
-        description="How long SIGTERM waits for work to unwind (at most an hour).",
+    shutdown_timeout_seconds: float = _seconds(
+        20.0, at_most=HOUR, what="How long SIGTERM waits for work to unwind"
     )
     termination_message_path: Path = Field(
         default=Path("/dev/termination-log"),
@@ -306,48 +316,29 @@ class Settings(BaseSettings):
         description='JSON written by the operator: {"revisions": [{dataset settings + '
         "pin}]}; the agent keeps these warm in the cache.",
     )
-    prefetch_interval_seconds: float = Field(
-        default=30.0,
-        gt=0,
-        le=DAY,
-        description="How often the prefetch file is checked (at most a day).",
+    prefetch_interval_seconds: float = _seconds(
+        30.0, at_most=DAY, what="How often the prefetch file is checked"
     )
-    gc_interval_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        le=DAY,
-        description="How often the agent checks the watermarks (at most a day).",
+    gc_interval_seconds: float = _seconds(
+        60.0, at_most=DAY, what="How often the agent checks the watermarks"
     )
-    gc_high_percent: float = Field(
-        default=85.0, gt=0, le=100, description="Evict when the volume is fuller than this."
-    )
-    gc_low_percent: float = Field(default=70.0, gt=0, le=100, description="...down to this.")
-    gc_inodes_high_percent: float = Field(
-        default=85.0, gt=0, le=100, description="Evict when more inodes than this are used."
-    )
-    gc_inodes_low_percent: float = Field(default=70.0, gt=0, le=100, description="...down to this.")
-    gc_slot_max_age_seconds: float = Field(
-        default=3600.0,
-        gt=0,
-        le=30 * DAY,
-        description="Abandoned partial downloads older than this go (at most 30 days).",
+    gc_high_percent: float = _percent(85.0, "Evict when the volume is fuller than this.")
+    gc_low_percent: float = _percent(70.0, "...down to this.")
+    gc_inodes_high_percent: float = _percent(85.0, "Evict when more inodes than this are used.")
+    gc_inodes_low_percent: float = _percent(70.0, "...down to this.")
+    gc_slot_max_age_seconds: float = _seconds(
+        3600.0, at_most=MONTH, what="Abandoned partial downloads older than this go"
     )
     kubelet_pods_dir: Path | None = Field(
         default=None,
         description="kubelet's pods directory (/var/lib/kubelet/pods, mounted read-only): a "
         "workspace whose pod has no directory there is removed. Unset: never removed.",
     )
-    workspace_grace_seconds: float = Field(
-        default=300.0,
-        ge=0,
-        le=30 * DAY,
-        description="A workspace younger than this is never removed (at most 30 days).",
+    workspace_grace_seconds: float = _seconds(
+        300.0, at_most=MONTH, what="A workspace younger than this is never removed", zero_ok=True
     )
-    scan_interval_seconds: float = Field(
-        default=300.0,
-        gt=0,
-        le=DAY,
-        description="How often cache objects and bytes are counted (at most a day).",
+    scan_interval_seconds: float = _seconds(
+        300.0, at_most=DAY, what="How often cache objects and bytes are counted"
     )
 
     @field_validator("root", "workspace_dir", "kubelet_pods_dir")

@@ -124,13 +124,8 @@ def lower(estimate: VolumeUsage, real: VolumeUsage) -> VolumeUsage:
     """Per dimension, whichever of the two says less is used."""
     b = real if real.used_percent < estimate.used_percent else estimate
     i = real if real.inodes_used_percent < estimate.inodes_used_percent else estimate
-    return VolumeUsage(
-        size_bytes=b.size_bytes,
-        used_bytes=b.used_bytes,
-        free_bytes=b.free_bytes,
-        inodes=i.inodes,
-        inodes_used=i.inodes_used,
-        inodes_free=i.inodes_free,
+    return dataclasses.replace(
+        b, inodes=i.inodes, inodes_used=i.inodes_used, inodes_free=i.inodes_free
     )
 
 
