@@ -5,8 +5,8 @@ Design:
 * No global metrics. `Metrics(registry)` creates every family on the registry it is given; the
   program's app factory makes one `CollectorRegistry` and hands it to the HTTP server and to
   whoever observes. Tests build as many independent programs as they like in one process.
-* Names follow the Prometheus conventions: `datapin_` prefix (`NAMESPACE`, which every family
-  is declared in, so a declaration names only the rest), base units (`_bytes`, `_seconds`),
+* Names follow the Prometheus conventions: `datapin_` prefix (written out in each declaration,
+  so a name copied from a dashboard finds its family here), base units (`_bytes`, `_seconds`),
   `_total` on counters, `_info` gauges set to 1 carrying labels, ratios in 0..1.
 * The per-dataset counters of a `Result` are one table (`TALLIES`, by `Result` field), which
   declares them, creates their series and adds a result up.
@@ -62,8 +62,6 @@ RETRY_REASONS: Final = (
     "InternalError",
 )
 LINK_MODES: Final = ("reflink", "hardlink", "copy")
-#: The prefix of every metric name (`datapin_` + the name a family is declared with).
-NAMESPACE: Final = "datapin"
 #: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (housekeeping `Task`).
 AGENT_TASKS: Final = ("roots", "collect", "slots", "reap", "scan", "builds", "prefetch")
 #: Materialise latency: a no-op is ~1 ms, a warm start of a large revision seconds, a cold one
@@ -99,31 +97,34 @@ def error_reason(exc: BaseException) -> str:
 
 
 #: What `observe` adds up per dataset: the `Result` field each counter counts, and the counter's
-#: name (after `datapin_`) and help.
+#: name and help.
 TALLIES: Final = {
-    "hits": ("cache_hit_objects_total", "Files linked from objects already in the node cache."),
+    "hits": (
+        "datapin_cache_hit_objects_total",
+        "Files linked from objects already in the node cache.",
+    ),
     "hit_bytes": (
-        "cache_hit_bytes_total",
+        "datapin_cache_hit_bytes_total",
         "Bytes of files linked from objects already in the node cache.",
     ),
     "misses": (
-        "cache_miss_objects_total",
+        "datapin_cache_miss_objects_total",
         "Files whose object was not in the node cache and had to be fetched.",
     ),
     "miss_bytes": (
-        "cache_miss_bytes_total",
+        "datapin_cache_miss_bytes_total",
         "Bytes of files whose object was not in the node cache.",
     ),
     "fetched_objects": (
-        "remote_fetched_objects_total",
+        "datapin_remote_fetched_objects_total",
         "Objects downloaded from the remote (S3 / B2) by this process.",
     ),
     "fetched_bytes": (
-        "remote_fetched_bytes_total",
+        "datapin_remote_fetched_bytes_total",
         "Bytes downloaded from the remote (S3 / B2) by this process: the egress bill.",
     ),
     "waited_objects": (
-        "remote_waited_objects_total",
+        "datapin_remote_waited_objects_total",
         "Objects another process on the node was downloading, waited for instead.",
     ),
 }
@@ -131,21 +132,18 @@ TALLIES: Final = {
 
 @dataclass(frozen=True, slots=True)
 class _Families:
-    """Declares metric families, named `datapin_<name>`, on one registry (None: created but
-    never exported)."""
+    """Declares metric families on one registry (None: created but never exported)."""
 
     registry: CollectorRegistry | None
 
     def counter(self, name: str, doc: str, *labels: str) -> Counter:
-        return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+        return Counter(name, doc, labels, registry=self.registry)
 
     def gauge(self, name: str, doc: str, *labels: str) -> Gauge:
-        return Gauge(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
+        return Gauge(name, doc, labels, registry=self.registry)
 
     def histogram(self, name: str, doc: str, *labels: str, buckets: Sequence[float]) -> Histogram:
-        return Histogram(
-            name, doc, labels, namespace=NAMESPACE, buckets=buckets, registry=self.registry
-        )
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
 
 class Metrics:
@@ -162,19 +160,25 @@ class Metrics:
             field: pod.counter(name, doc, "dataset") for field, (name, doc) in TALLIES.items()
         }
         self.errors = pod.counter(
-            "fetch_errors_total",
+            "datapin_fetch_errors_total",
             "Materialises or prefetches that failed, by reason.",
             "dataset",
             "reason",
         )
         self.retries = pod.counter(
-            "remote_retries_total", "Remote requests retried, by reason.", "dataset", "reason"
+            "datapin_remote_retries_total",
+            "Remote requests retried, by reason.",
+            "dataset",
+            "reason",
         )
         self.linked = pod.counter(
-            "objects_linked_total", "Files placed into trees, by link mode.", "dataset", "mode"
+            "datapin_objects_linked_total",
+            "Files placed into trees, by link mode.",
+            "dataset",
+            "mode",
         )
         self.duration = pod.histogram(
-            "materialize_duration_seconds",
+            "datapin_materialize_duration_seconds",
             "Time to materialise a revision, by main link mode and result.",
             "dataset",
             "mode",
@@ -182,69 +186,72 @@ class Metrics:
             buckets=DURATION_BUCKETS,
         )
         self.revision = pod.gauge(
-            "revision_info",
+            "datapin_revision_info",
             "The revision served (1): the ref the user asked for and the pin it resolved to.",
             "dataset",
             "revision",
             "pin",
         )
         self.last_success = pod.gauge(
-            "last_success_timestamp_seconds",
+            "datapin_last_success_timestamp_seconds",
             "Unix time of the last successful materialise or prefetch.",
             "dataset",
         )
         self.ready = pod.gauge(
-            "ready", "1 once every dataset of the pod is published (the startupProbe's answer)."
+            "datapin_ready",
+            "1 once every dataset of the pod is published (the startupProbe's answer).",
         )
         self.annotation_errors = pod.counter(
-            "annotations_errors_total",
+            "datapin_annotations_errors_total",
             "Times the annotations file could not be read or parsed (previous pins kept).",
         )
         # -- per node: the cache and its volume (agent) -----------------------------------------
         node = _Families(registry if role == "agent" else None)
-        self.cache_bytes = node.gauge("cache_bytes", "Bytes of objects in the node cache.")
-        self.cache_objects = node.gauge("cache_objects", "Objects in the node cache.")
-        self.volume_size = node.gauge("volume_size_bytes", "Size of the node volume.")
+        self.cache_bytes = node.gauge("datapin_cache_bytes", "Bytes of objects in the node cache.")
+        self.cache_objects = node.gauge("datapin_cache_objects", "Objects in the node cache.")
+        self.volume_size = node.gauge("datapin_volume_size_bytes", "Size of the node volume.")
         self.volume_used = node.gauge(
-            "volume_used_bytes", "Bytes used on the node volume (cache and workspaces)."
+            "datapin_volume_used_bytes", "Bytes used on the node volume (cache and workspaces)."
         )
-        self.volume_free = node.gauge("volume_free_bytes", "Bytes free on the node volume.")
-        self.volume_inodes = node.gauge("volume_inodes", "Inodes of the node volume.")
+        self.volume_free = node.gauge("datapin_volume_free_bytes", "Bytes free on the node volume.")
+        self.volume_inodes = node.gauge("datapin_volume_inodes", "Inodes of the node volume.")
         self.volume_inodes_used = node.gauge(
-            "volume_inodes_used", "Inodes used on the node volume."
+            "datapin_volume_inodes_used", "Inodes used on the node volume."
         )
         self.watermark = node.gauge(
-            "gc_watermark_ratio",
+            "datapin_gc_watermark_ratio",
             "GC watermarks as a fraction of the volume (kind: bytes|inodes, level: high|low).",
             "kind",
             "level",
         )
         self.evicted_objects = node.counter(
-            "cache_evictions_total", "Objects evicted from the node cache by the GC."
+            "datapin_cache_evictions_total", "Objects evicted from the node cache by the GC."
         )
         self.evicted_bytes = node.counter(
-            "cache_evicted_bytes_total", "Bytes of objects evicted from the node cache by the GC."
+            "datapin_cache_evicted_bytes_total",
+            "Bytes of objects evicted from the node cache by the GC.",
         )
         self.gc_runs = node.counter(
-            "gc_runs_total",
+            "datapin_gc_runs_total",
             "GC passes that had to evict, by result (reached: down to the low watermark; "
             "short: everything left is in use; error).",
             "result",
         )
         self.workspaces_removed = node.counter(
-            "workspaces_removed_total",
+            "datapin_workspaces_removed_total",
             "Workspaces of pods no longer on the node, removed by the agent.",
         )
         self.slots_removed = node.counter(
-            "download_slots_removed_total", "Abandoned partial downloads removed by the agent."
+            "datapin_download_slots_removed_total",
+            "Abandoned partial downloads removed by the agent.",
         )
         self.prefetch = node.gauge(
-            "prefetch_revisions",
+            "datapin_prefetch_revisions",
             "Revisions on the agent's prefetch list, by state (warm, pending, failed).",
             "state",
         )
         self.item_errors = node.counter(
-            "agent_item_errors_total",
+            "datapin_agent_item_errors_total",
             "Items (a file, a directory, a workspace, a prefetch entry) the agent skipped "
             "because they could not be handled, by task; the rest of the work went on.",
             "task",
