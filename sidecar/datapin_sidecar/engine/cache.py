@@ -60,6 +60,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -223,7 +224,7 @@ class NodeCache:
                 return None
             st = os.fstat(fd)
             if st.st_nlink > 0:
-                return Slot(self, oid, layout, fd, path, size=st.st_size)
+                return Slot(cache=self, oid=oid, layout=layout, fd=fd, path=path, size=st.st_size)
             # We locked a slot its owner had just installed and unlinked: look again (the
             # object is most likely in place now; the caller's present() check will say).
             os.close(fd)
@@ -478,6 +479,7 @@ def install(cache: NodeCache, src: str, oid: str, layout: Layout) -> None:
             raise os_error(str(cache.root), exc, volume="node cache") from exc
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class Slot:
     """A claimed download slot: a locked, fixed-name partial file (see the module contract).
 
@@ -485,21 +487,19 @@ class Slot:
     md5 and making it durable, or `release`s it: kept for a later resume, or `discard`ed.
     """
 
-    __slots__ = ("cache", "fd", "journaled", "layout", "oid", "path", "size")
+    cache: NodeCache
+    oid: str
+    layout: Layout
+    fd: int
+    path: str
+    #: Bytes in the slot when claimed: > 0 means a dead downloader left some.
+    size: int = 0
+    #: Whether a journal may exist (left by a dead downloader, or written by us); saves
+    #: a failing unlink per small object.
+    journaled: bool = field(init=False)
 
-    def __init__(
-        self, cache: NodeCache, oid: str, layout: Layout, fd: int, path: str, *, size: int = 0
-    ) -> None:
-        self.cache = cache
-        self.oid = oid
-        self.layout = layout
-        self.fd = fd
-        self.path = path
-        #: Bytes in the slot when claimed: > 0 means a dead downloader left some.
-        self.size = size
-        #: Whether a journal may exist (left by a dead downloader, or written by us); saves
-        #: a failing unlink per small object.
-        self.journaled = size > 0
+    def __post_init__(self) -> None:
+        self.journaled = self.size > 0
 
     @property
     def journal(self) -> str:

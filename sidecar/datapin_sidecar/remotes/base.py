@@ -22,10 +22,33 @@ from typing import Final, Protocol
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.errors import RemoteCause, RemoteError
+
+#: `Remote.fetch`'s progress callback: called now and then with how many of its objects are done.
+Ticker = Callable[[int], None]
 
 #: The largest `.dir` manifest datapin fetches from any remote (a manifest of millions of files
 #: is a few hundred MB); a remote offering a bigger one is refused before it is read.
 MAX_DIR_BYTES: Final = 1024 * 1024 * 1024
+#: What to do about a bigger one (`check_dir_size`'s fix).
+_DIR_FIX: Final = (
+    "check what was pushed under this key (a DVC manifest of even millions of files is far "
+    "smaller); `dvc push` the revision again from a clean cache"
+)
+
+
+def check_dir_size(*, remote: str, oid: str, key: str, size: int) -> None:
+    """Refuse object `oid` at `key` if it is a `.dir` of more than `MAX_DIR_BYTES`, before it
+    is read: every remote does, with this one message."""
+    if oid.endswith(".dir") and size > MAX_DIR_BYTES:
+        raise RemoteError(
+            remote=remote,
+            problem=f"the .dir manifest {key} is {size} bytes, more than the "
+            f"{MAX_DIR_BYTES // (1024 * 1024 * 1024)} GiB datapin reads for a manifest",
+            fix=_DIR_FIX,
+            keys=[key],
+            cause=RemoteCause.TOO_LARGE,
+        )
 
 
 @dataclass(slots=True)
@@ -59,11 +82,7 @@ class Remote(Protocol):
         ...
 
     def fetch(
-        self,
-        cache: NodeCache,
-        oids: Sequence[str],
-        layout: Layout,
-        progress: Callable[[int], None] | None = None,
+        self, cache: NodeCache, oids: Sequence[str], layout: Layout, progress: Ticker | None = None
     ) -> FetchReport:
         """Put `oids` into `cache`, verified; `progress(done)` now and then. Objects the
         remote lacks or serves corrupt are reported, not raised; a remote that cannot be read

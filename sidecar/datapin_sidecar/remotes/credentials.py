@@ -38,13 +38,8 @@ from typing import Final, Protocol
 
 from datapin_sidecar.errors import S3_KEYS_FIX, NoCredentialsError, UnsafeFileError, UsageError
 from datapin_sidecar.redaction import register
-from datapin_sidecar.remotes.secretkeys import (
-    DEFAULT_ID_KEYS,
-    DEFAULT_SECRET_KEYS,
-    DEFAULT_TOKEN_KEYS,
-    SECRET_KEY_NAME,
-    shown_name,
-)
+from datapin_sidecar.remotes import secretkeys
+from datapin_sidecar.remotes.secretkeys import SECRET_KEY_NAME, shown_name
 from datapin_sidecar.safefs import read_regular
 
 log = logging.getLogger(__name__)
@@ -231,9 +226,9 @@ class SecretDirCredentials:
         self,
         directory: Path,
         *,
-        id_keys: Sequence[str] = DEFAULT_ID_KEYS,
-        secret_keys: Sequence[str] = DEFAULT_SECRET_KEYS,
-        token_keys: Sequence[str] = DEFAULT_TOKEN_KEYS,
+        id_keys: Sequence[str] = secretkeys.DEFAULT_ID_KEYS,
+        secret_keys: Sequence[str] = secretkeys.DEFAULT_SECRET_KEYS,
+        token_keys: Sequence[str] = secretkeys.DEFAULT_TOKEN_KEYS,
         min_check_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout
 from datapin_sidecar.errors import CorruptObjectError, RemoteCause, RemoteError, UnsafeFileError
-from datapin_sidecar.remotes.base import MAX_DIR_BYTES, FetchReport
+from datapin_sidecar.remotes.base import FetchReport, Ticker, check_dir_size
 from datapin_sidecar.safefs import open_regular
 
 
@@ -87,11 +87,7 @@ class DirectoryRemote:
         """Nothing to cancel: every call is over when it returns (see the module doc)."""
 
     def fetch(
-        self,
-        cache: NodeCache,
-        oids: Sequence[str],
-        layout: Layout,
-        progress: Callable[[int], None] | None = None,
+        self, cache: NodeCache, oids: Sequence[str], layout: Layout, progress: Ticker | None = None
     ) -> FetchReport:
         report = FetchReport()
         for n, oid in enumerate(oids, 1):
@@ -118,16 +114,7 @@ class DirectoryRemote:
 
     def _insert(self, cache: NodeCache, fd: int, path: str, oid: str, layout: Layout) -> int:
         """Copy the open object into the cache through its verified insert; bytes copied."""
-        if oid.endswith(".dir") and os.fstat(fd).st_size > MAX_DIR_BYTES:
-            raise RemoteError(
-                remote=str(self.root),
-                problem=f"the .dir manifest {path} is larger than the "
-                f"{MAX_DIR_BYTES // (1024 * 1024 * 1024)} GiB datapin reads for a manifest",
-                fix="check what was pushed under this name; `dvc push` the revision again "
-                "from a clean cache",
-                keys=[path],
-                cause=RemoteCause.TOO_LARGE,
-            )
+        check_dir_size(remote=str(self.root), oid=oid, key=path, size=os.fstat(fd).st_size)
         with cache.writer(oid, layout) as writer:
             while True:
                 try:

@@ -101,6 +101,40 @@ def _configobj_value(raw: str) -> str | None:
     return None if "," in value else value
 
 
+#: What configparser raises for a config it cannot read (`MissingSectionHeaderError` is a
+#: `ParsingError`).
+_UNPARSABLE: Final = (
+    configparser.DuplicateOptionError,
+    configparser.DuplicateSectionError,
+    configparser.ParsingError,
+)
+
+
+def _where_unparsable(
+    exc: configparser.DuplicateOptionError
+    | configparser.DuplicateSectionError
+    | configparser.ParsingError,
+) -> str:
+    """Where and what is wrong in a config configparser refused, never the line itself (it
+    may hold a secret)."""
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return (
+            f", line {exc.lineno}: option {exc.option!r} appears twice in section [{exc.section}]"
+        )
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f", line {exc.lineno}: section [{exc.section}] appears twice"
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return (
+            f", line {exc.lineno}: an option before any [section] (the line is not shown: it "
+            "may hold a secret)"
+        )
+    lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+    return (
+        f": cannot parse line(s) {lines}, expected `key = value` or `[section]` (lines not "
+        "shown: they may hold secrets)"
+    )
+
+
 def _unquote_name(name: str) -> str:
     name = name.strip()
     if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"":
@@ -133,26 +167,8 @@ def _read_config_file(path: Path) -> _ConfigFile | None:
     fix = "Fix: rewrite it with `dvc remote add` / `dvc remote modify`, or repair it by hand"
     try:
         parser.read_string(dedented, source=str(path))
-    except configparser.DuplicateOptionError as exc:
-        raise UsageError(
-            f"DVC config {path}, line {exc.lineno}: option {exc.option!r} appears twice in "
-            f"section [{exc.section}]. {fix}"
-        ) from None
-    except configparser.DuplicateSectionError as exc:
-        raise UsageError(
-            f"DVC config {path}, line {exc.lineno}: section [{exc.section}] appears twice. {fix}"
-        ) from None
-    except configparser.MissingSectionHeaderError as exc:
-        raise UsageError(
-            f"DVC config {path}, line {exc.lineno}: an option before any [section] (the line "
-            f"is not shown: it may hold a secret). {fix}"
-        ) from None
-    except configparser.ParsingError as exc:
-        lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
-        raise UsageError(
-            f"DVC config {path}: cannot parse line(s) {lines}, expected `key = value` or "
-            f"`[section]` (lines not shown: they may hold secrets). {fix}"
-        ) from None
+    except _UNPARSABLE as exc:
+        raise UsageError(f"DVC config {path}{_where_unparsable(exc)}. {fix}") from None
     core: dict[str, _Option] = {}
     remotes: dict[str, dict[str, _Option]] = {}
     for section in parser.sections():

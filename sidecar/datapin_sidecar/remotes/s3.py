@@ -42,14 +42,14 @@ import contextlib
 import functools
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.errors import AbsentError, GaveUpError, RemoteCause, RemoteError
-from datapin_sidecar.remotes.base import FetchReport
+from datapin_sidecar.remotes.base import FetchReport, Ticker
 from datapin_sidecar.remotes.s3client import LAST_ERROR, FetchOptions, S3Client
 from datapin_sidecar.remotes.s3fetch import Fetch
 
@@ -117,11 +117,7 @@ class S3Remote:
         return self._call(self.afind(oid, layouts))
 
     def fetch(
-        self,
-        cache: NodeCache,
-        oids: Sequence[str],
-        layout: Layout,
-        progress: Callable[[int], None] | None = None,
+        self, cache: NodeCache, oids: Sequence[str], layout: Layout, progress: Ticker | None = None
     ) -> FetchReport:
         return self._call(self.afetch(cache, oids, layout, progress=progress))
 
@@ -196,7 +192,7 @@ class S3Remote:
         oids: Iterable[str],
         layout: Layout,
         *,
-        progress: Callable[[int], None] | None = None,
+        progress: Ticker | None = None,
     ) -> FetchReport:
         """Put `oids` into `cache` (each downloaded at most once on the node); see `s3fetch`."""
         if self._io is None:

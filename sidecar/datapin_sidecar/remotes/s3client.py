@@ -292,28 +292,19 @@ class S3Client:
         cfg = self.config
         creds = self._credentials.describe()
         code = exc.code or f"HTTP {exc.status}"
-        if exc.code == "NoSuchBucket" or (exc.status == 404 and exc.code == "NoSuchBucket"):
+        if (known := _FATAL_CODES.get(exc.code)) is not None:
+            problem, fix, cause = known
+            values = {
+                "bucket": cfg.bucket,
+                "endpoint": cfg.resolved_endpoint,
+                "region": cfg.region,
+                "creds": creds,
+            }
             return RemoteError(
                 remote=self.url,
-                problem=f"bucket {cfg.bucket!r} does not exist at {cfg.resolved_endpoint}",
-                fix="check the bucket in the remote URL and the endpoint (the bucket's region)",
-                cause=RemoteCause.NO_BUCKET,
-            )
-        if exc.code == "InvalidAccessKeyId":
-            return RemoteError(
-                remote=self.url,
-                problem="the access key id is not known to the server (InvalidAccessKeyId)",
-                fix=f"check the key id in {creds} (for B2: the application keyID; the master "
-                "application key cannot use the S3 API)",
-                cause=RemoteCause.ACCESS_DENIED,
-            )
-        if exc.code == "SignatureDoesNotMatch":
-            return RemoteError(
-                remote=self.url,
-                problem="the secret key does not match the key id (SignatureDoesNotMatch)",
-                fix=f"check the secret in {creds} (for B2: the applicationKey shown once when "
-                f"the key was made) and that the region {cfg.region!r} matches the endpoint",
-                cause=RemoteCause.ACCESS_DENIED,
+                problem=problem.format_map(values),
+                fix=fix.format_map(values),
+                cause=cause,
             )
         if exc.status in (401, 403):
             return RemoteError(
@@ -380,6 +371,29 @@ async def _error_of(resp: aiohttp.ClientResponse) -> HTTPStatusError:
         _retry_after(resp.headers.get("Retry-After")),
     )
 
+
+#: S3 error codes that mean the same whatever the status, checked first: the problem and fix
+#: `_fatal` reports for each (templates over the remote's `bucket`, `endpoint` and `region`, and
+#: `creds`, where the keys come from) and its cause.
+_FATAL_CODES: Final[dict[str, tuple[str, str, RemoteCause]]] = {
+    "NoSuchBucket": (
+        "bucket {bucket!r} does not exist at {endpoint}",
+        "check the bucket in the remote URL and the endpoint (the bucket's region)",
+        RemoteCause.NO_BUCKET,
+    ),
+    "InvalidAccessKeyId": (
+        "the access key id is not known to the server (InvalidAccessKeyId)",
+        "check the key id in {creds} (for B2: the application keyID; the master application key "
+        "cannot use the S3 API)",
+        RemoteCause.ACCESS_DENIED,
+    ),
+    "SignatureDoesNotMatch": (
+        "the secret key does not match the key id (SignatureDoesNotMatch)",
+        "check the secret in {creds} (for B2: the applicationKey shown once when the key was made) "
+        "and that the region {region!r} matches the endpoint",
+        RemoteCause.ACCESS_DENIED,
+    ),
+}
 
 _CONTENT_RANGE: Final = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 

@@ -59,7 +59,7 @@ from datapin_sidecar.errors import (
     TruncatedError,
     os_error,
 )
-from datapin_sidecar.remotes.base import MAX_DIR_BYTES, FetchReport
+from datapin_sidecar.remotes.base import FetchReport, Ticker, check_dir_size
 from datapin_sidecar.remotes.s3client import (
     LAST_ERROR,
     S3Client,
@@ -69,7 +69,6 @@ from datapin_sidecar.remotes.s3client import (
 )
 from datapin_sidecar.remotes.slotfiles import (
     MAX_OBJECT_BYTES,
-    GiB,
     MiB,
     Present,
     TiB,
@@ -106,7 +105,7 @@ class Fetch:
         io: ThreadPoolExecutor,
         cache: NodeCache,
         layout: Layout,
-        progress: Callable[[int], None] | None,
+        progress: Ticker | None,
     ) -> None:
         self.client = client
         self.opts = client.options
@@ -312,16 +311,7 @@ class Fetch:
                 keys=[key],
                 cause=RemoteCause.BAD_SIZE,
             )
-        if slot.oid.endswith(".dir") and total > MAX_DIR_BYTES:
-            raise RemoteError(
-                remote=self.client.url,
-                problem=f"the .dir manifest {key} is {total} bytes, more than the "
-                f"{MAX_DIR_BYTES // GiB} GiB datapin reads for a manifest",
-                fix="check what was pushed under this key (a DVC manifest of even millions "
-                "of files is far smaller); `dvc push` the revision again from a clean cache",
-                keys=[key],
-                cause=RemoteCause.TOO_LARGE,
-            )
+        check_dir_size(remote=self.client.url, oid=slot.oid, key=key, size=total)
 
     async def _parts(  # noqa: PLR0917 - private, called in two places
         self, slot: Slot, key: str, total: int, part_size: int, done: bytearray, got0: int
