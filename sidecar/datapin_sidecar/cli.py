@@ -60,13 +60,13 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, Result, materialize
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision, resolve_target
 from datapin_sidecar.errors import DatapinError, UsageError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
 from datapin_sidecar.logs import redacting_excepthook
 from datapin_sidecar.progress import Reporter
 from datapin_sidecar.redaction import redact
-from datapin_sidecar.remotes.base import Remote
 from datapin_sidecar.remotes.credentials import (
     ChainCredentials,
     CredentialSource,

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import FetchReport
 from datapin_sidecar.errors import DestinationError
-from datapin_sidecar.remotes.base import FetchReport
 from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
 from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote

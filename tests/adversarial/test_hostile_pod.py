@@ -36,9 +36,9 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, Result, materialize
+from datapin_sidecar.engine.remote import FetchReport
 from datapin_sidecar.engine.workspace import TreeInfo
 from datapin_sidecar.errors import DestinationError
-from datapin_sidecar.remotes.base import FetchReport
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from testkit.dvcremote import S3DvcFixture

@@ -28,8 +28,8 @@ import pytest
 from datapin_sidecar import cli
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import FetchReport
 from datapin_sidecar.errors import DestinationError, RemoteError
-from datapin_sidecar.remotes.base import FetchReport
 from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
 from datapin_sidecar.remotes.directory import DirectoryRemote
 from datapin_sidecar.remotes.endpoint import RemoteConfig
@@ -379,7 +379,7 @@ def test_an_unreadable_directory_remote_exits_8_naming_the_path(public_dir: Path
         "import os, sys, asyncio, concurrent.futures.thread, json\n"
         "from datapin_sidecar import cli, safefs\n"
         "from datapin_sidecar.engine import cache, materialize\n"
-        "from datapin_sidecar.remotes import base\n"
+        "from datapin_sidecar.engine import remote\n"
         f"os.setgroups([]); os.setgid({nobody}); os.setuid({nobody})\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )

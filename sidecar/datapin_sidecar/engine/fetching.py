@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import FetchReport, Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import CorruptObjectError, DatapinError, ObjectsMissingError
-from datapin_sidecar.remotes.base import FetchReport, Remote
 
 #: How many of the objects the remote lacks are named with their remote keys in an error.
 _KEYS_SHOWN = 5

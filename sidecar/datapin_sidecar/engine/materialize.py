@@ -44,11 +44,11 @@ from datapin_sidecar.engine.fetching import Fetcher, layouts_to_try
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Linker, LinkMode, Strategy
 from datapin_sidecar.engine.manifest import Manifest, diff
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.treebuild import TreeBuilder
 from datapin_sidecar.engine.workspace import TreeInfo, Workspace, tree_key
 from datapin_sidecar.errors import DestinationError
-from datapin_sidecar.remotes.base import Remote
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

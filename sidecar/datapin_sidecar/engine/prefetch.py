@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.fetching import Fetcher, layouts_to_try
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.remotes.base import Remote
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

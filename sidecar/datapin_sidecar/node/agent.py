@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.prefetch import PrefetchResult, prefetch
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import DatapinError, UsageError
 from datapin_sidecar.logs import log_context
@@ -69,9 +70,8 @@ from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.tasks import Task
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
 from datapin_sidecar.node.program import Program
+from datapin_sidecar.node.remotes import open_remote
 from datapin_sidecar.node.settings import DatasetSettings
-from datapin_sidecar.remotes.base import Remote
-from datapin_sidecar.remotes.opening import open_remote
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.settings import Settings
-from datapin_sidecar.remotes.base import Remote
 
 #: Failures past this count no longer double the delay (it is capped long before anyway).
 _MAX_DOUBLINGS: Final = 16

@@ -54,9 +54,9 @@ from datapin_sidecar.errors import DatapinError, RemoteError, StoppedError, Usag
 from datapin_sidecar.logs import log_context
 from datapin_sidecar.node.housekeeping.clock import touch_used
 from datapin_sidecar.node.program import Program
+from datapin_sidecar.node.remotes import open_remote
 from datapin_sidecar.node.settings import DatasetSettings, Settings
 from datapin_sidecar.pins import Pin, read_pins
-from datapin_sidecar.remotes.opening import open_remote
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""Remotes: where missing objects come from, behind one protocol.
+"""Remotes: where missing objects come from. Each implements the engine's `Remote` protocol
+(`datapin_sidecar.engine.remote`: find, key, fetch, abort), so the engine never imports them.
 
-* `base` — the `Remote` protocol the engine calls (find, key, fetch, abort), `FetchReport`.
 * `directory` — `DirectoryRemote`, a DVC directory remote (a plain path).
 * `opening` — `open_s3_remote`, the one builder of an S3 remote (CLI, node programs, the
-  operator's check), and `open_remote`, the remote a dataset's settings name.
+  operator's check).
 * The S3 / Backblaze B2 remote, our own client: `s3` (`S3Remote`, which ties the parts),
   `s3client` (signed requests, retries, S3 errors), `s3fetch` (one fetch: claims, workers,
   committer), `slotfiles` (claims, part files, journals and durability, in worker threads),

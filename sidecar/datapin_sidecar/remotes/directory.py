@@ -21,8 +21,8 @@ from pathlib import Path
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout
+from datapin_sidecar.engine.remote import FetchReport, Ticker, check_dir_size
 from datapin_sidecar.errors import CorruptObjectError, RemoteCause, RemoteError, UnsafeFileError
-from datapin_sidecar.remotes.base import FetchReport, Ticker, check_dir_size
 from datapin_sidecar.safefs import open_regular
 
 

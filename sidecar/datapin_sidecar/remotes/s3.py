@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import FetchReport, Ticker
 from datapin_sidecar.errors import AbsentError, GaveUpError, RemoteCause, RemoteError
-from datapin_sidecar.remotes.base import FetchReport, Ticker
 from datapin_sidecar.remotes.s3client import LAST_ERROR, FetchOptions, S3Client
 from datapin_sidecar.remotes.s3fetch import Fetch
 

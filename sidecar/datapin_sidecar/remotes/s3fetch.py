@@ -47,6 +47,7 @@ import aiohttp
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
 from datapin_sidecar.engine.hashing import Layout, ObjectHasher
+from datapin_sidecar.engine.remote import FetchReport, Ticker, check_dir_size
 from datapin_sidecar.errors import (
     AbsentError,
     BadBodyError,
@@ -59,7 +60,6 @@ from datapin_sidecar.errors import (
     TruncatedError,
     os_error,
 )
-from datapin_sidecar.remotes.base import FetchReport, Ticker, check_dir_size
 from datapin_sidecar.remotes.s3client import (
     LAST_ERROR,
     S3Client,
