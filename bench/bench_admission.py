@@ -66,7 +66,6 @@ import base64
 import contextlib
 import copy
 import datetime as dt
-import math
 import os
 import random
 import resource
@@ -89,7 +88,15 @@ from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.admission import Admission, Catalog
 
-from bench.harness import REPO_ROOT, BenchError, machine, median, source_state, write_report
+from bench.harness import (
+    REPO_ROOT,
+    BenchError,
+    machine,
+    median,
+    source_state,
+    write_report,
+)
+from bench.harness import secs as harness_secs
 from testkit.dvcrepo import run_git
 
 CHECKOUT_ENV = "DATAPIN_BENCH_CHECKOUT"  # set once re-executed against this checkout
@@ -272,17 +279,8 @@ def p90(values: Sequence[float]) -> float:
 
 
 def secs(x: float) -> str:
-    if math.isnan(x):
-        return "-"
-    if x >= 10:
-        return f"{x:.1f} s"
-    if x >= 1:
-        return f"{x:.2f} s"
-    if x >= 0.01:
-        return f"{x * 1000:.0f} ms"
-    if x >= 0.001:
-        return f"{x * 1000:.1f} ms"
-    return f"{x * 1e6:.0f} us"
+    """The harness's wording, and microseconds below a millisecond (an admission's steps)."""
+    return f"{x * 1e6:.0f} us" if x < 0.001 else harness_secs(x)
 
 
 def git_split(samples: Sequence[Sample]) -> str:

@@ -102,12 +102,14 @@ from bench.harness import (
     MIB,
     SOURCE_ENV,
     BenchError,
+    Peer,
     Sample,
     Target,
     at_most,
     check_pinned,
     datapin_cmd,
     find_dvc,
+    interleave,
     machine,
     main_pinned,
     median,
@@ -348,26 +350,10 @@ class Series:
         return median([float(json.loads(r.sample.out)["seconds"]) for r in self.runs])
 
 
-Peer = tuple[str, int, Callable[[int], Run]]
-
-
-def interleave(peers: Sequence[Peer], log: Callable[[str], None]) -> dict[str, list[Run]]:
-    """Round-robin the peers (rotating who starts); peer i runs its own number of rounds."""
-    results: dict[str, list[Run]] = {name: [] for name, _, _ in peers}
-    rounds = max(n for _, n, _ in peers)
-    for r in range(rounds):
-        shift = r % len(peers)
-        for name, n, fn in [*peers[shift:], *peers[:shift]]:
-            if r >= n:
-                continue
-            run = fn(r)
-            results[name].append(run)
-            flag = " (TIMED OUT)" if run.sample.timed_out else ""
-            log(
-                f"  {name} run {r + 1}/{n}: {secs(run.wall)}, CPU {secs(run.sample.cpu)}, "
-                f"server CPU {secs(run.server_cpu)}{flag}"
-            )
-    return results
+def describe_run(run: Run) -> str:
+    """The log line of one round: wall, client CPU and server CPU."""
+    flag = " (TIMED OUT)" if run.sample.timed_out else ""
+    return f"{secs(run.wall)}, CPU {secs(run.sample.cpu)}, server CPU {secs(run.server_cpu)}{flag}"
 
 
 def mib(n: int) -> str:
@@ -809,7 +795,7 @@ class Bench:
         return peers
 
     def measure(self, case: str, ds: Dataset, runs: int, dvc_runs: int) -> dict[str, Series]:
-        res = interleave(self.peers(ds, runs, dvc_runs), self.log)
+        res = interleave(self.peers(ds, runs, dvc_runs), self.log, describe_run)
         out = {}
         for tool in TOOLS:
             if tool in res:
@@ -892,7 +878,7 @@ class Bench:
         runs = self.args.rss_runs
         self.log(f"{case}: {runs} runs of datapin")
         peers = [p for p in self.peers(ds, runs, 0) if p[0] == "datapin"]
-        res = interleave(peers, self.log)
+        res = interleave(peers, self.log, describe_run)
         dp = self.report.add(
             Series(case, TOOL_LABELS["datapin"], ds.objects, ds.total_bytes, res["datapin"])
         )

@@ -265,22 +265,33 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-Peer = tuple[str, int, Callable[[int], Sample]]
+#: A peer of a timed case: its name, its number of rounds, and one round (round number in, a
+#: `Sample` or a richer record out).
+Peer = tuple[str, int, Callable[[int], Any]]
 
 
-def interleave(peers: Sequence[Peer], log: Callable[[str], None]) -> dict[str, list[Sample]]:
-    """Round-robin the peers (rotating who starts); peer i runs its own number of rounds."""
-    results: dict[str, list[Sample]] = {name: [] for name, _, _ in peers}
+def describe_sample(sample: Sample) -> str:
+    """The log line of one round: its wall time, and whether it timed out."""
+    return f"{secs(sample.wall)}{' (TIMED OUT)' if sample.timed_out else ''}"
+
+
+def interleave(
+    peers: Sequence[Peer],
+    log: Callable[[str], None],
+    describe: Callable[[Any], str] = describe_sample,
+) -> dict[str, list[Any]]:
+    """Round-robin the peers (rotating who starts); peer i runs its own number of rounds, and
+    `describe` words each round's result for the log."""
+    results: dict[str, list[Any]] = {name: [] for name, _, _ in peers}
     rounds = max(n for _, n, _ in peers)
     for r in range(rounds):
         shift = r % len(peers)
         for name, n, fn in [*peers[shift:], *peers[:shift]]:
             if r >= n:
                 continue
-            sample = fn(r)
-            results[name].append(sample)
-            flag = " (TIMED OUT)" if sample.timed_out else ""
-            log(f"  {name} run {r + 1}/{n}: {secs(sample.wall)}{flag}")
+            result = fn(r)
+            results[name].append(result)
+            log(f"  {name} run {r + 1}/{n}: {describe(result)}")
     return results
 
 
