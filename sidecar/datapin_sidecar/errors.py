@@ -17,7 +17,14 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── LinkError                     7  the requested link strategy is impossible here
     ├── RemoteError                   8  the remote cannot be read; `cause` says why
     │                                    (a `RemoteCause`: metrics label, transient or not)
-    └── StoppedError                143  SIGTERM arrived before the work was done
+    ├── StoppedError                143  SIGTERM arrived before the work was done
+    └── VolumeError                      a CSI request (kubelet's NodePublishVolume) refused;
+        │                                `refusal` (a `Refusal`) is the metrics label and
+        │                                decides the gRPC code
+        ├── BadVolumeError               the volume's attributes, id or target are invalid
+        ├── DatasetNotFoundError         no such Dataset in the pod's own namespace
+        └── AccessRefusedError           the request's own keys and remote do not prove
+                                         access to the pin (see `csi.access`)
 
     OSError
     └── UnsafeFileError                  a path someone else controls is a symlink, FIFO,
@@ -341,6 +348,54 @@ class StoppedError(DatapinError):
 
     def __init__(self) -> None:
         super().__init__("stopped by SIGTERM before the revision was published")
+
+
+class Refusal(StrEnum):
+    """Why the node plugin refused a volume: the `reason` label of
+    `datapin_csi_refusals_total` (a public contract) and what decides the gRPC code."""
+
+    BAD_VOLUME = "bad_volume"  # attributes, volume id or target path invalid
+    NO_DATASET = "no_dataset"  # no such Dataset in the pod's namespace
+    NO_CREDENTIALS = "no_credentials"  # kubelet passed no keys (no nodePublishSecretRef)
+    WRONG_KEYS = "wrong_keys"  # the remote refused the request's keys
+    NOT_ON_REMOTE = "not_on_remote"  # the request's remote does not hold the pin's `.dir`
+    OBJECTS_NOT_ON_REMOTE = "objects_not_on_remote"  # ...or not every object it names
+
+
+class VolumeError(DatapinError):
+    """A CSI volume request the node plugin refuses; the message names the dataset, the pin
+    and the fix (kubelet shows it in the pod's Events and retries)."""
+
+    reason = "volume"
+
+    def __init__(self, message: str, *, refusal: Refusal) -> None:
+        self.refusal = refusal
+        super().__init__(message)
+
+
+class BadVolumeError(VolumeError):
+    """The request's volume attributes, volume id or target path are invalid."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, refusal=Refusal.BAD_VOLUME)
+
+
+class DatasetNotFoundError(VolumeError):
+    """The Dataset a volume names does not exist in the pod's own namespace."""
+
+    def __init__(self, *, dataset: str, namespace: str) -> None:
+        self.dataset = dataset
+        self.namespace = namespace
+        super().__init__(
+            f"Dataset {dataset!r} does not exist in namespace {namespace!r} (a pod can only use "
+            f"the Datasets of its own namespace). Fix: create Dataset {dataset!r} in "
+            f"{namespace!r}, or correct the volume's `dataset` attribute",
+            refusal=Refusal.NO_DATASET,
+        )
+
+
+class AccessRefusedError(VolumeError):
+    """The request's own credentials and remote do not prove access to what it asks for."""
 
 
 # -- signals inside the S3 remote ---------------------------------------------------------------
