@@ -18,6 +18,7 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── RemoteError                   8  the remote cannot be read; `cause` says why
     │                                    (a `RemoteCause`: metrics label, transient or not)
     ├── StoppedError                143  SIGTERM arrived before the work was done
+    ├── KubeApiError                     the agent's API request failed (status, message)
     └── VolumeError                      a CSI request (kubelet's NodePublishVolume) refused;
         │                                `refusal` (a `Refusal`) is the metrics label and
         │                                decides the gRPC code
@@ -348,6 +349,21 @@ class StoppedError(DatapinError):
 
     def __init__(self) -> None:
         super().__init__("stopped by SIGTERM before the revision was published")
+
+
+class KubeApiError(DatapinError):
+    """A request of the node agent to the Kubernetes API failed (never shows the token)."""
+
+    reason = "kube_api"
+
+    def __init__(self, *, path: str, status: int, message: str) -> None:
+        self.status = status
+        fix = (
+            "the chart grants the agent get/list/watch on pods and datasets; check its ClusterRole"
+            if status in {401, 403}
+            else "check the API server"
+        )
+        super().__init__(f"Kubernetes API {path}: {status} {message}. Fix: {fix}")
 
 
 class Refusal(StrEnum):
