@@ -28,12 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from datapin_sidecar.engine.materialize import Result
-from datapin_sidecar.errors import DatapinError, RemoteCause, RemoteError
+from datapin_sidecar.errors import DatapinError, Refusal, RemoteCause, RemoteError
 
 #: Error reasons created at zero for every dataset (the `reason` of each error class, and the
 #: `cause` of `RemoteError`s, which is the more useful label for remote failures: the labelled
@@ -85,6 +86,18 @@ DURATION_BUCKETS: Final = (
     600.0,
     1800.0,
 )
+#: NodePublishVolume latency: a warm publish (two bind mounts) takes milliseconds whatever the
+#: tree's size; building a tree seconds to minutes.
+PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, *DURATION_BUCKETS[4:])
+
+
+class PublishResult(StrEnum):
+    """The `result` label of `datapin_csi_publish_seconds` (a public contract)."""
+
+    WARM = "warm"  # the shared tree was already built: bind mounts only
+    BUILT = "built"  # the tree was built (and maybe fetched) for this call
+    REFUSED = "refused"  # a `VolumeError`: bad request, access not proven
+    FAILED = "failed"  # anything else (remote down, no space, ...)
 
 
 def error_reason(exc: BaseException) -> str:
@@ -256,7 +269,37 @@ class Metrics:
             "because they could not be handled, by task; the rest of the work went on.",
             "task",
         )
+        # -- the node plugin (agent in CSI mode) ---------------------------------------------
+        self.publish_seconds = node.histogram(
+            "datapin_csi_publish_seconds",
+            "NodePublishVolume latency, by result: warm (the shared tree was built), built (it "
+            "was built for this call), refused (access not proven, bad request), failed.",
+            "result",
+            buckets=PUBLISH_BUCKETS,
+        )
+        self.refusals = node.counter(
+            "datapin_csi_refusals_total",
+            "Volumes the node plugin refused, by reason.",
+            "reason",
+        )
+        self.shared_trees = node.gauge(
+            "datapin_csi_shared_trees", "Shared read-only trees built on the node."
+        )
+        self.published_volumes = node.gauge(
+            "datapin_csi_published_volumes", "CSI volumes published into pods on the node."
+        )
+        self.switches = node.counter(
+            "datapin_csi_switches_total",
+            "Live switches of a published volume to a new pin, by result (ok, failed).",
+            "result",
+        )
         if role == "agent":
+            for published in PublishResult:
+                self.publish_seconds.labels(published.value)
+            for refusal in Refusal:
+                self.refusals.labels(refusal.value)
+            for result_name in ("ok", "failed"):
+                self.switches.labels(result_name)
             for task in AGENT_TASKS:
                 self.item_errors.labels(task)
             for result in ("reached", "short", "error"):

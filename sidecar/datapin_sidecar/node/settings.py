@@ -340,6 +340,44 @@ class Settings(BaseSettings):
     scan_interval_seconds: float = _seconds(
         300.0, at_most=DAY, what="How often cache objects and bytes are counted"
     )
+    # -- the node plugin (agent, CSI mode) ------------------------------------------------------
+    csi_socket: Path | None = Field(
+        default=None,
+        description="The CSI socket the agent serves the node plugin on (in its container, "
+        "e.g. /csi/csi.sock). Unset: no node plugin.",
+    )
+    csi_endpoint: str | None = Field(
+        default=None,
+        description="The CSI socket's path on the host, which kubelet dials (default: "
+        "DATAPIN_CSI_SOCKET): /var/lib/kubelet/plugins/datapin.dev/csi.sock.",
+    )
+    csi_registration_dir: Path | None = Field(
+        default=None,
+        description="kubelet's plugin registration directory (/var/lib/kubelet/"
+        "plugins_registry): the agent serves its registration socket there. Unset: not "
+        "registered (for tests).",
+    )
+    kubelet_dir: Path = Field(
+        default=Path("/var/lib/kubelet"),
+        description="kubelet's root directory as the agent sees it (mounted with Bidirectional "
+        "propagation): every target path kubelet sends lies under its pods/.",
+    )
+    kube_api_url: str | None = Field(
+        default=None,
+        description="The Kubernetes API for the node plugin's reads (default: in-cluster, "
+        "from KUBERNETES_SERVICE_HOST/PORT and the service account).",
+    )
+    csi_proof_seconds: float = _seconds(
+        300.0,
+        at_most=DAY,
+        what="How long a successful proof of access (the request's keys read the pin's .dir "
+        "from its remote) is remembered per keys, remote and pin",
+    )
+
+    @field_validator("csi_socket", "csi_registration_dir", "kubelet_dir")
+    @classmethod
+    def _csi_path(cls, value: Path | None) -> Path | None:
+        return _absolute(value)
 
     @field_validator("root", "workspace_dir", "kubelet_pods_dir")
     @classmethod
