@@ -1,0 +1,88 @@
+"""Live switch in CSI mode: the agent follows `datapin.dev/pins` of its node's pods over the
+API (kmock's emulator, a real list and watch) and switches exactly the volumes whose pin
+changed; other nodes' pods, unrelated pods and bad annotations never cause a switch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from datapin_sidecar.csi.follow import Follower, Served, changes
+from datapin_sidecar.csi.kubeapi import KubeApi, KubeConfig
+from datapin_sidecar.pins import ANNOTATION, Pin
+
+from testkit.kubeapi import emulator
+
+A1, A2, B1 = "a" * 32 + ".dir", "b" * 32 + ".dir", "c" * 32 + ".dir"
+
+
+def _pod(name: str, node: str, pins: dict[str, str], uid: str | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ml",
+            "uid": uid or str(uuid.uuid4()),
+            "annotations": {ANNOTATION: json.dumps(pins)},
+        },
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
+    }
+
+
+def test_changes_names_only_volumes_whose_pin_moved() -> None:
+    uid = str(uuid.uuid4())
+    pod = _pod("p", "n", {"imagenet": A2, "coco": B1}, uid)
+    served = [
+        Served(volume_id="v1", pod_uid=uid, dataset="imagenet", pin=A1),
+        Served(volume_id="v2", pod_uid=uid, dataset="coco", pin=B1),
+        Served(volume_id="v3", pod_uid=str(uuid.uuid4()), dataset="imagenet", pin=A1),
+    ]
+    moved = changes(pod, served)
+    assert [(s.volume_id, p.revision.oid) for s, p in moved] == [("v1", A2)]
+    # A pod without the annotation, or a dataset it no longer lists: nothing to do.
+    bare = {"metadata": {"uid": uid}, "spec": {}}
+    assert changes(bare, served) == []
+    assert changes(_pod("p", "n", {"coco": B1}, uid), served) == []
+
+
+async def test_follower_switches_on_annotation_change_of_its_nodes_pods() -> None:
+    uid, other_uid = str(uuid.uuid4()), str(uuid.uuid4())
+    served = [
+        Served(volume_id="v1", pod_uid=uid, dataset="imagenet", pin=A1),
+        Served(volume_id="v9", pod_uid=other_uid, dataset="imagenet", pin=A1),
+    ]
+    switched: list[tuple[str, str]] = []
+    done = asyncio.Event()
+
+    async def switch(s: Served, pin: Pin) -> None:
+        switched.append((s.volume_id, pin.revision.oid))
+        done.set()
+
+    async with emulator() as (_, client), KubeApi(KubeConfig(url=client.url)) as api:
+        await client.create("v1/pods", _pod("mine", "node-a", {"imagenet": A1}, uid))
+        # The same uid's volume on another node's pod would be a forged object: never ours.
+        await client.create("v1/pods", _pod("theirs", "node-b", {"imagenet": A2}, other_uid))
+        follower = Follower(kube=api, node="node-a", served=lambda: served, switch=switch)
+        stopping = asyncio.Event()
+        task = asyncio.create_task(follower.run(stopping))
+        await asyncio.sleep(0.5)
+        assert switched == []  # nothing moved on node-a
+        await client.patch(
+            "v1/pods",
+            "mine",
+            {"metadata": {"annotations": {ANNOTATION: json.dumps({"imagenet": A2})}}},
+            namespace="ml",
+        )
+        await asyncio.wait_for(done.wait(), timeout=10)
+        # A malformed annotation is logged and changes nothing.
+        await client.patch(
+            "v1/pods",
+            "mine",
+            {"metadata": {"annotations": {ANNOTATION: "{not json"}}},
+            namespace="ml",
+        )
+        await asyncio.sleep(0.5)
+        stopping.set()
+        await asyncio.wait_for(task, timeout=10)
+    assert switched == [("v1", A2)]
