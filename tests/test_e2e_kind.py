@@ -89,6 +89,7 @@ JOB: Final = "e2e-read"
 READER: Final = "reader"
 MOUNT_PATH: Final = "/data/e2e"
 PINS_KEY: Final = "datapin.dev/pins"
+RESTRICTED_LABEL: Final = "pod-security.kubernetes.io/enforce"
 #: The chart's webhook configuration; the operator fills in its caBundle once it serves.
 WEBHOOK_CONFIGURATION: Final = Settings.model_fields["webhook_configuration"].default
 
@@ -239,9 +240,16 @@ def operator_namespace(e2e: E2EConfig, cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture
 def namespace(cluster: Cluster, operator_namespace: str) -> Iterator[str]:
-    """A fresh namespace for the test's objects, deleted (and waited for) afterwards."""
+    """A fresh namespace for the test's objects, deleted (and waited for) afterwards. It
+    enforces the `restricted` Pod Security level: the default (csi) mode must not need more."""
     name = f"datapin-e2e-{secrets.token_hex(4)}"
-    cluster.kubectl("create", "namespace", name)
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {RESTRICTED_LABEL: "restricted"}},
+        }
+    )
     try:
         yield name
     finally:
@@ -348,10 +356,20 @@ def _job(namespace: str, e2e: E2EConfig) -> dict[str, Any]:
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
+                    # What the `restricted` level asks of every pod (the namespace enforces it).
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 65534,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [
                         {
                             "name": READER,
                             "image": e2e.reader_image,
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
                             "command": [
                                 "sh",
                                 "-c",
