@@ -18,6 +18,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from grpc_tools import protoc  # a build requirement (pyproject.toml), not a runtime one
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
@@ -30,8 +31,6 @@ PROTO_DIR = SOURCE_ROOT / "datapin_sidecar" / "csi" / "proto"
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # a build requirement, not a runtime one
-
     well_known = resources.files("grpc_tools") / "_proto"
     protos = sorted(p.relative_to(SOURCE_ROOT).as_posix() for p in PROTO_DIR.glob("*.proto"))
     if not protos:
