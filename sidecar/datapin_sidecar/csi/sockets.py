@@ -13,8 +13,10 @@ grpc.aio servers on a unix socket that this module owns from bind to removal:
   to delete.
 - **Only root connects.** kubelet runs as root; the socket is chmod 0600 after it is bound and
   before the server starts accepting, so there is no window in which anyone else can call.
-- **Removed on stop, if still ours.** The socket is unlinked after the server stops, unless
-  the path now holds another file (a newer agent's socket): same inode or nothing.
+- **Removed on stop.** grpc core unlinks its unix socket's path when the server stops, and
+  we remove it too if it is still ours (same inode), so kubelet's plugin watcher drops the
+  plugin. grpc's unlink does not check whose socket is there, so two agents must never
+  overlap on one node: the DaemonSet's rolling update (no surge) stops the old one first.
 """
 
 from __future__ import annotations
@@ -111,10 +113,10 @@ async def serve_unix(
     # grpc binds here (and listens only at start), so the mode is set before any connect.
     server.add_insecure_port(f"unix:{path}")
     mine = os.lstat(path)
-    os.chmod(path, 0o600)
-    await server.start()
-    log.info("serving %s on %s", what, path)
     try:
+        os.chmod(path, 0o600)
+        await server.start()
+        log.info("serving %s on %s", what, path)
         yield server
     finally:
         await server.stop(STOP_GRACE_SECONDS)
