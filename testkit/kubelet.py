@@ -105,8 +105,10 @@ class CsiClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
 
-    async def _call(self, method: str, request: Req, response: type[Resp]) -> Resp:
-        return await _unary(self._channel, method, request, response)
+    async def _call(
+        self, method: str, request: Req, response: type[Resp], *, deadline: float = CALL_TIMEOUT
+    ) -> Resp:
+        return await _unary(self._channel, method, request, response, deadline=deadline)
 
     async def get_plugin_info(self) -> pb.GetPluginInfoResponse:
         return await self._call(
@@ -135,9 +137,16 @@ class CsiClient:
             "/csi.v1.Node/NodeGetInfo", pb.NodeGetInfoRequest(), pb.NodeGetInfoResponse
         )
 
-    async def node_publish(self, request: pb.NodePublishVolumeRequest) -> None:
+    async def node_publish(
+        self, request: pb.NodePublishVolumeRequest, *, deadline: float = CALL_TIMEOUT
+    ) -> None:
         """A raw `NodePublishVolume` (tests of malformed requests); see `Kubelet.publish`."""
-        await self._call("/csi.v1.Node/NodePublishVolume", request, pb.NodePublishVolumeResponse)
+        await self._call(
+            "/csi.v1.Node/NodePublishVolume",
+            request,
+            pb.NodePublishVolumeResponse,
+            deadline=deadline,
+        )
 
     async def node_unpublish(self, *, volume_id: str, target_path: str) -> None:
         await self._call(
@@ -288,10 +297,15 @@ def _serialize(message: Message) -> bytes:
 
 
 async def _unary(
-    channel: grpc.aio.Channel, method: str, request: Req, response: type[Resp]
+    channel: grpc.aio.Channel,
+    method: str,
+    request: Req,
+    response: type[Resp],
+    *,
+    deadline: float = CALL_TIMEOUT,
 ) -> Resp:
     call = channel.unary_unary(
         method, request_serializer=_serialize, response_deserializer=response.FromString
     )
-    result: Resp = await call(request, timeout=CALL_TIMEOUT)
+    result: Resp = await call(request, timeout=deadline)
     return result

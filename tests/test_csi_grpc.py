@@ -10,6 +10,7 @@ message, bad requests refused before the backend runs, and the sockets' life cyc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -229,6 +230,42 @@ async def test_the_pod_cannot_forge_its_identity_through_attributes(plugin: Plug
     )
     await plugin.kubelet.publish(plugin.client, volume)
     assert plugin.backend.published[0].pod.namespace == volume.namespace
+
+
+async def test_kubelet_giving_up_on_a_publish_cancels_the_backend_call(
+    tmp_path: Path, plugin: Plugin
+) -> None:
+    """kubelet's deadline ends the call and cancels the backend's coroutine with it (a backend
+    shields work that must outlive one call)."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    class SlowBackend(RecordingBackend):
+        async def publish(self, request: VolumeRequest) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    kubelet_dir = plugin.kubelet.kubelet_dir
+    async with (
+        serve_node_plugin(
+            SlowBackend(),
+            csi_socket=tmp_path / "slow.sock",
+            registration_dir=None,
+            endpoint_on_host=HOST_ENDPOINT,
+            node_id=NODE_ID,
+            kubelet_dir=kubelet_dir,
+        ) as server,
+        plugin.kubelet.csi(server.csi_socket) as client,
+    ):
+        request = _publish(plugin, _volume())
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.node_publish(request, deadline=0.5)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert started.is_set()
+        await asyncio.wait_for(cancelled.wait(), timeout=5)
 
 
 # -- errors ------------------------------------------------------------------------------------
