@@ -40,16 +40,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 import grpc
-from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from datapin_sidecar import __version__
 from datapin_sidecar.csi import sockets
 from datapin_sidecar.csi.proto import csi_pb2 as pb
 from datapin_sidecar.csi.registration import KubeletRegistration, Registrar, registration_socket
+from datapin_sidecar.csi.sockets import Behavior, Req, Resp
 from datapin_sidecar.csi.volume import (
     DRIVER,
     VolumeRequest,
@@ -123,11 +123,6 @@ def details_of(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, DatapinError) else BUG_MESSAGE
 
 
-Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
-Context = grpc.aio.ServicerContext
-
-
 class NodeService:
     """CSI Identity and Node, over a `NodeBackend`."""
 
@@ -174,11 +169,11 @@ class NodeService:
     @staticmethod
     def _guard(
         call: Callable[[Req], Awaitable[Resp]],
-    ) -> Callable[[Req, Context[Req, Resp]], Awaitable[Resp]]:
+    ) -> Behavior[Req, Resp]:
         """Run `call`; turn its failure into the status `status_of` says, with a message."""
         name = call.__name__.lstrip("_")
 
-        async def handle(request: Req, context: Context[Req, Resp]) -> Resp:
+        async def handle(request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
             try:
                 return await call(request)
             except Exception as exc:  # every failure becomes a gRPC status
