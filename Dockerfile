@@ -28,9 +28,10 @@
 FROM python:3.11-slim-bookworm AS builder
 
 WORKDIR /src
-# Only what `pip install .` reads (pyproject's packages live under sidecar/ and operator/);
-# .dockerignore keeps caches and egg-info out of these.
-COPY pyproject.toml README.md ./
+# Only what `pip install .` reads (pyproject's packages live under sidecar/ and operator/;
+# setup.py generates the CSI message modules from their .proto files); .dockerignore keeps
+# caches, egg-info and any generated modules of the source tree out of these.
+COPY pyproject.toml setup.py README.md ./
 COPY sidecar/ sidecar/
 COPY operator/ operator/
 

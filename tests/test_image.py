@@ -318,9 +318,11 @@ def _build_context(stage: Stage, ignore: DockerIgnore, dest: Path) -> None:
 
 def _can_build_without_isolation() -> bool:
     """pip's --no-build-isolation uses this interpreter's setuptools: it must be new enough for
-    pyproject's `setuptools>=68` and able to make a wheel (built in from 70.1, else `wheel`)."""
+    pyproject's `setuptools>=68` and able to make a wheel (built in from 70.1, else `wheel`),
+    and grpcio-tools must be there for setup.py's protoc."""
     try:
         version = tuple(int(p) for p in metadata.version("setuptools").split(".")[:2])
+        metadata.version("grpcio-tools")
     except metadata.PackageNotFoundError:
         return False
     if version >= (70, 1):
@@ -428,7 +430,7 @@ def _in_process(
 
 def test_install_is_real_and_complete(image_venv: ImageVenv) -> None:
     probe = (
-        "import json, operator, datapin_sidecar, datapin_operator\n"
+        "import json, operator, datapin_sidecar, datapin_operator, datapin_sidecar.csi.rpc\n"
         "from importlib import metadata\n"
         "print(json.dumps({'sidecar': datapin_sidecar.__file__,"
         " 'operator_pkg': datapin_operator.__file__, 'operator': operator.__file__,"
@@ -466,6 +468,9 @@ def test_install_is_real_and_complete(image_venv: ImageVenv) -> None:
             if p.is_file() and "__pycache__" not in p.parts
         }
         assert wanted <= got, f"missing from the install: {sorted(wanted - got)}"
+    # The build generated the CSI message modules (setup.py), whatever the source tree holds.
+    proto = image_venv.site_packages / "datapin_sidecar" / "csi" / "proto"
+    assert {"csi_pb2.py", "registration_pb2.py"} <= {p.name for p in proto.iterdir()}
 
 
 def test_imports_use_the_precompiled_bytecode(image_venv: ImageVenv) -> None:
@@ -474,7 +479,12 @@ def test_imports_use_the_precompiled_bytecode(image_venv: ImageVenv) -> None:
     env = _image_env(image_venv.venv, image_venv.venv / "no-such-home")
     python = image_venv.venv / "bin" / "python"
     done = run(
-        [python, "-v", "-c", "import datapin_sidecar.node.main, datapin_operator.main"],
+        [
+            python,
+            "-v",
+            "-c",
+            "import datapin_sidecar.node.main, datapin_sidecar.csi.rpc, datapin_operator.main",
+        ],
         cwd=REPO_ROOT,
         env=env,
         timeout=60,
