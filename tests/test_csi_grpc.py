@@ -25,7 +25,7 @@ from datapin_sidecar import __version__
 from datapin_sidecar.csi.proto import csi_pb2 as pb
 from datapin_sidecar.csi.registration import KubeletRegistration, registration_socket
 from datapin_sidecar.csi.rpc import BUG_MESSAGE, PluginServer, serve_node_plugin, status_of
-from datapin_sidecar.csi.volume import DRIVER, Attr, VolumeRequest
+from datapin_sidecar.csi.volume import DRIVER, Attr, PublishResult, VolumeRequest
 from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.errors import (
     AccessRefusedError,
@@ -63,10 +63,11 @@ class RecordingBackend:
     published: list[VolumeRequest] = field(default_factory=list)
     unpublished: list[tuple[str, Path]] = field(default_factory=list)
 
-    async def publish(self, request: VolumeRequest) -> None:
+    async def publish(self, request: VolumeRequest) -> PublishResult:
         self.published.append(request)
         if self.error is not None:
             raise self.error
+        return PublishResult.WARM
 
     async def unpublish(self, *, volume_id: str, target_path: Path) -> None:
         self.unpublished.append((volume_id, target_path))
@@ -91,7 +92,16 @@ def backend() -> RecordingBackend:
 
 
 @pytest.fixture
-async def plugin(tmp_path: Path, backend: RecordingBackend) -> AsyncIterator[Plugin]:
+def observed() -> list[tuple[PublishResult, BaseException | None]]:
+    return []
+
+
+@pytest.fixture
+async def plugin(
+    tmp_path: Path,
+    backend: RecordingBackend,
+    observed: list[tuple[PublishResult, BaseException | None]],
+) -> AsyncIterator[Plugin]:
     kubelet = Kubelet(kubelet_dir=tmp_path / "kubelet", node_name=NODE_ID)
     async with (
         serve_node_plugin(
@@ -101,6 +111,7 @@ async def plugin(tmp_path: Path, backend: RecordingBackend) -> AsyncIterator[Plu
             endpoint_on_host=HOST_ENDPOINT,
             node_id=NODE_ID,
             kubelet_dir=kubelet.kubelet_dir,
+            observe=lambda result, seconds, exc: observed.append((result, exc)),
         ) as server,
         kubelet.csi(server.csi_socket) as client,
     ):
@@ -240,7 +251,7 @@ async def test_kubelet_giving_up_on_a_publish_cancels_the_backend_call(
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     class SlowBackend(RecordingBackend):
-        async def publish(self, request: VolumeRequest) -> None:
+        async def publish(self, request: VolumeRequest) -> PublishResult:
             started.set()
             try:
                 await asyncio.Event().wait()
@@ -485,3 +496,23 @@ async def test_a_non_socket_at_the_socket_path_is_an_error_and_left_alone(
     assert stat.S_ISSOCK(os.lstat(elsewhere).st_mode)
     if kind == "file":
         assert csi_socket.read_text() == "not a socket"
+
+
+async def test_every_publish_is_observed_with_its_result(
+    plugin: Plugin, observed: list[tuple[PublishResult, BaseException | None]]
+) -> None:
+    """Metrics see every publish: served, refused before the backend ran, and failed."""
+    await plugin.kubelet.publish(plugin.client, _volume())
+    bad = _volume(attributes={Attr.DATASET.value: "Not_A_Name", Attr.PIN.value: PIN})
+    with pytest.raises(grpc.aio.AioRpcError):
+        await plugin.kubelet.publish(plugin.client, bad)
+    plugin.backend.error = StoppedError()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await plugin.kubelet.publish(plugin.client, _volume())
+    assert [r for r, _ in observed] == [
+        PublishResult.WARM,
+        PublishResult.REFUSED,
+        PublishResult.FAILED,
+    ]
+    assert isinstance(observed[1][1], BadVolumeError)
+    assert observed[1][1].refusal is Refusal.BAD_VOLUME

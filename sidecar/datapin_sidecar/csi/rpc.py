@@ -34,6 +34,7 @@ one call (a cold build) shields it and lets the retry join it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -52,6 +53,7 @@ from datapin_sidecar.csi.registration import KubeletRegistration, Registrar, reg
 from datapin_sidecar.csi.sockets import Behavior, Req, Resp
 from datapin_sidecar.csi.volume import (
     DRIVER,
+    PublishResult,
     VolumeRequest,
     check_target,
     check_volume_id,
@@ -89,10 +91,14 @@ _REFUSAL_CODES: Final[dict[Refusal, grpc.StatusCode]] = {
 }
 
 
+#: Told of every publish: how it ended, how long it took, and the error if it failed.
+PublishObserver = Callable[[PublishResult, float, BaseException | None], None]
+
+
 class NodeBackend(Protocol):
     """What the agent does with a checked request (`csi.plugin` implements it)."""
 
-    async def publish(self, request: VolumeRequest) -> None:
+    async def publish(self, request: VolumeRequest) -> PublishResult:
         """Make the volume appear at `request.target_path`; idempotent."""
 
     async def unpublish(self, *, volume_id: str, target_path: Path) -> None:
@@ -126,10 +132,18 @@ def details_of(exc: BaseException) -> str:
 class NodeService:
     """CSI Identity and Node, over a `NodeBackend`."""
 
-    def __init__(self, backend: NodeBackend, *, node_id: str, kubelet_dir: Path) -> None:
+    def __init__(
+        self,
+        backend: NodeBackend,
+        *,
+        node_id: str,
+        kubelet_dir: Path,
+        observe: PublishObserver | None = None,
+    ) -> None:
         self._backend = backend
         self._node_id = node_id
         self._kubelet_dir = kubelet_dir
+        self._observe: PublishObserver = observe or (lambda *_: None)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         u = sockets.unary
@@ -216,6 +230,20 @@ class NodeService:
         return pb.NodeGetInfoResponse(node_id=self._node_id)
 
     async def _publish(self, request: pb.NodePublishVolumeRequest) -> pb.NodePublishVolumeResponse:
+        """Every publish is observed, a request refused before the backend ran included."""
+        started = time.monotonic()
+        try:
+            result = await self._publish_checked(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failed = PublishResult.REFUSED if isinstance(exc, VolumeError) else PublishResult.FAILED
+            self._observe(failed, time.monotonic() - started, exc)
+            raise
+        self._observe(result, time.monotonic() - started, None)
+        return pb.NodePublishVolumeResponse()
+
+    async def _publish_checked(self, request: pb.NodePublishVolumeRequest) -> PublishResult:
         volume = self.parse_publish(request)
         started = time.monotonic()
         log.info(
@@ -227,9 +255,14 @@ class NodeService:
             volume.pin,
             " (writable)" if volume.writable else "",
         )
-        await self._backend.publish(volume)
-        log.info("published volume %s in %.3fs", volume.volume_id, time.monotonic() - started)
-        return pb.NodePublishVolumeResponse()
+        result = await self._backend.publish(volume)
+        log.info(
+            "published volume %s in %.3fs (%s)",
+            volume.volume_id,
+            time.monotonic() - started,
+            result.value,
+        )
+        return result
 
     def parse_publish(self, request: pb.NodePublishVolumeRequest) -> VolumeRequest:
         """The checked `VolumeRequest`, or the `BadVolumeError` the spec calls for."""
@@ -301,6 +334,7 @@ async def serve_node_plugin(
     endpoint_on_host: str,
     node_id: str,
     kubelet_dir: Path,
+    observe: PublishObserver | None = None,
 ) -> AsyncIterator[PluginServer]:
     """Serve CSI on `csi_socket` and, with a `registration_dir`, register with kubelet.
 
@@ -309,7 +343,7 @@ async def serve_node_plugin(
     the registration socket goes first on exit, so kubelet drops the plugin before its
     endpoint disappears.
     """
-    service = NodeService(backend, node_id=node_id, kubelet_dir=kubelet_dir)
+    service = NodeService(backend, node_id=node_id, kubelet_dir=kubelet_dir, observe=observe)
     registrar = Registrar(endpoint_on_host=endpoint_on_host)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(

@@ -57,6 +57,16 @@ class PodInfo(StrEnum):
     EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 
 
+class PublishResult(StrEnum):
+    """What a `NodePublishVolume` came to: the `result` label of
+    `datapin_csi_publish_seconds` (a public contract)."""
+
+    WARM = "warm"  # the shared tree was already built (or the volume already published)
+    BUILT = "built"  # the tree was built (and objects maybe fetched) for this call
+    REFUSED = "refused"  # a `VolumeError`: a bad request, access not proven
+    FAILED = "failed"  # anything else (a remote down, no space, a bug)
+
+
 _VOLUME_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _POD_UID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _BOOLS: Final = {"true": True, "false": False}

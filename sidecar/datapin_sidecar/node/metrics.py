@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from datapin_sidecar.csi.volume import PublishResult
 from datapin_sidecar.engine.materialize import Result
 from datapin_sidecar.errors import DatapinError, Refusal, RemoteCause, RemoteError
 
@@ -89,15 +89,6 @@ DURATION_BUCKETS: Final = (
 #: NodePublishVolume latency: a warm publish (two bind mounts) takes milliseconds whatever the
 #: tree's size; building a tree seconds to minutes.
 PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, *DURATION_BUCKETS[4:])
-
-
-class PublishResult(StrEnum):
-    """The `result` label of `datapin_csi_publish_seconds` (a public contract)."""
-
-    WARM = "warm"  # the shared tree was already built: bind mounts only
-    BUILT = "built"  # the tree was built (and maybe fetched) for this call
-    REFUSED = "refused"  # a `VolumeError`: bad request, access not proven
-    FAILED = "failed"  # anything else (remote down, no space, ...)
 
 
 def error_reason(exc: BaseException) -> str:
