@@ -281,6 +281,12 @@ def test_the_operator_defaults_to_csi_only_with_the_node_plugin(
     assert _default_mode(sidecar_only) == "sidecar"
 
 
+def test_notes_say_what_the_namespaces_need(release: Release, sidecar_only: Release) -> None:
+    assert "restricted Pod Security level" in release.notes
+    assert "csi volume" in release.notes
+    assert "must allow\n   privileged pods" in sidecar_only.notes
+
+
 def test_csi_off_renders_the_agent_as_before(sidecar_only: Release) -> None:
     _validate(sidecar_only)
     assert sidecar_only.of_kind("CSIDriver") == []
