@@ -38,6 +38,7 @@ from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings as OperatorSettings
 from datapin_operator.webhook.inject import NODE_VOLUME, POD_UID_ENV, DatasetMount, inject
 from datapin_operator.webhook.requests import ANNOTATION_PREFIX, PINS_KEY, parse_request
+from datapin_sidecar.csi.volume import DRIVER as CSI_DRIVER
 from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.settings import Settings as SidecarSettings
 from datapin_sidecar.pins import PinRecord, format_pins
@@ -681,11 +682,15 @@ def workload_problems(page: Page, cat: Catalogue) -> list[str]:
         else:
             result["spec"]["template"] = injected
         problems += manifest_problems(result, f"{where} (injected)")
+        # The node volume (sidecar modes) or the datasets' csi volumes (csi mode).
+        ours = {
+            v["name"]
+            for v in injected["spec"].get("volumes") or []
+            if v["name"] == NODE_VOLUME or (v.get("csi") or {}).get("driver") == CSI_DRIVER
+        }
         for container in injected["spec"]["containers"]:
             got = {
-                v["mountPath"]: v
-                for v in container.get("volumeMounts") or []
-                if v["name"] == NODE_VOLUME
+                v["mountPath"]: v for v in container.get("volumeMounts") or [] if v["name"] in ours
             }
             script = " ".join(map(str, [*container.get("command", []), *container.get("args", [])]))
             for m in request.mounts:
@@ -699,7 +704,9 @@ def workload_problems(page: Page, cat: Catalogue) -> list[str]:
                         f"{where}: {container['name']} never reads {m.mount_path}/current "
                         "(the published revision is under current/)"
                     )
-            if not any(e.get("name") == POD_UID_ENV for e in container.get("env") or []):
+            if request.mode != "csi" and not any(
+                e.get("name") == POD_UID_ENV for e in container.get("env") or []
+            ):
                 problems.append(f"{where}: {container['name']} got no {POD_UID_ENV}")
     return problems
 

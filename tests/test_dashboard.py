@@ -19,13 +19,14 @@ import os
 import secrets
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.materialize import Request, Result, materialize
-from datapin_sidecar.errors import ObjectsMissingError
+from datapin_sidecar.errors import ObjectsMissingError, Refusal
 from datapin_sidecar.node.metrics import LINK_MODES, Metrics
 from datapin_sidecar.remotes.directory import DirectoryRemote
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,6 +41,35 @@ DASHBOARD = REPO_ROOT / "charts" / "datapin" / "dashboards" / "datapin.json"
 #: Families deliberately not on the dashboard, with the reason (none at the moment: every family
 #: Metrics defines is something a user of the dashboard needs).
 NOT_ON_DASHBOARD: dict[str, str] = {}
+
+#: The CSI node plugin's samples the dashboard reads (issue 14). The agent's `Metrics` gains
+#: them in the same issue (the lead's part): until a name is exported, the static check leaves
+#: it out with a warning and the live test skips the panels that read only such names. Once
+#: exported, every check applies to it, and the live test must then give each of them data
+#: (a publish observed, a refusal counted, the two gauges set) like the other agent metrics.
+CSI_SAMPLES = frozenset(
+    {
+        "datapin_csi_publish_seconds_bucket",
+        "datapin_csi_publish_seconds_count",
+        "datapin_csi_refusals_total",
+        "datapin_csi_shared_trees",
+        "datapin_csi_published_volumes",
+    }
+)
+
+
+def _csi_pending() -> frozenset[str]:
+    """The CSI sample names the agent's Metrics does not export yet."""
+    exported = set().union(*exported_names(_fresh()).values())
+    pending = CSI_SAMPLES - exported
+    if pending:
+        warnings.warn(
+            f"the agent's Metrics does not export {sorted(pending)} yet (issue 14): the "
+            "dashboard's CSI panels are checked without them",
+            stacklevel=2,
+        )
+    return frozenset(pending)
+
 
 FILES = {
     "train/a.bin": b"a" * 40_000,
@@ -147,7 +177,8 @@ def test_every_metric_a_query_reads_is_exported() -> None:
         assert names, f"panel {title!r} reads no datapin metric: {expr}"
         for name in names:
             used.setdefault(name, []).append(title)
-    unknown = {name: titles for name, titles in used.items() if name not in exported}
+    pending = _csi_pending()
+    unknown = {name: titles for name, titles in used.items() if name not in exported | pending}
     assert not unknown, f"the dashboard reads metrics Metrics does not export: {unknown}"
 
 
@@ -169,6 +200,22 @@ def _fresh() -> CollectorRegistry:
     registry = CollectorRegistry()
     Metrics(registry, role="agent")  # the agent's registry holds every family
     return registry
+
+
+def test_the_csi_panels_read_the_node_plugins_metrics() -> None:
+    """Publish latency by result, refusals by every reason, shared trees and mounts."""
+    queries = panel_queries(load_dashboard(DASHBOARD))
+    used = set().union(*(metric_names(e) for _, e in queries))
+    assert used >= CSI_SAMPLES
+    latency = [e for t, e in queries if t == "CSI publish latency (p50, p95)"]
+    assert len(latency) == 2
+    assert all('result="success"' in e and "histogram_quantile" in e for e in latency)
+    [refusals] = [
+        p for p in iter_panels(load_dashboard(DASHBOARD)) if p["title"] == "CSI refusals by reason"
+    ]
+    assert "sum by (node, reason)" in refusals["targets"][0]["expr"]
+    for reason in Refusal:
+        assert reason.value in refusals["description"], reason
 
 
 def test_expand_replaces_every_variable() -> None:
@@ -336,7 +383,10 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
 
             # Every panel query, as Grafana would send it for this node and dataset.
             empty: list[str] = []
+            pending = _csi_pending()
             for title, expr in panel_queries(dashboard):
+                if metric_names(expr) <= pending:
+                    continue  # see CSI_SAMPLES
                 promql = expand(expr, rate_interval="1m", range_="10m", node=node, dataset=dataset)
                 try:
                     result = prometheus.wait_for_number(promql, timeout=20)

@@ -43,10 +43,38 @@ def test_single_dataset_defaults() -> None:
     request = _parse({"datapin.dev/dataset": "imagenet", "datapin.dev/revision": "v2"})
     assert request == Request(
         mounts=(MountRequest(dataset="imagenet", revision="v2", mount_path="/data/imagenet"),),
-        mode="sidecar",
+        mode="csi",  # the default: a csi volume, no hostPath, no container
         writable=False,
     )
     assert request.datasets == ("imagenet",)
+
+
+@pytest.mark.parametrize("default", ["csi", "sidecar", "init"])
+def test_the_operators_default_mode_applies_only_when_none_is_written(default: str) -> None:
+    base = {"datapin.dev/dataset": "imagenet", "datapin.dev/revision": "v2"}
+    request = parse_request(base, mount_root=ROOT, default_mode=default)  # type: ignore[arg-type]
+    assert request is not None
+    assert request.mode == default
+    for written in ("csi", "sidecar", "init"):
+        explicit = parse_request(
+            {**base, "datapin.dev/mode": written},
+            mount_root=ROOT,
+            default_mode=default,  # type: ignore[arg-type]
+        )
+        assert explicit is not None
+        assert explicit.mode == written
+
+
+def test_sidecar_mode_is_kept_when_asked_for() -> None:
+    request = _parse(
+        {
+            "datapin.dev/dataset": "imagenet",
+            "datapin.dev/revision": "v2",
+            "datapin.dev/mode": " sidecar\n",
+        }
+    )
+    assert request.mode == "sidecar"
+    assert request.writable is False
 
 
 def test_single_dataset_with_everything() -> None:

@@ -8,10 +8,11 @@ then applies the returned JSONPatch and validates the result against the Kuberne
 schema and the newest shipped (kubernetes-validate, strict).
 
 What users depend on: an annotated Job is admitted with its revision pinned on the Job and its
-pod template and the sidecar injected; the Pods the Job controller then creates keep that pin
-even after the tag moved; a second pass changes nothing; no Secret value is anywhere in what
-is admitted; and each kind of mistake is refused at `kubectl apply` with a message that says
-what is wrong and how to fix it, plus Events on the Job and the Dataset.
+pod template and its data injected (csi volumes by default, the sidecar when asked for); the
+Pods the Job controller then creates keep that pin even after the tag moved; a second pass
+changes nothing; no Secret value is anywhere in what is admitted; and each kind of mistake is
+refused at `kubectl apply` with a message that says what is wrong and how to fix it, plus
+Events on the Job and the Dataset.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import kubernetes_validate
 import pytest
 from datapin_operator.settings import Settings
 
+from testkit import podsecurity
 from testkit.dvcremote import S3DvcFixture
 from testkit.dvcrepo import run_git
 from testkit.kubeapi import Api, admission_review, call_webhook, emulator, events_of
@@ -227,6 +229,7 @@ async def test_job_is_pinned_injected_and_valid_and_its_pods_keep_the_pin(world:
             "datapin.dev/dataset": "images",
             "datapin.dev/revision": "v1",
             "datapin.dev/mount-path": "/data/images",
+            "datapin.dev/mode": "sidecar",
         },
     )
     admitted = await world.admit(job)
@@ -315,6 +318,61 @@ async def test_pods_annotated_directly_and_several_datasets(world: World) -> Non
     paths = {m["mountPath"] for m in admitted["spec"]["containers"][0]["volumeMounts"]}
     assert {"/data/images", "/labels"} <= paths
     assert await world.admit(admitted) == admitted
+
+
+async def test_without_a_mode_a_job_gets_csi_volumes_and_stays_restricted(world: World) -> None:
+    """The default mode: no hostPath, no container; a pod that passes the restricted Pod
+    Security level before injection still does after it."""
+    restricted_pod = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+        "containers": [
+            {
+                "name": "train",
+                "image": "python:3.12-slim",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+            }
+        ],
+    }
+    job = _job(
+        "train-csi",
+        {"datapin.dev/dataset": "images, labels", "datapin.dev/revision": "golden"},
+        **restricted_pod,
+    )
+    assert podsecurity.restricted(job) == []
+    admitted = await world.admit(job)
+    _validate(admitted)
+    assert podsecurity.restricted(admitted) == []
+    template = admitted["spec"]["template"]
+    assert "initContainers" not in template["spec"]
+    assert "hostPath" not in json.dumps(admitted)
+    volumes = template["spec"]["volumes"]
+    assert [v["csi"]["driver"] for v in volumes] == ["datapin.dev", "datapin.dev"]
+    assert [v["csi"]["nodePublishSecretRef"] for v in volumes] == [{"name": "b2"}] * 2
+    attributes = {
+        v["csi"]["volumeAttributes"]["dataset"]: v["csi"]["volumeAttributes"] for v in volumes
+    }
+    pins = _pins(admitted)
+    for dataset in ("images", "labels"):
+        assert attributes[dataset]["pin"] == pins[dataset]["pin"]
+        assert attributes[dataset]["ref"] == "golden"
+        assert attributes[dataset]["writable"] == "false"
+    train = template["spec"]["containers"][0]
+    assert [
+        (m["mountPath"], m["readOnly"], m["mountPropagation"]) for m in train["volumeMounts"]
+    ] == [
+        ("/data/images", True, "HostToContainer"),
+        ("/data/labels", True, "HostToContainer"),
+    ]
+    assert world.seaweed.secret_key not in json.dumps(admitted)
+    # A second pass, and the Pods the Job controller creates, are admitted unchanged.
+    assert await world.admit(admitted) == admitted
+    pod = _pod_of(admitted, "train-csi-abcde")
+    assert await world.admit(pod) == pod
+    assert podsecurity.restricted(pod) == []
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,9 @@ Three groups:
   URL for tests), and how the webhook is served (`cluster`: behind a Service with a certificate
   from files; `dev`: on 127.0.0.1 with a self-signed certificate and a webhook configuration
   pointing at that URL, for running from a laptop against any cluster).
-* *What we inject*: the sidecar's image, resources and security context, the node volume's
-  hostPath, the link mode, and the defaults of the annotation contract.
+* *What we inject*: the default mode (csi), the sidecar's image, resources and security
+  context, the node volume's hostPath, the link mode, and the defaults of the annotation
+  contract.
 * *How often*: resync and git timings.
 """
 
@@ -26,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from datapin_operator.errors import SettingsError
+from datapin_operator.webhook.requests import Mode
 
 ENV_PREFIX: Final = "DATAPIN_"
 _PORT_MAX: Final = 65535
@@ -176,6 +178,12 @@ class Settings(BaseSettings):
         "How long the native sidecar may take to publish before kubelet restarts "
         "it (startupProbe failureThreshold x periodSeconds).",
         at_least=10,
+    )
+    default_mode: Mode = Field(
+        default="csi",
+        description="datapin.dev/mode of pods that do not set it: csi (a csi volume served by "
+        "the node plugin; needs the chart's csi.enabled), sidecar or init (both mount the node "
+        "volume as a hostPath, so the namespace must allow privileged pods).",
     )
     mount_root: str = _path(
         "/data",

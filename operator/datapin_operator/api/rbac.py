@@ -1,4 +1,4 @@
-"""The operator's RBAC: the least privilege for exactly what it does, as data.
+"""The RBAC of the operator (and of the node agent): least privilege for what each does, as data.
 
 Each permission is a `Grant` with the reason it exists, so one list yields the ClusterRole and
 Role rules (`cluster_rules`, `namespace_rules`), the manifests the chart ships (`build_rbac`)
@@ -19,6 +19,13 @@ Principles:
   operator address their single webhook configuration and ConfigMap.
 * kopf peering (`ClusterKopfPeering`, chart value operator.replicas > 1) needs its peering
   object; the grant is always there so scaling up needs no RBAC change.
+* The node agent, when it is the CSI node plugin (chart value csi.enabled), has its own
+  ClusterRole (`agent_grants`): read-only, the pods it serves and the Datasets they name,
+  nothing else. It needs no Secrets: kubelet reads the Secret a pod's csi volume names (the
+  Node authorizer lets it) and passes the keys in the NodePublishVolume request. RBAC cannot
+  restrict a verb by field, so `list`/`watch` of pods is cluster-wide as far as RBAC goes; the
+  narrowing to the agent's own node is the client's (a `spec.nodeName` field selector), the
+  way kubelet is narrowed by the NodeRestriction admission plugin rather than by its role.
 * The chart does not template these rules by hand: `chart_rules_yaml()` writes
   `charts/datapin/rbac/rules.yaml` with Helm placeholders for the names, the chart renders it
   with `tpl`, and a test keeps the file equal to this module.
@@ -188,6 +195,29 @@ def grants(
     ]
 
 
+def agent_grants() -> list[Grant]:
+    """Every permission of the node agent as the CSI node plugin (all read-only)."""
+    cluster: Scope = "cluster"
+    return [
+        _grant(
+            (cluster, "", "pods", "get list watch"),
+            "The pods on the agent's own node (the agent lists and watches with a spec.nodeName "
+            "field selector; RBAC cannot restrict by field): which pin each published volume "
+            "serves now, so a changed datapin.dev/pins annotation switches it.",
+        ),
+        _grant(
+            (cluster, GROUP, PLURAL, "get list watch"),
+            "The Dataset a volume names, read in the pod's own namespace: its remote decides "
+            "where access is proven. No Secrets: kubelet passes the keys.",
+        ),
+    ]
+
+
+def agent_rules() -> list[dict[str, Any]]:
+    """The agent's ClusterRole rules (chart value csi.enabled)."""
+    return [grant.rule() for grant in agent_grants()]
+
+
 def cluster_rules(**names: str) -> list[dict[str, Any]]:
     """The ClusterRole's rules (keyword arguments as for `grants`)."""
     return [grant.rule() for grant in grants(**names) if grant.scope == "cluster"]
@@ -263,6 +293,7 @@ def chart_rules_yaml() -> str:
     body = {
         "cluster": cluster_rules(**CHART_NAMES),
         "namespace": namespace_rules(**CHART_NAMES),
+        "agent": agent_rules(),
     }
     return header + yaml.safe_dump(body, sort_keys=False, width=1000)
 
@@ -273,11 +304,20 @@ def _cell(values: Sequence[str]) -> str:
 
 def rbac_table(**names: str) -> str:
     """The grants as a Markdown table (resource, verbs, scope, why) for docs/architecture.md."""
+    return _table(grants(**names))
+
+
+def agent_rbac_table() -> str:
+    """The agent's grants (CSI node plugin) as a Markdown table, like `rbac_table`."""
+    return _table(agent_grants())
+
+
+def _table(rows: Sequence[Grant]) -> str:
     lines = [
         "| Resource | Verbs | Scope | Why |",
         "| --- | --- | --- | --- |",
     ]
-    for grant in grants(**names):
+    for grant in rows:
         resources = f"{_cell(grant.resources)} ({grant.api_group or 'core'})"
         if grant.resource_names:
             resources += f" named {_cell(grant.resource_names)}"

@@ -88,7 +88,9 @@ class Admission:
         own = (new.get("metadata") or {}).get("annotations") or {}
         tmpl_annotations = (template.get("metadata") or {}).get("annotations") or {}
         merged = {**tmpl_annotations, **own} if template is not new else dict(own)
-        request = parse_request(merged, mount_root=self.settings.mount_root)
+        request = parse_request(
+            merged, mount_root=self.settings.mount_root, default_mode=self.settings.default_mode
+        )
         if request is None or is_injected(template):
             return None
         catalog = Catalog.of(namespace, await self.datasets(namespace))

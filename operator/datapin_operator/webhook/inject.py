@@ -1,5 +1,9 @@
 """The injection builder: a pod template and resolved pins in, the injected template out.
 
+`inject` serves every mode: csi (the default) is built by `inject_csi.py`, and what follows
+describes the sidecar and init modes, built here; what the modes share (the resolved
+`DatasetMount`, pins and label, collision checks) is in `mounts.py`.
+
 Pure (no I/O, no clock, no API calls), so the webhook's whole effect can be tested by
 validating its output against the Kubernetes schemas, and so a Job and a bare Pod get exactly
 the same pod spec. `inject` returns a new dict and never modifies its input; the webhook turns
@@ -48,9 +52,9 @@ not silently made read-only: the user's program would fail later, far from the c
 writable dataset's sidecar settings say `writable: true`, so the sidecar never reuses a tree
 the pod could have edited (each switch builds afresh).
 
-**Idempotency.** A template that already has the `datapin` init container is returned
-unchanged (a copy): the webhook may see a Pod of an admitted Job, and reinvocation may call
-it twice.
+**Idempotency.** A template that already has the `datapin` init container, or a `csi` volume
+of datapin's driver, is returned unchanged (a copy): the webhook may see a Pod of an admitted
+Job, and reinvocation may call it twice.
 
 **Collisions** are rejected (`MountCollisionError`, naming the container and the fix), never
 resolved by renaming: a volume of ours whose name is taken, a container named `datapin`, a
@@ -63,22 +67,27 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.node.settings import DatasetSettings
-from datapin_sidecar.pins import PinRecord, format_pins
 from pydantic import ValidationError
 
-from datapin_operator.api import models
 from datapin_operator.errors import MountCollisionError, RejectedError
 from datapin_operator.settings import STARTUP_PERIOD_SECONDS, Settings
-from datapin_operator.webhook.requests import MountRequest, Request, paths_overlap
+from datapin_operator.webhook.inject_csi import has_csi_volumes, inject_csi
+from datapin_operator.webhook.mounts import (
+    SIDECAR_LABEL,
+    DatasetMount,
+    check_mount_path,
+    check_volume_names,
+    pin_and_label,
+)
+from datapin_operator.webhook.requests import Request
+
+__all__ = ["SIDECAR_LABEL", "DatasetMount", "inject", "is_injected"]
 
 CONTAINER_NAME: Final = "datapin"
-SIDECAR_LABEL: Final = "datapin.dev/sidecar"
 NODE_VOLUME: Final = "datapin-node"
 PODINFO_VOLUME: Final = "datapin-podinfo"
 TMP_VOLUME: Final = "datapin-tmp"
@@ -96,19 +105,12 @@ _LIVENESS_PERIOD_SECONDS: Final = 10
 _LIVENESS_FAILURES: Final = 6
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DatasetMount:
-    """One resolved dataset, ready to inject."""
-
-    request: MountRequest
-    spec: models.DatasetSpec
-    pin: PinRecord
-
-
 def is_injected(pod_template: Mapping[str, Any]) -> bool:
-    """Whether the template already has datapin's init container."""
+    """Whether the template already has datapin's init container or csi volumes."""
     spec = pod_template.get("spec") or {}
-    return any(c.get("name") == CONTAINER_NAME for c in spec.get("initContainers") or [])
+    return has_csi_volumes(pod_template) or any(
+        c.get("name") == CONTAINER_NAME for c in spec.get("initContainers") or []
+    )
 
 
 def inject(
@@ -121,7 +123,8 @@ def inject(
     """A copy of `pod_template` (`{"metadata": ..., "spec": ...}`) with datapin injected.
 
     `mounts` must be `request`'s datasets, resolved. Raises `RejectedError` for a writable
-    request the link mode cannot honour and `MountCollisionError` for a name or path taken.
+    request the link mode cannot honour (sidecar and init modes) and `MountCollisionError`
+    for a name or path taken.
     """
     result: dict[str, Any] = copy.deepcopy(dict(pod_template))
     if is_injected(result):
@@ -131,24 +134,14 @@ def inject(
             f"mounts {[m.request.dataset for m in mounts]} do not match the request's "
             f"datasets {list(request.datasets)}"
         )
+    if request.mode == "csi":
+        return inject_csi(result, request=request, mounts=mounts)
     read_only = _read_only(request, settings)
-    metadata = result.setdefault("metadata", {})
+    pin_and_label(result.setdefault("metadata", {}), mounts)
     spec = result.setdefault("spec", {})
 
-    metadata["annotations"] = {
-        **(metadata.get("annotations") or {}),
-        **format_pins([m.pin for m in mounts]),
-    }
-    metadata["labels"] = {**(metadata.get("labels") or {}), SIDECAR_LABEL: "true"}
-
     volumes = _volumes(mounts, settings)
-    taken = {v.get("name") for v in spec.get("volumes") or []}
-    for volume in volumes:
-        if volume["name"] in taken:
-            raise MountCollisionError(
-                f"pod volume {volume['name']!r} already exists; datapin needs that name. "
-                f"Fix: rename the volume (datapin reserves names starting with 'datapin-')"
-            )
+    check_volume_names(spec, [v["name"] for v in volumes])
     for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         if container.get("name") == CONTAINER_NAME:
             raise MountCollisionError(
@@ -228,7 +221,7 @@ def _dataset_settings(mount: DatasetMount, *, writable: bool = False) -> dict[st
             endpoint_url=remote.endpoint,
             region=remote.region,
             addressing=remote.addressing,
-            layout=mount.pin.layout if mount.pin.layout != LayoutChoice.AUTO else remote.layout,
+            layout=mount.layout,
             credentials_dir=Path(_credentials_dir(name)),
             access_key_id_file=ref.access_key_id_key,
             secret_access_key_file=ref.secret_access_key_key,
@@ -353,21 +346,11 @@ def _add_to_app_container(
         )
     volume_mounts = container.setdefault("volumeMounts", [])
     for mount in mounts:
-        path = mount.request.mount_path
-        for other in volume_mounts:
-            other_path = other.get("mountPath") or ""
-            if other_path and paths_overlap(path, other_path):
-                raise MountCollisionError(
-                    f"container {name!r} already mounts volume {other.get('name')!r} at "
-                    f"{other_path}, which is, contains or is inside dataset "
-                    f"{mount.request.dataset!r}'s mount path {path}. Fix: set "
-                    f"datapin.dev/mount-path.{mount.request.dataset} to a free directory, or "
-                    "move that volume"
-                )
+        check_mount_path(container, mount)
         volume_mounts.append(
             {
                 "name": NODE_VOLUME,
-                "mountPath": path,
+                "mountPath": mount.request.mount_path,
                 "subPathExpr": f"workspaces/$({POD_UID_ENV})/{mount.request.dataset}",
                 "readOnly": read_only,
             }

@@ -15,15 +15,20 @@ template::
     datapin.dev/revision.coco: 3f0c...e1.dir      # per-dataset revision (wins over the default)
     datapin.dev/mount-path.coco: /coco            # per-dataset mount path
 
-    datapin.dev/mode: sidecar | init              # optional, default sidecar: a native sidecar
-                                                  # that follows pin changes; init: a one-shot
-                                                  # init container (`datapin-sidecar once`)
+    datapin.dev/mode: csi | sidecar | init        # optional, default csi (the operator's
+                                                  # default_mode): a `csi` volume the node
+                                                  # plugin serves, no hostPath, no container;
+                                                  # sidecar: a native sidecar that follows pin
+                                                  # changes; init: a one-shot init container
+                                                  # (`datapin-sidecar once`); both need a
+                                                  # privileged namespace (hostPath)
     datapin.dev/writable: "false" | "true"        # optional, default false (see inject.py,
                                                   # the read-only rule)
 
-Containers read a dataset at `<mount path>/current/...` (`current` is the symlink the sidecar
-swaps atomically). `datapin.dev/mount-path` without a dataset suffix is only accepted when one
-dataset is listed: with several, one shared path would be a collision by construction.
+Containers read a dataset at `<mount path>/current/...` (`current` is the symlink the sidecar,
+or in csi mode the node plugin, swaps atomically). `datapin.dev/mount-path` without a dataset
+suffix is only accepted when one dataset is listed: with several, one shared path would be a
+collision by construction.
 
 The operator writes two more keys, which users never set (their format is
 `datapin_sidecar.pins`'s, writer and reader): `datapin.dev/pins` (JSON, the sidecar's contract:
@@ -90,7 +95,8 @@ _KERNEL_DIRS: Final = ("/proc", "/sys", "/dev")
 #: The symlink the sidecar publishes in each dataset's directory.
 LINK_NAME: Final = "current"
 
-Mode = Literal["sidecar", "init"]
+#: How a pod gets its data; the first is the default unless the operator says otherwise.
+Mode = Literal["csi", "sidecar", "init"]
 _MODES: Final[tuple[str, ...]] = get_args(Mode)
 
 
@@ -119,8 +125,13 @@ class Request:
 # --- parsing a request ---------------------------------------------------------------------
 
 
-def parse_request(annotations: Mapping[str, str] | None, *, mount_root: str) -> Request | None:
+def parse_request(
+    annotations: Mapping[str, str] | None, *, mount_root: str, default_mode: Mode = "csi"
+) -> Request | None:
     """What `annotations` ask for; None if they do not ask datapin for anything.
+
+    `default_mode` is the mode of a request without `datapin.dev/mode` (the operator's
+    `default_mode` setting).
 
     Raises `AnnotationError` for a malformed, unknown or inconsistent key and
     `MountCollisionError` for two datasets on the same or nested mount paths.
@@ -168,7 +179,7 @@ def parse_request(annotations: Mapping[str, str] | None, *, mount_root: str) -> 
     _check_nesting(mounts, path_keys)
     return Request(
         mounts=tuple(mounts),
-        mode=_mode(ours.get(MODE_KEY, "sidecar")),
+        mode=_mode(ours.get(MODE_KEY, default_mode)),
         writable=_writable(ours.get(WRITABLE_KEY, "false")),
     )
 
@@ -316,7 +327,8 @@ def _mode(value: str) -> Mode:
         _fail(
             MODE_KEY,
             f"unknown mode {mode!r}",
-            "use sidecar (default: follows pin changes) or init (one-shot init container)",
+            "use csi (a volume served by the node plugin; the usual default), sidecar "
+            "(a native sidecar that follows pin changes) or init (a one-shot init container)",
         )
     return cast(Mode, mode)
 
