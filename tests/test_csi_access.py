@@ -311,6 +311,20 @@ async def test_the_dir_is_fetched_from_the_remote_when_the_cache_lacks_it(
     assert len(access.records()) == 1
 
 
+async def test_a_damaged_cached_dir_is_fetched_again(
+    node: NodeCache, tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    a = tenants.tenants["a"]
+    damaged = Path(node.path(pushed_a.rev, Layout.DVC3))
+    await asyncio.to_thread(damaged.write_bytes, b'[{"md5": "0", "relpath": "x"}]')
+    access = _access(node)
+    async with s3_remote(tenants.endpoint, a.bucket, _keys(a)) as remote:
+        await _prove(access, remote, node, pushed_a.rev, a)
+    (record,) = access.records()
+    assert record.objects == len(_objects(pushed_a))
+    assert node.verify(pushed_a.rev, Layout.DVC3)
+
+
 async def test_concurrent_publishes_share_one_proof(
     node: NodeCache, tenants: TenantSeaweed, pushed_a: S3DvcFixture
 ) -> None:

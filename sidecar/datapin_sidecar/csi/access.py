@@ -53,7 +53,9 @@ rename). Anything else is ignored and the proof is made again.
 start-up: it tells two key pairs apart within this process, and cannot be reversed or even
 checked against a guess outside it. It is never logged; messages name the remote, never keys.
 
-Blocking work (the remote's sync calls, manifest reads, file writes) runs in threads.
+Blocking work (the remote's sync calls, manifest reads, file writes) runs in threads, through
+the runner the caller gives (`asyncio.to_thread` by default; the agent passes its daemon-thread
+runner, so a call stuck on a remote never holds up its exit).
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, ParamSpec, Protocol, TypeVar
 
 from datapin_sidecar import safefs
 from datapin_sidecar.engine.cache import NodeCache
@@ -82,6 +84,7 @@ from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import tree_key
 from datapin_sidecar.errors import (
     AccessRefusedError,
+    CorruptObjectError,
     Refusal,
     RemoteCause,
     RemoteError,
@@ -97,6 +100,17 @@ _MAX_RECORD: Final = 64 * 1024
 #: Objects a message names.
 _SHOWN: Final = 3
 _PROCESS_KEY: Final = secrets.token_bytes(32)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class ThreadRunner(Protocol):
+    """Runs a blocking call in a thread (`asyncio.to_thread`'s shape)."""
+
+    def __call__(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Awaitable[_T]: ...
 
 
 def fingerprint(access_key_id: str, secret: str) -> str:
@@ -141,12 +155,13 @@ class _Ask:
     layout: Layout
     dataset: str
     trust: bool
+    run: ThreadRunner
 
     async def prove(self, oids: list[str]) -> ProofReport:
         """`Remote.prove` in a thread; refused keys become `Refusal.WRONG_KEYS`."""
         remote = self.remote
         try:
-            return await asyncio.to_thread(remote.prove, oids, self.layout, trust_etags=self.trust)
+            return await self.run(remote.prove, oids, self.layout, trust_etags=self.trust)
         except RemoteError as exc:
             if exc.cause is not RemoteCause.ACCESS_DENIED:
                 raise
@@ -162,10 +177,11 @@ class _Ask:
 def _manifest_oids(
     remote: Remote, cache: NodeCache, revision: Revision, layout: Layout
 ) -> list[str]:
-    """The objects the pin's `.dir` names, read from the cache (fetched if absent)."""
+    """The objects the pin's `.dir` names, read from the cache (fetched if absent, or if the
+    cached copy fails its md5: `load_manifest` quarantined it)."""
     try:
         manifest = cache.load_manifest(revision, layout)
-    except FileNotFoundError:
+    except (FileNotFoundError, CorruptObjectError):
         Fetcher(cache, remote).fetch([revision.oid], layout)
         manifest = cache.load_manifest(revision, layout)
     return list(dict.fromkeys(manifest.md5(i) for i in range(len(manifest))))
@@ -180,8 +196,10 @@ class Access:
         *,
         ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.monotonic,
+        run: ThreadRunner = asyncio.to_thread,
     ) -> None:
         self.root = Path(root)
+        self.run = run
         self.dir = self.root / "provenance"
         self.ttl = ttl
         self.clock = clock
@@ -209,7 +227,12 @@ class Access:
         whether the remote's endpoint may be taken at its word (see the module doc).
         """
         ask = _Ask(
-            remote=remote, revision=revision, layout=layout, dataset=dataset, trust=trust_etags
+            remote=remote,
+            revision=revision,
+            layout=layout,
+            dataset=dataset,
+            trust=trust_etags,
+            run=self.run,
         )
         memo = (credentials_fingerprint, remote.url, layout, revision.oid)
         async with self._lock(("pin", *memo)):
@@ -222,11 +245,11 @@ class Access:
         key = tree_key(revision.md5, layout.value)
         rid = remote_id(remote)
         async with self._lock(("tree", rid, key)):
-            record = await asyncio.to_thread(self.record, rid, key)
+            record = await self.run(self.record, rid, key)
             if record is not None and (trust_etags or record.method is ProofMethod.CONTENT):
                 return
             count = await self._prove_objects(ask, cache)
-            await asyncio.to_thread(
+            await self.run(
                 self._write,
                 ProvenanceRecord(
                     remote_id=rid,
@@ -255,7 +278,7 @@ class Access:
 
     async def _prove_objects(self, ask: _Ask, cache: NodeCache) -> int:
         remote, layout = ask.remote, ask.layout
-        oids = await asyncio.to_thread(_manifest_oids, remote, cache, ask.revision, layout)
+        oids = await self.run(_manifest_oids, remote, cache, ask.revision, layout)
         report = await ask.prove(oids)
         if report.complete:
             return len(oids)
@@ -344,11 +367,25 @@ class Access:
     def forget_tree(self, key: str) -> int:
         """Drop every record of tree `key` (its tree was evicted); how many were dropped."""
         dropped = 0
-        for record in self.records():
-            if record.tree_key == key:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.dir / record.remote_id / key)
+        try:
+            top = safefs.open_dir(self.dir)
+        except (FileNotFoundError, UnsafeFileError):
+            return dropped
+        try:
+            for rid in os.listdir(top):
+                try:
+                    sub = safefs.open_dir(rid, dir_fd=top)
+                except (FileNotFoundError, NotADirectoryError, UnsafeFileError):
+                    continue
+                try:
+                    os.unlink(key, dir_fd=sub)
                     dropped += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    pass
+                finally:
+                    os.close(sub)
+        finally:
+            os.close(top)
         return dropped
 
     def _write(self, record: ProvenanceRecord) -> None:

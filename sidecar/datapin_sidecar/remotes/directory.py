@@ -29,7 +29,7 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout, ObjectHasher
 from datapin_sidecar.engine.remote import FetchReport, ProofReport, Ticker, check_dir_size
 from datapin_sidecar.errors import CorruptObjectError, RemoteCause, RemoteError, UnsafeFileError
-from datapin_sidecar.safefs import open_dir, open_dir_beneath, open_regular
+from datapin_sidecar.safefs import open_dir_beneath, open_regular
 
 
 class DirectoryRemote:
@@ -127,7 +127,9 @@ class DirectoryRemote:
         absent: list[str] = []
         mismatched: list[str] = []
         try:
-            root = open_dir(self.root)
+            # The root is the operator's own setting (a link there is theirs to make); below
+            # it, the names are whoever wrote the remote's.
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise self._unreadable(str(self.root), exc) from None
         shards: dict[str, int | None] = {}
