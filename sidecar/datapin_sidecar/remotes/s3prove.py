@@ -16,9 +16,12 @@ object's key whose bytes are the object's. Two ways to learn that:
   nowhere; `DOWNLOADS` objects at once. Bytes that do not hash to the id are `mismatched`.
 
 How the entries are found: up to `STAT_MAX` objects get one one-byte GET each (`S3Client.stat`:
-ETag and size); more are grouped by their key's shard directory (`.../files/md5/ab/`) and each
-needed shard is listed (`S3Client.list_page`, paged, `LISTS` shards at once): a revision of
-100k objects costs a few hundred LISTs, not 100k requests. Listings are parsed by `s3list`,
+ETag and size; a GET, not a HEAD, because a HEAD's error has no body to tell a missing bucket
+from a missing key); more are grouped by their key's shard directory (`.../files/md5/ab/`) and
+each needed shard is listed (`S3Client.list_page`, paged, `LISTS` shards at once): a revision
+of 100k objects costs a few hundred LISTs, not 100k requests. Listing whole shards is the right
+trade while a shard holds fewer than ~1000 keys per object wanted from it, i.e. for any DVC
+remote below a few hundred thousand objects; a pin alone (step (a) of the proof) never lists. Listings are parsed by `s3list`,
 which refuses hostile XML and keys outside the prefix asked for.
 
 Failures: a remote that refuses the keys, lacks the bucket, or keeps failing is a `RemoteError`
