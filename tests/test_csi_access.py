@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +113,15 @@ class Counting:
         self.remote.abort()
 
     def prove(
-        self, oids: Sequence[str], layout: Layout, *, trust_etags: bool = True
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> ProofReport:
         self.asked.append(len(oids))
-        return self.remote.prove(oids, layout, trust_etags=trust_etags)
+        return self.remote.prove(oids, layout, trust_etags=trust_etags, sizes=sizes)
 
 
 class Clock:
@@ -375,6 +380,11 @@ async def test_s3_prove_by_etag_by_download_and_absent(
                 assert set(report.proven) == {oid, mp_oid}
                 assert report.mismatched == (garbage_oid,)
                 assert set(report.absent) == {absent_oid} | set(batch[4:])
+                # Where the node knows the size, another size is not the object, ETag or not.
+                sized = await remote.aprove(
+                    batch, Layout.DVC3, trust_etags=trust, sizes={oid: len(good) + 1}
+                )
+                assert set(sized.mismatched) == {oid, garbage_oid}
 
 
 async def test_s3_prove_of_legacy_text_objects_hashes_them(
@@ -432,11 +442,13 @@ async def test_s3_prove_of_a_remote_that_refuses_the_keys_raises(
 _PREFIX = "p/files/md5/ab/"
 
 
-def _page(contents: str, *, truncated: str = "false", extra: str = "") -> bytes:
+def _page(
+    contents: str, *, truncated: str = "false", extra: str = "", prefix: str = _PREFIX
+) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
-        f"<Name>b</Name><Prefix>{_PREFIX}</Prefix><IsTruncated>{truncated}</IsTruncated>"
+        f"<Name>b</Name><Prefix>{prefix}</Prefix><IsTruncated>{truncated}</IsTruncated>"
         f"{extra}{contents}</ListBucketResult>"
     ).encode()
 
@@ -509,17 +521,19 @@ def test_a_hostile_listing_is_refused(body: bytes, problem: str) -> None:
 
 @pytest.fixture
 async def hostile_lister() -> AsyncIterator[tuple[str, dict[str, bytes]]]:
-    """An HTTP server answering every listing with `answer["body"]` (set by the test)."""
-    answer: dict[str, bytes] = {"body": b""}
-    served: dict[str, int] = {"bytes": 0}
+    """An HTTP server answering every listing with `answer["body"]` (set by the test), and
+    anything else with 500 (counted in `answer["others"]`: a request a test must not cause)."""
+    answer: dict[str, bytes] = {"body": b"", "others": b""}
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.query.get("list-type") != "2":
+            answer["others"] += b"x"
+            return web.Response(status=500)
         resp = web.StreamResponse(status=200)
         await resp.prepare(request)
         body = answer["body"]
         for i in range(0, len(body), 65536):
             await resp.write(body[i : i + 65536])
-            served["bytes"] += len(body[i : i + 65536])
         return resp
 
     app = web.Application()
@@ -545,12 +559,29 @@ async def test_s3_prove_refuses_a_hostile_server(
         "outside": _page(_entry("dvcstore/files/md5/zz/" + "0" * 30)),
         "huge": _page(_entry(_PREFIX + "x") * 200_000),  # ~16 MB, far past the bound
     }[kind]
-    oids = [object_name(str(i).encode()) for i in range(20)]
+    oids = [f"ab{i:030x}" for i in range(20)]  # one shard: one listing
     keys = _keys(None, access="AKTEST", secret="Stest")
     async with s3_remote(endpoint, "bucket", keys) as remote:
         with pytest.raises(RemoteError, match=r"can(not)? believe") as refused:
             await remote.aprove(oids, Layout.DVC3)
     assert refused.value.cause is RemoteCause.REMOTE
+
+
+async def test_s3_prove_never_downloads_a_size_the_server_made_up(
+    hostile_lister: tuple[str, dict[str, bytes]],
+) -> None:
+    """The node knows its copy's size: a listing claiming another (here 1 TB, with an ETag
+    that is not an md5) is a mismatch at once, without a byte downloaded."""
+    endpoint, answer = hostile_lister
+    oids = [f"ab{i:030x}" for i in range(20)]
+    key = f"dvcstore/files/md5/ab/{oids[0][2:]}"
+    answer["body"] = _page(_entry(key, '"made-up"', str(10**12)), prefix="dvcstore/files/md5/ab/")
+    keys = _keys(None, access="AKTEST", secret="Stest")
+    async with s3_remote(endpoint, "bucket", keys) as remote:
+        report = await remote.aprove(oids, Layout.DVC3, sizes={oids[0]: 3})
+    assert report.mismatched == (oids[0],)
+    assert set(report.absent) == set(oids[1:])
+    assert answer["others"] == b""
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -623,6 +654,8 @@ def test_directory_prove(tmp_path: Path) -> None:
     assert report.proven == (names["good"],)
     assert set(report.mismatched) == {names["bad"], names["link"], names["shard"]}
     assert report.absent == (absent,)
+    sized = remote.prove([names["good"]], Layout.DVC3, sizes={names["good"]: len(good) - 1})
+    assert sized.mismatched == (names["good"],)
     # Legacy: a CRLF text object is named by its LF form, and proven so.
     legacy = object_name(good, Layout.LEGACY)
     assert legacy != names["good"]

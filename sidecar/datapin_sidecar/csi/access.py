@@ -157,11 +157,13 @@ class _Ask:
     trust: bool
     run: ThreadRunner
 
-    async def prove(self, oids: list[str]) -> ProofReport:
+    async def prove(self, oids: list[str], sizes: dict[str, int] | None = None) -> ProofReport:
         """`Remote.prove` in a thread; refused keys become `Refusal.WRONG_KEYS`."""
         remote = self.remote
         try:
-            return await self.run(remote.prove, oids, self.layout, trust_etags=self.trust)
+            return await self.run(
+                remote.prove, oids, self.layout, trust_etags=self.trust, sizes=sizes
+            )
         except RemoteError as exc:
             if exc.cause is not RemoteCause.ACCESS_DENIED:
                 raise
@@ -174,17 +176,25 @@ class _Ask:
             ) from None
 
 
-def _manifest_oids(
+def _objects_of(
     remote: Remote, cache: NodeCache, revision: Revision, layout: Layout
-) -> list[str]:
+) -> tuple[list[str], dict[str, int]]:
     """The objects the pin's `.dir` names, read from the cache (fetched if absent, or if the
-    cached copy fails its md5: `load_manifest` quarantined it)."""
+    cached copy fails its md5: `load_manifest` quarantined it), and the sizes of those the
+    cache holds (so the remote's copy of another size is refused unread)."""
     try:
         manifest = cache.load_manifest(revision, layout)
     except (FileNotFoundError, CorruptObjectError):
         Fetcher(cache, remote).fetch([revision.oid], layout)
         manifest = cache.load_manifest(revision, layout)
-    return list(dict.fromkeys(manifest.md5(i) for i in range(len(manifest))))
+    oids = list(dict.fromkeys(manifest.md5(i) for i in range(len(manifest))))
+    sizes: dict[str, int] = {}
+    for oid in oids:
+        with contextlib.suppress(OSError):
+            st = os.lstat(cache.path(oid, layout))
+            if stat.S_ISREG(st.st_mode):
+                sizes[oid] = st.st_size
+    return oids, sizes
 
 
 class Access:
@@ -278,8 +288,8 @@ class Access:
 
     async def _prove_objects(self, ask: _Ask, cache: NodeCache) -> int:
         remote, layout = ask.remote, ask.layout
-        oids = await self.run(_manifest_oids, remote, cache, ask.revision, layout)
-        report = await ask.prove(oids)
+        oids, sizes = await self.run(_objects_of, remote, cache, ask.revision, layout)
+        report = await ask.prove(oids, sizes)
         if report.complete:
             return len(oids)
         lacking = [*report.absent, *report.mismatched]

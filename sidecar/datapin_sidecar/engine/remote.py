@@ -20,7 +20,7 @@ traceback or a misleading "objects missing".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -111,7 +111,12 @@ class Remote(Protocol):
         ...
 
     def prove(
-        self, oids: Sequence[str], layout: Layout, *, trust_etags: bool = True
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> ProofReport:
         """Show that the remote holds exactly these objects, without touching any cache.
 
@@ -119,7 +124,9 @@ class Remote(Protocol):
         remote that cannot be read at all (keys refused: `RemoteCause.ACCESS_DENIED`) raises
         `RemoteError`. `trust_etags`: an S3 remote may take the server's word for an object's
         md5 (its ETag); with False every object is downloaded and hashed here, which is what
-        an endpoint the tenant may run itself (and so may lie) calls for.
+        an endpoint the tenant may run itself (and so may lie) calls for. `sizes`: the sizes
+        of objects where known (the node cache's copies): an object of another size on the
+        remote is `mismatched` without a byte of it read, so a lying size costs nothing.
         """
         ...
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from datapin_sidecar.engine.cache import NodeCache
@@ -119,10 +119,16 @@ class DirectoryRemote:
         return report
 
     def prove(
-        self, oids: Sequence[str], layout: Layout, *, trust_etags: bool = True
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> ProofReport:
         """Hash every object from the remote (see the module doc)."""
         del trust_etags  # no server to trust: the bytes are always hashed
+        sizes = sizes or {}
         proven: list[str] = []
         absent: list[str] = []
         mismatched: list[str] = []
@@ -135,7 +141,7 @@ class DirectoryRemote:
         shards: dict[str, int | None] = {}
         try:
             for oid in oids:
-                verdict = self._prove_one(root, shards, oid, layout)
+                verdict = self._prove_one(root, shards, oid, layout, sizes.get(oid))
                 (proven if verdict is True else absent if verdict is None else mismatched).append(
                     oid
                 )
@@ -147,7 +153,7 @@ class DirectoryRemote:
         return ProofReport(proven=tuple(proven), absent=tuple(absent), mismatched=tuple(mismatched))
 
     def _prove_one(
-        self, root: int, shards: dict[str, int | None], oid: str, layout: Layout
+        self, root: int, shards: dict[str, int | None], oid: str, layout: Layout, size: int | None
     ) -> bool | None:
         """True: the object is there and hashes to its name; False: something else is under
         its name (other bytes, a symlink, a FIFO); None: nothing is."""
@@ -176,7 +182,10 @@ class DirectoryRemote:
         except OSError as exc:
             raise self._unreadable(path, exc) from None
         try:
-            check_dir_size(remote=str(self.root), oid=oid, key=path, size=os.fstat(fd).st_size)
+            actual = os.fstat(fd).st_size
+            if size is not None and actual != size:
+                return False
+            check_dir_size(remote=str(self.root), oid=oid, key=path, size=actual)
             hasher = ObjectHasher(layout)
             while True:
                 try:

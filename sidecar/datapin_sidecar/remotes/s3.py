@@ -44,7 +44,7 @@ import contextlib
 import functools
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -125,9 +125,14 @@ class S3Remote:
         return self._call(self.afetch(cache, oids, layout, progress=progress))
 
     def prove(
-        self, oids: Sequence[str], layout: Layout, *, trust_etags: bool = True
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> ProofReport:
-        return self._call(self.aprove(oids, layout, trust_etags=trust_etags))
+        return self._call(self.aprove(oids, layout, trust_etags=trust_etags, sizes=sizes))
 
     def _call(self, coro: Awaitable[T]) -> T:
         loop = self._loop
@@ -210,7 +215,12 @@ class S3Remote:
         return run.report
 
     async def aprove(
-        self, oids: Sequence[str], layout: Layout, *, trust_etags: bool = True
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> ProofReport:
         """Whether the remote holds exactly `oids` (see `s3prove`); touches no cache."""
         if self._io is None:
@@ -220,6 +230,7 @@ class S3Remote:
             io=self._io,
             layout=layout,
             trust_etags=trust_etags,
+            sizes=sizes or {},
             retries=self._find_retries,
         )
         return await proof.execute(oids)

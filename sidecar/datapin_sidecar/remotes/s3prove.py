@@ -14,15 +14,17 @@ object's key whose bytes are the object's. Two ways to learn that:
   object at all when ETags are not trusted) is downloaded from this remote and hashed with the
   layout's own hasher (`engine.hashing.ObjectHasher`), in pieces of `PIECE` bytes, stored
   nowhere; `DOWNLOADS` objects at once. Bytes that do not hash to the id are `mismatched`.
+  When the caller knows an object's size (the node cache's copy), an entry of another size is
+  `mismatched` at once: a hostile server cannot make us download a size it made up.
 
 How the entries are found: up to `STAT_MAX` objects get one one-byte GET each (`S3Client.stat`:
 ETag and size; a GET, not a HEAD, because a HEAD's error has no body to tell a missing bucket
 from a missing key); more are grouped by their key's shard directory (`.../files/md5/ab/`) and
 each needed shard is listed (`S3Client.list_page`, paged, `LISTS` shards at once): a revision
-of 100k objects costs a few hundred LISTs, not 100k requests. Listing whole shards is the right
-trade while a shard holds fewer than ~1000 keys per object wanted from it, i.e. for any DVC
-remote below a few hundred thousand objects; a pin alone (step (a) of the proof) never lists. Listings are parsed by `s3list`,
-which refuses hostile XML and keys outside the prefix asked for.
+of 100k objects costs a few hundred LISTs, not 100k requests. Listing whole shards pays while
+the remote holds fewer than about 1000 times the objects wanted (a page brings 1000 keys); a
+pin alone (step (a) of the proof) never lists. Listings are parsed by `s3list`, which refuses
+hostile XML and keys outside the prefix asked for.
 
 Failures: a remote that refuses the keys, lacks the bucket, or keeps failing is a `RemoteError`
 (from `S3Client.retrying`; `GAVE_UP` when the attempts run out), never a verdict on objects.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
@@ -71,12 +73,14 @@ class Proof:
         io: ThreadPoolExecutor,
         layout: Layout,
         trust_etags: bool,
+        sizes: Mapping[str, int],
         retries: Counter[str],
     ) -> None:
         self.client = client
         self.io = io
         self.layout = layout
         self.trust_etags = trust_etags
+        self.sizes = sizes
         self.retries = retries
         self.downloads = asyncio.Semaphore(DOWNLOADS)
 
@@ -160,6 +164,8 @@ class Proof:
         if entry is None:
             return None
         md5 = oid.removesuffix(".dir")
+        if self.sizes.get(oid, entry.size) != entry.size:
+            return False  # not the size of the object we know: not it, and nothing to read
         if self.trust_etags and entry.md5 == md5:
             return True
         if entry.size < 0 or entry.size > MAX_OBJECT_BYTES:
