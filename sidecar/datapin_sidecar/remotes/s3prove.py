@@ -37,7 +37,7 @@ import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from datapin_sidecar.engine.hashing import Layout, ObjectHasher
 from datapin_sidecar.engine.remote import ProofReport, check_dir_size
@@ -90,12 +90,24 @@ class Proof:
         if len(wanted) <= STAT_MAX:
             found = dict(zip(wanted, await _all(self._stat(keys[o]) for o in wanted), strict=True))
         else:
-            listed = await self._list_shards({_shard(k) for k in keys.values()})
+            listed = await self._list_shards(set(keys.values()))
             found = {o: listed.get(keys[o]) for o in wanted}
-        verdicts = await _all(self._judge(o, found[o]) for o in wanted)
+        # Most verdicts need no download: decided here, without a task per object.
         by: dict[bool | None, list[str]] = {True: [], False: [], None: []}
-        for oid, verdict in zip(wanted, verdicts, strict=True):
-            by[verdict].append(oid)
+        to_hash: list[tuple[str, Listed]] = []
+        for oid in wanted:
+            entry = found[oid]
+            if entry is None:
+                by[None].append(oid)
+                continue
+            verdict = self._judge(oid, entry)
+            if isinstance(verdict, bool):
+                by[verdict].append(oid)
+            else:
+                to_hash.append((oid, entry))
+        hashed = await _all(self._judge_bytes(oid, entry) for oid, entry in to_hash)
+        for (oid, _), by_bytes in zip(to_hash, hashed, strict=True):
+            by[by_bytes].append(oid)
         return ProofReport(
             proven=tuple(by[True]), absent=tuple(by[None]), mismatched=tuple(by[False])
         )
@@ -121,7 +133,9 @@ class Proof:
             return None
         return Listed(key=key, etag=etag, size=-1 if size is None else size)
 
-    async def _list_shards(self, shards: set[str]) -> dict[str, Listed]:
+    async def _list_shards(self, wanted: set[str]) -> dict[str, Listed]:
+        """The entries of the `wanted` keys, from listings of their shards (only those kept:
+        a shard of a large bucket may hold millions of other keys)."""
         listed: dict[str, Listed] = {}
         gate = asyncio.Semaphore(LISTS)
 
@@ -131,7 +145,7 @@ class Proof:
                 seen: set[str] = set()
                 for _ in range(MAX_PAGES):
                     page = await self._list_page(prefix, token)
-                    listed.update((obj.key, obj) for obj in page.objects)
+                    listed.update((o.key, o) for o in page.objects if o.key in wanted)
                     token = page.next_token
                     if token is None:
                         return
@@ -140,7 +154,7 @@ class Proof:
                     seen.add(token)
                 raise self._refused(prefix, f"it goes on past {MAX_PAGES} pages")
 
-        await _all(one(p) for p in sorted(shards))
+        await _all(one(p) for p in sorted({_shard(k) for k in wanted}))
         return listed
 
     async def _list_page(self, prefix: str, token: str | None) -> ListPage:
@@ -159,18 +173,20 @@ class Proof:
             cause=RemoteCause.REMOTE,
         )
 
-    async def _judge(self, oid: str, entry: Listed | None) -> bool | None:
-        """True: proven; False: other bytes under its key; None: absent."""
-        if entry is None:
-            return None
-        md5 = oid.removesuffix(".dir")
+    def _judge(self, oid: str, entry: Listed) -> bool | Literal["hash"]:
+        """True: proven; False: other bytes under its key; "hash": only the bytes can tell."""
         if self.sizes.get(oid, entry.size) != entry.size:
             return False  # not the size of the object we know: not it, and nothing to read
-        if self.trust_etags and entry.md5 == md5:
+        if self.trust_etags and entry.md5 == oid.removesuffix(".dir"):
             return True
         if entry.size < 0 or entry.size > MAX_OBJECT_BYTES:
             return False  # a size no object has: nothing to hash, not the object
         check_dir_size(remote=self.client.url, oid=oid, key=entry.key, size=entry.size)
+        return "hash"
+
+    async def _judge_bytes(self, oid: str, entry: Listed) -> bool | None:
+        """Download and hash: True if the bytes are the object, None if it went meanwhile."""
+        md5 = oid.removesuffix(".dir")
         async with self.downloads:
             try:
                 return await self._hash(entry.key, entry.size) == md5
