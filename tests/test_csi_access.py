@@ -280,6 +280,23 @@ async def test_a_pin_not_on_the_tenants_remote_is_refused_even_when_cached(
     assert access.records() == []
 
 
+async def test_a_single_file_pin_is_proven_alone(
+    node: NodeCache, tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    a, b = tenants.tenants["a"], tenants.tenants["b"]
+    pin = _objects(pushed_a)[0]
+    access = _access(node)
+    async with s3_remote(tenants.endpoint, a.bucket, _keys(a)) as s3:
+        remote = Counting(s3)
+        await _prove(access, remote, node, pin, a)
+        assert remote.asked == [1]
+    assert access.records() == []  # nothing to record: the pin is the one object
+    async with s3_remote(tenants.endpoint, b.bucket, _keys(b)) as remote_b:
+        with pytest.raises(AccessRefusedError) as refused:
+            await _prove(access, remote_b, node, pin, b)
+    assert refused.value.refusal is Refusal.NOT_ON_REMOTE
+
+
 async def test_the_pin_is_remembered_for_the_ttl_then_proven_again(
     node: NodeCache, tenants: TenantSeaweed, pushed_a: S3DvcFixture
 ) -> None:
