@@ -5,7 +5,11 @@ a batch of objects into the node cache. It never sees how. Batches, because a re
 network needs the whole list to keep many requests in flight (`s3.S3Remote`); the report says
 what was fetched and what the remote lacks or serves corrupt, and the materialiser turns that
 into its errors. `abort()` cancels a fetch in flight from another thread (SIGTERM), so the
-build unwinds instead of the thread outliving the program. Implementations:
+build unwinds instead of the thread outliving the program. `prove(oids, layout)` answers a
+third question for the CSI node plugin's proof of access (`csi.access`): does *this* remote,
+read with *its* keys, hold exactly these objects? It reads, never writes the cache: the node
+may already hold the bytes (another tenant fetched them), and the point is to learn whether
+this tenant could have fetched them too. Implementations:
 `directory.DirectoryRemote` (a DVC directory remote) and `s3.S3Remote` (S3 / Backblaze B2).
 
 A remote is as untrusted as a bucket: a `.dir` above `MAX_DIR_BYTES` is refused by every
@@ -16,7 +20,7 @@ traceback or a misleading "objects missing".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -65,6 +69,23 @@ class FetchReport:
     retries: Counter[str] = field(default_factory=Counter)  # by reason
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProofReport:
+    """What `Remote.prove` found, per object: every oid asked for is in exactly one list."""
+
+    #: The remote holds these bytes (by the server's md5 of them, or hashed here).
+    proven: tuple[str, ...] = ()
+    #: The remote has no object under these keys.
+    absent: tuple[str, ...] = ()
+    #: The remote has an object under the key, but its bytes are not the object's.
+    mismatched: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Every object asked for is proven."""
+        return not self.absent and not self.mismatched
+
+
 class Remote(Protocol):
     """A source of DVC objects."""
 
@@ -87,6 +108,26 @@ class Remote(Protocol):
         """Put `oids` into `cache`, verified; `progress(done)` now and then. Objects the
         remote lacks or serves corrupt are reported, not raised; a remote that cannot be read
         at all raises `RemoteError`."""
+        ...
+
+    def prove(
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
+    ) -> ProofReport:
+        """Show that the remote holds exactly these objects, without touching any cache.
+
+        Objects whose bytes are not the object's are `mismatched`, missing ones `absent`; a
+        remote that cannot be read at all (keys refused: `RemoteCause.ACCESS_DENIED`) raises
+        `RemoteError`. `trust_etags`: an S3 remote may take the server's word for an object's
+        md5 (its ETag); with False every object is downloaded and hashed here, which is what
+        an endpoint the tenant may run itself (and so may lie) calls for. `sizes`: the sizes
+        of objects where known (the node cache's copies): an object of another size on the
+        remote is `mismatched` without a byte of it read, so a lying size costs nothing.
+        """
         ...
 
     def abort(self) -> None:

@@ -9,6 +9,12 @@ on, no device, no symlink at its name), a `.dir` above `MAX_DIR_BYTES` is refuse
 remote datapin cannot read (missing, not a directory, permission denied) is a `RemoteError`
 naming the path and the fix. Every call is synchronous and complete when it returns, so
 `abort` has nothing to cancel.
+
+`prove` (the CSI proof of access) hashes each object from the remote with its layout's hasher,
+streaming, storing nothing: there is no server whose word (an ETag) could be taken, so
+`trust_etags` changes nothing. It follows no symlink anywhere below the remote's root (each
+directory is opened `O_NOFOLLOW` beneath the one before, `safefs.open_dir_beneath`): an object
+reached through a link is `mismatched`, never read from wherever the link points.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from datapin_sidecar.engine.cache import NodeCache
-from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout
-from datapin_sidecar.engine.remote import FetchReport, Ticker, check_dir_size
+from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout, ObjectHasher
+from datapin_sidecar.engine.remote import FetchReport, ProofReport, Ticker, check_dir_size
 from datapin_sidecar.errors import CorruptObjectError, RemoteCause, RemoteError, UnsafeFileError
-from datapin_sidecar.safefs import open_regular
+from datapin_sidecar.safefs import open_dir_beneath, open_regular
 
 
 class DirectoryRemote:
@@ -111,6 +117,87 @@ class DirectoryRemote:
             if progress is not None and n % 256 == 0:
                 progress(n)
         return report
+
+    def prove(
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
+    ) -> ProofReport:
+        """Hash every object from the remote (see the module doc)."""
+        del trust_etags  # no server to trust: the bytes are always hashed
+        sizes = sizes or {}
+        proven: list[str] = []
+        absent: list[str] = []
+        mismatched: list[str] = []
+        try:
+            # The root is the operator's own setting (a link there is theirs to make); below
+            # it, the names are whoever wrote the remote's.
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._unreadable(str(self.root), exc) from None
+        shards: dict[str, int | None] = {}
+        try:
+            for oid in oids:
+                verdict = self._prove_one(root, shards, oid, layout, sizes.get(oid))
+                (proven if verdict is True else absent if verdict is None else mismatched).append(
+                    oid
+                )
+        finally:
+            for fd in shards.values():
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+            os.close(root)
+        return ProofReport(proven=tuple(proven), absent=tuple(absent), mismatched=tuple(mismatched))
+
+    def _prove_one(
+        self, root: int, shards: dict[str, int | None], oid: str, layout: Layout, size: int | None
+    ) -> bool | None:
+        """True: the object is there and hashes to its name; False: something else is under
+        its name (other bytes, a symlink, a FIFO); None: nothing is."""
+        shard = f"{layout.prefix()}{oid[:2]}"
+        if shard not in shards:
+            try:
+                shards[shard] = open_dir_beneath(root, shard)
+            except (FileNotFoundError, NotADirectoryError):
+                shards[shard] = None
+            except UnsafeFileError:
+                shards[shard] = -1  # a symlink or file where a shard directory belongs
+            except OSError as exc:
+                raise self._unreadable(f"{self.root}/{shard}", exc) from None
+        fd_dir = shards[shard]
+        if fd_dir is None:
+            return None
+        if fd_dir == -1:
+            return False
+        path = self.key(oid, layout)
+        try:
+            fd = open_regular(oid[2:], dir_fd=fd_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except UnsafeFileError:
+            return False
+        except OSError as exc:
+            raise self._unreadable(path, exc) from None
+        try:
+            actual = os.fstat(fd).st_size
+            if size is not None and actual != size:
+                return False
+            check_dir_size(remote=str(self.root), oid=oid, key=path, size=actual)
+            hasher = ObjectHasher(layout)
+            while True:
+                try:
+                    chunk = os.read(fd, DVC2_CHUNK)
+                except OSError as exc:
+                    raise self._unreadable(path, exc) from None
+                if not chunk:
+                    break
+                hasher.update(chunk)
+            return hasher.hexdigest() == oid.removesuffix(".dir")
+        finally:
+            os.close(fd)
 
     def _insert(self, cache: NodeCache, fd: int, path: str, oid: str, layout: Layout) -> int:
         """Copy the open object into the cache through its verified insert; bytes copied."""

@@ -7,6 +7,8 @@ The remote is split by job:
 * `s3fetch` — one fetch of a batch: claims (each object downloaded once per node), a fixed pool
   of workers, parallel ranged parts with in-order hashing, the batch committer, and the wait
   for objects other processes are downloading.
+* `s3prove`, `s3list` — the proof of access (`prove`): ETags by LIST or one-byte GETs,
+  downloads hashed where the ETag cannot be taken as the md5, hostile listings refused.
 * `slotfiles` — the file work, in worker threads: claims, part files and their journal, the
   batched `syncfs` before install.
 
@@ -42,16 +44,17 @@ import contextlib
 import functools
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
-from datapin_sidecar.engine.remote import FetchReport, Ticker
+from datapin_sidecar.engine.remote import FetchReport, ProofReport, Ticker
 from datapin_sidecar.errors import AbsentError, GaveUpError, RemoteCause, RemoteError
 from datapin_sidecar.remotes.s3client import LAST_ERROR, FetchOptions, S3Client
 from datapin_sidecar.remotes.s3fetch import Fetch
+from datapin_sidecar.remotes.s3prove import Proof
 
 if TYPE_CHECKING:
     from datapin_sidecar.remotes.credentials import CredentialSource
@@ -121,6 +124,16 @@ class S3Remote:
     ) -> FetchReport:
         return self._call(self.afetch(cache, oids, layout, progress=progress))
 
+    def prove(
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
+    ) -> ProofReport:
+        return self._call(self.aprove(oids, layout, trust_etags=trust_etags, sizes=sizes))
+
     def _call(self, coro: Awaitable[T]) -> T:
         loop = self._loop
         if loop is None:
@@ -157,8 +170,6 @@ class S3Remote:
             calls = list(self._calls)
         for future in calls:
             future.cancel()
-
-    # -- async API ----------------------------------------------------------------------------
 
     # -- async API ----------------------------------------------------------------------------
 
@@ -202,3 +213,24 @@ class S3Remote:
         self._find_retries.clear()
         await run.execute(oids)
         return run.report
+
+    async def aprove(
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
+    ) -> ProofReport:
+        """Whether the remote holds exactly `oids` (see `s3prove`); touches no cache."""
+        if self._io is None:
+            raise RuntimeError("S3Remote used outside `async with`")
+        proof = Proof(
+            client=self._client,
+            io=self._io,
+            layout=layout,
+            trust_etags=trust_etags,
+            sizes=sizes or {},
+            retries=self._find_retries,
+        )
+        return await proof.execute(oids)

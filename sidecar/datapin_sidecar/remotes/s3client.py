@@ -17,7 +17,12 @@ What it offers the fetch (`s3fetch`) and the remote (`s3`):
   unreachable) is a `RemoteError` naming the remote and the likely fix; a budget spent on
   retryable failures is `GaveUpError`, which the fetch collects per object.
 * `exists(key)`: a one-byte GET (a HEAD's error answer has no body, so a missing bucket would
-  look like a missing key).
+  look like a missing key); `stat(key)` is the same GET, answering the object's ETag and size
+  (the proof of access of a few objects).
+* `list_page(prefix, token)`: one signed ListObjectsV2 page, its body read to at most
+  `s3list.MAX_LIST_BODY` bytes within the request's deadline, and parsed by `s3list` (which
+  refuses what a hostile server may send). A body over the bound is refused at once, not
+  retried: the server means it.
 
 The client tells the fetch what happened with `RemoteSignal`s (errors.py), which never reach a
 user: each ends as a retry, a `FetchReport` entry or a `RemoteError`.
@@ -52,7 +57,8 @@ from datapin_sidecar.errors import (
     TruncatedError,
 )
 from datapin_sidecar.limits import MAX_JOBS
-from datapin_sidecar.remotes.sigv4 import Signer
+from datapin_sidecar.remotes.s3list import MAX_KEYS, MAX_LIST_BODY, ListPage, parse_page
+from datapin_sidecar.remotes.sigv4 import Signer, canonical_query
 from datapin_sidecar.remotes.slotfiles import MiB
 
 if TYPE_CHECKING:
@@ -175,17 +181,19 @@ class S3Client:
         """The object key of `oid` in `layout`."""
         return self.config.key(f"{layout.prefix()}{oid[:2]}/{oid[2:]}")
 
-    def _signed(self, method: str, key: str) -> tuple[yarl.URL, dict[str, str]]:
+    def _signed(self, method: str, key: str, query: str = "") -> tuple[yarl.URL, dict[str, str]]:
         creds = self._credentials.get()
         headers = self._signer.headers(
             method=method,
             host=self.config.signing_host,
             path=self.config.canonical_path(key),
+            query=query,
             access_key_id=creds.access_key_id,
             secret_access_key=creds.secret_access_key,
             session_token=creds.session_token,
         )
-        return yarl.URL(self.config.object_url(key), encoded=True), headers
+        url = self.config.object_url(key) + (f"?{query}" if query else "")
+        return yarl.URL(url, encoded=True), headers
 
     @contextlib.asynccontextmanager
     async def get(self, key: str, start: int, end: int) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -228,6 +236,44 @@ class S3Client:
             if exc.status != 416:  # a Range on an empty object: it exists
                 raise
         return True
+
+    async def stat(self, key: str) -> tuple[str, int | None]:
+        """The ETag and size of `key` (size None if the server did not say): a one-byte GET,
+        like `exists`. An empty object answers 416 with no reliable ETag: ("", 0)."""
+        try:
+            async with self.get(key, 0, 0) as resp:
+                etag = resp.headers.get("ETag", "")
+                answered = content_range(resp) if resp.status == 206 else None
+                size = answered[2] if answered is not None else resp.content_length
+                if resp.status == 206:
+                    await read_at_most(resp, 1)
+                return etag, size
+        except HTTPStatusError as exc:
+            if exc.status != 416:
+                raise
+        return "", 0
+
+    async def list_page(self, prefix: str, token: str | None) -> ListPage:
+        """One ListObjectsV2 page of the keys under `prefix` (see the module doc)."""
+        assert self._session is not None  # noqa: S101
+        assert self._requests is not None  # noqa: S101
+        params = {"list-type": "2", "prefix": prefix, "max-keys": str(MAX_KEYS)}
+        if token is not None:
+            params["continuation-token"] = token
+        url, headers = self._signed("GET", "", canonical_query(params))
+        opts = self.options
+        async with self._requests:
+            budget = opts.request_timeout + MAX_LIST_BODY / opts.min_rate
+            async with (
+                asyncio.timeout(budget),
+                self._session.get(url, headers=headers, allow_redirects=False) as resp,
+            ):
+                if resp.status >= 300:
+                    raise await _error_of(resp)
+                # A longer body is cut at the bound (and refused by the parser), never read on.
+                body = await _read_bounded(resp, MAX_LIST_BODY)
+        # Parsing up to 2 MiB of XML takes milliseconds: not on the loop every request shares.
+        return await asyncio.to_thread(parse_page, body, prefix=prefix, remote=self.url)
 
     async def retrying(
         self, key: str, retries: Counter[str], attempt: Callable[[], Awaitable[T]]
@@ -419,6 +465,18 @@ def _check_range(resp: aiohttp.ClientResponse, start: int, end: int) -> None:
     length = resp.content_length
     if length is not None and length != last - first + 1:
         raise BadBodyError("overlong" if length > last - first + 1 else "bad_range")
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or `limit + 1` bytes of it if it is longer (the caller refuses that)."""
+    pieces: list[bytes] = []
+    got = 0
+    async for data in resp.content.iter_any():
+        pieces.append(data)
+        got += len(data)
+        if got > limit:
+            break
+    return b"".join(pieces)
 
 
 async def read_at_most(resp: aiohttp.ClientResponse, size: int) -> bytes:
