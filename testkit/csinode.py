@@ -29,7 +29,7 @@ class CsiNode:
         self.base = base
         self.root = base / "node"
         self.kubelet = base / "kubelet"
-        self.root.mkdir()
+        self.root.mkdir(parents=True)
         (self.kubelet / "pods").mkdir(parents=True)
         mounts.bind(self.kubelet, self.kubelet)
         mounts.set_propagation(self.kubelet, mounts.Propagation.PRIVATE)
