@@ -27,7 +27,7 @@ from datapin_sidecar.csi.trees import TreeStore
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import MountError, VolumeConflictError
+from datapin_sidecar.errors import BadVolumeError, MountError, VolumeConflictError
 from datapin_sidecar.remotes.directory import DirectoryRemote
 
 from testkit import REPO_ROOT
@@ -473,3 +473,18 @@ def test_mountinfo_parser_decodes_escapes() -> None:
 def test_overlay_paths_that_options_cannot_carry_are_refused(bad: str) -> None:
     with pytest.raises(MountError, match="overlay paths must be absolute"):
         mounts.overlay_options(lower=Path(bad), upper=Path("/u"), work=Path("/w"))
+
+
+def test_a_failed_publish_is_a_clear_error_and_leaves_nothing(node: CsiNode, remote: tuple) -> None:
+    directory, a, _ = remote
+    publisher = Publisher(node.root)
+    tree = asyncio.run(_store(node, publisher).ensure(a, LayoutChoice.AUTO, directory))
+    request = node.request(a)
+    request.target_path.parent.rmdir()  # kubelet has not made the volume's directory
+    with pytest.raises(MountError, match=r"ENOENT .*kubelet retries"):
+        asyncio.run(publisher.publish(request, tree))
+    assert not publisher.volume(request.volume_id).exists()
+    assert not mounts.mounts_under(node.root / "csi")
+    assert publisher.published() == []
+    with pytest.raises(BadVolumeError, match="not a tree of the node's tree store"):
+        asyncio.run(publisher.publish(node.request(a), directory.root))

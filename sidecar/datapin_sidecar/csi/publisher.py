@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -68,7 +69,7 @@ from datapin_sidecar import safefs
 from datapin_sidecar.csi import mounts
 from datapin_sidecar.csi.volume import VolumeRequest, check_volume_id
 from datapin_sidecar.engine.workspace import is_tree_key
-from datapin_sidecar.errors import BadVolumeError, MountError, VolumeConflictError
+from datapin_sidecar.errors import BadVolumeError, MountError, VolumeConflictError, os_error
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,11 @@ class Publisher:
     def _write(self, record: VolumeRecord) -> None:
         vol = self.volume(record.volume_id)
         tmp = vol / f".{RECORD}.tmp-{secrets.token_hex(4)}"
+        # No fsync: a record matters only while its mounts exist, and a reboot drops both; a
+        # record lost to a crash reads as absent, and `recover` goes by the mount table then.
         fd = safefs.open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode=0o600)
         try:
             os.write(fd, record.to_json().encode())
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, vol / RECORD)
@@ -198,6 +200,12 @@ class Publisher:
         await asyncio.to_thread(self.publish_sync, request, tree)
 
     def publish_sync(self, request: VolumeRequest, tree: Path) -> None:
+        try:
+            self._publish(request, tree)
+        except OSError as exc:
+            raise _error(exc, "publish") from exc
+
+    def _publish(self, request: VolumeRequest, tree: Path) -> None:
         key = self._check_tree(tree)
         vid = request.volume_id
         with self._lock(vid):
@@ -235,7 +243,11 @@ class Publisher:
 
     def _check_tree(self, tree: Path) -> str:
         key = tree.name
-        if not is_tree_key(key) or tree.parent.parent.parent != self.trees:
+        if (
+            not is_tree_key(key)
+            or tree.parent.parent.name != key
+            or tree.parent.parent.parent != self.trees
+        ):
             raise BadVolumeError(f"{tree} is not a tree of the node's tree store {self.trees}")
         return key
 
@@ -284,7 +296,7 @@ class Publisher:
             raise MountError(
                 call="mkdir of the target",
                 path=str(target),
-                code=20,  # ENOTDIR
+                code=errno.ENOTDIR,
                 fix="kubelet's target path holds something that is not a directory",
             )
         mounts.bind(view, target, recursive=True)
@@ -326,6 +338,12 @@ class Publisher:
         await asyncio.to_thread(self.unpublish_sync, volume_id=volume_id, target_path=target_path)
 
     def unpublish_sync(self, *, volume_id: str, target_path: Path) -> None:
+        try:
+            self._unpublish(volume_id=volume_id, target_path=target_path)
+        except OSError as exc:
+            raise _error(exc, "unpublish") from exc
+
+    def _unpublish(self, *, volume_id: str, target_path: Path) -> None:
         vid = check_volume_id(volume_id)
         with self._lock(vid):
             record = self.record(vid)
@@ -357,7 +375,7 @@ class Publisher:
             raise MountError(
                 call="umount (volume directory)",
                 path=str(vol),
-                code=16,  # EBUSY
+                code=errno.EBUSY,
                 fix="something keeps mounting there; it is retried",
             )
         safefs.remove_tree(vol)
@@ -496,3 +514,17 @@ class Publisher:
             mounts.shows(m, base) is not None and not (m.mount_point + "/").startswith(inside)
             for m in table
         )
+
+
+def _error(exc: OSError, what: str) -> Exception:
+    """A `MountError` naming the path for an OSError met while publishing or unpublishing."""
+    err = os_error(str(exc.filename or "?"), exc, volume="node volume")
+    if err is not exc:
+        return err
+    return MountError(
+        call=f"{what} ({exc.strerror or exc})",
+        path=os.fsdecode(exc.filename or "?"),
+        code=exc.errno or errno.EIO,
+        fix="kubelet retries; if it persists, check the node directory and kubelet's pods "
+        "directory on this node",
+    )
