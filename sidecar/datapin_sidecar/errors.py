@@ -13,7 +13,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── ObjectsMissingError           4  objects are in neither the node cache nor the remote
     ├── CorruptObjectError            5  objects fail their md5 and cannot be repaired
     ├── DestinationError              6  the destination cannot take the tree
-    │                                    (not ours, read-only, no space, permission)
+    │   │                                (not ours, read-only, no space, permission)
+    │   └── MountError                6  a mount(2)/umount2(2) of the node plugin failed
+    │                                    (`csi.mounts`); names the call, the paths, errno
     ├── LinkError                     7  the requested link strategy is impossible here
     ├── RemoteError                   8  the remote cannot be read; `cause` says why
     │                                    (a `RemoteCause`: metrics label, transient or not)
@@ -23,6 +25,8 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
         │                                `refusal` (a `Refusal`) is the metrics label and
         │                                decides the gRPC code
         ├── BadVolumeError               the volume's attributes, id or target are invalid
+        │   └── VolumeConflictError      the volume id is already published for another
+        │                                    request (CSI: ALREADY_EXISTS)
         ├── DatasetNotFoundError         no such Dataset in the pod's own namespace
         └── AccessRefusedError           the request's own keys and remote do not prove
                                          access to the pin (see `csi.access`)
@@ -259,6 +263,18 @@ class DestinationError(DatapinError):
         super().__init__(f"destination {dest}: {problem}. Fix: {fix}")
 
 
+class MountError(DestinationError):
+    """A mount(2) or umount2(2) the node plugin made failed; `code` is the kernel's errno."""
+
+    reason = "mount"
+
+    def __init__(self, *, call: str, path: str, code: int, fix: str) -> None:
+        self.call = call
+        self.code = code
+        name = errno.errorcode.get(code, str(code))
+        super().__init__(dest=path, problem=f"{call} failed: {name} ({os.strerror(code)})", fix=fix)
+
+
 class LinkError(DatapinError):
     """The requested link strategy cannot work between the cache and the destination."""
 
@@ -394,6 +410,11 @@ class BadVolumeError(VolumeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, refusal=Refusal.BAD_VOLUME)
+
+
+class VolumeConflictError(BadVolumeError):
+    """The volume id is already published for a different request (another target, pod,
+    dataset or mode): kubelet never does that, so the request is refused, not served."""
 
 
 class DatasetNotFoundError(VolumeError):

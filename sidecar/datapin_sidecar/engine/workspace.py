@@ -513,6 +513,11 @@ def tree_key(md5: str, layout: str) -> str:
     return md5 if layout == "dvc3" else f"{md5}{_LEGACY_SUFFIX}"
 
 
+def is_tree_key(name: str) -> bool:
+    """Whether `name` is a tree key (what `tree_key` makes), so a plain, safe file name."""
+    return _KEY.fullmatch(name) is not None
+
+
 def tree_layout(key: str) -> Layout:
     """The layout of the tree named `key`: the inverse of `tree_key`."""
     return Layout.LEGACY if key.endswith(_LEGACY_SUFFIX) else Layout.DVC3

@@ -1,0 +1,473 @@
+"""Issue 14 benchmark: publishing a dataset into a pod in CSI mode, beside copying a tree.
+
+    python -m bench.bench_csi [--quick] [--only warm,first,disk] [--sizes 10000,100000]
+                              [--runs N] [--heavy-runs M] [--disk-files N] [--at COMMIT]
+
+Run it from the repository root as root (it builds an XFS loop volume and mounts). It prints a
+markdown report (measurements, ratios, PASS/MISS per target) and writes it to
+bench/results/<UTC>-csi.md. A MISS is a finding for docs/benchmarks.md, not a failure.
+
+Cases:
+
+* `warm`: a revision whose shared tree is already built on the node, at each size (default
+  10k, 100k and 1M files of 4 KiB). datapin: `TreeStore.ensure` (finds the tree: one readlink)
+  and `Publisher.publish` into a new pod's target (the binds), what the agent does for a
+  `NodePublishVolume` after the proof of access. Peers: `cp -a --reflink=always` of the same
+  tree, and the sidecar mode's `materialize` into a fresh workspace (reflinks from the cache).
+  Targets: the publish time is flat across sizes (largest within 1.5x of the smallest) and at
+  least 20x faster than cp at 100k.
+* `first`: the first publish on a node (tree not built, objects cached): `ensure` builds the
+  tree with the engine, then publish; beside `cp -a --reflink=always`. Target: at most 1.2x cp.
+* `disk`: 10 pods using one revision (`--disk-files`, default 100k): inodes and bytes used on
+  the volume (statvfs before and after, synced), CSI mode (one shared tree, 10 volumes) beside
+  10 sidecar workspaces.
+
+How it measures, and why (the harness's conventions, `bench/harness.py`):
+
+* **In-process for datapin**, because the agent is a long-running process: a publish is timed
+  with `perf_counter` around the coroutines on one event loop (thread hops included). `cp` is
+  a process timed from fork to wait4 (`run_timed`); its start-up (~1 ms) is noise at these
+  sizes. The sidecar's materialise is in-process too, as the sidecar runs it.
+* **Peers in rounds, rotating who starts** (`interleave`); medians, min-max beside them, ratios
+  of medians. `sync` before every timed run; clean-up (unpublish, deleting copies) untimed.
+* **Checked, not assumed:** the first run of each peer counts the files and checks that one
+  file shares extents with the cache (`filefrag`), and the publish's target shows the tree.
+* Data: `harness.Corpus` writes 4 KiB objects straight into the node cache (DVC 3 layout),
+  seeded; smaller revisions are prefixes of larger ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from datapin_sidecar.csi import mounts
+from datapin_sidecar.csi.publisher import Publisher
+from datapin_sidecar.csi.trees import TreeStore
+from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.revision import Revision
+
+from bench.harness import (
+    KIB,
+    SOURCE_ENV,
+    BenchError,
+    Corpus,
+    Peer,
+    Target,
+    at_most,
+    check_pinned,
+    count_files,
+    interleave,
+    machine,
+    main_pinned,
+    median,
+    relpath,
+    rm,
+    run_timed,
+    secs,
+    settle,
+    write_report,
+)
+from testkit.csinode import CsiNode
+from testkit.xfs import shared_extents, xfs_volume
+
+CASES = ("warm", "first", "disk")
+FILE_BYTES = 4 * KIB
+FULL_SIZES = (10_000, 100_000, 1_000_000)
+QUICK_SIZES = (1_000, 5_000)
+FLAT_MAX = 1.5  # largest size's warm publish / smallest's
+CP_FACTOR_MIN = 20.0  # cp of the 100k tree / warm publish
+FIRST_MAX = 1.2  # first publish / cp
+PODS = 10
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class Series:
+    case: str
+    tool: str
+    walls: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def wall(self) -> float:
+        return median(self.walls)
+
+    def row(self) -> str:
+        spread = f"{secs(min(self.walls))}-{secs(max(self.walls))}" if self.walls else "-"
+        return (
+            f"| {self.case} | {self.tool} | {len(self.walls)} | {secs(self.wall)} | {spread} "
+            f"| {self.note} |"
+        )
+
+
+@dataclass(slots=True)
+class Bench:
+    vol: Path
+    sizes: tuple[int, ...]
+    runs: int
+    heavy_runs: int
+    seed: int
+    series: list[Series] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    node: CsiNode = field(init=False)
+    corpus: Corpus = field(init=False)
+    store: TreeStore = field(init=False)
+    publisher: Publisher = field(init=False)
+    loop: asyncio.AbstractEventLoop = field(init=False)
+    _revs: dict[int, Revision] = field(default_factory=dict)
+    _n: int = 0
+
+    def __post_init__(self) -> None:
+        self.node = CsiNode(self.vol / "bench")
+        self.corpus = Corpus(self.node.cache.root, self.seed)
+        self.publisher = Publisher(self.node.root)
+        self.store = TreeStore(
+            self.node.root, self.node.cache, references=self.publisher.referenced_keys
+        )
+        self.loop = asyncio.new_event_loop()
+        (self.vol / "runs").mkdir()
+
+    def close(self) -> None:
+        self.loop.close()
+        self.node.close()
+
+    def log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return self.loop.run_until_complete(coro)
+
+    def fresh(self, name: str) -> Path:
+        self._n += 1
+        return self.vol / "runs" / f"{name}-{self._n}"
+
+    def revision(self, n: int) -> Revision:
+        if n not in self._revs:
+            if len(self.corpus.base) < n:
+                t = time.monotonic()
+                self.corpus.grow(n, FILE_BYTES)
+                settle()
+                self.log(f"wrote {n:,} objects in {time.monotonic() - t:.1f}s")
+            self._revs[n] = Revision.parse(self.corpus.small_revision(self.corpus.base[:n]))
+        return self._revs[n]
+
+    def runs_for(self, n: int) -> int:
+        return self.heavy_runs if n >= 1_000_000 else self.runs
+
+    # -- the peers ----------------------------------------------------------------------------
+
+    def publish(self, rev: Revision, *, check: int | None = None) -> float:
+        """One pod's ensure + publish (timed), then its unpublish (untimed)."""
+        request = self.node.request(rev)
+
+        async def go() -> float:
+            t = time.perf_counter()
+            tree = await self.store.ensure(rev, LayoutChoice.AUTO, None)
+            await self.publisher.publish(request, tree)
+            return time.perf_counter() - t
+
+        settle()
+        wall = self.run(go())
+        if check is not None:
+            self.check_tree("publish", request.target_path / "current", check)
+        self.run(
+            self.publisher.unpublish(volume_id=request.volume_id, target_path=request.target_path)
+        )
+        return wall
+
+    def cp(self, src: Path, *, check: int | None = None) -> float:
+        dest = self.fresh("cp")
+        wall = run_timed(["cp", "-a", "--reflink=always", src, dest]).wall
+        if check is not None:
+            self.check_tree("cp", dest, check)
+        rm(dest)
+        return wall
+
+    def sidecar(self, rev: Revision, *, check: int | None = None) -> float:
+        """The sidecar mode's materialise into a fresh pod workspace (in-process)."""
+        ws = self.fresh("ws")
+        request = Request(
+            cache=self.node.cache, revision=rev, dest=ws / "data", state=ws / ".state" / "data"
+        )
+        settle()
+        t = time.perf_counter()
+        materialize(request)
+        wall = time.perf_counter() - t
+        if check is not None:
+            self.check_tree("sidecar", ws / "data" / "current", check)
+        rm(ws)
+        return wall
+
+    def check_tree(self, who: str, root: Path, files: int) -> None:
+        found = count_files(root)
+        if found != files:
+            raise BenchError(f"{who}: {found} files under {root}, expected {files}")
+        if not shared_extents(root / relpath(0)):
+            raise BenchError(f"{who}: {root / relpath(0)} shares no extents with the cache")
+
+    # -- cases --------------------------------------------------------------------------------
+
+    def bench_warm(self) -> None:
+        per_size: dict[int, Series] = {}
+        cp_at: dict[int, Series] = {}
+        for n in self.sizes:
+            per_size[n], cp_at[n] = self._warm(n)
+        smallest, largest = min(per_size), max(per_size)
+        if largest != smallest:
+            self.targets.append(
+                at_most(
+                    f"warm publish {largest:,} / {smallest:,} files",
+                    per_size[largest].wall / per_size[smallest].wall,
+                    FLAT_MAX,
+                )
+            )
+        ref = 100_000 if 100_000 in per_size else largest
+        factor = cp_at[ref].wall / per_size[ref].wall
+        self.targets.append(
+            Target(
+                f"cp -a --reflink=always / warm publish at {ref:,} files",
+                f"{factor:,.0f}x",
+                f">= {CP_FACTOR_MIN:.0f}x",
+                factor >= CP_FACTOR_MIN,
+            )
+        )
+
+    def _warm(self, n: int) -> tuple[Series, Series]:
+        rev = self.revision(n)
+        case = f"1. warm publish ({n:,} x 4 KiB)"
+        self.log(f"{case}: building the shared tree")
+        tree = self.run(self.store.ensure(rev, LayoutChoice.AUTO, None))
+        runs = self.runs_for(n)
+
+        def check(r: int) -> int | None:
+            return n if r == 0 else None
+
+        peers: list[Peer] = [
+            ("publish", runs, lambda r: self.publish(rev, check=check(r))),
+            ("cp", runs, lambda r: self.cp(tree, check=check(r))),
+            ("sidecar", runs, lambda r: self.sidecar(rev, check=check(r))),
+        ]
+        res = interleave(peers, self.log, describe=secs)
+        pub = self.add(Series(case, "datapin CSI: ensure (warm) + publish", res["publish"]))
+        cp = self.add(Series(case, "`cp -a --reflink=always` of the tree", res["cp"]))
+        side = self.add(
+            Series(case, "datapin sidecar mode: materialise, fresh workspace", res["sidecar"])
+        )
+        pub.note = f"{cp.wall / pub.wall:,.0f}x faster than cp"
+        side.note = f"{side.wall / cp.wall:.2f}x cp"
+        return pub, cp
+
+    def bench_first(self) -> None:
+        n = 100_000 if 100_000 in self.sizes else max(self.sizes)
+        rev = self.revision(n)
+        case = f"2. first publish on the node ({n:,} x 4 KiB, objects cached)"
+        self.log(case)
+        src = self.run(self.store.ensure(rev, LayoutChoice.AUTO, None))
+        src_copy = self.fresh("src")
+        run_timed(["cp", "-a", "--reflink=always", src, src_copy])
+
+        def first(r: int) -> float:
+            key = rev.md5
+            if not self.run(self.store.remove(key)) and self.store.find_key(key) is not None:
+                raise BenchError(f"tree {key} could not be removed before a first publish")
+            return self.publish(rev, check=n if r == 0 else None)
+
+        res = interleave(
+            [
+                ("first", self.runs, first),
+                ("cp", self.runs, lambda r: self.cp(src_copy, check=n if r == 0 else None)),
+            ],
+            self.log,
+            describe=secs,
+        )
+        pub = self.add(
+            Series(case, "datapin CSI: ensure (builds the tree) + publish", res["first"])
+        )
+        cp = self.add(Series(case, "`cp -a --reflink=always` of the tree", res["cp"]))
+        pub.note = f"{pub.wall / cp.wall:.2f}x cp"
+        self.targets.append(at_most("first publish / cp", pub.wall / cp.wall, FIRST_MAX))
+        rm(src_copy)
+
+    def bench_disk(self, files: int) -> None:
+        rev = self.revision(files)
+        self.log(f"3. disk cost of {PODS} pods using one {files:,}-file revision")
+        self.run(self.store.remove(rev.md5))
+
+        requests = [self.node.request(rev) for _ in range(PODS)]
+
+        async def csi() -> None:
+            tree = await self.store.ensure(rev, LayoutChoice.AUTO, None)
+            for request in requests:
+                await self.publisher.publish(request, tree)
+
+        tree_only = self.used(lambda: self.run(self.store.ensure(rev, LayoutChoice.AUTO, None)))
+        self.run(self.store.remove(rev.md5))
+        csi_cost = self.used(lambda: self.run(csi()))
+        for request in requests:
+            self.run(
+                self.publisher.unpublish(
+                    volume_id=request.volume_id, target_path=request.target_path
+                )
+            )
+        workspaces = [self.fresh("ws") for _ in range(PODS)]
+
+        def sidecar() -> None:
+            for ws in workspaces:
+                materialize(
+                    Request(
+                        cache=self.node.cache,
+                        revision=rev,
+                        dest=ws / "data",
+                        state=ws / ".state" / "data",
+                    )
+                )
+
+        side_cost = self.used(sidecar)
+        for ws in workspaces:
+            rm(ws)
+        rows = [
+            f"### 3. Disk cost of {PODS} pods using one {files:,}-file revision",
+            "",
+            "statvfs of the volume before and after (synced): inodes and bytes used.",
+            "",
+            "| mode | inodes | bytes | per pod |",
+            "|---|---:|---:|---|",
+            f"| CSI: the shared tree alone | {tree_only[0]:,} | {tree_only[1] / 2**20:.1f} MiB "
+            "| - |",
+            f"| CSI: shared tree + {PODS} published volumes | {csi_cost[0]:,} "
+            f"| {csi_cost[1] / 2**20:.1f} MiB | {(csi_cost[0] - tree_only[0]) / PODS:,.0f} inodes, "
+            f"{(csi_cost[1] - tree_only[1]) / PODS / KIB:,.0f} KiB beyond the tree |",
+            f"| sidecar: {PODS} workspaces | {side_cost[0]:,} | {side_cost[1] / 2**20:.1f} MiB "
+            f"| {side_cost[0] / PODS:,.0f} inodes, {side_cost[1] / PODS / 2**20:.1f} MiB |",
+            "",
+            f"CSI uses {side_cost[0] / max(csi_cost[0], 1):.1f}x fewer inodes and "
+            f"{side_cost[1] / max(csi_cost[1], 1):.1f}x fewer bytes than the sidecar mode.",
+        ]
+        self.sections.append("\n".join(rows))
+
+    def used(self, action: Callable[[], object]) -> tuple[int, int]:
+        """(inodes, bytes) the volume uses more after `action` than before (synced)."""
+
+        def now() -> tuple[int, int]:
+            settle()
+            time.sleep(1)  # XFS frees inodes of deleted trees in the background (inodegc)
+            settle()
+            st = os.statvfs(self.vol)
+            return st.f_files - st.f_ffree, (st.f_blocks - st.f_bfree) * st.f_frsize
+
+        before = now()
+        action()
+        after = now()
+        return after[0] - before[0], after[1] - before[1]
+
+    def add(self, series: Series) -> Series:
+        self.series.append(series)
+        return series
+
+    def render(self, header: str) -> str:
+        lines = [header, "", "### Measurements", ""]
+        lines += ["| case | tool | n | median | min-max | notes |", "|---|---|---:|---:|---:|---|"]
+        lines += [s.row() for s in self.series]
+        lines += ["", "### Targets", "", "| target | measured | goal | result |"]
+        lines += ["|---|---|---|---|"]
+        lines += [t.row() for t in self.targets]
+        for section in self.sections:
+            lines += ["", section]
+        return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_csi",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test (< 1 min)")
+    p.add_argument("--only", default=",".join(CASES), help=f"comma list of {','.join(CASES)}")
+    p.add_argument("--sizes", help="comma list of file counts for `warm` (default 10k,100k,1M)")
+    p.add_argument("--disk-files", type=int, help="files of the `disk` revision (default 100k)")
+    p.add_argument("--runs", type=int, help="runs per peer (default 5; quick 3)")
+    p.add_argument("--heavy-runs", type=int, default=2, help="runs per peer at 1M files")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="for the XFS image")
+    p.add_argument("--seed", type=int, default=14, help="PRNG seed of the data")
+    p.add_argument("--at", metavar="COMMIT", help="measure datapin as of COMMIT")
+    args = p.parse_args(argv)
+    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = set(args.cases) - set(CASES)
+    if unknown:
+        p.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+    default_sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    args.sizes = (
+        tuple(sorted(int(s) for s in args.sizes.split(","))) if args.sizes else default_sizes
+    )
+    args.disk_files = args.disk_files or (max(args.sizes) if args.quick else 100_000)
+    args.runs = args.runs or (3 if args.quick else 5)
+    if min(args.sizes) < 1 or args.runs < 1 or args.heavy_runs < 1:
+        p.error("sizes and runs must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_pinned(argv, parse_args, run, module="bench.bench_csi")
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    check_pinned()
+    command = shlex.join(["python", "-m", "bench.bench_csi", *argv])
+    when = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    biggest = max(*args.sizes, args.disk_files)
+    volume = f"{max(4, biggest * 40 // 1_000_000 + 4)}G"  # ~40 KiB per file, all copies at once
+    with xfs_volume(volume, workdir=args.workdir) as vol:
+        bench = Bench(
+            vol=vol, sizes=args.sizes, runs=args.runs, heavy_runs=args.heavy_runs, seed=args.seed
+        )
+        try:
+            if "warm" in args.cases:
+                bench.bench_warm()
+            if "first" in args.cases:
+                bench.bench_first()
+            if "disk" in args.cases:
+                bench.bench_disk(args.disk_files)
+            leftover = mounts.mounts_under(vol / "bench" / "node" / "csi")
+            if leftover:
+                raise BenchError(f"mounts left after the run: {leftover}")
+        finally:
+            bench.close()
+        elapsed = time.monotonic() - bench.started
+    header = "\n".join(
+        [
+            f"## datapin CSI publish benchmark, {when:%Y-%m-%d %H:%M} UTC",
+            "",
+            f"- command: `{command}` (from the repository root, as root)",
+            machine(),
+            f"- datapin: in-process, a private copy of {os.environ[SOURCE_ENV]}",
+            f"- volume: {volume} sparse XFS image (reflink=1) on a loop device in "
+            f"{args.workdir}; runs {args.runs} per peer ({args.heavy_runs} at 1M files); "
+            f"seed {args.seed}",
+            f"- load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
+            f"whole run {elapsed / 60:.1f} min",
+            "- wall-clock medians; datapin timed in-process (the agent is long-running), cp "
+            "as a process from fork to exit",
+            *(["- **--quick: a smoke test**"] if args.quick else []),
+        ]
+    )
+    write_report(bench.render(header), when, name="csi", quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
