@@ -28,6 +28,12 @@ failure undoes what this call did. Publishing the same request again is a no-op 
 target left writable by a crash between the bind and the read-only remount); the same volume
 id with a different request is a `VolumeConflictError`.
 
+**Ownership.** Everything here and every tree is root's (the agent); tree files are 0444 and
+directories 0755. An overlay keeps the lower layer's owners and modes on copy-up, so a writable
+volume is writable where those allow: a pod running as a non-root uid can read everything but
+write only what it creates where it may. (Mapping the tree to the pod's uid needs an idmapped
+mount and the pod's `runAsUser`, which the request does not carry.)
+
 **Switch** (`switch`), REFERENCE.md's recipe: mount the new tree at `.revs/<new>` (the view is
 shared, so the mount propagates to the target and, through the host, into the pod's containers
 with `HostToContainer`), then rename a fresh symlink over `current`. The target is never
