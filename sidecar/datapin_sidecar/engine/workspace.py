@@ -523,6 +523,11 @@ def tree_layout(key: str) -> Layout:
     return Layout.LEGACY if key.endswith(_LEGACY_SUFFIX) else Layout.DVC3
 
 
+def tree_md5(key: str) -> str:
+    """The md5 of the revision of the tree named `key`: the other half of the inverse."""
+    return key.removesuffix(_LEGACY_SUFFIX)
+
+
 def remove_tree(path: Path) -> None:
     """Delete `path` and everything under it, never following a symlink (`safefs`)."""
     safefs.remove_tree(path)

@@ -24,6 +24,10 @@ Loops in one TaskGroup, each on its own interval:
   duration)`, and at least every `scan_interval`: the gauges follow sidecars filling a node
   within seconds without the walk running back to back on a large cache.
 
+* **node plugin** — with `DATAPIN_CSI_SOCKET`, the CSI node plugin (`node.plugin`): publishes
+  datasets into pods, follows their pins; its trees are GC roots while a volume uses them, and
+  unused ones go first above the high watermark.
+
 **The volume is hostile.** Pods control names under `workspaces/`, and a subverted writer may
 have planted anything in the cache. Every housekeeping function opens such paths with `safefs`
 (no symlink followed, no FIFO or device opened, bounded reads) and reports an item it cannot
@@ -68,7 +72,8 @@ from datapin_sidecar.node.housekeeping.reaper import kubelet_pods_liveness, reap
 from datapin_sidecar.node.housekeeping.roots import roots
 from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.tasks import Task
-from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks
+from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks, above
+from datapin_sidecar.node.plugin import PluginState, serve_plugin
 from datapin_sidecar.node.program import Program
 from datapin_sidecar.node.remotes import open_remote
 from datapin_sidecar.node.settings import DatasetSettings
@@ -196,6 +201,8 @@ class Agent(Program):
         self._logged: set[tuple[str, str, str]] = set()
         self._logged_lock = threading.Lock()
         self._warned: set[str] = set()  # odd names under workspaces/, warned about once
+        #: The CSI node plugin's parts once it runs (`DATAPIN_CSI_SOCKET`).
+        self.plugin = PluginState()
         for name, value in (
             (("bytes", "high"), settings.gc_high_percent),
             (("bytes", "low"), settings.gc_low_percent),
@@ -249,6 +256,7 @@ class Agent(Program):
                 f"{name}@{pin}": {"state": w.state, "last_error": w.last_error}
                 for (name, pin), w in sorted(self.warmth.items())
             },
+            "csi": self.plugin.status() if self.settings.csi_socket is not None else None,
             "gc": None
             if gc is None
             else {
@@ -273,6 +281,18 @@ class Agent(Program):
                 tg.create_task(
                     self._every(min(s.scan_interval_seconds, GAUGE_SECONDS), self.gauges)
                 )
+                if s.csi_socket is not None:
+                    tg.create_task(
+                        serve_plugin(
+                            s,
+                            environ=self.environ,
+                            cache=self.cache,
+                            metrics=self.metrics,
+                            state=self.plugin,
+                            stopping=self.stopping,
+                            run=_in_thread,
+                        )
+                    )
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -485,6 +505,9 @@ class Agent(Program):
                 continue
             layouts = e.layout.candidates
             protected += [(revision, layout) for layout in layouts]
+        if self.plugin.publisher is not None:
+            protected += await _in_thread(self.plugin.roots)
+            await self._remove_unused_trees(report)
         in_use = await _in_thread(roots, self.settings.root, protected, on_error=report)
         result = await _in_thread(collect, self.cache, in_use, self.watermarks, on_error=report)
         self.last_gc = result
@@ -510,6 +533,24 @@ class Agent(Program):
                 else " (short of the low watermark: the rest is in use)",
             )
 
+    async def _remove_unused_trees(
+        self, report: Callable[[Task, str, BaseException], None]
+    ) -> None:
+        """Above the high watermark, shared trees no volume uses go before cache objects:
+        they cost inodes and metadata, and the next publish of their revision rebuilds them
+        from whatever the cache still holds."""
+        w = self.watermarks
+        usage = await _in_thread(VolumeUsage.measure, self.settings.root)
+        if not above(usage, w.high_percent, w.inodes_high_percent):
+            return
+        try:
+            removed = await _in_thread(self.plugin.remove_unused_trees)
+        except Exception as exc:
+            report(Task.COLLECT, str(self.settings.root / "trees"), exc)
+            return
+        if removed:
+            log.info("gc: removed %d shared tree(s) no volume used", len(removed))
+
     def _observe_volume(self, usage: VolumeUsage) -> None:
         m = self.metrics
         m.volume_size.set(usage.size_bytes)
@@ -522,6 +563,10 @@ class Agent(Program):
         """Volume gauges now; cache gauges when the volume moved (see the module doc)."""
         usage = await _in_thread(VolumeUsage.measure, self.settings.root)
         self._observe_volume(usage)
+        if self.plugin.publisher is not None:
+            trees, volumes = await _in_thread(self.plugin.counts)
+            self.metrics.shared_trees.set(trees)
+            self.metrics.published_volumes.set(volumes)
         now = time.monotonic()
         moved = (usage.used_bytes, usage.inodes_used) != self._scanned_usage
         gap = max(GAUGE_SECONDS, 4 * self._scan_seconds)

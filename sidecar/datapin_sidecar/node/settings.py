@@ -367,6 +367,12 @@ class Settings(BaseSettings):
         description="The Kubernetes API for the node plugin's reads (default: in-cluster, "
         "from KUBERNETES_SERVICE_HOST/PORT and the service account).",
     )
+    csi_trusted_endpoints: list[str] = Field(
+        default_factory=lambda: ["*.backblazeb2.com", "*.amazonaws.com"],
+        description="JSON list of S3 endpoint host patterns (or exact endpoint URLs) whose "
+        "ETags the node plugin takes as the md5 of an object's bytes, over verified TLS: "
+        "services no tenant runs. Objects on other endpoints are proven by downloading them.",
+    )
     csi_proof_seconds: float = _seconds(
         300.0,
         at_most=DAY,
