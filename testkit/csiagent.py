@@ -1,0 +1,221 @@
+"""The agent as a CSI node plugin on a test node: the real program, kubelet's calls, kmock.
+
+For the end-to-end tests of the node plugin (tests/test_csi_node.py): everything kubelet and
+the API server would give the agent on a node, and nothing mocked inside it.
+
+- `CsiAgentNode` is one node: a `CsiNode` (the node volume ROOT and kubelet's root, whose
+  pods/ is a shared mount as on a node), short socket paths (a unix socket path is at most
+  107 bytes, pytest's temporary paths can be longer), and the real `datapin-sidecar agent`
+  (`SidecarProcess`) serving CSI with those settings and the kmock API's URL. `start` and
+  `kill` (SIGKILL by PID) may be repeated on the same ROOT, as a node's agent restarts.
+  `close` stops the agent by PID, then lazily unmounts everything below the node (deepest
+  first), so a failing test leaves no mount behind.
+- `injected` builds a pod's volume the way the webhook does (`inject_csi` on a pod template
+  annotated for a Dataset) and returns what kubelet then holds: the `InlineVolume` with the
+  attributes, readOnly and the Secret's data, and the pod object to create in the API.
+- `dataset_object` is a Dataset as the operator's CRD defines it.
+
+Blocking calls (process start, HTTP to the agent) run in threads: the API the agent reads is
+kmock's emulator in the test's own event loop, which must keep answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datapin_operator.api import models
+from datapin_operator.webhook.inject_csi import inject_csi
+from datapin_operator.webhook.mounts import DatasetMount
+from datapin_operator.webhook.requests import parse_request
+from datapin_sidecar.csi import mounts
+from datapin_sidecar.csi.registration import registration_socket
+from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.pins import PinRecord
+
+from testkit import rmtree_robust
+from testkit.csinode import CsiNode
+from testkit.kubelet import InlineVolume, Kubelet
+from testkit.sidecarproc import SidecarProcess
+
+__all__ = ["CsiAgentNode", "Injected", "dataset_object", "injected"]
+
+NODE_NAME = "node-1"
+
+
+class CsiAgentNode:
+    """One node with the agent serving CSI (see the module doc)."""
+
+    def __init__(
+        self,
+        base: Path,
+        workdir: Path,
+        *,
+        kube_api_url: str,
+        trusted_endpoints: Sequence[str] = (),
+        node_name: str = NODE_NAME,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.node = CsiNode(base)
+        self.workdir = workdir
+        self.sockets = Path(tempfile.mkdtemp(prefix="dp-csi-", dir="/tmp"))
+        self.csi_socket = self.sockets / "csi.sock"
+        self.registration_dir = self.sockets / "plugins_registry"
+        self.registration_dir.mkdir()
+        self.kubelet = Kubelet(kubelet_dir=self.node.kubelet, node_name=node_name)
+        self.settings: dict[str, Any] = {
+            "root": str(self.node.root),
+            "csi_socket": str(self.csi_socket),
+            "csi_registration_dir": str(self.registration_dir),
+            "kubelet_dir": str(self.node.kubelet),
+            "kube_api_url": kube_api_url,
+            "node_name": node_name,
+            "csi_trusted_endpoints": list(trusted_endpoints),
+            "gc_interval_seconds": "0.5",
+            "scan_interval_seconds": "0.5",
+            "spare_grace_seconds": "0",
+            "log_format": "json",
+            **(extra or {}),
+        }
+        self.agent: SidecarProcess | None = None
+        self.agents: list[SidecarProcess] = []
+
+    @property
+    def root(self) -> Path:
+        return self.node.root
+
+    @property
+    def registration_socket(self) -> Path:
+        return registration_socket(self.registration_dir)
+
+    async def start(self) -> SidecarProcess:
+        """Start the agent and wait until both of its sockets answer."""
+        agent = SidecarProcess("agent", self.workdir, self.settings)
+        self.agent = agent
+        self.agents.append(agent)
+        await asyncio.to_thread(agent.start)
+        await self.until(
+            "the CSI and registration sockets",
+            lambda: self.csi_socket.exists() and self.registration_socket.exists(),
+        )
+        return agent
+
+    def kill(self) -> None:
+        """kill -9 of the agent, by PID."""
+        assert self.agent is not None
+        os.kill(self.agent.pid, signal.SIGKILL)
+        self.agent.wait(30)
+
+    async def until(self, what: str, check: Any, timeout: float = 60.0) -> Any:
+        """Poll `check()` in a thread until truthy (the agent's log on failure)."""
+        assert self.agent is not None
+        agent = self.agent
+        return await asyncio.to_thread(agent.wait_until, what, check, timeout)
+
+    async def sample(self, name: str, **labels: str) -> float:
+        assert self.agent is not None
+        return await asyncio.to_thread(self.agent.sample, name, **labels)
+
+    def close(self) -> None:
+        """Stop every agent by PID, unmount everything below the node, remove the sockets."""
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop()
+        try:
+            self.node.close()
+        finally:
+            rmtree_robust(self.sockets)
+
+    def mounts_below(self, path: Path) -> list[str]:
+        return [m.mount_point for m in mounts.mounts_under(path)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Injected:
+    """A pod the webhook injected: its volume as kubelet sees it and its API object."""
+
+    volume: InlineVolume
+    pod: dict[str, Any]
+    secret_name: str
+
+
+def dataset_object(
+    name: str, namespace: str, *, url: str, endpoint: str, secret: str
+) -> dict[str, Any]:
+    """A Dataset whose keys are in `secret` (default key names)."""
+    return {
+        "apiVersion": "datapin.dev/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "remote": {"url": url, "endpoint": endpoint, "credentialsSecretRef": {"name": secret}}
+        },
+    }
+
+
+def injected(
+    *,
+    dataset: Mapping[str, Any],
+    pin: str,
+    secrets: Mapping[str, str],
+    ref: str = "v1",
+    writable: bool = False,
+    pod_name: str | None = None,
+    node_name: str = NODE_NAME,
+    namespace: str | None = None,
+) -> Injected:
+    """The webhook's injection of a pod asking for `dataset` at `pin` (see the module doc).
+
+    `namespace` is the pod's (default: the Dataset's); `secrets` the data of the Secret the
+    injected `nodePublishSecretRef` names, which kubelet passes.
+    """
+    meta = dataset["metadata"]
+    namespace = namespace or meta["namespace"]
+    annotations = {
+        "datapin.dev/dataset": meta["name"],
+        "datapin.dev/revision": ref,
+        "datapin.dev/mode": "csi",
+    }
+    if writable:
+        annotations["datapin.dev/writable"] = "true"
+    template: dict[str, Any] = {
+        "metadata": {"annotations": annotations},
+        "spec": {"containers": [{"name": "train", "image": "example.org/train:1"}]},
+    }
+    request = parse_request(annotations, mount_root="/data")
+    assert request is not None
+    mount = DatasetMount(
+        request=request.mounts[0],
+        spec=models.DatasetSpec.model_validate(dataset["spec"]),
+        pin=PinRecord(dataset=meta["name"], pin=pin, ref=ref, layout=LayoutChoice.DVC3),
+    )
+    out = inject_csi(template, request=request, mounts=[mount])
+    (volume,) = [v for v in out["spec"]["volumes"] if "csi" in v]
+    csi = volume["csi"]
+    uid = str(uuid.uuid4())
+    name = pod_name or f"train-{uid[:8]}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**out["metadata"], "name": name, "namespace": namespace, "uid": uid},
+        "spec": {**out["spec"], "nodeName": node_name},
+    }
+    inline = InlineVolume(
+        namespace=namespace,
+        pod_name=name,
+        pod_uid=uid,
+        name=volume["name"],
+        driver=csi["driver"],
+        attributes=dict(csi["volumeAttributes"]),
+        read_only=bool(csi["readOnly"]),
+        secrets=dict(secrets),
+    )
+    return Injected(volume=inline, pod=pod, secret_name=csi["nodePublishSecretRef"]["name"])

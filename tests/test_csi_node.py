@@ -1,0 +1,228 @@
+"""The CSI node plugin end to end: the real agent, called exactly as kubelet calls it.
+
+Everything is real except the API server (kmock's emulator, which the agent reads over HTTP):
+the `datapin-sidecar agent` program in a subprocess on a real XFS node volume, serving CSI and
+kubelet registration on unix sockets; kubelet's calls in kubelet's form (`testkit.kubelet`);
+volume attributes written by the operator's own webhook code (`inject_csi`); two tenants on
+one SeaweedFS server with bucket-scoped keys, tenant A's data pushed by real DVC; mounts
+checked in /proc/self/mountinfo and bytes by md5 of every file.
+
+What users depend on: a pod sees its pinned revision read-only, byte for byte, and a second
+pod of that revision starts warm on the same shared tree; another tenant is refused, with the
+right gRPC code and a message naming the dataset and the pin, by every route the threat model
+names; a writable volume writes without touching the shared tree or the cache; an agent killed
+with -9 leaves the pod's mount alone and unpublish still cleans up; a pin change on the pod
+reaches `current` without a remount; concurrent cold publishes fetch each object once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from datapin_sidecar.csi import mounts
+from datapin_sidecar.csi.proto import csi_pb2 as pb
+from datapin_sidecar.csi.volume import DRIVER
+from datapin_sidecar.pins import ANNOTATION, PinRecord, format_pins
+
+from testkit.csiagent import CsiAgentNode, Injected, dataset_object, injected
+from testkit.csinode import md5_files, md5_tree
+from testkit.dvcremote import S3DvcFixture, object_key, push_dvc_fixture
+from testkit.dvcrepo import DvcUnavailable, sample_files
+from testkit.faultproxy import FaultProxy
+from testkit.kubeapi import DATASETS, Api, Emulator, emulator
+from testkit.kubelet import InlineVolume
+from testkit.seaweed import SeaweedUnavailable, find_weed
+from testkit.tenants import Tenant, TenantSeaweed
+from testkit.trees import object_name
+
+pytestmark = [pytest.mark.s3, pytest.mark.xfs]
+
+NS_A, NS_B = "team-a", "team-b"
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantSeaweed]:
+    try:
+        weed = find_weed()
+    except SeaweedUnavailable as exc:
+        pytest.skip(f"no SeaweedFS S3 server: {exc.reason}")
+    with TenantSeaweed(tmp_path_factory.mktemp("tenants"), weed=weed, tenants=("a", "b")) as s:
+        yield s
+
+
+def _push(
+    base: Path, tenants: TenantSeaweed, files: dict[str, bytes] | None = None
+) -> S3DvcFixture:
+    try:
+        return push_dvc_fixture(
+            base, tenants, tenants.tenants["a"].bucket, version=3, files=files, create_bucket=False
+        )
+    except DvcUnavailable as exc:
+        pytest.skip(f"no DVC 3: {exc.reason}")
+
+
+@pytest.fixture(scope="module")
+def pushed_a(tmp_path_factory: pytest.TempPathFactory, tenants: TenantSeaweed) -> S3DvcFixture:
+    """Tenant A's revision 1, pushed by real DVC 3 to A's bucket."""
+    return _push(tmp_path_factory.mktemp("push-a1"), tenants)
+
+
+@pytest.fixture(scope="module")
+def pushed_a2(tmp_path_factory: pytest.TempPathFactory, tenants: TenantSeaweed) -> S3DvcFixture:
+    """Tenant A's revision 2 (a file changed, one added, one removed), same remote."""
+    files = dict(sample_files())
+    files["README.txt"] = b"revision two\n"
+    files["v2/only-in-two.bin"] = os.urandom(70_000)
+    files.pop(sorted(files)[-1])
+    return _push(tmp_path_factory.mktemp("push-a2"), tenants, files)
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[Emulator, Api]]:
+    async with emulator() as pair:
+        yield pair
+
+
+def _keys(tenant: Tenant) -> dict[str, str]:
+    """The data of a tenant's Secret (the default key names)."""
+    return {"AWS_ACCESS_KEY_ID": tenant.access_key, "AWS_SECRET_ACCESS_KEY": tenant.secret_key}
+
+
+@pytest.fixture
+def node_factory(
+    xfs_dir: Path, tmp_path: Path, api: tuple[Emulator, Api]
+) -> Iterator[Any]:
+    """Make nodes (the agent not started yet); every one is closed, even on failure."""
+    made: list[CsiAgentNode] = []
+
+    def make(**kwargs: Any) -> CsiAgentNode:
+        n = len(made)
+        node = CsiAgentNode(
+            xfs_dir / f"node{n}", tmp_path / f"agent{n}", kube_api_url=api[1].url, **kwargs
+        )
+        (tmp_path / f"agent{n}").mkdir()
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.close()
+
+
+async def _tenant_a(api: Api, fx: S3DvcFixture, endpoint: str) -> dict[str, Any]:
+    dataset = dataset_object(
+        "images", NS_A, url=fx.remote_url, endpoint=endpoint, secret="a-keys"
+    )
+    await api.create(DATASETS, dataset)
+    return dataset
+
+
+async def _pod(api: Api, pod: Injected) -> None:
+    await api.create("v1/pods", pod.pod)
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+def _mount_at(path: Path) -> mounts.Mount:
+    found = mounts.mounts_at(path)
+    assert found, f"{path} is not a mount point (/proc/self/mountinfo)"
+    return found[-1]
+
+
+def _assert_serves(target: Path, fx: S3DvcFixture) -> None:
+    mount = _mount_at(target)
+    assert mount.read_only, f"the target is mounted {sorted(mount.options)}"
+    assert md5_tree(target / "current") == md5_files(fx.files)
+
+
+def _assert_read_only(target: Path) -> None:
+    some = next(p for p in (target / "current").rglob("*") if p.is_file())
+    for attempt in (
+        lambda: some.write_bytes(b"x"),
+        lambda: (target / "current" / "new-file").write_bytes(b"x"),
+        lambda: (target / "planted").write_bytes(b"x"),
+    ):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS, caught.value
+
+
+def _assert_no_mounts(node: CsiAgentNode, volume: InlineVolume) -> None:
+    target = volume.target_path(node.node.kubelet)
+    assert node.mounts_below(target) == []
+    assert node.mounts_below(node.root / "csi" / volume.volume_id) == []
+    assert not (node.root / "csi" / volume.volume_id).exists()
+
+
+async def _refused(
+    node: CsiAgentNode, volume: InlineVolume
+) -> tuple[grpc.StatusCode, str]:
+    async with node.kubelet.csi(node.csi_socket) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await node.kubelet.publish(client, volume)
+    target = volume.target_path(node.node.kubelet)
+    assert not mounts.is_mount(target), "a refused publish left a mount"
+    return caught.value.code(), caught.value.details() or ""
+
+
+# -- 1. registration, identity, a cold and a warm publish ---------------------------------------
+
+
+async def test_registration_identity_and_a_read_only_publish_then_a_warm_one(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    registered = await node.kubelet.register(node.registration_socket)
+    assert registered.name == DRIVER
+    assert registered.endpoint == str(node.csi_socket)
+    assert registered.node_id == "node-1"
+    await node.until("kubelet's verdict", lambda: node.agent.status()["csi"]["registered"])
+
+    async with node.kubelet.csi(node.csi_socket) as client:
+        info = await client.get_plugin_info()
+        assert info.name == DRIVER
+        assert info.vendor_version
+        caps = await client.node_get_capabilities()
+        assert all(
+            c.rpc.type != pb.NodeServiceCapability.RPC.STAGE_UNSTAGE_VOLUME
+            for c in caps.capabilities
+        ), "no staging: an ephemeral volume is published directly"
+        assert (await client.node_get_info()).node_id == "node-1"
+
+        pods = [
+            injected(dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]))
+            for _ in range(2)
+        ]
+        for pod in pods:
+            await _pod(api[1], pod)
+        first = await node.kubelet.publish(client, pods[0].volume)
+        _assert_serves(first, pushed_a)
+        _assert_read_only(first)
+        assert await node.sample("datapin_csi_publish_seconds_count", result="built") == 1
+
+        second = await node.kubelet.publish(client, pods[1].volume)
+        _assert_serves(second, pushed_a)
+        assert await node.sample("datapin_csi_publish_seconds_count", result="warm") == 1
+        await node.until(
+            "the gauges",
+            lambda: node.agent.sample("datapin_csi_shared_trees") == 1
+            and node.agent.sample("datapin_csi_published_volumes") == 2,
+        )
+        for pod in pods:
+            await node.kubelet.unpublish(client, pod.volume)
+            _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
