@@ -420,11 +420,13 @@ class VolumeConflictError(BadVolumeError):
 class DatasetNotFoundError(VolumeError):
     """The Dataset a volume names does not exist in the pod's own namespace."""
 
-    def __init__(self, *, dataset: str, namespace: str) -> None:
+    def __init__(self, *, dataset: str, namespace: str, pin: str = "") -> None:
         self.dataset = dataset
         self.namespace = namespace
+        for_pin = f" (asked for pin {pin})" if pin else ""
         super().__init__(
-            f"Dataset {dataset!r} does not exist in namespace {namespace!r} (a pod can only use "
+            f"Dataset {dataset!r}{for_pin} does not exist in namespace {namespace!r} (a pod can "
+            "only use "
             f"the Datasets of its own namespace). Fix: create Dataset {dataset!r} in "
             f"{namespace!r}, or correct the volume's `dataset` attribute",
             refusal=Refusal.NO_DATASET,

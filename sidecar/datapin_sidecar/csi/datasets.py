@@ -106,12 +106,14 @@ class DatasetRemote:
             secret_keys=key_names(ref.secret_access_key_key, DEFAULT_SECRET_KEYS),
         )
 
-    def credentials(self, secrets: Mapping[str, str]) -> Credentials:
-        """The keys in the Secret kubelet passed, by this Dataset's key names."""
+    def credentials(self, secrets: Mapping[str, str], *, pin: str = "") -> Credentials:
+        """The keys in the Secret kubelet passed, by this Dataset's key names (`pin`: the
+        volume's, for the messages)."""
         where = f"the Secret of Dataset {self.namespace}/{self.name}"
+        volume = f"Dataset {self.namespace}/{self.name}" + (f" pin {pin}" if pin else "")
         if not secrets:
             raise AccessRefusedError(
-                f"Dataset {self.namespace}/{self.name}: kubelet passed no keys. Fix: the pod's "
+                f"{volume}: kubelet passed no keys. Fix: the pod's "
                 f"csi volume needs nodePublishSecretRef: {{name: {self.secret_name or '<secret>'}}}"
                 " (the datapin webhook writes it from the Dataset)",
                 refusal=Refusal.NO_CREDENTIALS,
@@ -121,7 +123,7 @@ class DatasetRemote:
         if id_key is None or secret_key is None:
             lacking = self.id_keys if id_key is None else self.secret_keys
             raise AccessRefusedError(
-                f"Dataset {self.namespace}/{self.name}: {where} has none of the keys "
+                f"{volume}: {where} has none of the keys "
                 f"{', '.join(shown_name(k) for k in lacking)}. Fix: put the S3 keys in the "
                 f"Secret {self.secret_name!r}, or set spec.remote.credentialsSecretRef's key "
                 "names to the keys it has",

@@ -139,9 +139,12 @@ class NodePlugin:
         namespace = request.pod.namespace
         obj = await self.kube.get_dataset(namespace, request.dataset)
         if obj is None:
-            raise DatasetNotFoundError(dataset=request.dataset, namespace=namespace)
+            raise DatasetNotFoundError(
+                dataset=request.dataset, namespace=namespace, pin=request.revision.oid
+            )
         dataset = DatasetRemote.from_object(obj)
-        return _Keys(dataset=dataset, credentials=dataset.credentials(request.secrets))
+        credentials = dataset.credentials(request.secrets, pin=request.revision.oid)
+        return _Keys(dataset=dataset, credentials=credentials)
 
     async def _prove_and_build(
         self, keys: _Keys, revision: Revision, layout: LayoutChoice, dataset: str
