@@ -100,9 +100,7 @@ def _keys(tenant: Tenant) -> dict[str, str]:
 
 
 @pytest.fixture
-def node_factory(
-    xfs_dir: Path, tmp_path: Path, api: tuple[Emulator, Api]
-) -> Iterator[Any]:
+def node_factory(xfs_dir: Path, tmp_path: Path, api: tuple[Emulator, Api]) -> Iterator[Any]:
     """Make nodes (the agent not started yet); every one is closed, even on failure."""
     made: list[CsiAgentNode] = []
 
@@ -121,9 +119,7 @@ def node_factory(
 
 
 async def _tenant_a(api: Api, fx: S3DvcFixture, endpoint: str) -> dict[str, Any]:
-    dataset = dataset_object(
-        "images", NS_A, url=fx.remote_url, endpoint=endpoint, secret="a-keys"
-    )
+    dataset = dataset_object("images", NS_A, url=fx.remote_url, endpoint=endpoint, secret="a-keys")
     await api.create(DATASETS, dataset)
     return dataset
 
@@ -166,9 +162,7 @@ def _assert_no_mounts(node: CsiAgentNode, volume: InlineVolume) -> None:
     assert not (node.root / "csi" / volume.volume_id).exists()
 
 
-async def _refused(
-    node: CsiAgentNode, volume: InlineVolume
-) -> tuple[grpc.StatusCode, str]:
+async def _refused(node: CsiAgentNode, volume: InlineVolume) -> tuple[grpc.StatusCode, str]:
     async with node.kubelet.csi(node.csi_socket) as client:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await node.kubelet.publish(client, volume)
@@ -219,10 +213,75 @@ async def test_registration_identity_and_a_read_only_publish_then_a_warm_one(
         assert await node.sample("datapin_csi_publish_seconds_count", result="warm") == 1
         await node.until(
             "the gauges",
-            lambda: node.agent.sample("datapin_csi_shared_trees") == 1
-            and node.agent.sample("datapin_csi_published_volumes") == 2,
+            lambda: (
+                node.agent.sample("datapin_csi_shared_trees") == 1
+                and node.agent.sample("datapin_csi_published_volumes") == 2
+            ),
         )
         for pod in pods:
             await node.kubelet.unpublish(client, pod.volume)
             _assert_no_mounts(node, pod.volume)
     assert node.mounts_below(node.root) == []
+
+
+# -- 2. two tenants -----------------------------------------------------------------------------
+
+
+async def test_another_tenant_is_refused_by_every_route(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    node: CsiAgentNode = node_factory()
+    a, b = tenants.tenants["a"], tenants.tenants["b"]
+    dataset_a = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    # B's own bucket holds a `.dir` naming A's objects (the same bytes as A's: its md5 is the
+    # pin), under B's Dataset "planted"; B's Dataset "empty" is a prefix holding nothing.
+    a_dir = tenants.get(a.bucket, pushed_a.dir_key)
+    tenants.put(b.bucket, object_key("dvcstore", pushed_a.rev, layout="dvc3"), a_dir)
+    planted = dataset_object(
+        "planted", NS_B, url=f"s3://{b.bucket}/dvcstore", endpoint=tenants.endpoint, secret="b"
+    )
+    empty = dataset_object(
+        "empty", NS_B, url=f"s3://{b.bucket}/nothing", endpoint=tenants.endpoint, secret="b"
+    )
+    for obj in (planted, empty):
+        await api[1].create(DATASETS, obj)
+    await node.start()
+
+    # A came first: the node has A's revision cached and its tree built.
+    pod_a = injected(dataset=dataset_a, pin=pushed_a.rev, secrets=_keys(a))
+    await _pod(api[1], pod_a)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        _assert_serves(await node.kubelet.publish(client, pod_a.volume), pushed_a)
+
+    bogus = {"AWS_ACCESS_KEY_ID": "AKBOGUSBOGUSBOGUS1", "AWS_SECRET_ACCESS_KEY": "S" + "x" * 39}
+    cases = [
+        # (what, dataset, secrets, pod namespace, code, refusal)
+        ("a .dir naming A's objects", planted, _keys(b), None, "PERMISSION_DENIED",
+         "objects_not_on_remote"),
+        ("A's keys on B's remote", planted, _keys(a), None, "PERMISSION_DENIED", "wrong_keys"),
+        ("bogus keys", planted, bogus, None, "PERMISSION_DENIED", "wrong_keys"),
+        ("a pin cached on the node but not on B's remote", empty, _keys(b), None,
+         "PERMISSION_DENIED", "not_on_remote"),
+        ("a Dataset of another namespace", dataset_a, _keys(b), NS_B, "NOT_FOUND", "no_dataset"),
+        ("no keys at all", planted, {}, None, "INVALID_ARGUMENT", "no_credentials"),
+    ]  # fmt: skip
+    every_key = [a.access_key, a.secret_key, b.access_key, b.secret_key, *bogus.values()]
+    for what, dataset, secrets, namespace, code, refusal in cases:
+        pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=secrets, namespace=namespace)
+        await _pod(api[1], pod)
+        before = await node.sample("datapin_csi_refusals_total", reason=refusal)
+        got, message = await _refused(node, pod.volume)
+        assert got.name == code, f"{what}: {got.name} ({message})"
+        assert pod.volume.attributes["dataset"] in message, f"{what}: {message}"
+        assert pushed_a.rev in message, f"{what}: the message names no pin: {message}"
+        assert "Fix" in message, f"{what}: no fix in {message}"
+        assert not any(k in message for k in every_key), f"{what}: a key in {message}"
+        after = await node.sample("datapin_csi_refusals_total", reason=refusal)
+        assert after == before + 1, f"{what}: refusals{{reason={refusal}}} {before} -> {after}"
+        assert not (node.root / "csi" / pod.volume.volume_id).exists(), what
+    assert await node.sample("datapin_csi_publish_seconds_count", result="refused") == len(cases)
+    output = node.agent.output() if node.agent else ""
+    assert not any(k in output for k in every_key), "a key reached the agent's log"
+    # A is still served, and unaffected.
+    target = pod_a.volume.target_path(node.node.kubelet)
+    _assert_serves(target, pushed_a)
