@@ -18,6 +18,7 @@ reaches `current` without a remount; concurrent cold publishes fetch each object
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -38,7 +39,7 @@ from testkit.dvcremote import S3DvcFixture, object_key, push_dvc_fixture
 from testkit.dvcrepo import DvcUnavailable, sample_files
 from testkit.faultproxy import FaultProxy
 from testkit.kubeapi import DATASETS, Api, Emulator, emulator
-from testkit.kubelet import InlineVolume
+from testkit.kubelet import InlineVolume, publish_request
 from testkit.seaweed import SeaweedUnavailable, find_weed
 from testkit.tenants import Tenant, TenantSeaweed
 from testkit.trees import object_name
@@ -285,3 +286,218 @@ async def test_another_tenant_is_refused_by_every_route(
     # A is still served, and unaffected.
     target = pod_a.volume.target_path(node.node.kubelet)
     _assert_serves(target, pushed_a)
+
+
+# -- 3. a writable volume -----------------------------------------------------------------------
+
+
+async def test_a_writable_volume_writes_and_the_shared_tree_and_cache_stay_identical(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    keys = _keys(tenants.tenants["a"])
+    reader = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys)
+    writer = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys, writable=True)
+    assert writer.volume.read_only is False
+    assert writer.volume.attributes["writable"] == "true"
+    async with node.kubelet.csi(node.csi_socket) as client:
+        read_only = await node.kubelet.publish(client, reader.volume)
+        before = (md5_tree(node.root / "trees"), md5_tree(node.root / "cache"))
+        assert before[0] and before[1]
+        target = await node.kubelet.publish(client, writer.volume)
+        assert md5_tree(target / "current") == md5_files(pushed_a.files)
+        current = target / "current"
+        some = sorted(p for p in current.rglob("*") if p.is_file())[0]
+        some.write_bytes(b"rewritten by the pod\n")
+        (current / "a" / "b" / "c" / "deep.txt").unlink()
+        (current / "made-by-the-pod").write_bytes(b"new\n")
+        (current / "new-dir").mkdir()
+        assert some.read_bytes() == b"rewritten by the pod\n"
+        # The read-only pod of the same revision still sees the pushed bytes.
+        _assert_serves(read_only, pushed_a)
+        # The target's own directory is read-only: only the data below `current` is writable.
+        with pytest.raises(OSError) as caught:
+            (target / "planted").write_bytes(b"x")
+        assert caught.value.errno == errno.EROFS
+        assert (md5_tree(node.root / "trees"), md5_tree(node.root / "cache")) == before
+        for pod in (writer, reader):
+            await node.kubelet.unpublish(client, pod.volume)
+            _assert_no_mounts(node, pod.volume)
+    assert (md5_tree(node.root / "trees"), md5_tree(node.root / "cache")) == before
+
+
+# -- 4. kill -9 of the agent, restart, idempotency ----------------------------------------------
+
+
+async def test_an_agent_killed_between_publish_and_unpublish_leaves_the_pod_alone(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    keys = _keys(tenants.tenants["a"])
+    pods = [injected(dataset=dataset, pin=pushed_a.rev, secrets=keys) for _ in range(2)]
+    writable = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys, writable=True)
+    pods.append(writable)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        targets = [await node.kubelet.publish(client, pod.volume) for pod in pods]
+        # Publish twice (kubelet's retry): the same mount, one mount, still warm.
+        table = mounts.mountinfo()
+        await node.kubelet.publish(client, pods[0].volume)
+        assert len(mounts.mounts_at(targets[0])) == len(mounts.mounts_at(targets[0], table))
+        (targets[2] / "current" / "written-before-the-kill").write_bytes(b"kept\n")
+    opened = (targets[0] / "current" / "README.txt").open("rb")  # a reader in the pod
+    try:
+        node.kill()
+        # Nothing unmounted by the death of the agent.
+        for target in targets[:2]:
+            _assert_serves(target, pushed_a)
+
+        await node.start()
+        for target in targets[:2]:
+            _assert_serves(target, pushed_a)  # the restart unmounted nothing either
+        written = targets[2] / "current" / "written-before-the-kill"
+        assert written.read_bytes() == b"kept\n"
+        assert opened.read() == pushed_a.files["README.txt"]
+    finally:
+        opened.close()
+    async with node.kubelet.csi(node.csi_socket) as client:
+        # kubelet republishes after the restart (requiresRepublish): idempotent, warm.
+        warm = await node.sample("datapin_csi_publish_seconds_count", result="warm")
+        await node.kubelet.publish(client, pods[1].volume)
+        assert await node.sample("datapin_csi_publish_seconds_count", result="warm") == warm + 1
+        _assert_serves(targets[1], pushed_a)
+        for pod in pods:
+            await node.kubelet.unpublish(client, pod.volume)
+            _assert_no_mounts(node, pod.volume)
+            # Unpublish is idempotent (kubelet retries it too).
+            await client.node_unpublish(
+                volume_id=pod.volume.volume_id,
+                target_path=str(pod.volume.target_path(node.node.kubelet)),
+            )
+    assert node.mounts_below(node.root) == []
+    assert node.mounts_below(node.node.kubelet / "pods") == []
+    assert list((node.root / "csi").iterdir()) == []
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.5])
+async def test_a_publish_cut_by_a_kill_is_served_by_the_retry_and_unpublished_clean(
+    node_factory: Any,
+    api: tuple[Emulator, Api],
+    tenants: TenantSeaweed,
+    pushed_a: S3DvcFixture,
+    delay: float,
+) -> None:
+    """kill -9 during kubelet's first (cold) publish; kubelet retries against the new agent."""
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]))
+    async with node.kubelet.csi(node.csi_socket) as client:
+        node.kubelet.prepare(pod.volume)
+        call = asyncio.ensure_future(
+            client.node_publish(publish_request(pod.volume, kubelet_dir=node.node.kubelet))
+        )
+        await asyncio.sleep(delay)
+        node.kill()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call  # cut, or done just before the kill
+    await node.start()
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target = await node.kubelet.publish(client, pod.volume)
+        _assert_serves(target, pushed_a)
+        await node.kubelet.unpublish(client, pod.volume)
+        _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
+
+
+# -- 5. live switch -----------------------------------------------------------------------------
+
+
+async def test_a_pin_change_on_the_pod_switches_current_without_a_remount(
+    node_factory: Any,
+    api: tuple[Emulator, Api],
+    tenants: TenantSeaweed,
+    pushed_a: S3DvcFixture,
+    pushed_a2: S3DvcFixture,
+) -> None:
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]))
+    assert ANNOTATION in pod.pod["metadata"]["annotations"]
+    await _pod(api[1], pod)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target = await node.kubelet.publish(client, pod.volume)
+    _assert_serves(target, pushed_a)
+    mount_id = _mount_at(target).mount_id
+    opened = (target / "current" / "README.txt").open("rb")  # a reader of revision 1
+    try:
+        pins = format_pins(
+            [PinRecord(dataset="images", pin=pushed_a2.rev, ref="v2", layout="dvc3")]
+        )
+        await api[1].patch(
+            "v1/pods", pod.pod["metadata"]["name"], {"metadata": {"annotations": pins}}, NS_A
+        )
+        want = md5_files(pushed_a2.files)
+        await node.until("current shows revision 2", lambda: _md5_or_none(target) == want, 60)
+        assert _mount_at(target).mount_id == mount_id, "the target was remounted"
+        assert _mount_at(target).read_only
+        assert await node.sample("datapin_csi_switches_total", result="ok") == 1
+        assert await node.sample("datapin_csi_switches_total", result="failed") == 0
+        assert opened.read() == pushed_a.files["README.txt"]
+    finally:
+        opened.close()
+    async with node.kubelet.csi(node.csi_socket) as client:
+        await node.kubelet.unpublish(client, pod.volume)
+    _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
+
+
+def _md5_or_none(target: Path) -> dict[str, str] | None:
+    try:
+        return md5_tree(target / "current")
+    except OSError:
+        return None
+
+
+# -- 6. concurrent cold publishes ---------------------------------------------------------------
+
+
+async def test_concurrent_cold_publishes_fetch_each_object_once(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    with FaultProxy(tenants.endpoint) as proxy:
+        # ETags of this endpoint trusted (an admin's choice): the proofs list, only the build
+        # downloads objects, so every GET of an object is the build's.
+        node: CsiAgentNode = node_factory(trusted_endpoints=[proxy.endpoint])
+        dataset = await _tenant_a(api[1], pushed_a, proxy.endpoint)
+        await node.start()
+        keys = _keys(tenants.tenants["a"])
+        pods = [injected(dataset=dataset, pin=pushed_a.rev, secrets=keys) for _ in range(6)]
+        async with node.kubelet.csi(node.csi_socket) as client:
+            targets = await asyncio.gather(
+                *(node.kubelet.publish(client, pod.volume) for pod in pods)
+            )
+            for target in targets:
+                _assert_serves(target, pushed_a)
+            gets = proxy.count_ok_gets()
+            objects = {  # an empty file needs no download
+                f"/{pushed_a.bucket}/{pushed_a.key(object_name(data))}"
+                for data in pushed_a.files.values()
+                if data
+            }
+            assert objects <= set(gets), sorted(objects - set(gets))
+            fetched_twice = {k: n for k, n in gets.items() if k in objects and n != 1}
+            assert not fetched_twice, fetched_twice
+            built = await node.sample("datapin_csi_publish_seconds_count", result="built")
+            warm = await node.sample("datapin_csi_publish_seconds_count", result="warm")
+            assert (built, warm) != (0, 0) and built + warm == len(pods)
+            assert await node.sample("datapin_csi_shared_trees") <= 1
+            assert len(list((node.root / "trees").iterdir())) >= 1
+            for pod in pods:
+                await node.kubelet.unpublish(client, pod.volume)
+                _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
