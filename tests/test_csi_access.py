@@ -41,6 +41,8 @@ from testkit.trees import object_name
 
 pytestmark = pytest.mark.s3
 
+EMPTY = hashlib.md5(b"", usedforsecurity=False).hexdigest()
+
 
 # -- fixtures -----------------------------------------------------------------------------------
 
@@ -278,6 +280,48 @@ async def test_a_pin_not_on_the_tenants_remote_is_refused_even_when_cached(
     assert remote.key(pushed_a.rev, Layout.DVC3) in message
     assert "even when the node" in message
     assert access.records() == []
+
+
+async def test_a_cold_node_proves_by_content_with_the_fetch_that_fills_the_cache(
+    tmp_path: Path, tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    """ETags not trusted and nothing cached: the objects are downloaded once, into the cache
+    (md5-checked), and that is their proof; the build then finds them there."""
+    a = tenants.tenants["a"]
+    cold = NodeCache(tmp_path / "root" / "cache")
+    access = _access(cold)
+    async with s3_remote(tenants.endpoint, a.bucket, _keys(a)) as s3:
+        remote = Counting(s3)
+        await _prove(access, remote, cold, pushed_a.rev, a, trust_etags=False)
+    assert remote.asked == [1]  # the pin; the objects came with the fetch
+    assert all(cold.present(oid, Layout.DVC3) for oid in _objects(pushed_a))
+    (record,) = access.records()
+    assert record.method is ProofMethod.CONTENT
+    assert record.objects == len(_objects(pushed_a))
+
+
+@pytest.mark.parametrize("planted", ["manifest-only", "garbage"])
+async def test_a_cold_node_still_refuses_objects_the_remote_lacks(
+    tmp_path: Path, tenants: TenantSeaweed, pushed_a: S3DvcFixture, planted: str
+) -> None:
+    a, b = tenants.tenants["a"], tenants.tenants["b"]
+    prefix = f"cold-{planted}"
+    tenants.put(
+        b.bucket,
+        object_key(prefix, pushed_a.rev, layout="dvc3"),
+        tenants.get(a.bucket, pushed_a.dir_key),
+    )
+    if planted == "garbage":
+        for oid in _objects(pushed_a):
+            tenants.put(b.bucket, object_key(prefix, oid, layout="dvc3"), b"not " + oid.encode())
+    cold = NodeCache(tmp_path / "root" / "cache")
+    access = _access(cold)
+    async with s3_remote(tenants.endpoint, b.bucket, _keys(b), prefix=prefix) as remote:
+        with pytest.raises(AccessRefusedError) as refused:
+            await _prove(access, remote, cold, pushed_a.rev, b, trust_etags=False)
+    assert refused.value.refusal is Refusal.OBJECTS_NOT_ON_REMOTE
+    assert access.records() == []
+    assert not any(cold.present(oid, Layout.DVC3) for oid in _objects(pushed_a) if oid != EMPTY)
 
 
 async def test_a_single_file_pin_is_proven_alone(

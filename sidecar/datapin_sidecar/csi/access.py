@@ -28,6 +28,13 @@ b. Every object the `.dir` names is proven on that remote (`Refusal.OBJECTS_NOT_
    md5-checks it on load, so the cached copy is the same bytes. If the cache lacks it, it is
    fetched from this remote (`engine.fetching.Fetcher`, md5-verified).
 
+   Proof by content (ETags not trusted, below) downloads every object. Objects the node does
+   not have yet are downloaded into the cache instead (the fetch md5-checks the bytes this
+   remote served: that is the same proof), so a cold start costs one download per object, and
+   the tree build then finds them cached; only objects already cached are downloaded to be
+   hashed. If that fetch is not all this request's own (an object absent, corrupt, or fetched
+   by someone else meanwhile), every object is proven the usual way.
+
 **Why proof by objects, and why a record per remote.** The `.dir` alone proves nothing about
 the objects: anyone can write a manifest naming any md5s. Proving each object on the
 requesting remote is what ties the cached bytes to B's own storage; keeping the proof per
@@ -197,6 +204,22 @@ def _objects_of(
     return oids, sizes
 
 
+def _fetched_all(remote: Remote, cache: NodeCache, oids: list[str], layout: Layout) -> bool:
+    """Fetch `oids` into the cache from `remote`; whether this call downloaded every one of
+    them (then each passed its md5 check on bytes `remote` served). Anything else (an object
+    absent or corrupt, or put there meanwhile by someone else) is False: the caller proves
+    them all the usual way, which also says which ones fail."""
+    try:
+        report = remote.fetch(cache, oids, layout)
+    except RemoteError:
+        return False  # the proof says what the remote refused
+    return (
+        report.fetched == len(oids)
+        and not (report.present or report.waited)
+        and not (report.absent or report.corrupt)
+    )
+
+
 class Access:
     """Proves requests' access to pins (see the module doc); one per node plugin."""
 
@@ -289,7 +312,15 @@ class Access:
     async def _prove_objects(self, ask: _Ask, cache: NodeCache) -> int:
         remote, layout = ask.remote, ask.layout
         oids, sizes = await self.run(_objects_of, remote, cache, ask.revision, layout)
-        report = await ask.prove(oids, sizes)
+        asked = oids
+        if not ask.trust and len(sizes) < len(oids):
+            # Proof by content downloads every object; those the node lacks are downloaded
+            # into the cache instead (md5-verified, with this request's remote and keys),
+            # which proves them as well, so a cold start fetches each object once, not twice.
+            cold = [o for o in oids if o not in sizes]
+            if await self.run(_fetched_all, remote, cache, cold, layout):
+                asked = [o for o in oids if o in sizes]
+        report = await ask.prove(asked, sizes) if asked else ProofReport()
         if report.complete:
             return len(oids)
         lacking = [*report.absent, *report.mismatched]
