@@ -114,11 +114,11 @@ class CsiAgentNode:
         os.kill(self.agent.pid, signal.SIGKILL)
         self.agent.wait(30)
 
-    async def until(self, what: str, check: Any, timeout: float = 60.0) -> Any:
+    async def until(self, what: str, check: Any, within: float = 60.0) -> Any:
         """Poll `check()` in a thread until truthy (the agent's log on failure)."""
         assert self.agent is not None
         agent = self.agent
-        return await asyncio.to_thread(agent.wait_until, what, check, timeout)
+        return await asyncio.to_thread(agent.wait_until, what, check, within)
 
     async def sample(self, name: str, **labels: str) -> float:
         assert self.agent is not None
