@@ -86,3 +86,30 @@ async def test_follower_switches_on_annotation_change_of_its_nodes_pods() -> Non
         stopping.set()
         await asyncio.wait_for(task, timeout=10)
     assert switched == [("v1", A2)]
+
+
+async def test_a_switch_that_did_not_take_is_retried_without_any_pod_event() -> None:
+    """A switch fails (or waits for keys after a restart): it is tried again after a backoff
+    from the pod last seen, not only when the watch ends (minutes later)."""
+    uid = str(uuid.uuid4())
+    served = [Served(volume_id="v1", pod_uid=uid, dataset="imagenet", pin=A1)]
+    calls: list[str] = []
+
+    async def switch(s: Served, pin: Pin) -> None:
+        calls.append(pin.revision.oid)
+        if len(calls) == 1:
+            raise RuntimeError("the remote is down")
+        served[0] = Served(volume_id="v1", pod_uid=uid, dataset="imagenet", pin=pin.revision.oid)
+
+    async with emulator() as (_, client), KubeApi(KubeConfig(url=client.url)) as api:
+        await client.create("v1/pods", _pod("mine", "node-a", {"imagenet": A2}, uid))
+        follower = Follower(
+            kube=api, node="node-a", served=lambda: list(served), switch=switch, retry_seconds=0.2
+        )
+        stopping = asyncio.Event()
+        task = asyncio.create_task(follower.run(stopping))
+        await client.wait_for_true(lambda: served[0].pin == A2, within=10)
+        await asyncio.sleep(1.0)  # taken: no more attempts
+        stopping.set()
+        await asyncio.wait_for(task, timeout=10)
+    assert calls == [A2, A2]
