@@ -519,3 +519,37 @@ async def test_concurrent_cold_publishes_fetch_each_object_once(
                 await node.kubelet.unpublish(client, pod.volume)
                 _assert_no_mounts(node, pod.volume)
     assert node.mounts_below(node.root) == []
+
+
+async def test_a_pin_changed_while_the_agent_was_down_is_switched_once_keys_are_back(
+    node_factory: Any,
+    api: tuple[Emulator, Api],
+    tenants: TenantSeaweed,
+    pushed_a: S3DvcFixture,
+    pushed_a2: S3DvcFixture,
+) -> None:
+    """The agent keeps no keys on disk: after a restart a switch waits for kubelet's
+    republish (requiresRepublish), and then happens within seconds, not at the next list."""
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]))
+    await _pod(api[1], pod)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target = await node.kubelet.publish(client, pod.volume)
+    node.kill()
+    pins = format_pins([PinRecord(dataset="images", pin=pushed_a2.rev, ref="v2", layout="dvc3")])
+    await api[1].patch(
+        "v1/pods", pod.pod["metadata"]["name"], {"metadata": {"annotations": pins}}, NS_A
+    )
+    await node.start()
+    await asyncio.sleep(1.0)  # the follower has listed the pod: no keys yet, nothing switched
+    _assert_serves(target, pushed_a)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        await node.kubelet.publish(client, pod.volume)  # kubelet's republish brings the keys
+    want = md5_files(pushed_a2.files)
+    await node.until("current shows revision 2", lambda: _md5_or_none(target) == want, 20)
+    assert await node.sample("datapin_csi_switches_total", result="ok") == 1
+    async with node.kubelet.csi(node.csi_socket) as client:
+        await node.kubelet.unpublish(client, pod.volume)
+    _assert_no_mounts(node, pod.volume)
