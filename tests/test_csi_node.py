@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -366,6 +367,14 @@ async def test_an_agent_killed_between_publish_and_unpublish_leaves_the_pod_alon
         await node.start()
         for target in targets[:2]:
             _assert_serves(target, pushed_a)  # the restart unmounted nothing either
+        assert (await node.kubelet.register(node.registration_socket)).node_id == "node-1"
+        await node.until(
+            "the recovered volumes counted",
+            lambda: (
+                node.agent.sample("datapin_csi_published_volumes") == 3
+                and node.agent.sample("datapin_csi_shared_trees") == 1
+            ),
+        )
         written = targets[2] / "current" / "written-before-the-kill"
         assert written.read_bytes() == b"kept\n"
         assert opened.read() == pushed_a.files["README.txt"]
@@ -553,3 +562,81 @@ async def test_a_pin_changed_while_the_agent_was_down_is_switched_once_keys_are_
     async with node.kubelet.csi(node.csi_socket) as client:
         await node.kubelet.unpublish(client, pod.volume)
     _assert_no_mounts(node, pod.volume)
+
+
+# -- more of what kubelet and users do -----------------------------------------------------------
+
+
+async def test_switches_of_a_writable_volume_a_failed_switch_and_unpublish_within_the_grace(
+    node_factory: Any,
+    api: tuple[Emulator, Api],
+    tenants: TenantSeaweed,
+    pushed_a: S3DvcFixture,
+    pushed_a2: S3DvcFixture,
+) -> None:
+    """A writable volume switches to an overlay of the new tree; a switch to a pin the
+    tenant's remote lacks fails and the pod keeps its data; unpublish while an old tree is
+    still kept for readers (the grace) removes everything."""
+    node: CsiAgentNode = node_factory(extra={"spare_grace_seconds": "600"})
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    pod = injected(
+        dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]), writable=True
+    )
+    await _pod(api[1], pod)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target = await node.kubelet.publish(client, pod.volume)
+    (target / "current" / "written-in-one").write_bytes(b"1\n")
+    trees_before = md5_tree(node.root / "trees")
+
+    async def pin(rev: str) -> None:
+        pins = format_pins([PinRecord(dataset="images", pin=rev, ref="x", layout="dvc3")])
+        await api[1].patch(
+            "v1/pods", pod.pod["metadata"]["name"], {"metadata": {"annotations": pins}}, NS_A
+        )
+
+    await pin(pushed_a2.rev)
+    want = md5_files(pushed_a2.files)
+    await node.until("current shows revision 2", lambda: _md5_or_none(target) == want, 60)
+    (target / "current" / "written-in-two").write_bytes(b"2\n")
+    assert md5_tree(node.root / "trees").items() >= trees_before.items()
+
+    await pin("0123456789abcdef0123456789abcdef.dir")  # not on A's remote
+    await node.until(
+        "a failed switch", lambda: node.agent.sample("datapin_csi_switches_total", result="failed")
+    )
+    assert (target / "current" / "written-in-two").read_bytes() == b"2\n"
+    assert await node.sample("datapin_csi_switches_total", result="ok") == 1
+    async with node.kubelet.csi(node.csi_socket) as client:
+        await node.kubelet.unpublish(client, pod.volume)
+    _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
+
+
+async def test_what_kubelet_may_send_besides(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    """readOnly false on a volume that is not writable still mounts read-only; writable with
+    readOnly true is refused as contradictory; unpublish of a volume never published is fine."""
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    keys = _keys(tenants.tenants["a"])
+    pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys)
+    by_hand = dataclasses.replace(pod.volume, read_only=False)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target = await node.kubelet.publish(client, by_hand)
+        _assert_serves(target, pushed_a)
+        _assert_read_only(target)
+        await node.kubelet.unpublish(client, by_hand)
+        _assert_no_mounts(node, by_hand)
+        contradictory = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys, writable=True)
+        code, message = await _refused(
+            node, dataclasses.replace(contradictory.volume, read_only=True)
+        )
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, message
+        never = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys).volume
+        await client.node_unpublish(
+            volume_id=never.volume_id, target_path=str(never.target_path(node.node.kubelet))
+        )
+    assert node.mounts_below(node.root) == []
