@@ -14,6 +14,10 @@ the API server would give the agent on a node, and nothing mocked inside it.
   annotated for a Dataset) and returns what kubelet then holds: the `InlineVolume` with the
   attributes, readOnly and the Secret's data, and the pod object to create in the API.
 - `dataset_object` is a Dataset as the operator's CRD defines it.
+- `ContainerView` is a container's view of a volume: a process in its own mount namespace
+  that binds the target the way the container runtime does for `mountPropagation:
+  HostToContainer` (recursive bind, rslave), so a test sees what the pod sees, including the
+  mounts the plugin adds later (a live switch).
 
 Blocking calls (process start, HTTP to the agent) run in threads: the API the agent reads is
 kmock's emulator in the test's own event loop, which must keep answering meanwhile.
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
@@ -46,7 +53,7 @@ from testkit.csinode import CsiNode
 from testkit.kubelet import InlineVolume, Kubelet
 from testkit.sidecarproc import SidecarProcess
 
-__all__ = ["CsiAgentNode", "Injected", "dataset_object", "injected"]
+__all__ = ["ContainerView", "CsiAgentNode", "Injected", "dataset_object", "injected"]
 
 NODE_NAME = "node-1"
 
@@ -219,3 +226,65 @@ def injected(
         secrets=dict(secrets),
     )
     return Injected(volume=inline, pod=pod, secret_name=csi["nodePublishSecretRef"]["name"])
+
+
+_CONTAINER = r"""
+import hashlib, json, os, subprocess, sys
+target, mount_path = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "--rbind", target, mount_path], check=True)
+subprocess.run(["mount", "--make-rslave", mount_path], check=True)
+print("ready", flush=True)
+for _ in sys.stdin:
+    found = {}
+    try:
+        base = os.path.join(mount_path, "current")
+        for d, _dirs, files in os.walk(base):
+            for name in files:
+                p = os.path.join(d, name)
+                with open(p, "rb") as f:
+                    found[os.path.relpath(p, base)] = hashlib.md5(f.read()).hexdigest()
+        print(json.dumps(found), flush=True)
+    except OSError as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+"""
+
+
+class ContainerView:
+    """A container's mount of a volume target, HostToContainer (see the module doc)."""
+
+    def __init__(self, target: Path, mount_path: Path) -> None:
+        mount_path.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                *("unshare", "--mount", "--propagation", "slave"),
+                *(sys.executable, "-c", _CONTAINER, str(target), str(mount_path)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.close()
+            raise AssertionError(f"the container's mount namespace failed: {line!r}")
+
+    def md5_tree(self) -> dict[str, str]:
+        """relpath -> md5 of every file below `current`, as the container reads them."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        found: dict[str, str] = json.loads(self.proc.stdout.readline())
+        return found
+
+    def close(self) -> None:
+        """Stop the process by PID: its namespace, and the mounts in it, go with it."""
+        with contextlib.suppress(Exception):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -33,7 +33,7 @@ from datapin_sidecar.csi.proto import csi_pb2 as pb
 from datapin_sidecar.csi.volume import DRIVER
 from datapin_sidecar.pins import ANNOTATION, PinRecord, format_pins
 
-from testkit.csiagent import CsiAgentNode, Injected, dataset_object, injected
+from testkit.csiagent import ContainerView, CsiAgentNode, Injected, dataset_object, injected
 from testkit.csinode import md5_files, md5_tree
 from testkit.dvcremote import S3DvcFixture, object_key, push_dvc_fixture
 from testkit.dvcrepo import DvcUnavailable, sample_files
@@ -434,6 +434,7 @@ async def test_a_publish_cut_by_a_kill_is_served_by_the_retry_and_unpublished_cl
 
 
 async def test_a_pin_change_on_the_pod_switches_current_without_a_remount(
+    tmp_path: Path,
     node_factory: Any,
     api: tuple[Emulator, Api],
     tenants: TenantSeaweed,
@@ -450,8 +451,10 @@ async def test_a_pin_change_on_the_pod_switches_current_without_a_remount(
         target = await node.kubelet.publish(client, pod.volume)
     _assert_serves(target, pushed_a)
     mount_id = _mount_at(target).mount_id
+    container = ContainerView(target, tmp_path / "container-mount")
     opened = (target / "current" / "README.txt").open("rb")  # a reader of revision 1
     try:
+        assert await asyncio.to_thread(container.md5_tree) == md5_files(pushed_a.files)
         pins = format_pins(
             [PinRecord(dataset="images", pin=pushed_a2.rev, ref="v2", layout="dvc3")]
         )
@@ -465,8 +468,11 @@ async def test_a_pin_change_on_the_pod_switches_current_without_a_remount(
         assert await node.sample("datapin_csi_switches_total", result="ok") == 1
         assert await node.sample("datapin_csi_switches_total", result="failed") == 0
         assert opened.read() == pushed_a.files["README.txt"]
+        # The pod's container sees it too: the new tree's mount propagated into its namespace.
+        assert await asyncio.to_thread(container.md5_tree) == want
     finally:
         opened.close()
+        container.close()
     async with node.kubelet.csi(node.csi_socket) as client:
         await node.kubelet.unpublish(client, pod.volume)
     _assert_no_mounts(node, pod.volume)
