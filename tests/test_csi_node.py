@@ -646,3 +646,71 @@ async def test_what_kubelet_may_send_besides(
             volume_id=never.volume_id, target_path=str(never.target_path(node.node.kubelet))
         )
     assert node.mounts_below(node.root) == []
+
+
+# -- GC under space pressure --------------------------------------------------------------------
+
+
+async def test_gc_under_pressure_removes_unused_trees_and_keeps_what_pods_use(
+    node_factory: Any,
+    api: tuple[Emulator, Api],
+    tenants: TenantSeaweed,
+    pushed_a: S3DvcFixture,
+    pushed_a2: S3DvcFixture,
+) -> None:
+    """The volume always above the high watermark: every GC pass evicts all it may. Trees a
+    volume uses and their objects stay, publishes still work, an unused tree goes."""
+    node: CsiAgentNode = node_factory(
+        extra={"gc_high_percent": "1", "gc_low_percent": "0.5", "gc_interval_seconds": "0.2"}
+    )
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    keys = _keys(tenants.tenants["a"])
+    one = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys)
+    two = injected(dataset=dataset, pin=pushed_a2.rev, secrets=keys)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target_one = await node.kubelet.publish(client, one.volume)
+        target_two = await node.kubelet.publish(client, two.volume)
+        _assert_serves(target_one, pushed_a)
+        _assert_serves(target_two, pushed_a2)
+        tree_two = _tree_of(target_two)
+        await node.until(
+            "GC passes", lambda: node.agent.sample("datapin_gc_runs_total", result="short") >= 3
+        )
+        _assert_serves(target_one, pushed_a)
+        _assert_serves(target_two, pushed_a2)
+        await node.kubelet.unpublish(client, two.volume)
+        key_two = Path(tree_two[1]).name
+        await node.until(
+            "the unused tree removed", lambda: not (node.root / "trees" / key_two).exists()
+        )
+        _assert_serves(target_one, pushed_a)
+        # Published again: rebuilt from the remote.
+        again = injected(dataset=dataset, pin=pushed_a2.rev, secrets=keys)
+        _assert_serves(await node.kubelet.publish(client, again.volume), pushed_a2)
+        for pod in (one, again):
+            await node.kubelet.unpublish(client, pod.volume)
+    assert node.mounts_below(node.root) == []
+
+
+async def test_a_graceful_stop_of_the_agent_leaves_volumes_mounted(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    """A DaemonSet rolling update stops the agent with SIGTERM: pods keep their data, the
+    sockets go (kubelet drops the plugin), and the next agent unpublishes cleanly."""
+    node: CsiAgentNode = node_factory()
+    dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
+    await node.start()
+    pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]))
+    async with node.kubelet.csi(node.csi_socket) as client:
+        target = await node.kubelet.publish(client, pod.volume)
+    assert node.agent is not None
+    assert await asyncio.to_thread(node.agent.stop) == 0
+    _assert_serves(target, pushed_a)
+    assert not node.registration_socket.exists()
+    await node.start()
+    _assert_serves(target, pushed_a)
+    async with node.kubelet.csi(node.csi_socket) as client:
+        await node.kubelet.unpublish(client, pod.volume)
+    _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
