@@ -305,12 +305,12 @@ import json
 req = parse_publish(volume_id=vid, target_path=target, readonly=False,
                     context=json.loads(context), secrets={}, kubelet_dir=Path(kubelet))
 if crash == "before-target":
-    real = mounts.bind
-    def bind(source, target, *, recursive=False):
+    real = mounts.bind_read_only
+    def bind_read_only(source, target, *, recursive=False):
         if recursive:
             os.kill(os.getpid(), signal.SIGKILL)
         real(source, target, recursive=recursive)
-    mounts.bind = bind
+    mounts.bind_read_only = bind_read_only
 asyncio.run(pub.Publisher(Path(root)).publish(req, Path(tree)))
 print("published", flush=True)
 sys.stdin.readline()
@@ -488,3 +488,35 @@ def test_a_failed_publish_is_a_clear_error_and_leaves_nothing(node: CsiNode, rem
     assert publisher.published() == []
     with pytest.raises(BadVolumeError, match="not a tree of the node's tree store"):
         asyncio.run(publisher.publish(node.request(a), directory.root))
+
+
+def test_every_propagated_copy_is_read_only_after_publish_and_switch(
+    node: CsiNode, remote: tuple
+) -> None:
+    """kubelet's directory is shared with the host (Bidirectional): the copies propagation
+    makes there, where the pod's container is built from, must be read-only as well, for the
+    target and for a tree mounted later by a switch (a remount would change the one mount)."""
+    directory, a, b = remote
+    publisher = Publisher(node.root, grace=3600)
+    store = _store(node, publisher)
+    request = node.request(a)
+    tree_a = asyncio.run(store.ensure(a, LayoutChoice.AUTO, directory))
+    tree_b = asyncio.run(store.ensure(b, LayoutChoice.AUTO, directory))
+    peer = node.base / "host-view-of-kubelet"
+    peer.mkdir()
+    mounts.bind(node.kubelet, peer)  # a bind of a shared mount: a peer, as the host's is
+    copy = peer / request.target_path.relative_to(node.kubelet)
+    asyncio.run(publisher.publish(request, tree_a))
+    asyncio.run(publisher.switch(request.volume_id, b.md5, tree_b))
+    for base in (request.target_path, copy):
+        found = mounts.mounts_under(base)
+        assert [m.mount_point for m in found] == [
+            str(base),
+            str(base / ".revs" / a.md5),
+            str(base / ".revs" / b.md5),
+        ]
+        writable = [m.mount_point for m in found if not m.read_only]
+        assert writable == [], f"writable copies: {writable}"
+    assert md5_tree(copy / "current") == md5_files(FILES_B)
+    asyncio.run(publisher.unpublish(volume_id=request.volume_id, target_path=request.target_path))
+    assert mounts.mounts_under(copy) == []

@@ -7,9 +7,17 @@ the call, the paths, the errno and a fix, never an `OSError` with a bare number.
 
 What the plugin needs, and nothing else:
 
-* `bind` (optionally recursive), `bind_read_only` (bind, then `MS_REMOUNT|MS_BIND|MS_RDONLY`
-  with `nosuid,nodev`: the kernel ignores `MS_RDONLY` on the first bind call), and
-  `remount_read_only` for a mount made some other way.
+* `bind` (optionally recursive), `bind_read_only`, and `remount_read_only` for a mount made
+  some other way.
+* **Read-only before it is attached.** A mount made below a shared mount propagates to its
+  peers at once, as a copy of the mount *as it is then*; a later `MS_REMOUNT|MS_RDONLY` changes
+  only the one mount it names (flags never propagate). So bind-then-remount under the plugin's
+  shared view, or onto kubelet's Bidirectional target, leaves writable copies where the pod
+  and the host look (the agent's own namespace alone sees read-only). `bind_read_only`
+  therefore clones the source detached (`open_tree(OPEN_TREE_CLONE)`), makes the clone
+  read-only, nosuid, nodev (`mount_setattr`, its top mount only: a writable overlay below
+  stays writable) and only then attaches it (`move_mount`), so every copy is read-only. On a
+  kernel without that API (before 5.12) it falls back to bind-then-remount.
 * `set_propagation` (`shared`, `private`, `slave`), optionally recursive.
 * `overlay`: lowerdir/upperdir/workdir. The option string is comma-separated and `lowerdir`
   colon-separated, so a path holding `,` `:` `\\` or a newline cannot be said safely: it is
@@ -108,6 +116,27 @@ def _libc() -> ctypes.CDLL:
 
 _LIBC: Final = _libc()
 
+#: The new mount API's syscalls (numbered alike on every architecture since 5.0).
+_SYS_OPEN_TREE: Final = 428
+_SYS_MOVE_MOUNT: Final = 429
+_SYS_MOUNT_SETATTR: Final = 442
+_AT_FDCWD: Final = -100
+_OPEN_TREE_CLONE: Final = 1
+_AT_EMPTY_PATH: Final = 0x1000
+_AT_RECURSIVE: Final = 0x8000
+_MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+#: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+_READ_ONLY_ATTRS: Final = 0x1 | 0x2 | 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
 
 def _fix(code: int, call: str) -> str:
     if code in (errno.EPERM, errno.EACCES):
@@ -176,16 +205,69 @@ def remount_read_only(target: str | os.PathLike[str]) -> None:
 def bind_read_only(
     source: str | os.PathLike[str], target: str | os.PathLike[str], *, recursive: bool = False
 ) -> None:
-    """Bind `source` onto `target`, then make that mount read-only (nosuid, nodev).
+    """Bind `source` onto `target` read-only (nosuid, nodev): the top mount; submounts of a
+    `recursive` bind keep their own flags. Read-only before it is attached, so the copies
+    propagation makes are read-only too (see the module doc).
 
-    If the remount fails the bind is undone, so no writable bind is ever left behind.
+    Without the new mount API: bind, then remount; if the remount fails the bind is undone,
+    so no writable bind is left behind.
     """
+    if _bind_detached_read_only(source, target, recursive=recursive):
+        return
     bind(source, target, recursive=recursive)
     try:
         remount_read_only(target)
     except MountError:
         unmount(target, detach=True)
         raise
+
+
+def _bind_detached_read_only(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], *, recursive: bool
+) -> bool:
+    """open_tree clone, mount_setattr read-only, move_mount; False if the kernel lacks it."""
+    call = f"mount --{'r' if recursive else ''}bind -o ro {os.fspath(source)}"
+    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
+    fd = _LIBC.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(source)),
+        ctypes.c_uint(flags),
+    )
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code == errno.ENOSYS:
+            return False
+        raise MountError(call=call, path=os.fspath(source), code=code, fix=_fix(code, call))
+    try:
+        attr = _MountAttr(attr_set=_READ_ONLY_ATTRS)
+        rc = _LIBC.syscall(
+            ctypes.c_long(_SYS_MOUNT_SETATTR),
+            ctypes.c_int(fd),
+            ctypes.c_char_p(b""),
+            ctypes.c_uint(_AT_EMPTY_PATH),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        if rc != 0:
+            code = ctypes.get_errno()
+            if code == errno.ENOSYS:
+                return False
+            raise MountError(call=call, path=os.fspath(target), code=code, fix=_fix(code, call))
+        rc = _LIBC.syscall(
+            ctypes.c_long(_SYS_MOVE_MOUNT),
+            ctypes.c_int(fd),
+            ctypes.c_char_p(b""),
+            ctypes.c_int(_AT_FDCWD),
+            ctypes.c_char_p(os.fsencode(target)),
+            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+        )
+        if rc != 0:
+            code = ctypes.get_errno()
+            raise MountError(call=call, path=os.fspath(target), code=code, fix=_fix(code, call))
+    finally:
+        os.close(fd)  # a clone never attached is freed with its last reference
+    return True
 
 
 def set_propagation(

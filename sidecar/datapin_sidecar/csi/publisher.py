@@ -305,8 +305,9 @@ class Publisher:
                 code=errno.ENOTDIR,
                 fix="kubelet's target path holds something that is not a directory",
             )
-        mounts.bind(view, target, recursive=True)
-        mounts.remount_read_only(target)
+        # Read-only before it is attached: the copies kubelet's directory propagates to the
+        # host (where the pod's container is made) are read-only too.
+        mounts.bind_read_only(view, target, recursive=True)
 
     def _mount_rev(self, record: VolumeRecord, key: str, tree: Path, base: Path) -> None:
         """Mount `tree` at `<base>/.revs/<key>`: read-only bind, or overlay if writable."""
@@ -437,15 +438,21 @@ class Publisher:
             return True
 
     def _base(self, record: VolumeRecord, table: list[mounts.Mount]) -> Path:
-        """Where new trees are mounted: the view if it is a mount here, else the target.
+        """Where new trees are mounted: the view if the target is in its peer group, else the
+        target (what the pod's container copies).
 
-        After an agent restart in a new mount namespace, the view's self-bind may be gone
-        while the target (under kubelet's Bidirectional directory) is still in its peer group.
+        After an agent restart in a new mount namespace (a container restart), the view's
+        self-bind may be gone, or be the copy the node volume's Bidirectional propagation made
+        of it when it was created, which is in the node volume's peer group and not the
+        target's: a tree mounted there would never reach the pod.
         """
         view = self.view(record.volume_id)
-        if mounts.is_mount(view, table) or not mounts.is_mount(record.target_path, table):
+        target = Path(record.target_path)
+        if not mounts.is_mount(target, table):
             return view
-        return Path(record.target_path)
+        if mounts.is_mount(view, table) and _peer_group(view, table) == _peer_group(target, table):
+            return view
+        return target
 
     async def purge_retired(self, *, now: float | None = None) -> list[str]:
         """Unmount and delete trees that left `current` more than `grace` ago; `vid/key`s."""
@@ -534,3 +541,11 @@ def _error(exc: OSError, what: str) -> Exception:
         fix="kubelet retries; if it persists, check the node directory and kubelet's pods "
         "directory on this node",
     )
+
+
+def _peer_group(path: Path, table: list[mounts.Mount]) -> str | None:
+    """The `shared:N` tag of the top mount at `path` (None if it is not shared)."""
+    found = mounts.mounts_at(path, table)
+    if not found:
+        return None
+    return next((t for t in found[-1].tags if t.startswith("shared:")), None)
