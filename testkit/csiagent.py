@@ -10,6 +10,11 @@ the API server would give the agent on a node, and nothing mocked inside it.
   `kill` (SIGKILL by PID) may be repeated on the same ROOT, as a node's agent restarts.
   `close` stops the agent by PID, then lazily unmounts everything below the node (deepest
   first), so a failing test leaves no mount behind.
+  As in the chart's DaemonSet, the agent runs in a mount namespace of its own (`unshare
+  --mount`, exec'd: the PID is the agent's) in which ROOT and kubelet's pods directory are
+  shared with the host's (`Bidirectional`): what the agent mounts must propagate out to where
+  kubelet and the container runtime (here: the test, in the host's namespace) look, and a
+  killed agent's namespace goes with it, as a restarted container's does.
 - `injected` builds a pod's volume the way the webhook does (`inject_csi` on a pod template
   annotated for a Dataset) and returns what kubelet then holds: the `InlineVolume` with the
   attributes, readOnly and the Secret's data, and the pod object to create in the API.
@@ -72,6 +77,10 @@ class CsiAgentNode:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         self.node = CsiNode(base)
+        # The node volume's hostPath is Bidirectional in the chart: a shared mount on the host.
+        mounts.bind(self.node.root, self.node.root)
+        mounts.set_propagation(self.node.root, mounts.Propagation.PRIVATE)
+        mounts.set_propagation(self.node.root, mounts.Propagation.SHARED)
         self.workdir = workdir
         self.sockets = Path(tempfile.mkdtemp(prefix="dp-csi-", dir="/tmp"))
         self.csi_socket = self.sockets / "csi.sock"
@@ -105,7 +114,12 @@ class CsiAgentNode:
 
     async def start(self) -> SidecarProcess:
         """Start the agent and wait until both of its sockets answer."""
-        agent = SidecarProcess("agent", self.workdir, self.settings)
+        agent = SidecarProcess(
+            "agent",
+            self.workdir,
+            self.settings,
+            wrapper=("unshare", "--mount", "--propagation", "unchanged"),
+        )
         self.agent = agent
         self.agents.append(agent)
         await asyncio.to_thread(agent.start)
@@ -142,7 +156,10 @@ class CsiAgentNode:
             rmtree_robust(self.sockets)
 
     def mounts_below(self, path: Path) -> list[str]:
-        return [m.mount_point for m in mounts.mounts_under(path)]
+        """The mount points at or below `path` in the host's namespace, except the node's own
+        (ROOT and kubelet's directory, mounts this harness made)."""
+        own = {mounts.canonical(self.node.root), mounts.canonical(self.node.kubelet)}
+        return [m.mount_point for m in mounts.mounts_under(path) if m.mount_point not in own]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

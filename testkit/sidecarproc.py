@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,8 +39,18 @@ __all__ = ["Pod", "SidecarProcess", "serving"]
 class SidecarProcess:
     """`datapin-sidecar MODE` with `settings` (without the prefix) as its environment."""
 
-    def __init__(self, mode: str, workdir: Path, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        mode: str,
+        workdir: Path,
+        settings: Mapping[str, Any],
+        *,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """`wrapper`: a command that execs the program (its PID stays the program's), e.g.
+        `unshare --mount` to run it in a mount namespace of its own, as a container."""
         self.mode = mode
+        self.wrapper = tuple(wrapper)
         self.workdir = workdir
         self.port = free_ports(1)[0]
         self.log_path = workdir / f"{mode}-{self.port}.log"
@@ -66,7 +76,7 @@ class SidecarProcess:
     def start(self) -> SidecarProcess:
         workdir_log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "datapin_sidecar.node.main", self.mode],
+            [*self.wrapper, sys.executable, "-m", "datapin_sidecar.node.main", self.mode],
             env=self.env,
             stdout=workdir_log,
             stderr=subprocess.STDOUT,

@@ -464,7 +464,8 @@ async def test_a_pin_change_on_the_pod_switches_current_without_a_remount(
         want = md5_files(pushed_a2.files)
         await node.until("current shows revision 2", lambda: _md5_or_none(target) == want, 60)
         assert _mount_at(target).mount_id == mount_id, "the target was remounted"
-        assert _mount_at(target).read_only
+        _assert_serves(target, pushed_a2)
+        _assert_read_only(target)  # the new tree's mount as well, where the pod sees it
         assert await node.sample("datapin_csi_switches_total", result="ok") == 1
         assert await node.sample("datapin_csi_switches_total", result="failed") == 0
         assert opened.read() == pushed_a.files["README.txt"]
@@ -564,6 +565,8 @@ async def test_a_pin_changed_while_the_agent_was_down_is_switched_once_keys_are_
         await node.kubelet.publish(client, pod.volume)  # kubelet's republish brings the keys
     want = md5_files(pushed_a2.files)
     await node.until("current shows revision 2", lambda: _md5_or_none(target) == want, 20)
+    _assert_serves(target, pushed_a2)
+    _assert_read_only(target)
     assert await node.sample("datapin_csi_switches_total", result="ok") == 1
     async with node.kubelet.csi(node.csi_socket) as client:
         await node.kubelet.unpublish(client, pod.volume)
