@@ -644,6 +644,9 @@ async def test_what_kubelet_may_send_besides(
             node, dataclasses.replace(contradictory.volume, read_only=True)
         )
         assert code is grpc.StatusCode.INVALID_ARGUMENT, message
+        assert "'images'" in message
+        assert pushed_a.rev in message
+        assert "Fix" in message
         never = injected(dataset=dataset, pin=pushed_a.rev, secrets=keys).volume
         await client.node_unpublish(
             volume_id=never.volume_id, target_path=str(never.target_path(node.node.kubelet))

@@ -133,14 +133,14 @@ def parse_publish(
         layout = LayoutChoice(context.get(Attr.LAYOUT, LayoutChoice.AUTO.value))
     except ValueError:
         raise BadVolumeError(
-            f"dataset {dataset!r}: volume attribute {Attr.LAYOUT.value!r} is "
+            f"dataset {dataset!r} pin {revision.oid}: volume attribute {Attr.LAYOUT.value!r} is "
             f"{context.get(Attr.LAYOUT)!r}. Fix: one of "
             f"{', '.join(c.value for c in LayoutChoice)}"
         ) from None
-    writable = _bool(context, Attr.WRITABLE, dataset)
+    writable = _bool(context, Attr.WRITABLE, f"dataset {dataset!r} pin {revision.oid}")
     if writable and readonly:
         raise BadVolumeError(
-            f"dataset {dataset!r}: the volume is `readOnly` but asks for "
+            f"dataset {dataset!r} pin {revision.oid}: the volume is `readOnly` but asks for "
             f'{Attr.WRITABLE.value}: "true". Fix: drop one of them'
         )
     target = check_target(target_path, kubelet_dir=kubelet_dir, pod_uid=pod.uid)
@@ -219,11 +219,10 @@ def _pod(context: Mapping[str, str]) -> Pod:
     )
 
 
-def _bool(context: Mapping[str, str], attr: Attr, dataset: str) -> bool:
+def _bool(context: Mapping[str, str], attr: Attr, volume: str) -> bool:
     value = context.get(attr, "false").strip().lower()
     if value not in _BOOLS:
         raise BadVolumeError(
-            f"dataset {dataset!r}: volume attribute {attr.value!r} is {value[:20]!r}. "
-            'Fix: "true" or "false"'
+            f'{volume}: volume attribute {attr.value!r} is {value[:20]!r}. Fix: "true" or "false"'
         )
     return _BOOLS[value]
