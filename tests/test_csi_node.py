@@ -18,10 +18,12 @@ reaches `current` without a remount; concurrent cold publishes fetch each object
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -719,4 +721,38 @@ async def test_a_graceful_stop_of_the_agent_leaves_volumes_mounted(
     async with node.kubelet.csi(node.csi_socket) as client:
         await node.kubelet.unpublish(client, pod.volume)
     _assert_no_mounts(node, pod.volume)
+    assert node.mounts_below(node.root) == []
+
+
+async def test_a_publish_past_kubelets_deadline_keeps_building_and_the_retry_joins_it(
+    node_factory: Any, api: tuple[Emulator, Api], tenants: TenantSeaweed, pushed_a: S3DvcFixture
+) -> None:
+    """kubelet cancels a slow cold publish at its deadline and retries: the build goes on,
+    the retry is served from it, and no object is fetched twice."""
+    with FaultProxy(tenants.endpoint) as proxy:
+        node: CsiAgentNode = node_factory(trusted_endpoints=[proxy.endpoint])
+        dataset = await _tenant_a(api[1], pushed_a, proxy.endpoint)
+        await node.start()
+        pod = injected(dataset=dataset, pin=pushed_a.rev, secrets=_keys(tenants.tenants["a"]))
+        # Objects (not the .dir) slow: the call is cut in the middle of the build.
+        proxy.latency(1.5, method="GET", path=re.compile(r"/md5/../[0-9a-f]{30}$"), times=None)
+        async with node.kubelet.csi(node.csi_socket) as client:
+            node.kubelet.prepare(pod.volume)
+            request = publish_request(pod.volume, kubelet_dir=node.node.kubelet)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await client.node_publish(request, deadline=1.0)
+            assert cut.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert not mounts.is_mount(request.target_path)
+            proxy.clear_faults()
+            target = await node.kubelet.publish(client, pod.volume)
+            _assert_serves(target, pushed_a)
+            downloads = collections.Counter(
+                r.path
+                for r in proxy.gets("/files/md5/")
+                if r.status in (200, 206) and r.complete and r.range != "bytes=0-0"  # a probe
+            )
+            twice = {k: n for k, n in downloads.items() if n > 1}
+            assert not twice, twice
+            await node.kubelet.unpublish(client, pod.volume)
+            _assert_no_mounts(node, pod.volume)
     assert node.mounts_below(node.root) == []
