@@ -15,9 +15,12 @@ One directory per published volume, made and removed only by the agent (root)::
 
 Why a `view/` below the volume directory: the pod must not see the record, nor the overlay's
 upper and work directories (writing there while the overlay is mounted is undefined). The
-target is the view bound recursively and remounted read-only (nosuid, nodev), whatever the
-volume: the pod can never rename `current` or plant entries beside it, even as root; only the
-`.revs/<key>` mount below it decides whether the data is writable.
+target is the view bound recursively and read-only (nosuid, nodev), whatever the volume: the
+pod can never rename `current` or plant entries beside it, even as root; only the
+`.revs/<key>` mount below it decides whether the data is writable. Every read-only mount is
+made read-only *before* it is attached (`mounts.bind_read_only`): the view is shared and the
+target is in kubelet's Bidirectional directory, so a mount made there is copied to the host
+(and the pod) at once, and a remount afterwards would change the agent's copy only.
 
 **Publish** (`publish`), in this order, so a crash at any point leaves a state `unpublish` and
 `recover` undo from the record and /proc/self/mountinfo alone: the record first (it names the
@@ -25,7 +28,8 @@ tree key before anything shows it, which the tree store's removal relies on), `v
 itself and made shared (its own peer group), the tree mounted at `.revs/<key>`, `current`
 created, the target directory made (kubelet made its parent) and the view bound onto it. A
 failure undoes what this call did. Publishing the same request again is a no-op (and repairs a
-target left writable by a crash between the bind and the read-only remount); the same volume
+target left writable by a crash between the bind and the read-only remount, on a kernel
+without the new mount API); the same volume
 id with a different request is a `VolumeConflictError`.
 
 **Ownership.** Everything here and every tree is root's (the agent); tree files are 0444 and
