@@ -103,8 +103,11 @@ def _keys(tenant: Tenant) -> dict[str, str]:
 
 
 @pytest.fixture
-def node_factory(xfs_dir: Path, tmp_path: Path, api: tuple[Emulator, Api]) -> Iterator[Any]:
-    """Make nodes (the agent not started yet); every one is closed, even on failure."""
+def node_factory(
+    xfs_dir: Path, tmp_path: Path, api: tuple[Emulator, Api], tenants: TenantSeaweed
+) -> Iterator[Any]:
+    """Make nodes (the agent not started yet); every one is closed, even on failure. No
+    tenant's key may ever reach an agent's log."""
     made: list[CsiAgentNode] = []
 
     def make(**kwargs: Any) -> CsiAgentNode:
@@ -119,6 +122,11 @@ def node_factory(xfs_dir: Path, tmp_path: Path, api: tuple[Emulator, Api]) -> It
     yield make
     for node in made:
         node.close()
+    keys = [k for t in tenants.tenants.values() for k in (t.access_key, t.secret_key)]
+    for node in made:
+        for agent in node.agents:
+            output = agent.output()
+            assert not any(k in output for k in keys), f"a key in {agent.log_path}"
 
 
 async def _tenant_a(api: Api, fx: S3DvcFixture, endpoint: str) -> dict[str, Any]:
@@ -190,6 +198,10 @@ async def test_registration_identity_and_a_read_only_publish_then_a_warm_one(
     node: CsiAgentNode = node_factory()
     dataset = await _tenant_a(api[1], pushed_a, tenants.endpoint)
     await node.start()
+    # kubelet refusing the plugin is shown on /status, where an admin looks.
+    await node.kubelet.notify(node.registration_socket, registered=False, error="kubelet says no")
+    status = (await asyncio.to_thread(node.agent.status))["csi"]
+    assert status == {"registered": False, "registration_error": "kubelet says no"}
     registered = await node.kubelet.register(node.registration_socket)
     assert registered.name == DRIVER
     assert registered.endpoint == str(node.csi_socket)
