@@ -195,6 +195,7 @@ def injected(
     pod_name: str | None = None,
     node_name: str = NODE_NAME,
     namespace: str | None = None,
+    layout: LayoutChoice = LayoutChoice.DVC3,
 ) -> Injected:
     """The webhook's injection of a pod asking for `dataset` at `pin` (see the module doc).
 
@@ -219,7 +220,7 @@ def injected(
     mount = DatasetMount(
         request=request.mounts[0],
         spec=models.DatasetSpec.model_validate(dataset["spec"]),
-        pin=PinRecord(dataset=meta["name"], pin=pin, ref=ref, layout=LayoutChoice.DVC3),
+        pin=PinRecord(dataset=meta["name"], pin=pin, ref=ref, layout=layout),
     )
     out = inject_csi(template, request=request, mounts=[mount])
     (volume,) = [v for v in out["spec"]["volumes"] if "csi" in v]

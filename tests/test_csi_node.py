@@ -33,6 +33,7 @@ import pytest
 from datapin_sidecar.csi import mounts
 from datapin_sidecar.csi.proto import csi_pb2 as pb
 from datapin_sidecar.csi.volume import DRIVER
+from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.pins import ANNOTATION, PinRecord, format_pins
 
 from testkit.csiagent import ContainerView, CsiAgentNode, Injected, dataset_object, injected
@@ -768,3 +769,45 @@ async def test_a_publish_past_kubelets_deadline_keeps_building_and_the_retry_joi
             await node.kubelet.unpublish(client, pod.volume)
             _assert_no_mounts(node, pod.volume)
     assert node.mounts_below(node.root) == []
+
+
+async def test_a_legacy_dvc2_dataset_in_auto_layout(
+    tmp_path_factory: pytest.TempPathFactory,
+    node_factory: Any,
+    api: tuple[Emulator, Api],
+    tenants: TenantSeaweed,
+) -> None:
+    """A revision pushed by DVC 2.58 (legacy layout, md5-dos2unix names), asked for with
+    layout `auto`: the plugin finds the layout on the tenant's remote and serves the bytes."""
+    a = tenants.tenants["a"]
+    try:
+        legacy = push_dvc_fixture(
+            tmp_path_factory.mktemp("push-legacy"),
+            tenants,
+            a.bucket,
+            version=2,
+            prefix="legacy",
+            create_bucket=False,
+        )
+    except DvcUnavailable as exc:
+        pytest.skip(f"no DVC 2: {exc.reason}")
+    node: CsiAgentNode = node_factory()
+    dataset = dataset_object(
+        "old", NS_A, url=legacy.remote_url, endpoint=tenants.endpoint, secret="a-keys"
+    )
+    await api[1].create(DATASETS, dataset)
+    await node.start()
+    pods = [
+        injected(dataset=dataset, pin=legacy.rev, secrets=_keys(a), layout=LayoutChoice.AUTO)
+        for _ in range(2)
+    ]
+    assert pods[0].volume.attributes["layout"] == "auto"
+    async with node.kubelet.csi(node.csi_socket) as client:
+        targets = [await node.kubelet.publish(client, pod.volume) for pod in pods]
+        for target in targets:
+            _assert_serves(target, legacy)
+        assert Path(_tree_of(targets[0])[1]).name.endswith("-legacy")
+        assert await node.sample("datapin_csi_publish_seconds_count", result="warm") == 1
+        for pod in pods:
+            await node.kubelet.unpublish(client, pod.volume)
+            _assert_no_mounts(node, pod.volume)
