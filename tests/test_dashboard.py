@@ -375,6 +375,14 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
             agent.gc_runs.labels("reached").inc()
             agent.workspaces_removed.inc()
             agent.slots_removed.inc()
+            # The node plugin: a cold and a warm publish, a refusal, a switch, the gauges.
+            agent.publish_seconds.labels(PublishResult.BUILT.value).observe(1.8)
+            agent.publish_seconds.labels(PublishResult.WARM.value).observe(0.0014)
+            agent.publish_seconds.labels(PublishResult.REFUSED.value).observe(0.02)
+            agent.refusals.labels(Refusal.OBJECTS_NOT_ON_REMOTE.value).inc()
+            agent.switches.labels("ok").inc()
+            agent.shared_trees.set(1)
+            agent.published_volumes.set(2)
             used, size = _set_agent_metrics(agent, xfs_dir, runs.cache)
             prometheus.wait_for(  # everything above has been scraped
                 f'datapin_volume_used_bytes{{job="{jobs["agent"]}"}} == {used}'

@@ -64,6 +64,7 @@ from datapin_operator.api.crd import validate_dataset
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.requests import parse_request
 
+from testkit import podsecurity
 from testkit.kind import (
     REMOTE_VARS,
     Cluster,
@@ -196,6 +197,10 @@ def test_the_e2e_manifests_are_what_the_api_server_and_operator_accept(tmp_path:
     assert [(m.dataset, m.revision, m.mount_path) for m in request.mounts] == [
         (DATASET, DATASET, MOUNT_PATH)
     ]
+    # The namespace enforces `restricted`: the Job's pods must meet it before injection (the
+    # injected csi volume keeps them within it: tests/test_pod_security.py).
+    assert request.mode == "csi"
+    assert podsecurity.restricted(_job("ns", sample)) == []
 
 
 # --- the end-to-end test -------------------------------------------------------------------

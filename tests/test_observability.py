@@ -16,7 +16,7 @@ from pathlib import Path
 from datapin_sidecar.node.agent import prefetch_file_text
 from datapin_sidecar.node.settings import DatasetSettings
 
-from testkit.dashboard import expand, load_dashboard, panel_queries
+from testkit.dashboard import expand, load_dashboard, metric_names, panel_queries
 from testkit.dvcremote import S3DvcFixture
 from testkit.faultproxy import FaultProxy
 from testkit.prometheus import PrometheusServer, sample_value
@@ -96,6 +96,11 @@ def test_prometheus_scrapes_sidecar_and_agent_and_every_panel_has_data(
         # Every panel's expression, as Grafana sends it for this node and dataset.
         empty = []
         for title, expr in panel_queries(load_dashboard(DASHBOARD)):
+            if all(name.startswith("datapin_csi_") for name in metric_names(expr)):
+                # No pod here uses a csi volume: the node plugin's panels get their data in
+                # tests/test_dashboard.py (live Prometheus) and the plugin's own metrics are
+                # checked against a real publish in tests/test_csi_node.py.
+                continue
             promql = expand(expr, rate_interval="1m", range_="10m", node=node, dataset="images")
             try:
                 prometheus.wait_for_number(promql, timeout=20)

@@ -77,7 +77,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final, ParamSpec, Protocol, TypeVar
@@ -384,34 +384,29 @@ class Access:
     def records(self) -> list[ProvenanceRecord]:
         """Every trusted record on the node."""
         found: list[ProvenanceRecord] = []
-        try:
-            top = safefs.open_dir(self.dir)
-        except (FileNotFoundError, UnsafeFileError):
-            return found
-        try:
-            for rid in os.listdir(top):
-                try:
-                    sub = safefs.open_dir(rid, dir_fd=top)
-                except (FileNotFoundError, NotADirectoryError, UnsafeFileError):
-                    continue
-                try:
-                    for name in os.listdir(sub):
-                        record = None if name.startswith(".") else _read_record(sub, rid, name)
-                        if record is not None:
-                            found.append(record)
-                finally:
-                    os.close(sub)
-        finally:
-            os.close(top)
+        for rid, sub in self._remote_dirs():
+            for name in os.listdir(sub):
+                record = None if name.startswith(".") else _read_record(sub, rid, name)
+                if record is not None:
+                    found.append(record)
         return found
 
     def forget_tree(self, key: str) -> int:
         """Drop every record of tree `key` (its tree was evicted); how many were dropped."""
         dropped = 0
+        for _, sub in self._remote_dirs():
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(key, dir_fd=sub)
+                dropped += 1
+        return dropped
+
+    def _remote_dirs(self) -> Iterator[tuple[str, int]]:
+        """(remote id, directory fd) of each remote's records, opened without following a
+        link; each fd is closed when the walk moves on."""
         try:
             top = safefs.open_dir(self.dir)
         except (FileNotFoundError, UnsafeFileError):
-            return dropped
+            return
         try:
             for rid in os.listdir(top):
                 try:
@@ -419,15 +414,11 @@ class Access:
                 except (FileNotFoundError, NotADirectoryError, UnsafeFileError):
                     continue
                 try:
-                    os.unlink(key, dir_fd=sub)
-                    dropped += 1
-                except (FileNotFoundError, IsADirectoryError):
-                    pass
+                    yield rid, sub
                 finally:
                     os.close(sub)
         finally:
             os.close(top)
-        return dropped
 
     def _write(self, record: ProvenanceRecord) -> None:
         root = safefs.open_dir(self.root)

@@ -58,6 +58,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class NodeCache:
         self.fetch_dir = self.private_dir / "fetch"
         self.builds_dir = self.private_dir / "builds"
         self.builds_lock = self.private_dir / "builds.lock"
+        #: One empty file per revision, its mtime the LRU clock (`housekeeping.clock`).
+        self.used_dir = self.private_dir / "used"
         self._shards_checked: set[str] = set()
 
     def __repr__(self) -> str:
@@ -257,6 +260,37 @@ class NodeCache:
             except UnsafeFileError:
                 safefs.remove_tree(path)
         raise UnsafeFileError(path, "keeps being replaced by something that is not a file")
+
+    def share_directories(self, uid: int, gid: int) -> int:
+        """Create the cache's fixed directories and give the ones root owns to `uid:gid`;
+        how many were given.
+
+        For an agent that runs as root (the CSI node plugin) on a node whose sidecars run as
+        `uid`: every directory a sidecar must create entries in (the shards of both layouts,
+        the download slots' shards, `tmp`, `builds`, `quarantine`, `manifests`, `used`) exists
+        and is the sidecars', so a directory the root agent made first never locks them out.
+        Objects stay read-only (0444) whoever wrote them. A name that is not a directory (a
+        planted symlink) is left alone: `lchown` never follows one.
+        """
+        hexes = [f"{i:02x}" for i in range(256)]
+        wanted = [self.root, self.private_dir, self.tmp_dir, self.quarantine_dir]
+        wanted += [self.manifests_dir, self.fetch_dir, self.builds_dir, self.used_dir]
+        wanted += [Path(self._prefix[layout] + h) for layout in Layout for h in hexes]
+        wanted += [self.fetch_dir / h for h in hexes]
+        given = 0
+        for directory in wanted:
+            directory.mkdir(parents=True, exist_ok=True)
+            st = os.lstat(directory)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and uid != 0:
+                os.chown(directory, uid, gid, follow_symlinks=False)
+                given += 1
+        inside = {d.parent for d in wanted if d.parent.is_relative_to(self.root)}
+        for parent in sorted(inside - set(wanted)):
+            st = os.lstat(parent)  # files/ and files/md5/
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and uid != 0:
+                os.chown(parent, uid, gid, follow_symlinks=False)
+                given += 1
+        return given
 
     def slot_path(self, oid: str, layout: Layout) -> str:
         """Where `oid`'s download slot lives: sharded like the objects, because every slot is

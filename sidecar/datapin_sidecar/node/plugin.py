@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,23 @@ def kube_config(settings: Settings, environ: Mapping[str, str]) -> KubeConfig:
     return config
 
 
+def share_cache(root: Path, cache: NodeCache) -> None:
+    """The node plugin runs as root. A node volume owned by another user (the sidecar modes'
+    `sidecar.user`, install.md step 1) also serves sidecar-mode pods, which write the cache as
+    that user: the cache's directories are made theirs first, so none the agent creates locks
+    them out. A volume owned by root serves csi pods only, and stays all root's."""
+    st = os.stat(root)
+    if os.geteuid() == 0 and st.st_uid != 0:
+        given = cache.share_directories(st.st_uid, st.st_gid)
+        if given:
+            log.info(
+                "gave %d cache directories to %d:%d, the node volume's owner (sidecar modes)",
+                given,
+                st.st_uid,
+                st.st_gid,
+            )
+
+
 def observer(metrics: Metrics) -> Callable[[PublishResult, float, BaseException | None], None]:
     """The rpc layer's publish observer: latency by result, refusals by reason."""
 
@@ -137,6 +155,7 @@ async def serve_plugin(
             "node to kubelet and follows that node's pods. Fix: set it from spec.nodeName "
             "(the chart does)"
         )
+    await run(share_cache, settings.root, cache)
     async with KubeApi(kube_config(settings, environ)) as kube:
         publisher = Publisher(settings.root, grace=settings.spare_grace_seconds)
         trees = TreeStore(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from datapin_sidecar.engine.cache import NodeCache
@@ -187,29 +187,28 @@ class DirectoryRemote:
                 return False
             check_dir_size(remote=str(self.root), oid=oid, key=path, size=actual)
             hasher = ObjectHasher(layout)
-            while True:
-                try:
-                    chunk = os.read(fd, DVC2_CHUNK)
-                except OSError as exc:
-                    raise self._unreadable(path, exc) from None
-                if not chunk:
-                    break
+            for chunk in self._chunks(fd, path):
                 hasher.update(chunk)
             return hasher.hexdigest() == oid.removesuffix(".dir")
         finally:
             os.close(fd)
 
+    def _chunks(self, fd: int, path: str) -> Iterator[bytes]:
+        """The open object's bytes, a read at a time (a read error names the object)."""
+        while True:
+            try:
+                chunk = os.read(fd, DVC2_CHUNK)
+            except OSError as exc:
+                raise self._unreadable(path, exc) from None
+            if not chunk:
+                return
+            yield chunk
+
     def _insert(self, cache: NodeCache, fd: int, path: str, oid: str, layout: Layout) -> int:
         """Copy the open object into the cache through its verified insert; bytes copied."""
         check_dir_size(remote=str(self.root), oid=oid, key=path, size=os.fstat(fd).st_size)
         with cache.writer(oid, layout) as writer:
-            while True:
-                try:
-                    chunk = os.read(fd, DVC2_CHUNK)
-                except OSError as exc:
-                    raise self._unreadable(path, exc) from None
-                if not chunk:
-                    break
+            for chunk in self._chunks(fd, path):
                 writer.write(chunk)
             if writer.hexdigest() != oid.removesuffix(".dir"):
                 raise CorruptObjectError(

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def used_dir(cache: NodeCache) -> Path:
-    return cache.private_dir / "used"
+    return cache.used_dir
 
 
 def touch_used(
