@@ -88,10 +88,11 @@ def loglog_svg(
     y_format: Callable[[float], str] = lambda v: f"{v:g}",
     label_points: bool = True,
     note: str = "",
-    width: int = 900,
+    plot_width: int = 600,
     height: int = 520,
 ) -> str:
-    """The plot as a standalone SVG document (see the module doc)."""
+    """The plot as a standalone SVG document (see the module doc); the legend widens the
+    document, never the plot."""
     drawn = [line for line in lines if line.points]
     if not drawn:
         raise ValueError("nothing to plot: every line is empty")
@@ -101,9 +102,11 @@ def loglog_svg(
         raise ValueError("a log-log plot needs positive values")
     x_lo, x_hi = _decades(xs)
     y_lo, y_hi = _decades(ys)
-    legend_w = 250
-    left, right, top, bottom = 80, legend_w + 30, 50, 70 if not note else 90
-    pw, ph = width - left - right, height - top - bottom
+    # ~7.5 px per character of 13 px sans-serif, plus the swatch.
+    legend_w = int(max(len(line.label) for line in drawn) * 7.5) + 60
+    left, top, bottom = 80, 50, 70 if not note else 90
+    pw, ph = plot_width, height - top - bottom
+    width = left + pw + legend_w + 30
 
     def px(x: float) -> float:
         return left + (math.log10(x) - x_lo) / (x_hi - x_lo) * pw
