@@ -26,6 +26,10 @@ Cases:
   (`bench/plot.py`).
 * `first`: the first publish on a node (tree not built, objects cached): `ensure` builds the
   tree with the engine, then publish; beside `cp -a --reflink=always`. Target: at most 1.2x cp.
+* `phases`: where a warm publish over gRPC goes, at 100k files (or the largest size): the
+  in-process publish, `NodePlugin.publish` called directly (API read, remote opened, proof
+  looked up, publish), the same over gRPC, and the Dataset GET and the remote's open/close
+  alone, interleaved (`bench/csigrpc.py`). Not in the default `--only`: run it by name.
 * `disk`: 10 pods using one revision (`--disk-files`, default 100k): inodes and bytes used on
   the volume (statvfs before and after, synced), CSI mode (one shared tree, 10 volumes) beside
   10 sidecar workspaces.
@@ -94,7 +98,7 @@ from bench.plot import Line, count_label, loglog_svg, seconds_label
 from testkit.csinode import CsiNode
 from testkit.xfs import shared_extents, xfs_volume
 
-CASES = ("warm", "first", "disk")
+CASES = ("warm", "first", "disk", "phases")
 FILE_BYTES = 4 * KIB
 FULL_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (1_000, 5_000)
@@ -404,6 +408,54 @@ class Bench:
         self.targets.append(at_most("first publish / cp", pub.wall / cp.wall, FIRST_MAX))
         rm(src_copy)
 
+    def bench_phases(self) -> None:
+        n = 100_000 if 100_000 in self.sizes else max(self.sizes)
+        rev = self.revision(n)
+        rig = self.start_grpc()
+        self.log(f"4. where a warm publish over gRPC goes ({n:,} files)")
+        self.run(self.store.ensure(rev, LayoutChoice.AUTO, None))
+        self.run(rig.prove(rev, objects=n))
+
+        def timed(coro: Callable[[], Coroutine[Any, Any, float]]) -> Callable[[int], float]:
+            def once(_r: int) -> float:
+                settle()
+                return self.run(coro())
+
+            return once
+
+        steps = (
+            ("publish", "`TreeStore.ensure` + `Publisher.publish` in-process"),
+            ("backend", "`NodePlugin.publish` (no gRPC)"),
+            ("grpc", "`NodePublishVolume` over gRPC"),
+            ("api", "Dataset GET from the API emulator"),
+            ("remote", "open + close the Dataset's S3 remote"),
+        )
+        peers: list[Peer] = [
+            ("publish", self.runs, lambda r: self.publish(rev)),
+            ("backend", self.runs, timed(lambda: rig.backend_publish(rev))),
+            ("grpc", self.runs, lambda r: self.grpc_publish(rev)),
+            ("api", self.runs, timed(rig.dataset_get)),
+            ("remote", self.runs, timed(rig.remote_open_close)),
+        ]
+        res = interleave(peers, self.log, describe=secs)
+        med = {key: median(res[key]) for key, _ in steps}
+        rows = [
+            f"### 4. Where a warm publish over gRPC goes ({n:,} files, medians of {self.runs})",
+            "",
+            "| step | median | min-max |",
+            "|---|---:|---:|",
+        ]
+        for key, label in steps:
+            walls = res[key]
+            rows.append(f"| {label} | {secs(med[key])} | {secs(min(walls))}-{secs(max(walls))} |")
+        rows += [
+            "",
+            f"`NodePlugin.publish` adds {secs(med['backend'] - med['publish'])} to the "
+            f"in-process publish (API read, remote, proof look-up); gRPC, protobuf and parsing "
+            f"add {secs(med['grpc'] - med['backend'])} to that.",
+        ]
+        self.sections.append("\n".join(rows))
+
     def bench_disk(self, files: int) -> None:
         rev = self.revision(files)
         self.log(f"3. disk cost of {PODS} pods using one {files:,}-file revision")
@@ -505,12 +557,16 @@ class Bench:
         self.log(f"plot written to {path}")
 
     def render(self, header: str) -> str:
-        lines = [header, "", "### Measurements", ""]
-        lines += ["| case | tool | n | median | min-max | notes |", "|---|---|---:|---:|---:|---|"]
-        lines += [s.row() for s in self.series]
-        lines += ["", "### Targets", "", "| target | measured | goal | result |"]
-        lines += ["|---|---|---|---|"]
-        lines += [t.row() for t in self.targets]
+        lines = [header]
+        if self.series:
+            lines += ["", "### Measurements", ""]
+            lines += ["| case | tool | n | median | min-max | notes |"]
+            lines += ["|---|---|---:|---:|---:|---|"]
+            lines += [s.row() for s in self.series]
+        if self.targets:
+            lines += ["", "### Targets", "", "| target | measured | goal | result |"]
+            lines += ["|---|---|---|---|"]
+            lines += [t.row() for t in self.targets]
         for section in self.sections:
             lines += ["", section]
         return "\n".join(lines) + "\n"
@@ -523,7 +579,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test (< 1 min)")
-    p.add_argument("--only", default=",".join(CASES), help=f"comma list of {','.join(CASES)}")
+    p.add_argument("--only", default="warm,first,disk", help=f"comma list of {','.join(CASES)}")
     p.add_argument("--sizes", help="comma list of file counts for `warm` (default 10k,100k,1M)")
     p.add_argument("--disk-files", type=int, help="files of the `disk` revision (default 100k)")
     p.add_argument("--runs", type=int, help="runs per peer (default 5; quick 3)")
@@ -591,6 +647,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 bench.bench_first()
             if "disk" in args.cases:
                 bench.bench_disk(args.disk_files)
+            if "phases" in args.cases:
+                bench.bench_phases()
             leftover = mounts.mounts_under(vol / "bench" / "node" / "csi")
             if leftover:
                 raise BenchError(f"mounts left after the run: {leftover}")

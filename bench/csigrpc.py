@@ -9,6 +9,12 @@ access and finds the tree before it publishes. `GrpcRig` runs exactly that path:
 127.0.0.1 serving the Dataset, a real SeaweedFS serving the pins' `.dir` objects, and
 `testkit.kubelet` making the calls as kubelet does.
 
+**Where the time goes** (`phases`): the same new pod's publish one layer down, straight into
+`NodePlugin.publish` (what the rpc layer calls after parsing: the gap to the gRPC figure is the
+channel, protobuf and parsing), and the two pieces of that which talk to servers, timed alone:
+the Dataset GET from the API emulator (`KubeApi.get_dataset`), and opening and closing the
+Dataset's S3 remote (`open_s3_remote`: a session, no request).
+
 **Pre-proven.** A warm publish is one whose pin is already proven for the remote; what that
 costs is what this measures. The proof has two steps (`csi.access`): (a) the pin's `.dir` on
 the remote, with the request's keys, remembered for the TTL; (b) every object the `.dir` names
@@ -43,9 +49,10 @@ from datapin_sidecar.csi.plugin import NodePlugin
 from datapin_sidecar.csi.publisher import Publisher
 from datapin_sidecar.csi.rpc import serve_node_plugin
 from datapin_sidecar.csi.trees import TreeStore
-from datapin_sidecar.csi.volume import Attr
+from datapin_sidecar.csi.volume import Attr, parse_publish
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import tree_key
 from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
@@ -79,6 +86,8 @@ class GrpcRig:
     client: CsiClient | None = None
     access: Access | None = None
     kubelet: Kubelet | None = None
+    plugin: NodePlugin | None = None
+    kube: KubeApi | None = None
     dataset: dict[str, Any] = field(default_factory=dict)
     secrets: dict[str, str] = field(default_factory=dict)
     _proven: set[str] = field(default_factory=set)
@@ -111,6 +120,7 @@ class GrpcRig:
         }
         await api.create(DATASETS, self.dataset)
         kube = await self.stack.enter_async_context(KubeApi(KubeConfig(url=api.url)))
+        self.kube = kube
         self.access = Access(self.root, ttl=PROOF_TTL)
         plugin = NodePlugin(
             kube=kube,
@@ -121,6 +131,7 @@ class GrpcRig:
             jobs=4,
         )
         await plugin.start()
+        self.plugin = plugin
         socket = self.workdir / "csi.sock"
         await self.stack.enter_async_context(
             serve_node_plugin(
@@ -145,12 +156,7 @@ class GrpcRig:
             return
         assert self.server is not None
         assert self.access is not None
-        config = DatasetRemote.from_object(self.dataset).config
-        keys = Credentials(
-            access_key_id=self.secrets["AWS_ACCESS_KEY_ID"],
-            secret_access_key=self.secrets["AWS_SECRET_ACCESS_KEY"],
-        )
-        async with open_s3_remote(config, StaticCredentials(keys, source="bench"), jobs=1) as r:
+        async with self.remote() as r:
             key, rid, url = r.key(revision.oid, Layout.DVC3), remote_id(r), r.url
         record = ProvenanceRecord(
             remote_id=rid,
@@ -163,6 +169,52 @@ class GrpcRig:
         await asyncio.to_thread(self._upload_and_record, key, revision, record)
         await self.publish(revision)
         self._proven.add(revision.oid)
+
+    def remote(self) -> contextlib.AbstractAsyncContextManager[Remote]:
+        """The Dataset's remote, opened with the Secret's keys (as the plugin opens it)."""
+        config = DatasetRemote.from_object(self.dataset).config
+        keys = Credentials(
+            access_key_id=self.secrets["AWS_ACCESS_KEY_ID"],
+            secret_access_key=self.secrets["AWS_SECRET_ACCESS_KEY"],
+        )
+        return open_s3_remote(config, StaticCredentials(keys, source="bench"), jobs=4)
+
+    # -- where the time goes (see the module doc) ----------------------------------------------
+
+    async def backend_publish(self, revision: Revision) -> float:
+        """A new pod's publish straight into `NodePlugin.publish` (timed), then unpublish."""
+        assert self.plugin is not None
+        assert self.kubelet is not None
+        volume = self.volume(revision)
+        target = self.kubelet.prepare(volume)
+        request = parse_publish(
+            volume_id=volume.volume_id,
+            target_path=str(target),
+            readonly=volume.read_only,
+            context=volume.volume_context(),
+            secrets=volume.secrets,
+            kubelet_dir=self.kubelet_dir,
+        )
+        t = time.perf_counter()
+        await self.plugin.publish(request)
+        wall = time.perf_counter() - t
+        await self.plugin.unpublish(volume_id=volume.volume_id, target_path=target)
+        await asyncio.to_thread(self.kubelet.clean_up, volume)
+        self.kubelet.remove_pod(volume)
+        return wall
+
+    async def dataset_get(self) -> float:
+        assert self.kube is not None
+        t = time.perf_counter()
+        if await self.kube.get_dataset(NAMESPACE, DATASET) is None:
+            raise LookupError(f"Dataset {NAMESPACE}/{DATASET} is gone from the emulator")
+        return time.perf_counter() - t
+
+    async def remote_open_close(self) -> float:
+        t = time.perf_counter()
+        async with self.remote():
+            pass
+        return time.perf_counter() - t
 
     def _upload_and_record(self, key: str, revision: Revision, record: ProvenanceRecord) -> None:
         assert self.server is not None
