@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import re
 import shlex
 import sys
 import time
@@ -108,6 +109,15 @@ FIRST_MAX = 1.2  # first publish / cp
 PODS = 10
 _T = TypeVar("_T")
 
+#: The warm case's peers: key -> the report's tool column (`--replot` reads it back).
+TOOLS = {
+    "publish": "datapin CSI: ensure (warm) + publish",
+    "grpc": "datapin CSI: `NodePublishVolume` over gRPC",
+    "cp": "`cp -a --reflink=always` of the tree",
+    "sidecar": "datapin sidecar mode: materialise, fresh workspace",
+    "dvc": "`dvc checkout` (DVC 3, reflink), empty workspace",
+}
+WARM_CASE = "1. warm publish ({n:,} x 4 KiB)"
 #: The warm case's peers: (key, label in the plot), in the plot's order.
 CURVES = (
     ("publish", "datapin CSI: publish (in-process)"),
@@ -333,7 +343,7 @@ class Bench:
 
     def _warm(self, n: int) -> None:
         rev = self.revision(n)
-        case = f"1. warm publish ({n:,} x 4 KiB)"
+        case = WARM_CASE.format(n=n)
         self.log(f"{case}: building the shared tree")
         tree = self.run(self.store.ensure(rev, LayoutChoice.AUTO, None))
         runs = self.runs_for(n)
@@ -354,14 +364,10 @@ class Bench:
             dvc_runs = min(self.dvc_runs, runs)
             peers.append(("dvc", dvc_runs, lambda r: self.dvc_checkout(rev, n, check=r == 0)))
         res = interleave(peers, self.log, describe=secs)
-        pub = self.add(Series(case, "datapin CSI: ensure (warm) + publish", res["publish"]))
-        grpc = None
-        if "grpc" in res:
-            grpc = self.add(Series(case, "datapin CSI: `NodePublishVolume` over gRPC", res["grpc"]))
-        cp = self.add(Series(case, "`cp -a --reflink=always` of the tree", res["cp"]))
-        side = self.add(
-            Series(case, "datapin sidecar mode: materialise, fresh workspace", res["sidecar"])
-        )
+        pub = self.add(Series(case, TOOLS["publish"], res["publish"]))
+        grpc = self.add(Series(case, TOOLS["grpc"], res["grpc"])) if "grpc" in res else None
+        cp = self.add(Series(case, TOOLS["cp"], res["cp"]))
+        side = self.add(Series(case, TOOLS["sidecar"], res["sidecar"]))
         pub.note = f"{cp.wall / pub.wall:,.0f}x faster than cp"
         if grpc is not None:
             grpc.note = (
@@ -370,9 +376,7 @@ class Bench:
             )
         side.note = f"{side.wall / cp.wall:.2f}x cp"
         if "dvc" in res:
-            dvc = self.add(
-                Series(case, "`dvc checkout` (DVC 3, reflink), empty workspace", res["dvc"])
-            )
+            dvc = self.add(Series(case, TOOLS["dvc"], res["dvc"]))
             dvc.note = f"{dvc.wall / cp.wall:.2f}x cp; {dvc.wall / pub.wall:,.0f}x publish"
         for key, walls in res.items():
             self.curves.setdefault(key, {})[n] = median(walls)
@@ -532,30 +536,6 @@ class Bench:
         self.series.append(series)
         return series
 
-    def plot(self, path: Path, note: str) -> None:
-        """The warm case as time against files, log-log (`bench/plot.py`)."""
-        lines = [
-            Line(
-                label=label,
-                points=sorted(self.curves[key].items()),
-                dashed=key == "grpc",
-            )
-            for key, label in CURVES
-            if key in self.curves
-        ]
-        svg = loglog_svg(
-            title="Warm publish of a revision already on the node (4 KiB files)",
-            x_label="files in the revision",
-            y_label="wall time, median",
-            lines=lines,
-            x_format=count_label,
-            y_format=seconds_label,
-            note=note,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(svg)
-        self.log(f"plot written to {path}")
-
     def render(self, header: str) -> str:
         lines = [header]
         if self.series:
@@ -570,6 +550,52 @@ class Bench:
         for section in self.sections:
             lines += ["", section]
         return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, dict[int, float]], path: Path, note: str) -> None:
+    """The warm case as time against files, log-log (`bench/plot.py`)."""
+    lines = [
+        Line(label=label, points=sorted(curves[key].items()), dashed=key == "grpc")
+        for key, label in CURVES
+        if key in curves
+    ]
+    svg = loglog_svg(
+        title="Warm publish of a revision already on the node (4 KiB files)",
+        x_label="files in the revision",
+        y_label="wall time, median",
+        lines=lines,
+        x_format=count_label,
+        y_format=seconds_label,
+        note=note,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(svg)
+    print(f"bench: plot written to {path}", file=sys.stderr)
+
+
+def plot_note(day: str, runs: int, heavy: int, dvc: int) -> str:
+    return (
+        f"{day}, 2 shared vCPUs, XFS reflinks; medians of {runs} runs ({min(dvc, runs)} of dvc), "
+        f"{heavy} at 1M files ({min(dvc, heavy)} of dvc); python -m bench.bench_csi"
+    )
+
+
+def curves_from_report(text: str) -> dict[str, dict[int, float]]:
+    """The warm case's medians, read back from a report's Measurements table (`--replot`)."""
+    keys = {tool: key for key, tool in TOOLS.items()}
+    curves: dict[str, dict[int, float]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        case = re.fullmatch(r"1\. warm publish \(([\d,]+) x 4 KiB\)", cells[0])
+        if case is None or len(cells) < 4 or cells[1] not in keys:
+            continue
+        value, unit = cells[3].split()
+        scale = {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+        n = int(case.group(1).replace(",", ""))
+        curves.setdefault(keys[cells[1]], {})[n] = float(value.replace(",", "")) * scale
+    if not curves:
+        raise BenchError("no warm-publish rows in that report")
+    return curves
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -597,6 +623,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--no-grpc", action="store_true", help="leave the publish over gRPC out (no SeaweedFS)"
     )
     p.add_argument("--plot", type=Path, metavar="SVG", help="draw the warm case to this SVG")
+    p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="REPORT",
+        help="with --plot: draw the warm case of an earlier report (no run, no root)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="for the XFS image")
     p.add_argument("--seed", type=int, default=14, help="PRNG seed of the data")
     p.add_argument("--at", metavar="COMMIT", help="measure datapin as of COMMIT")
@@ -617,6 +649,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.replot is not None:
+        if args.plot is None:
+            raise SystemExit("bench_csi: --replot needs --plot SVG")
+        text = args.replot.read_text()
+        when = re.search(r"benchmark, (\d{4}-\d\d-\d\d)", text)
+        runs = re.search(r"runs (\d+) per peer \((\d+) at 1M files\), dvc checkout (\d+)", text)
+        if when is None or runs is None:
+            raise SystemExit(f"bench_csi: {args.replot} is not a bench_csi report")
+        plot(
+            curves_from_report(text),
+            args.plot,
+            plot_note(when.group(1), *(int(g) for g in runs.groups())),
+        )
+        return 0
     return main_pinned(argv, parse_args, run, module="bench.bench_csi")
 
 
@@ -676,10 +723,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     write_report(bench.render(header), when, name="csi", quick=args.quick)
     if args.plot is not None and bench.curves:
-        bench.plot(
+        plot(
+            bench.curves,
             args.plot,
-            f"{when:%Y-%m-%d}, 2 shared vCPUs, XFS reflinks; medians of {args.runs} runs "
-            f"({args.heavy_runs} at 1M files); python -m bench.bench_csi",
+            plot_note(f"{when:%Y-%m-%d}", args.runs, args.heavy_runs, args.dvc_runs),
         )
     return 0
 

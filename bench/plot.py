@@ -16,7 +16,8 @@ Design choices, and why:
 * **Colour and marker both** tell series apart (Okabe-Ito colours, which stay distinct for
   colour-blind readers; circle, square, triangle, diamond, cross, ... as markers).
 * **The legend sits right of the plot**, never over the data, and each point may carry its
-  value as a label (`label_points`) for readers who want the figure without the table.
+  value as a label (`label_points`, on a white halo so a line under it does not hide it) for
+  readers who want the figure without the table.
 * Label formatting is the caller's (`x_format`, `y_format`): the plot knows numbers, the
   benchmark knows they are files and seconds.
 """
@@ -44,10 +45,28 @@ class Line:
     dashed: bool = False
 
 
-def _decades(values: Sequence[float]) -> tuple[int, int]:
-    lo = math.floor(math.log10(min(values)) + 1e-9)
-    hi = math.ceil(math.log10(max(values)) - 1e-9)
-    return lo, max(hi, lo + 1)
+#: Room (in decades) between the outermost points and the plot's edges.
+PAD = 0.25
+
+
+def _span(values: Sequence[float]) -> tuple[float, float]:
+    """The axis range in log10 units: the data's, padded, at least one decade wide."""
+    lo, hi = math.log10(min(values)) - PAD, math.log10(max(values)) + PAD
+    if hi - lo < 1:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 0.5, mid + 0.5
+    return lo, hi
+
+
+def _ticks(lo: float, hi: float) -> list[tuple[float, bool]]:
+    """(value, is a decade) of every grid line within [10**lo, 10**hi]."""
+    found = []
+    for d in range(math.floor(lo), math.ceil(hi) + 1):
+        for m in range(1, 10):
+            v = m * 10.0**d
+            if lo - 1e-9 <= math.log10(v) <= hi + 1e-9:
+                found.append((v, m == 1))
+    return found
 
 
 def _marker(kind: str, x: float, y: float, colour: str) -> str:
@@ -100,11 +119,11 @@ def loglog_svg(
     ys = [y for line in drawn for _, y in line.points]
     if min(xs) <= 0 or min(ys) <= 0:
         raise ValueError("a log-log plot needs positive values")
-    x_lo, x_hi = _decades(xs)
-    y_lo, y_hi = _decades(ys)
+    x_lo, x_hi = _span(xs)
+    y_lo, y_hi = _span(ys)
     # ~7.5 px per character of 13 px sans-serif, plus the swatch.
     legend_w = int(max(len(line.label) for line in drawn) * 7.5) + 60
-    left, top, bottom = 80, 50, 70 if not note else 90
+    left, top, bottom = 92, 50, 70 if not note else 90
     pw, ph = plot_width, height - top - bottom
     width = left + pw + legend_w + 30
 
@@ -123,30 +142,30 @@ def loglog_svg(
         f"font-weight='bold' {FONT}>{escape(title)}</text>",
     ]
     # Grid: minor lines at 2..9 of each decade, major ones (labelled) at each decade.
-    for d in range(x_lo, x_hi + 1):
-        for m in range(1, 10) if d < x_hi else (1,):
-            x = px(m * 10.0**d)
-            colour, w = ("#bbbbbb", 1.0) if m == 1 else ("#e8e8e8", 0.8)
-            out.append(
-                f"<line x1='{x:.1f}' y1='{top}' x2='{x:.1f}' y2='{top + ph}' stroke='{colour}' "
-                f"stroke-width='{w}'/>"
-            )
+    for v, major in _ticks(x_lo, x_hi):
+        x = px(v)
+        colour, w = ("#bbbbbb", 1.0) if major else ("#e8e8e8", 0.8)
         out.append(
-            f"<text x='{px(10.0**d):.1f}' y='{top + ph + 20}' text-anchor='middle' "
-            f"font-size='13' {FONT}>{escape(x_format(10.0**d))}</text>"
+            f"<line x1='{x:.1f}' y1='{top}' x2='{x:.1f}' y2='{top + ph}' stroke='{colour}' "
+            f"stroke-width='{w}'/>"
         )
-    for d in range(y_lo, y_hi + 1):
-        for m in range(1, 10) if d < y_hi else (1,):
-            y = py(m * 10.0**d)
-            colour, w = ("#bbbbbb", 1.0) if m == 1 else ("#e8e8e8", 0.8)
+        if major:
             out.append(
-                f"<line x1='{left}' y1='{y:.1f}' x2='{left + pw}' y2='{y:.1f}' stroke='{colour}' "
-                f"stroke-width='{w}'/>"
+                f"<text x='{x:.1f}' y='{top + ph + 20}' text-anchor='middle' font-size='13' "
+                f"{FONT}>{escape(x_format(v))}</text>"
             )
+    for v, major in _ticks(y_lo, y_hi):
+        y = py(v)
+        colour, w = ("#bbbbbb", 1.0) if major else ("#e8e8e8", 0.8)
         out.append(
-            f"<text x='{left - 8}' y='{py(10.0**d) + 4:.1f}' text-anchor='end' font-size='13' "
-            f"{FONT}>{escape(y_format(10.0**d))}</text>"
+            f"<line x1='{left}' y1='{y:.1f}' x2='{left + pw}' y2='{y:.1f}' stroke='{colour}' "
+            f"stroke-width='{w}'/>"
         )
+        if major:
+            out.append(
+                f"<text x='{left - 8}' y='{y + 4:.1f}' text-anchor='end' font-size='13' "
+                f"{FONT}>{escape(y_format(v))}</text>"
+            )
     out.append(
         f"<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#444444'/>"
     )
@@ -155,7 +174,7 @@ def loglog_svg(
         f"{FONT}>{escape(x_label)}</text>"
     )
     out.append(
-        f"<text transform='translate(22 {top + ph / 2:.1f}) rotate(-90)' text-anchor='middle' "
+        f"<text transform='translate(18 {top + ph / 2:.1f}) rotate(-90)' text-anchor='middle' "
         f"font-size='14' {FONT}>{escape(y_label)}</text>"
     )
     if note:
@@ -175,20 +194,27 @@ def loglog_svg(
         out.append(f"<path d='{path}' fill='none' stroke='{colour}' stroke-width='2.2'{dash}/>")
         for x, y in pts:
             out.append(_marker(marker, px(x), py(y), colour))
-            labels.setdefault(x, []).append((py(y) - 9, y_format(y), colour))
+            labels.setdefault(x, []).append((py(y), y_format(y), colour))
     if label_points:
         last = max(labels)
         for x, at in labels.items():
+            # Above its point; below it where the label above is too close (lines that run
+            # together, as two tools with the same slope do).
             at.sort()
-            for j in range(1, len(at)):  # at least one line of text apart, pushing down
-                if at[j][0] - at[j - 1][0] < 13:
-                    at[j] = (at[j - 1][0] + 13, at[j][1], at[j][2])
+            placed: list[tuple[float, str, str]] = []
+            for point_y, text, colour in at:
+                ty = point_y - 9
+                if placed and ty - placed[-1][0] < 13:
+                    ty = max(point_y + 18, placed[-1][0] + 13)
+                placed.append((ty, text, colour))
+            at[:] = placed
             # The last column's labels go left of their points: right of them is the legend.
             anchor, dx = ("end", -9) if x == last else ("start", 9)
             for ty, text, colour in at:
                 out.append(
                     f"<text x='{px(x) + dx:.1f}' y='{ty:.1f}' text-anchor='{anchor}' "
-                    f"font-size='11' fill='{colour}' {FONT}>{escape(text)}</text>"
+                    f"font-size='11' fill='{colour}' stroke='white' stroke-width='3' "
+                    f"paint-order='stroke' {FONT}>{escape(text)}</text>"
                 )
     # Legend, right of the plot.
     lx, ly = left + pw + 20, top + 10
