@@ -1,8 +1,9 @@
 """Issue 14 benchmark: publishing a dataset into a pod in CSI mode, beside copying a tree.
 
-    python -m bench.bench_csi [--quick] [--only warm,first,disk] [--sizes 10000,100000]
+    python -m bench.bench_csi [--quick] [--only warm,first,disk,phases] [--sizes 10000,100000]
                               [--runs N] [--heavy-runs M] [--dvc-runs K] [--disk-files N]
                               [--no-dvc] [--no-grpc] [--plot SVG] [--at COMMIT]
+    python -m bench.bench_csi --replot REPORT.md --plot SVG   # redraw a run's figure
 
 Run it from the repository root as root (it builds an XFS loop volume and mounts). It prints a
 markdown report (measurements, ratios, PASS/MISS per target) and writes it to
