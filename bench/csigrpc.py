@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,7 +148,11 @@ class GrpcRig:
         self.client = await self.stack.enter_async_context(self.kubelet.csi(socket))
 
     async def close(self) -> None:
-        await self.stack.aclose()
+        """Stop everything, and remove SeaweedFS's directory (its data, log and sockets)."""
+        try:
+            await self.stack.aclose()
+        finally:
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
     async def prove(self, revision: Revision, *, objects: int) -> None:
         """Make `revision` pre-proven (module doc): its `.dir` on the remote, step (b)'s
