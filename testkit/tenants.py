@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from testkit.dvcremote import S3DvcFixture, push_dvc_fixture
+from testkit.dvcrepo import DvcUnavailable
 from testkit.seaweed import SeaweedServer
 
 __all__ = ["Tenant", "TenantSeaweed"]
@@ -67,3 +72,28 @@ class TenantSeaweed(SeaweedServer):
         super().start()
         for t in self.tenants.values():
             self.make_bucket(t.bucket)
+
+
+def push_for(
+    server: TenantSeaweed,
+    tenant: str,
+    root: Path,
+    *,
+    version: int = 3,
+    prefix: str = "dvcstore",
+    files: Mapping[str, bytes] | None = None,
+) -> S3DvcFixture:
+    """`dvc push` (real DVC `version`) a repo under `root` to `tenant`'s bucket; the test is
+    skipped, saying why, where that DVC is not installed."""
+    try:
+        return push_dvc_fixture(
+            root,
+            server,
+            server.tenants[tenant].bucket,
+            version=version,
+            prefix=prefix,
+            files=files,
+            create_bucket=False,
+        )
+    except DvcUnavailable as exc:
+        pytest.skip(f"no DVC {version}: {exc.reason}")

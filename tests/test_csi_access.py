@@ -33,10 +33,9 @@ from datapin_sidecar.remotes.endpoint import RemoteConfig
 from datapin_sidecar.remotes.s3 import FetchOptions, S3Remote
 from datapin_sidecar.remotes.s3list import MAX_KEYS, MAX_LIST_BODY, parse_page
 
-from testkit.dvcremote import S3DvcFixture, object_key, push_dvc_fixture
-from testkit.dvcrepo import DvcUnavailable
+from testkit.dvcremote import S3DvcFixture, object_key
 from testkit.seaweed import SeaweedUnavailable, find_weed
-from testkit.tenants import Tenant, TenantSeaweed
+from testkit.tenants import Tenant, TenantSeaweed, push_for
 from testkit.trees import object_name
 
 pytestmark = pytest.mark.s3
@@ -61,16 +60,7 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantSeaweed]
 @pytest.fixture(scope="module")
 def pushed_a(tmp_path_factory: pytest.TempPathFactory, tenants: TenantSeaweed) -> S3DvcFixture:
     """Tenant A's dataset, pushed by real DVC 3 to `s3://<A's bucket>/dvcstore`."""
-    try:
-        return push_dvc_fixture(
-            tmp_path_factory.mktemp("push-a"),
-            tenants,
-            tenants.tenants["a"].bucket,
-            version=3,
-            create_bucket=False,
-        )
-    except DvcUnavailable as exc:
-        pytest.skip(f"no DVC 3: {exc.reason}")
+    return push_for(tenants, "a", tmp_path_factory.mktemp("push-a"))
 
 
 def _keys(tenant: Tenant | None, *, access: str = "", secret: str = "") -> StaticCredentials:
@@ -454,17 +444,9 @@ async def test_s3_prove_of_legacy_text_objects_hashes_them(
     """DVC 2 names a CRLF text object by the md5 of its LF form, so its ETag (the md5 of the
     raw bytes) is not its name: it is proven by downloading and hashing it as DVC 2 does."""
     a = tenants.tenants["a"]
-    try:
-        pushed = push_dvc_fixture(
-            tmp_path_factory.mktemp("push-legacy"),
-            tenants,
-            a.bucket,
-            version=2,
-            prefix="legacy",
-            create_bucket=False,
-        )
-    except DvcUnavailable as exc:
-        pytest.skip(f"no DVC 2: {exc.reason}")
+    pushed = push_for(
+        tenants, "a", tmp_path_factory.mktemp("push-legacy"), version=2, prefix="legacy"
+    )
     oids = sorted({object_name(d, Layout.LEGACY) for d in pushed.files.values()})
     crlf = [o for o, d in _legacy(pushed).items() if hashlib.md5(d).hexdigest() != o]
     assert crlf, "the sample has CRLF text objects"

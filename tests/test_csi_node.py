@@ -38,13 +38,13 @@ from datapin_sidecar.pins import ANNOTATION, PinRecord, format_pins
 
 from testkit.csiagent import ContainerView, CsiAgentNode, Injected, dataset_object, injected
 from testkit.csinode import md5_files, md5_tree
-from testkit.dvcremote import S3DvcFixture, object_key, push_dvc_fixture
-from testkit.dvcrepo import DvcUnavailable, sample_files
+from testkit.dvcremote import S3DvcFixture, object_key
+from testkit.dvcrepo import sample_files
 from testkit.faultproxy import FaultProxy
 from testkit.kubeapi import DATASETS, Api, Emulator, emulator
 from testkit.kubelet import InlineVolume, publish_request
 from testkit.seaweed import SeaweedUnavailable, find_weed
-from testkit.tenants import Tenant, TenantSeaweed
+from testkit.tenants import Tenant, TenantSeaweed, push_for
 from testkit.trees import object_name
 
 pytestmark = [pytest.mark.s3, pytest.mark.xfs]
@@ -65,21 +65,10 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantSeaweed]
         yield s
 
 
-def _push(
-    base: Path, tenants: TenantSeaweed, files: dict[str, bytes] | None = None
-) -> S3DvcFixture:
-    try:
-        return push_dvc_fixture(
-            base, tenants, tenants.tenants["a"].bucket, version=3, files=files, create_bucket=False
-        )
-    except DvcUnavailable as exc:
-        pytest.skip(f"no DVC 3: {exc.reason}")
-
-
 @pytest.fixture(scope="module")
 def pushed_a(tmp_path_factory: pytest.TempPathFactory, tenants: TenantSeaweed) -> S3DvcFixture:
     """Tenant A's revision 1, pushed by real DVC 3 to A's bucket."""
-    return _push(tmp_path_factory.mktemp("push-a1"), tenants)
+    return push_for(tenants, "a", tmp_path_factory.mktemp("push-a1"))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +78,7 @@ def pushed_a2(tmp_path_factory: pytest.TempPathFactory, tenants: TenantSeaweed) 
     files["README.txt"] = b"revision two\n"
     files["v2/only-in-two.bin"] = os.urandom(70_000)
     files.pop(sorted(files)[-1])
-    return _push(tmp_path_factory.mktemp("push-a2"), tenants, files)
+    return push_for(tenants, "a", tmp_path_factory.mktemp("push-a2"), files=files)
 
 
 @pytest.fixture
@@ -780,17 +769,9 @@ async def test_a_legacy_dvc2_dataset_in_auto_layout(
     """A revision pushed by DVC 2.58 (legacy layout, md5-dos2unix names), asked for with
     layout `auto`: the plugin finds the layout on the tenant's remote and serves the bytes."""
     a = tenants.tenants["a"]
-    try:
-        legacy = push_dvc_fixture(
-            tmp_path_factory.mktemp("push-legacy"),
-            tenants,
-            a.bucket,
-            version=2,
-            prefix="legacy",
-            create_bucket=False,
-        )
-    except DvcUnavailable as exc:
-        pytest.skip(f"no DVC 2: {exc.reason}")
+    legacy = push_for(
+        tenants, "a", tmp_path_factory.mktemp("push-legacy"), version=2, prefix="legacy"
+    )
     node: CsiAgentNode = node_factory()
     dataset = dataset_object(
         "old", NS_A, url=legacy.remote_url, endpoint=tenants.endpoint, secret="a-keys"
