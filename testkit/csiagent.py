@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -123,9 +124,11 @@ class CsiAgentNode:
         self.agent = agent
         self.agents.append(agent)
         await asyncio.to_thread(agent.start)
+        # Connect, not exists(): a killed agent leaves its socket files behind, and the new one
+        # answers only once it has replaced them.
         await self.until(
             "the CSI and registration sockets",
-            lambda: self.csi_socket.exists() and self.registration_socket.exists(),
+            lambda: _answers(self.csi_socket) and _answers(self.registration_socket),
         )
         return agent
 
@@ -160,6 +163,16 @@ class CsiAgentNode:
         (ROOT and kubelet's directory, mounts this harness made)."""
         own = {mounts.canonical(self.node.root), mounts.canonical(self.node.kubelet)}
         return [m.mount_point for m in mounts.mounts_under(path) if m.mount_point not in own]
+
+
+def _answers(path: Path) -> bool:
+    """Whether a server accepts connections on the unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
