@@ -2,8 +2,8 @@
 
     python -m bench.bench_csi [--quick] [--only warm,first,disk,phases] [--sizes 10000,100000]
                               [--runs N] [--heavy-runs M] [--dvc-runs K] [--disk-files N]
-                              [--no-dvc] [--no-grpc] [--plot SVG] [--at COMMIT]
-    python -m bench.bench_csi --replot REPORT.md --plot SVG   # redraw a run's figure
+                              [--no-dvc] [--no-grpc] [--plot PNG] [--at COMMIT]
+    python -m bench.bench_csi --replot REPORT.md --plot PNG   # redraw a run's figure
 
 Run it from the repository root as root (it builds an XFS loop volume and mounts). It prints a
 markdown report (measurements, ratios, PASS/MISS per target) and writes it to
@@ -96,7 +96,7 @@ from bench.harness import (
     settle,
     write_report,
 )
-from bench.plot import Line, count_label, loglog_svg, seconds_label
+from bench.plot import Line, count_label, save_png, seconds_label
 from testkit.csinode import CsiNode
 from testkit.xfs import shared_extents, xfs_volume
 
@@ -560,7 +560,8 @@ def plot(curves: dict[str, dict[int, float]], path: Path, note: str) -> None:
         for key, label in CURVES
         if key in curves
     ]
-    svg = loglog_svg(
+    save_png(
+        path,
         title="Warm publish of a revision already on the node (4 KiB files)",
         x_label="files in the revision",
         y_label="wall time, median",
@@ -569,8 +570,6 @@ def plot(curves: dict[str, dict[int, float]], path: Path, note: str) -> None:
         y_format=seconds_label,
         note=note,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(svg)
     print(f"bench: plot written to {path}", file=sys.stderr)
 
 
@@ -623,7 +622,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-grpc", action="store_true", help="leave the publish over gRPC out (no SeaweedFS)"
     )
-    p.add_argument("--plot", type=Path, metavar="SVG", help="draw the warm case to this SVG")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="draw the warm case to this PNG")
     p.add_argument(
         "--replot",
         type=Path,
@@ -653,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.replot is not None:
         if args.plot is None:
-            raise SystemExit("bench_csi: --replot needs --plot SVG")
+            raise SystemExit("bench_csi: --replot needs --plot PNG")
         text = args.replot.read_text()
         when = re.search(r"benchmark, (\d{4}-\d\d-\d\d)", text)
         runs = re.search(r"runs (\d+) per peer \((\d+) at 1M files\), dvc checkout (\d+)", text)
