@@ -45,7 +45,7 @@ class Line:
     dashed: bool = False
 
 
-def save_png(  # noqa: PLR0913 - a figure has this many knobs; all keyword-only
+def save_png(
     path: Path,
     *,
     title: str,
