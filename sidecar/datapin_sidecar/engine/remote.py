@@ -62,6 +62,7 @@ class FetchReport:
     fetched: int = 0  # objects downloaded by this process
     fetched_bytes: int = 0
     resumed_bytes: int = 0  # bytes of partial downloads found on disk and kept
+    reread_bytes: int = 0  # bytes hashed by reading them back, not as they were written
     waited: int = 0  # objects another process on the node downloaded while we waited
     present: int = 0  # objects that were already in place when claimed
     absent: list[str] = field(default_factory=list)  # the remote does not have them

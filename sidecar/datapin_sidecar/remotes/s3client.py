@@ -87,6 +87,12 @@ class FetchOptions:
     part_size: int = 16 * MiB
     #: Bodies up to this size are read whole into memory; larger ones stream to disk.
     inline_bytes: int = 1 * MiB
+    #: Parts of one object in flight at once (taken in order, so the part the md5 needs next
+    #: is never far behind the ones that land ahead of it).
+    parts_per_object: int = 8
+    #: Memory that parts landing ahead of their object's md5 may hold, for the whole fetch;
+    #: past it they are hashed by reading them back from disk (`engine.streamhash`).
+    hash_window: int = 128 * MiB
     #: Attempts per request before an error counts (5xx, SlowDown, timeouts, resets).
     attempts: int = 6
     #: Whole-object attempts when the bytes fail their md5.

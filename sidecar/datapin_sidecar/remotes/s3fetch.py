@@ -16,10 +16,14 @@ holder installs, releases or dies, within `wait_timeout` overall.
 Requests: a GET of the first part tells the size (`Content-Range`) and brings a small object
 whole, in one request; bodies up to `inline_bytes` are written and hashed in one thread call.
 Larger objects stream into their slot in parts of `part_size` fetched in parallel by a bounded
-pool of part fetchers; a hashing task follows the parts in order, so verification overlaps the
-download. A journal beside the slot records finished parts, so a killed download resumes, and
-a connection broken mid-part resumes from its last byte. The md5 is the judge: bytes that fail
-it never enter the cache; the object is fetched again, whole, `verify_attempts` times.
+pool of part fetchers (`parts_per_object`, taking parts in order). Every write is hashed from
+the same buffers, in order however the parts land, by a drain job per object on the I/O threads
+(`engine.streamhash`): verification overlaps the download, no byte is read back while the
+memory budget (`hash_window`) lasts (writes ahead of the md5 wait for room, `_room`), and
+several objects hash on several cores. A journal beside the slot records finished parts, so a
+killed download resumes, and a connection broken mid-part resumes from its last byte. The md5
+is the judge: bytes that fail it never enter the cache; the object is fetched again, whole,
+`verify_attempts` times.
 
 Claims: whatever ends a fetch (a full volume at a write, the sync or a link; an error; a
 cancel), every slot it claimed is installed, released or discarded before `execute` returns;
@@ -46,8 +50,9 @@ from typing import Any, Final, TypeVar
 import aiohttp
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
-from datapin_sidecar.engine.hashing import Layout, ObjectHasher
+from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.remote import FetchReport, Ticker, check_dir_size
+from datapin_sidecar.engine.streamhash import ByteBudget, StreamHash
 from datapin_sidecar.errors import (
     AbsentError,
     BadBodyError,
@@ -74,9 +79,7 @@ from datapin_sidecar.remotes.slotfiles import (
     TiB,
     claim_many,
     close_if_cancelled,
-    hash_range,
     mark_done,
-    pwritev_all,
     read_journal,
     release_all,
     release_claims,
@@ -86,6 +89,7 @@ from datapin_sidecar.remotes.slotfiles import (
     sync_and_install,
     wait_unlocked,
     with_dup,
+    write_and_feed,
     write_small,
 )
 
@@ -93,6 +97,10 @@ T = TypeVar("T")
 #: Download slots claimed per worker-thread call.
 CLAIM_BATCH: Final = 32
 Claim = Slot | Present | None
+
+
+#: The longest a write ahead of its object's md5 waits for room in the hash budget (`_room`).
+HASH_WAIT: Final = 2.0
 
 
 class Fetch:
@@ -119,6 +127,10 @@ class Fetch:
         self.loop = asyncio.get_running_loop()
         self.io = io
         self.committer = _Committer(cache, run=self._run)
+        #: What parts that land ahead of their object's hash cursor may hold (streamhash).
+        self.hash_budget = ByteBudget(self.opts.hash_window, on_give=self._gave_room)
+        self._room_freed = asyncio.Event()
+        self._room_waiters = 0
         #: Worker-thread calls not finished yet: a failed fetch waits for them before it
         #: returns, so no thread of it still holds a slot (or its lock) when the caller
         #: hears of the failure and, say, frees space and tries again.
@@ -230,9 +242,17 @@ class Fetch:
         """Fill `slot` with the verified object; its size (or Md5MismatchError, AbsentError...)."""
         # Only a slot left with bytes in it can have a journal (a fresh one is empty).
         journal = await self._run(read_journal, slot.journal) if resume and slot.size else None
-        if journal is not None:
-            total, part_size, done = journal
-            return await self._parts(slot, key, total, part_size, done, 0)
+        stream = StreamHash(self.layout, budget=self.hash_budget, executor=self.io)
+        try:
+            if journal is not None:
+                total, part_size, done = journal
+                return await self._parts(slot, key, total, part_size, done, 0, stream)
+            return await self._download_new(slot, key, stream)
+        finally:
+            stream.release()
+
+    async def _download_new(self, slot: Slot, key: str, stream: StreamHash) -> int:
+        """`_download` of an object with nothing on disk yet: the probe, then the parts."""
         opts = self.opts
         # What the probe learnt: a small body, or (size, bytes of part 0 on disk, part size).
         first: list[bytes | tuple[int, list[int], int]] = []
@@ -268,7 +288,7 @@ class Fetch:
                     )
                     got = [0]
                     first.append((total, got, part_size))
-                    await self._write_body(resp, slot, 0, min(total, part_size), got)
+                    await self._write_body(resp, slot, 0, min(total, part_size), got, stream)
             except HTTPStatusError as exc:
                 if exc.status != 416:
                     raise
@@ -296,7 +316,7 @@ class Fetch:
         got0 = got[0]
         self.report.fetched_bytes += got0
         nparts = -(-total // part_size)
-        return await self._parts(slot, key, total, part_size, bytearray(nparts), got0)
+        return await self._parts(slot, key, total, part_size, bytearray(nparts), got0, stream)
 
     def _check_size(self, slot: Slot, key: str, total: int) -> None:
         """Refuse a size no real object has (S3's maximum) and a `.dir` above `MAX_DIR_BYTES`,
@@ -314,20 +334,30 @@ class Fetch:
         check_dir_size(remote=self.client.url, oid=slot.oid, key=key, size=total)
 
     async def _parts(  # noqa: PLR0917 - private, called in two places
-        self, slot: Slot, key: str, total: int, part_size: int, done: bytearray, got0: int
+        self,
+        slot: Slot,
+        key: str,
+        total: int,
+        part_size: int,
+        done: bytearray,
+        got0: int,
+        stream: StreamHash,
     ) -> int:
-        """Fetch the parts not `done` in parallel (part 0 from byte `got0`), hash in order,
-        verify. See the module doc."""
+        """Fetch the parts not `done` in parallel (part 0 from byte `got0`, already fed to
+        `stream`), hashed as they are written, and verify. See the module doc."""
         nparts = len(done)
+        for i in range(nparts):
+            if done[i]:  # a journal's: written by an earlier process, read back to hash
+                stream.on_disk(i * part_size, min(total, (i + 1) * part_size))
         self.report.resumed_bytes += sum(
             min(part_size, total - i * part_size) for i in range(nparts) if done[i]
         )
         # A bounded pool of part fetchers per object, not a task per part: a 5 TiB object
-        # costs a byte per part (`done`), not a task and an event each.
+        # costs a byte per part (`done`), not a task and an event each. Parts are taken in
+        # order and only `parts_per_object` are in flight, so the part at the hash cursor
+        # is never far behind the ones parked ahead of it (streamhash's budget).
         todo = (i for i in range(nparts) if not done[i])
-        fetchers = min(nparts - sum(done), self.client.jobs)
-        landed = asyncio.Event()
-        hasher = ObjectHasher(self.layout)
+        fetchers = min(nparts - sum(done), self.client.jobs, self.opts.parts_per_object)
 
         async def part(i: int) -> None:
             start = i * part_size
@@ -342,7 +372,7 @@ class Fetch:
                             if start:
                                 raise GaveUpError(key, "the server ignored Range", 1)
                             got[0] = before = 0
-                        await self._write_body(resp, slot, start, want, got)
+                        await self._write_body(resp, slot, start, want, got, stream)
                 finally:
                     self.report.fetched_bytes += max(0, got[0] - before)
 
@@ -351,39 +381,38 @@ class Fetch:
             await self._on(slot, start_writeback, start, want)
             await self._run(mark_done, slot.journal, i, nparts)
             done[i] = 1
-            landed.set()
 
         async def fetcher() -> None:
             for i in todo:  # shared: each fetcher takes the next part not done
                 await part(i)
 
-        async def hash_in_order() -> None:
-            for i in range(nparts):
-                while not done[i]:
-                    landed.clear()
-                    await landed.wait()
-                start = i * part_size
-                end = min(total, start + part_size)
-                await self._on(slot, hash_range, start, end, hasher)
-
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(hash_in_order())
                 for _ in range(fetchers):
                     tg.create_task(fetcher())
         except BaseExceptionGroup as group:
             # One part's failure stands for the object's: the caller handles plain errors.
             raise _first_error(group, self.cache, self.client.url) from None
-        if hasher.hexdigest() != slot.oid.removesuffix(".dir"):
+        await asyncio.wrap_future(stream.idle())
+        digest = await self._on(slot, stream.finish, total)
+        self.report.reread_bytes += stream.reread_bytes
+        if digest != slot.oid.removesuffix(".dir"):
             await self._on(slot, reset, slot.journal)  # torn resume or bad bytes: redo it whole
             raise Md5MismatchError
         return total
 
-    async def _write_body(
-        self, resp: aiohttp.ClientResponse, slot: Slot, start: int, want: int, got: list[int]
+    async def _write_body(  # noqa: PLR0917 - private
+        self,
+        resp: aiohttp.ClientResponse,
+        slot: Slot,
+        start: int,
+        want: int,
+        got: list[int],
+        stream: StreamHash,
     ) -> None:
         """Write the body to the slot at `start + got[0]` as it arrives, advancing `got[0]`, so a
-        broken stream leaves `got[0]` where a retry resumes. Raises `TruncatedError` if short."""
+        broken stream leaves `got[0]` where a retry resumes, and feed what is written to
+        `stream`. Raises `TruncatedError` if short."""
         # Pieces as the socket delivers them, written with one pwritev per MiB: joining them
         # into chunks first (iter_chunked) would copy every byte once more.
         pieces: list[bytes] = []
@@ -401,19 +430,46 @@ class Fetch:
                 pieces.append(data)
                 pending += len(data)
                 if pending >= MiB or got[0] + pending >= want:
-                    await self._on(slot, pwritev_all, pieces, start + got[0])
+                    if start + got[0] != stream.cursor:
+                        await self._room(pending)
+                    await self._on(slot, write_and_feed, pieces, start + got[0], stream)
                     got[0] += pending
                     pieces, pending = [], 0
         except (aiohttp.ClientError, ConnectionError, TimeoutError):
             if pieces:  # keep what came before the break: the retry resumes after it
-                await self._on(slot, pwritev_all, pieces, start + got[0])
+                await self._on(slot, write_and_feed, pieces, start + got[0], stream)
                 got[0] += pending
             raise
         if pieces:
-            await self._on(slot, pwritev_all, pieces, start + got[0])
+            await self._on(slot, write_and_feed, pieces, start + got[0], stream)
             got[0] += pending
         if got[0] < want:
             raise TruncatedError
+
+    async def _room(self, size: int) -> None:
+        """Back-pressure for a write that lands ahead of its object's md5: wait (a little)
+        until parking it fits the hash budget. The md5 of one object is a single stream, so
+        when it falls behind the network, slowing the parts ahead costs no time, while parking
+        past the budget would cost a read-back. Bounded: a part at the cursor that is itself
+        waiting (a retry queued behind parts that wait here) must not be held up for long,
+        so after `HASH_WAIT` the write goes ahead and its bytes are read back instead."""
+        deadline = self.loop.time() + HASH_WAIT
+        self._room_waiters += 1
+        try:
+            while not self.hash_budget.fits(size):
+                self._room_freed.clear()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._room_freed.wait()
+                except TimeoutError:
+                    return
+        finally:
+            self._room_waiters -= 1
+
+    def _gave_room(self) -> None:
+        """`ByteBudget`'s callback, in an I/O thread: wake the writes waiting in `_room`."""
+        if self._room_waiters:  # advisory read: a missed wake-up only costs a timeout
+            self.loop.call_soon_threadsafe(self._room_freed.set)
 
     async def _wait_for_busy(self) -> None:
         """Wait for objects other processes were downloading; take over from dead ones.

@@ -14,10 +14,10 @@ downloading is waited for on its slot's lock itself, a blocking shared `flock` i
 thread, so the waiter wakes the moment the holder installs, releases or dies, with no
 polling. The lock is dropped as soon as it is granted: it only says "look again".
 
-Part files: a large object is written into its slot at any offset (`pwritev_all`), with a
+Part files: a large object is written into its slot at any offset and hashed from the same
+buffers (`write_and_feed`: `pwritev_all`, then `engine.streamhash.StreamHash.feed`), with a
 journal of the parts on disk beside it (`start_parts`, `mark_done`, `read_journal`) so a killed
-download resumes; `hash_range` re-reads it in order for the md5. Not fsynced per part: the md5
-check catches a torn resume.
+download resumes. Not fsynced per part: the md5 check catches a torn resume.
 
 Durability: `sync_and_install` makes a batch of verified slots durable with one `syncfs(2)`
 (fsync each where libc lacks it), then installs them; `start_writeback` starts each write's
@@ -40,8 +40,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
-from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout, ObjectHasher
-from datapin_sidecar.errors import DestinationError, Md5MismatchError
+from datapin_sidecar.engine.hashing import Layout, ObjectHasher
+from datapin_sidecar.engine.streamhash import StreamHash
+from datapin_sidecar.errors import DestinationError
 from datapin_sidecar.safefs import open_regular, read_regular
 
 T = TypeVar("T")
@@ -212,6 +213,19 @@ def pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
         _pwrite_all(fd, b"".join(pieces)[written:], offset + written)
 
 
+def write_and_feed(fd: int, pieces: list[bytes], offset: int, stream: StreamHash) -> None:
+    """Write `pieces` at `offset`, then hand the bytes to the object's md5 (`StreamHash.feed`).
+
+    The pieces (as the socket delivered them, often a few KiB) are joined into one buffer
+    first: hashlib releases the GIL for each `update`, and a hashing thread that must take it
+    back for every small piece while the event loop holds it runs at a fraction of md5's
+    speed (the GIL's switch interval is 5 ms). One copy of a MiB costs far less than that.
+    """
+    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    _pwrite_all(fd, data, offset)
+    stream.feed(fd, offset, (data,))
+
+
 def mark_done(journal: str, index: int, nparts: int) -> None:
     """Record part `index` as on disk. Not fsynced: the md5 check catches a torn resume."""
     if nparts <= 1:
@@ -220,16 +234,6 @@ def mark_done(journal: str, index: int, nparts: int) -> None:
         header = f.readline()
         f.seek(len(header) + index)
         f.write(b"1")
-
-
-def hash_range(fd: int, start: int, end: int, hasher: ObjectHasher) -> None:
-    offset = start
-    while offset < end:
-        chunk = os.pread(fd, min(DVC2_CHUNK, end - offset), offset)
-        if not chunk:
-            raise Md5MismatchError  # shorter than its size: cannot be the object
-        hasher.update(chunk)
-        offset += len(chunk)
 
 
 def reset(fd: int, journal: str) -> None:
