@@ -1,7 +1,7 @@
 """Issue 3 benchmark: cold pulls from S3 (a real SeaweedFS), beside dvc pull, s5cmd and rclone.
 
-    python -m bench.bench_fetch [--quick] [--only small,large,rss] [--runs N] [--jobs 32]
-                                [--at COMMIT] [--profile]
+    python -m bench.bench_fetch [--quick] [--only small,large,scale] [--runs N] [--jobs 32]
+                                [--at COMMIT] [--profile] [--plot-dir docs/img]
 
 Run it from the repository root as root (it builds an XFS loop volume). It prints a markdown
 report (measurements, ratios, PASS/MISS per target) and writes the same report to
@@ -17,8 +17,14 @@ Cases (`--only`, comma list; `--profile` adds `profile`):
   the objects, nothing else). Targets: dvc pull / datapin >= 3x; datapin / s5cmd <= 1.5x.
 * `large`: 4 objects of 1 GiB in one revision; datapin, s5cmd, rclone (and dvc pull, fewer
   runs). Target: datapin / s5cmd <= 1.2x.
-* `rss`: peak RSS of datapin pulling a 100,000-object revision (1-4 KiB objects). Target:
-  <= 256 MiB.
+* `scale`: cold pulls of revisions of 1,000, 10,000, 50,000 and 200,000 objects (1-4 KiB; each a
+  prefix of the next, all in one bucket): datapin, and up to 10,000 objects s5cmd (`s5cmd run` of
+  one `cp` per object of the revision, so it fetches exactly those; that costs it milliseconds per
+  object, so it is the shape's peer, not its speed's: case 1 is). Time per object and peak RSS at
+  each size. Targets (issue 15): datapin's time per object at the largest size within 1.3x of the
+  smallest; peak RSS at the largest size <= 256 MiB. `--plot-dir DIR` draws time per object
+  against objects (`DIR/fetch-scale.png`) and, for the small and large cases, wall time of each
+  tool (`DIR/fetch-peers.png`).
 * `profile`: one cold small pull in a child process, `datapin_sidecar.cli.main()` under
   cProfile in every thread: top functions by own time, and the CPU split by thread.
 
@@ -120,11 +126,12 @@ from bench.harness import (
     secs,
     write_report,
 )
+from bench.plot import Line, bytes_label, count_label, save_png, seconds_label
 from testkit.dvcrepo import hermetic_env
 from testkit.seaweed import SeaweedServer, find_weed
 from testkit.xfs import xfs_volume
 
-CASES = ("small", "profile", "large", "rss")
+CASES = ("small", "profile", "large", "scale")
 TOOLS = ("datapin", "dvc", "s5cmd", "rclone")
 PREFIX = "store"  # the DVC remote is s3://BUCKET/store
 FILES_PER_DIR = 1000
@@ -136,6 +143,11 @@ DVC_MIN = 3.0  # dvc pull / datapin
 S5CMD_SMALL_MAX = 1.5  # datapin / s5cmd
 S5CMD_LARGE_MAX = 1.2
 RSS_MAX = 256 * MIB
+# Targets from issue 15.
+PER_OBJECT_GROWTH_MAX = 1.3  # datapin's time per object, largest scale size / smallest
+#: s5cmd fetches a given list of keys with `s5cmd run` (one cp command per key), which costs it
+#: several ms per object: a peer for the shape at small sizes, too slow to wait for at 200k.
+S5CMD_SCALE_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +158,8 @@ class Sizes:
     small_bytes: int
     large: int
     large_bytes: int
-    rss: int
-    rss_bytes: tuple[int, int]  # object sizes drawn uniformly from this range
+    scale: tuple[int, ...]  # revision sizes of the scale case, ascending
+    scale_bytes: tuple[int, int]  # object sizes drawn uniformly from this range
     volume: str  # sparse XFS image
 
     @property
@@ -156,7 +168,7 @@ class Sizes:
         return (
             self.small * self.small_bytes
             + self.large * self.large_bytes
-            + self.rss * sum(self.rss_bytes) // 2
+            + max(self.scale) * sum(self.scale_bytes) // 2
         )
 
 
@@ -165,8 +177,8 @@ FULL = Sizes(
     small_bytes=64 * KIB,
     large=4,
     large_bytes=1 * GIB,
-    rss=100_000,
-    rss_bytes=(1 * KIB, 4 * KIB),
+    scale=(1_000, 10_000, 50_000, 200_000),
+    scale_bytes=(1 * KIB, 4 * KIB),
     volume="24G",
 )
 QUICK = Sizes(
@@ -174,8 +186,8 @@ QUICK = Sizes(
     small_bytes=64 * KIB,
     large=4,
     large_bytes=64 * MIB,
-    rss=10_000,
-    rss_bytes=(1 * KIB, 4 * KIB),
+    scale=(500, 2_000, 10_000),
+    scale_bytes=(1 * KIB, 4 * KIB),
     volume="4G",
 )
 
@@ -488,6 +500,9 @@ class Bench:
     commands: dict[str, str] = field(default_factory=dict)
     _n: int = 0
     _datasets: dict[str, Dataset] = field(default_factory=dict)
+    _prefix_dirs: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    #: What the plots draw: family -> tool -> {x: y}.
+    curves: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     _small_datapin: Series | None = None
 
     # -- helpers ------------------------------------------------------------------------------
@@ -577,7 +592,7 @@ class Bench:
 
     def dataset(self, case: str) -> Dataset:
         if case not in self._datasets:
-            make = {"small": self._make_small, "large": self._make_large, "rss": self._make_rss}
+            make = {"small": self._make_small, "large": self._make_large}
             t = time.monotonic()
             ds = make[case](Stage(self.base / f"stage-{case}"))
             self.log(
@@ -588,7 +603,12 @@ class Bench:
         return self._datasets[case]
 
     def _small_like(
-        self, case: str, stage: Stage, n: int, size: Callable[[random.Random], int]
+        self,
+        case: str,
+        stage: Stage,
+        n: int,
+        size: Callable[[random.Random], int],
+        prefixes: Sequence[int] = (),
     ) -> Dataset:
         rng = random.Random(f"{self.args.seed}-{case}")
         entries: list[tuple[str, str]] = []
@@ -602,9 +622,11 @@ class Bench:
             if i % step == 0 or i == n - 1:
                 sample[relpath(i)] = data
         rev, raw = stage.revision(entries)
+        for k in prefixes:  # smaller revisions, the first k entries: their .dir only
+            self._prefix_dirs[k] = stage.revision(entries[:k])
         self.log(f"{case}: staged {n:,} objects; uploading with s5cmd")
         bucket = f"bench-{case}"
-        self.upload(stage, bucket, n)
+        self.upload(stage, bucket, n + len(prefixes))
         return Dataset(
             case, bucket, rev, entries, total, raw, sample, lambda _rel, path: path.read_bytes()
         )
@@ -613,9 +635,27 @@ class Bench:
         size = self.sizes.small_bytes
         return self._small_like("small", stage, self.sizes.small, lambda _rng: size)
 
-    def _make_rss(self, stage: Stage) -> Dataset:
-        lo, hi = self.sizes.rss_bytes
-        return self._small_like("rss", stage, self.sizes.rss, lambda rng: rng.randint(lo, hi))
+    def scale_datasets(self) -> list[Dataset]:
+        """The scale case's revisions, smallest first: prefixes of one upload (one bucket)."""
+        lo, hi = self.sizes.scale_bytes
+        *smaller, largest = self.sizes.scale
+        stage = Stage(self.base / "stage-scale")
+        t = time.monotonic()
+        full = self._small_like(
+            "scale", stage, largest, lambda rng: rng.randint(lo, hi), prefixes=smaller
+        )
+        self.log(f"scale: {full.objects:,} objects ready in {time.monotonic() - t:.1f}s")
+        out = []
+        for k in smaller:
+            rev, raw = self._prefix_dirs[k]
+            entries = full.entries[:k]
+            keep = {rel for rel, _ in entries}
+            sample = {rel: data for rel, data in full.sample.items() if rel in keep}
+            # The prefix's byte total is not known without the data; the check needs none.
+            out.append(
+                Dataset("scale", full.bucket, rev, entries, 0, raw, sample, full.read_sample)
+            )
+        return [*out, full]
 
     def _make_large(self, stage: Stage) -> Dataset:
         n, size = self.sizes.large, self.sizes.large_bytes
@@ -803,6 +843,10 @@ class Bench:
                     Series(case, TOOL_LABELS[tool], ds.objects, ds.total_bytes, res[tool])
                 )
         dp = out["datapin"]
+        per_size = ds.total_bytes // ds.objects
+        for tool, series in out.items():
+            peers = self.curves.setdefault("peers", {}).setdefault(tool, {})
+            peers[per_size] = series.wall / (ds.total_bytes / 1e9)
         r0 = json.loads(dp.runs[0].sample.out)
         dp.note = (
             f"in-process {secs(dp.inproc)}; fetched {r0['fetched_objects']:,} objects "
@@ -869,32 +913,72 @@ class Bench:
             at_most("large: datapin / s5cmd", dp.wall / s5.wall, S5CMD_LARGE_MAX, xratio)
         )
 
-    # -- 3. rss -------------------------------------------------------------------------------
+    # -- 3. scale -----------------------------------------------------------------------------
 
-    def bench_rss(self) -> None:
-        ds = self.dataset("rss")
-        lo, hi = self.sizes.rss_bytes
-        case = f"3. rss ({ds.objects:,} x {lo // KIB}-{hi // KIB} KiB)"
-        runs = self.args.rss_runs
-        self.log(f"{case}: {runs} runs of datapin")
-        peers = [p for p in self.peers(ds, runs, 0) if p[0] == "datapin"]
-        res = interleave(peers, self.log, describe_run)
-        dp = self.report.add(
-            Series(case, TOOL_LABELS["datapin"], ds.objects, ds.total_bytes, res["datapin"])
-        )
-        r0 = json.loads(dp.runs[0].sample.out)
-        dp.note = (
-            f"in-process {secs(dp.inproc)}; fetched {r0['fetched_objects']:,} objects; "
-            f"peak RSS per run {', '.join(mib(r.sample.maxrss or 0) for r in dp.runs)}"
+    def bench_scale(self) -> None:
+        lo, hi = self.sizes.scale_bytes
+        per_object: dict[str, dict[int, float]] = {"datapin": {}, "s5cmd": {}}
+        dp_series: dict[int, Series] = {}
+        for ds in self.scale_datasets():
+            n = ds.objects
+            case = f"3. scale ({n:,} x {lo // KIB}-{hi // KIB} KiB)"
+            runs = self.args.scale_runs if n < max(self.sizes.scale) else self.args.scale_large_runs
+            self.log(f"{case}: {runs} runs of datapin and s5cmd")
+            peers = [p for p in self.peers(ds, runs, 0) if p[0] == "datapin"]
+            if n <= S5CMD_SCALE_MAX:
+                peers.append(("s5cmd", runs, lambda r, ds=ds: self.run_s5cmd_list(ds, r)))
+            res = interleave(peers, self.log, describe_run)
+            walls = {}
+            for tool in res:
+                series = self.report.add(Series(case, TOOL_LABELS[tool], n, 0, res[tool]))
+                walls[tool] = series.wall
+                per_object[tool][n] = series.wall / n
+                series.note = f"{series.wall / n * 1e6:.0f} us per object"
+                if tool == "datapin":
+                    dp_series[n] = series
+                    series.note += (
+                        f"; in-process {secs(series.inproc)}; peak RSS per run "
+                        f"{', '.join(mib(r.sample.maxrss or 0) for r in series.runs)}"
+                    )
+            if "s5cmd" in walls:
+                self.report.ratios.append(
+                    (case, "datapin / s5cmd, wall", xratio(walls["datapin"] / walls["s5cmd"]))
+                )
+        small, large = min(dp_series), max(dp_series)
+        growth = per_object["datapin"][large] / per_object["datapin"][small]
+        self.report.targets.append(
+            at_most(
+                f"scale: datapin time per object, {large:,} / {small:,} objects",
+                growth,
+                PER_OBJECT_GROWTH_MAX,
+                xratio,
+            )
         )
         self.report.targets.append(
             Target(
-                f"rss: peak RSS of datapin, {ds.objects:,} objects",
-                mib(dp.peak_rss),
+                f"scale: peak RSS of datapin, {large:,} objects",
+                mib(dp_series[large].peak_rss),
                 f"<= {mib(RSS_MAX)}",
-                dp.peak_rss <= RSS_MAX,
+                dp_series[large].peak_rss <= RSS_MAX,
             )
         )
+        self.curves["scale"] = per_object
+
+    def run_s5cmd_list(self, ds: Dataset, r: int) -> Run:
+        """s5cmd fetching exactly the revision's objects: `s5cmd run` of one cp per object."""
+        out = self.fresh("s5cmd")
+        listing = self.base / "s5cmd-run.txt"
+        listing.write_text(
+            "".join(
+                f"cp s3://{ds.bucket}/{PREFIX}/files/{object_key(md5)} {out}/{object_key(md5)}\n"
+                for md5 in [*sorted({md5 for _, md5 in ds.entries}), ds.rev]
+            )
+        )
+        run = self.timed("s5cmd", self.s5cmd("run", listing))
+        if r == 0 and not run.sample.timed_out:
+            self.check_objects("s5cmd", out, ds)
+        rm(out)
+        return run
 
     # -- 4. profile ---------------------------------------------------------------------------
 
@@ -1097,7 +1181,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test (minutes)")
     p.add_argument(
-        "--only", default="small,large,rss", help="comma list of small,large,rss,profile"
+        "--only", default="small,large,scale", help="comma list of small,large,scale,profile"
     )
     p.add_argument("--profile", action="store_true", help="also profile one small datapin pull")
     p.add_argument("--runs", type=int, help="runs per tool, small case (default 5; quick 2)")
@@ -1105,7 +1189,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--dvc-runs", type=int, help="runs of dvc pull (default 3; in large at most 2; quick 1)"
     )
-    p.add_argument("--rss-runs", type=int, help="runs of the rss case (default 2; quick 1)")
+    p.add_argument(
+        "--scale-runs", type=int, help="runs per tool, scale case below its largest size (3)"
+    )
+    p.add_argument(
+        "--scale-large-runs", type=int, help="runs per tool at the largest scale size (default 2)"
+    )
+    p.add_argument("--plot-dir", type=Path, help="draw the figures (PNG) into this directory")
     p.add_argument(
         "--no-dvc-large", dest="dvc_large", action="store_false", help="no dvc pull in large"
     )
@@ -1128,8 +1218,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.runs = args.runs or (2 if args.quick else 5)
     args.large_runs = args.large_runs or (2 if args.quick else 3)
     args.dvc_runs = args.dvc_runs if args.dvc_runs is not None else (1 if args.quick else 3)
-    args.rss_runs = args.rss_runs or (1 if args.quick else 2)
-    if min(args.runs, args.large_runs, args.rss_runs, args.jobs) < 1 or args.dvc_runs < 0:
+    args.scale_runs = args.scale_runs or (1 if args.quick else 3)
+    args.scale_large_runs = args.scale_large_runs or (1 if args.quick else 2)
+    runs = (args.runs, args.large_runs, args.scale_runs, args.scale_large_runs, args.jobs)
+    if min(runs) < 1 or args.dvc_runs < 0:
         p.error("runs and --jobs must be at least 1 (--dvc-runs 0 leaves dvc out)")
     return args
 
@@ -1183,7 +1275,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "small": bench.bench_small,
                 "profile": bench.bench_profile,
                 "large": bench.bench_large,
-                "rss": bench.bench_rss,
+                "scale": bench.bench_scale,
             }
             for case in CASES:
                 if case in args.cases:
@@ -1205,7 +1297,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"{args.workdir}, holding every tool's output; --jobs {args.jobs} for every tool; "
             f"runs: small {args.runs} (dvc {args.dvc_runs}), large {args.large_runs} "
             f"(dvc {min(args.dvc_runs, args.large_runs, 2) if args.dvc_large else 0}), "
-            f"rss {args.rss_runs}; seed {args.seed}",
+            f"scale {args.scale_runs} ({args.scale_large_runs} at the largest); seed {args.seed}",
             f"- load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
             f"whole run {elapsed / 60:.1f} min",
             "- times are wall clock of the whole process (fork to exit), medians; cold node "
@@ -1214,8 +1306,49 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ]
     )
     bench.report.sections.insert(0, bench.commands_section())
+    if args.plot_dir is not None:
+        plot(bench.curves, args.plot_dir, f"{when:%Y-%m-%d}, 2 shared vCPUs; {command}")
     write_report(bench.report.render(header), when, name="fetch", quick=args.quick)
     return 0
+
+
+def plot(curves: dict[str, dict[str, dict[int, float]]], where: Path, note: str) -> None:
+    """The fetch family's figures (see the module doc), from what the cases measured."""
+
+    def lines(family: str) -> list[Line]:
+        return [
+            Line(label=TOOL_LABELS[tool].replace("`", ""), points=sorted(points.items()))
+            for tool, points in curves[family].items()
+        ]
+
+    if "scale" in curves:
+        save_png(
+            where / "fetch-scale.png",
+            title="Cold pull: time per object against revision size (1-4 KiB objects)",
+            x_label="objects in the revision",
+            y_label="wall time per object, median",
+            lines=[
+                Line(label=TOOL_LABELS[t], points=sorted(c.items()))
+                for t, c in curves["scale"].items()
+            ],
+            x_format=count_label,
+            y_format=seconds_label,
+            note=note,
+        )
+    if "peers" in curves:
+        save_png(
+            where / "fetch-peers.png",
+            title="Cold pull: time per GB against object size (20,000 x 64 KiB; 4 x 1 GiB)",
+            x_label="object size",
+            y_label="wall time per GB, median",
+            lines=[
+                Line(label=TOOL_LABELS[t], points=sorted(c.items()))
+                for t, c in curves["peers"].items()
+            ],
+            x_format=bytes_label,
+            y_format=seconds_label,
+            note=note,
+        )
 
 
 if __name__ == "__main__":
