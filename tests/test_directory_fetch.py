@@ -23,7 +23,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.remotes.directory import CLONE_MIN_BYTES, SMALL_BYTES, DirectoryRemote
@@ -203,7 +202,8 @@ def test_many_objects_across_batches_and_threads(xfs_dir: Path) -> None:
     assert sorted(report.absent) == sorted(absent)
     assert sorted(report.corrupt) == sorted(corrupt)
     assert threads == {threading.get_ident()}  # the ticker is called from the caller's thread
-    assert ticks == sorted(ticks) and ticks[-1] == 697
+    assert ticks == sorted(ticks)
+    assert ticks[-1] == 697
     for oid, data in zip(oids, blobs, strict=True):
         if oid not in corrupt:
             assert Path(cache.path(oid, L)).read_bytes() == data

@@ -315,7 +315,7 @@ class DirectoryRemote:
                 body = self._read_at_most(src, size + 1, path)
                 if len(body) != size:
                     return False
-                return write_small(fd, slot.layout, slot.oid, body, slot.size)
+                return write_small(fd, slot.layout, slot.oid, body, slot.size, writeback=False)
             return self._stream(src, slot, size, path)
         except Md5MismatchError:  # the clone was shorter than its size
             return False
