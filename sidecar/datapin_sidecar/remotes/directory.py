@@ -228,8 +228,8 @@ class DirectoryRemote:
         """One batch, in a worker thread: claim, copy and verify each object into its slot,
         make them all durable with one syncfs, then install (`slotfiles.sync_and_install`).
 
-        Every slot claimed here is installed, discarded or released before it returns, what
-        ever is raised: a slot kept would hold its lock for the life of the process.
+        Every slot claimed here is installed, discarded or released before it returns,
+        whatever is raised: a slot kept would hold its lock for the life of the process.
         """
         report = FetchReport()
         if self._aborted.is_set():
