@@ -139,9 +139,13 @@ def with_dup(fd: int, fn: Callable[..., T], args: tuple[object, ...]) -> T:
         os.close(fd)
 
 
-def write_small(fd: int, layout: Layout, oid: str, body: bytes, found: int) -> bool:
+def write_small(
+    fd: int, layout: Layout, oid: str, body: bytes, found: int, *, writeback: bool = True
+) -> bool:
     """Write a whole small object to its slot (which held `found` bytes) if it passes its
-    md5 check."""
+    md5 check. `writeback=False` leaves the writeback to the batch's sync: for a local copy
+    of a few KiB, starting it here costs more than the copy (it is the one thing to overlap
+    with a network)."""
     hasher = ObjectHasher(layout)
     hasher.update(body)
     if hasher.hexdigest() != oid.removesuffix(".dir"):
@@ -149,7 +153,8 @@ def write_small(fd: int, layout: Layout, oid: str, body: bytes, found: int) -> b
     _pwrite_all(fd, body, 0)
     if found > len(body):
         os.ftruncate(fd, len(body))  # a dead downloader left more (an attempt at a big one?)
-    start_writeback(fd, 0, len(body))
+    if writeback:
+        start_writeback(fd, 0, len(body))
     return True
 
 
