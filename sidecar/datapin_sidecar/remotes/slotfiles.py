@@ -40,9 +40,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
-from datapin_sidecar.engine.hashing import Layout, ObjectHasher
+from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout, ObjectHasher
 from datapin_sidecar.engine.streamhash import StreamHash
-from datapin_sidecar.errors import DestinationError
+from datapin_sidecar.errors import DestinationError, Md5MismatchError
 from datapin_sidecar.safefs import open_regular, read_regular
 
 T = TypeVar("T")
@@ -239,6 +239,17 @@ def mark_done(journal: str, index: int, nparts: int) -> None:
         header = f.readline()
         f.seek(len(header) + index)
         f.write(b"1")
+
+
+def hash_range(fd: int, start: int, end: int, hasher: ObjectHasher) -> None:
+    """Hash bytes `[start, end)` of a file already written (a reflinked clone)."""
+    offset = start
+    while offset < end:
+        chunk = os.pread(fd, min(DVC2_CHUNK, end - offset), offset)
+        if not chunk:
+            raise Md5MismatchError  # shorter than its size: cannot be the object
+        hasher.update(chunk)
+        offset += len(chunk)
 
 
 def reset(fd: int, journal: str) -> None:
