@@ -41,7 +41,8 @@ stderr, so `datapin ... --json | jq` works.
 
 Start-up is part of the interface (a no-op run is what an init container on a warm node does):
 this module imports only what parsing the arguments needs, and a run imports what its path
-uses, when it gets there. `--help` and a bad option never load the engine; a run without an
+uses, when it gets there (only the redacting excepthook, `logs`, is loaded up front: it guards
+even the parsing). `--help` and a bad option never load the engine; a run without an
 s3:// remote never loads asyncio or aiohttp, and calls the materialiser in a worker thread of
 its own (as `asyncio.to_thread` would: Ctrl-C waits for it to unwind, then exits 130). The
 choices of `--link`, `--layout` and `--addressing` are spelled out here for that reason, and
@@ -64,6 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO, TypeVar
 
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
+from datapin_sidecar.logs import redacting_excepthook
 
 if TYPE_CHECKING:  # imported where a run needs them: see the module doc
     from datapin_sidecar.engine.materialize import ProgressFn, Request, Result
@@ -248,12 +250,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin` console script; returns the exit code."""
-    args = _parser().parse_args(argv)  # --help and bad usage exit here, having loaded nothing
+    sys.excepthook = redacting_excepthook
+    args = _parser().parse_args(argv)  # --help and bad usage exit here: no engine loaded
     from datapin_sidecar.errors import DatapinError  # noqa: PLC0415 - see the module doc
-    from datapin_sidecar.logs import redacting_excepthook  # noqa: PLC0415
     from datapin_sidecar.redaction import redact  # noqa: PLC0415
 
-    sys.excepthook = redacting_excepthook
     try:
         return _materialize(args, sys.stdout, sys.stderr, os.environ)
     except DatapinError as exc:
