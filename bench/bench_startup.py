@@ -251,6 +251,7 @@ class Bench:
             return sample
 
         peers: list[tuple[str, int, Callable[[int], Sample]]] = [
+            ("`python -c pass`", self.args.runs, self.timed([sys.executable, "-c", "pass"])),
             ("`datapin materialize` (no-op)", self.args.runs, run_cli),
             ("`datapin-sidecar run` -> `/readyz` 200", self.args.runs, run_sidecar),
         ]
@@ -268,7 +269,11 @@ class Bench:
             peers.append(("`dvc checkout` (no-op)", runs, run_dvc))
         results = interleave(peers, self.log)
         for name, samples in results.items():
-            self.rows.append(Row(name, n, [s.wall for s in samples]))
+            note = ""
+            if name.startswith("`datapin materialize`"):
+                own = median([float(s.result["seconds"]) for s in samples])
+                note = f"its own `seconds` (the engine's no-op): {secs(own)}"
+            self.rows.append(Row(name, n, [s.wall for s in samples], note))
         if n == min(self.args.sizes):
             self.bench_imports(cli, pod)
 
@@ -322,13 +327,15 @@ class Bench:
             "",
             "### Measurements",
             "",
-            "| what | files | n | median | min-max |",
-            "|---|---:|---:|---:|---:|",
+            "| what | files | n | median | min-max | notes |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for r in self.rows:
             files = "-" if r.files is None else f"{r.files:,}"
             spread = f"{secs(min(r.values))}-{secs(max(r.values))}"
-            lines.append(f"| {r.what} | {files} | {len(r.values)} | {secs(r.med)} | {spread} |")
+            lines.append(
+                f"| {r.what} | {files} | {len(r.values)} | {secs(r.med)} | {spread} | {r.note} |"
+            )
         floor = self.find("`python -c pass`", None)
         helps = self.find("`datapin --help`", None)
         ratios: list[tuple[str, str]] = []
@@ -349,12 +356,13 @@ class Bench:
                     f"sidecar `run` ready / CLI no-op, {n:,} files", run.med / cli.med, READY_GOAL
                 )
             )
-            if floor is not None:
+            base = self.find("`python -c pass`", n) or floor  # the floor of the same rounds
+            if base is not None:
                 ratios.append(
-                    (f"CLI no-op - `python -c pass`, {n:,} files", secs(cli.med - floor.med))
+                    (f"CLI no-op - `python -c pass`, {n:,} files", secs(cli.med - base.med))
                 )
                 ratios.append(
-                    (f"sidecar ready - `python -c pass`, {n:,} files", secs(run.med - floor.med))
+                    (f"sidecar ready - `python -c pass`, {n:,} files", secs(run.med - base.med))
                 )
             ratios.append((f"sidecar ready / CLI no-op, {n:,} files", ratio(run.med / cli.med)))
             if dvc is not None:
@@ -403,10 +411,10 @@ class Bench:
                 (float(r.files), r.med) for r in self.rows if r.what.startswith(what) and r.files
             ]
             lines.append(Line(label=label, points=points, dashed=dashed))
-        floor = self.find("`python -c pass`", None)
-        if floor is not None:
-            flat = [(float(n), floor.med) for n in self.args.sizes]
-            lines.append(Line(label="python -c pass (floor)", points=flat, dashed=True))
+        floors = [
+            (float(r.files), r.med) for r in self.rows if r.what == "`python -c pass`" and r.files
+        ]
+        lines.append(Line(label="python -c pass (the floor)", points=floors, dashed=True))
         save_png(
             path,
             title="No-op on a warm node: revision already published (median of fresh processes)",
