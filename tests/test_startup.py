@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Sequence
@@ -138,3 +139,30 @@ def test_sidecar_run_loads_neither_the_agent_nor_aiohttp(rootfs_dir: Path, tmp_p
     modules = imported(sidecar.output())
     assert "datapin_sidecar.node.sidecar" in modules, sidecar.output()[-2000:]
     assert loaded(modules, AGENT) == []
+
+
+def test_ctrl_c_during_a_run_lets_it_finish_then_exits_130(rootfs_dir: Path) -> None:
+    """Without an event loop the materialiser runs in a thread of the CLI's own; Ctrl-C must
+    still do what it did under `asyncio.run`: wait for the run to publish (never leave a
+    half-built tree behind an exiting interpreter), then exit 130."""
+    remote = rootfs_dir / "remote"
+    rev = put_revision(NodeCache(remote), {f"d{i % 50}/f{i}": b"%d" % i for i in range(1500)}).oid
+    dest = rootfs_dir / "dest"
+    exe = shutil.which("datapin")
+    assert exe is not None
+    args = ["materialize", "--cache", str(rootfs_dir / "cache"), "--dest", str(dest)]
+    proc = subprocess.Popen(
+        [exe, *args, "--rev", rev, "--remote", str(remote)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the first progress line: the worker thread is running
+    assert first.startswith("progress:"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "datapin: interrupted" in err
+    assert [p.name for p in (dest / ".revs").iterdir() if p.name.startswith(".build-")] == []
+    assert (dest / "current").is_dir(), "the run was cut short instead of finishing"

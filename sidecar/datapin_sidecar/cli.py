@@ -366,22 +366,28 @@ async def _materialize_s3(
 def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
     """`fn(*args)` in a worker thread, as `asyncio.to_thread` ran it before (see the module
     doc): the main thread only waits, so Ctrl-C lands there, and the work is left to finish
-    (the materialiser publishes or unwinds; it is never cut short between two syscalls)."""
+    (the materialiser publishes or unwinds; it is never cut short between two syscalls).
+
+    The wait is on an Event, not `Thread.join`: on Python 3.11 a join interrupted by Ctrl-C
+    marks the still-running thread as stopped, and the interpreter would then exit under it.
+    """
     outcome: list[_T] = []
     failure: list[BaseException] = []
+    done = threading.Event()
 
     def work() -> None:
         try:
             outcome.append(fn(*args))
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="materialize")
-    worker.start()
+    threading.Thread(target=work, name="materialize").start()
     try:
-        worker.join()
+        done.wait()
     except KeyboardInterrupt:
-        worker.join()
+        done.wait()  # a second Ctrl-C exits now; the interpreter still waits for the thread
         raise
     if failure:
         raise failure[0]
