@@ -13,7 +13,7 @@ termination-message file, which `kubectl describe pod` shows.
 
 Each mode imports what it runs, when it runs it: `run` and `once` never load the node agent
 (which brings the CSI plugin, gRPC and the Kubernetes client, ~0.5 s of imports on a shared
-node) and `settings` loads no event loop. A pod's time to ready is mostly start-up on a warm
+node). A pod's time to ready is mostly start-up on a warm
 node, so this is the sidecar's start-up budget (bench/bench_startup.py measures it, and
 tests/test_startup.py guards what `run` imports).
 """
@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -113,7 +114,6 @@ async def run_program(
 ) -> tuple[int, str]:
     """Run `mode` until done (once) or stopped (run, agent); (exit code, message)."""
     import asyncio  # noqa: PLC0415 - see the module doc
-    import signal  # noqa: PLC0415
 
     from datapin_sidecar.node.server import Health, make_app, serve  # noqa: PLC0415
     from datapin_sidecar.node.sidecar import Sidecar  # noqa: PLC0415
@@ -175,7 +175,6 @@ async def _once(
     settings: Settings, environ: Mapping[str, str], metrics: Metrics
 ) -> tuple[int, str]:
     import asyncio  # noqa: PLC0415 - see the module doc
-    import signal  # noqa: PLC0415
 
     from datapin_sidecar.node.sidecar import Sidecar, outcome_of  # noqa: PLC0415
 
