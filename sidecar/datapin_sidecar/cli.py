@@ -60,9 +60,8 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TextIO, TypeVar
+from typing import TYPE_CHECKING, Final, NamedTuple, TextIO, TypeVar
 
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
 from datapin_sidecar.logs import redacting_excepthook
@@ -265,9 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-@dataclass(frozen=True, slots=True)
-class _S3:
-    """An s3:// remote to open (on an event loop) for the run: where, and whose keys."""
+class _S3(NamedTuple):
+    """An s3:// remote to open (on an event loop) for the run: where, and whose keys. (A
+    NamedTuple: `dataclasses` would add `inspect` to what `--help` loads.)"""
 
     config: RemoteConfig
     credentials: CredentialSource
