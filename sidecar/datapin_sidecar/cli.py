@@ -38,47 +38,46 @@ pasted into.
 
 The summary goes to stdout (or JSON with `--json`, for scripts); progress and errors go to
 stderr, so `datapin ... --json | jq` works.
+
+Start-up is part of the interface (a no-op run is what an init container on a warm node does):
+this module imports only what parsing the arguments needs, and a run imports what its path
+uses, when it gets there (only the redacting excepthook, `logs`, is loaded up front: it guards
+even the parsing). `--help` and a bad option never load the engine; a run without an
+s3:// remote never loads asyncio or aiohttp, and calls the materialiser in a worker thread of
+its own (as `asyncio.to_thread` would: Ctrl-C waits for it to unwind, then exits 130). The
+choices of `--link`, `--layout` and `--addressing` are spelled out here for that reason, and
+tests/test_startup.py holds them equal to the engine's enums and guards what `--help` and a
+no-op import.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
 import errno
-import json
 import os
 import re
 import stat
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, NamedTuple, TextIO, TypeVar
 
-from datapin_sidecar.engine.cache import NodeCache
-from datapin_sidecar.engine.hashing import LayoutChoice
-from datapin_sidecar.engine.linker import Strategy
-from datapin_sidecar.engine.materialize import Request, Result, materialize
-from datapin_sidecar.engine.remote import Remote
-from datapin_sidecar.engine.revision import Revision, resolve_target
-from datapin_sidecar.errors import DatapinError, UsageError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES, MAX_JOBS, NAME_MAX, PATH_MAX
 from datapin_sidecar.logs import redacting_excepthook
-from datapin_sidecar.progress import Reporter
-from datapin_sidecar.redaction import redact
-from datapin_sidecar.remotes.credentials import (
-    ChainCredentials,
-    CredentialSource,
-    EnvCredentials,
-    SecretDirCredentials,
-    StaticCredentials,
-    credentials_from_env_file,
-)
-from datapin_sidecar.remotes.directory import DirectoryRemote
-from datapin_sidecar.remotes.dvcconfig import read_dvc_remote
-from datapin_sidecar.remotes.endpoint import Addressing, RemoteConfig
-from datapin_sidecar.remotes.opening import open_s3_remote
+
+if TYPE_CHECKING:  # imported where a run needs them: see the module doc
+    from datapin_sidecar.engine.materialize import ProgressFn, Request, Result
+    from datapin_sidecar.engine.remote import Remote
+    from datapin_sidecar.remotes.credentials import CredentialSource
+    from datapin_sidecar.remotes.endpoint import RemoteConfig
+
+#: `engine.linker.Strategy`, `engine.hashing.LayoutChoice` and `remotes.endpoint.Addressing`
+#: (tests/test_startup.py checks they agree), so that parsing loads none of those modules.
+LINKS: Final = ("auto", "reflink", "hardlink", "copy")
+LAYOUTS: Final = ("auto", "dvc3", "legacy")
+ADDRESSINGS: Final = ("auto", "path", "virtual")
+_T = TypeVar("_T")
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -168,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--link",
         default="auto",
-        choices=[s.value for s in Strategy],
+        choices=LINKS,
         help="how files are made from cache objects (default: auto = reflink, hardlink, copy)",
     )
     m.add_argument(
@@ -197,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     s3.add_argument(
         "--addressing",
         default="auto",
-        choices=[a.value for a in Addressing],
+        choices=ADDRESSINGS,
         help="path-style or virtual-host bucket addressing (default: auto)",
     )
     s3.add_argument("--ca-bundle", type=_path, help="CA certificates to verify the endpoint")
@@ -219,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--layout",
-        default=LayoutChoice.AUTO.value,
-        choices=[choice.value for choice in LayoutChoice],
+        default="auto",
+        choices=LAYOUTS,
         help="cache layout of the revision: dvc3 (`hash: md5` in its .dvc file), legacy "
         "(DVC 2), or auto (dvc3 if present, else legacy)",
     )
@@ -250,10 +249,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
     sys.excepthook = redacting_excepthook
+    args = _parser().parse_args(argv)  # --help and bad usage exit here: no engine loaded
+    from datapin_sidecar.errors import DatapinError  # noqa: PLC0415 - see the module doc
+    from datapin_sidecar.redaction import redact  # noqa: PLC0415
+
     try:
-        return asyncio.run(_materialize(args, sys.stdout, sys.stderr, os.environ))
+        return _materialize(args, sys.stdout, sys.stderr, os.environ)
     except DatapinError as exc:
         print(f"datapin: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -262,9 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _materialize(
+class _S3(NamedTuple):
+    """An s3:// remote to open (on an event loop) for the run: where, and whose keys. (A
+    NamedTuple: `dataclasses` would add `inspect` to what `--help` loads.)"""
+
+    config: RemoteConfig
+    credentials: CredentialSource
+
+
+def _materialize(
     args: argparse.Namespace, out: TextIO, err: TextIO, environ: Mapping[str, str]
 ) -> int:
+    from datapin_sidecar.engine.hashing import LayoutChoice  # noqa: PLC0415 - see the module doc
+    from datapin_sidecar.engine.revision import Revision, resolve_target  # noqa: PLC0415
+    from datapin_sidecar.errors import UsageError  # noqa: PLC0415
+    from datapin_sidecar.progress import Reporter  # noqa: PLC0415
+
     _check_dir("--cache", args.cache)
     _check_dir("--dest", args.dest)
     layout = LayoutChoice(args.layout).pinned
@@ -287,33 +302,101 @@ async def _materialize(
         raise UsageError("--file-name is only for single-file revisions (an md5 without .dir)")
     reporter = None if args.quiet else Reporter(err, tty=err.isatty())
     try:
-        async with _open_remote(args, environ) as remote:
-            request = Request(
+        remote = _remote(args, environ)
+
+        def request(opened: Remote | None) -> Request:
+            from datapin_sidecar.engine.cache import NodeCache  # noqa: PLC0415
+            from datapin_sidecar.engine.linker import Strategy  # noqa: PLC0415
+            from datapin_sidecar.engine.materialize import Request  # noqa: PLC0415
+
+            return Request(
                 cache=NodeCache(args.cache),
                 revision=revision,
                 dest=args.dest,
                 strategy=Strategy(args.link),
-                remote=remote,
+                remote=opened,
                 link_name=args.link_name,
                 verify=args.verify,
                 keep_spare=not args.no_spare,
                 file_name=file_name,
                 layout=layout,
             )
-            # The filesystem work is synchronous; the remote's requests run on this loop.
-            result = await asyncio.to_thread(materialize, request, progress=reporter)
+
+        if isinstance(remote, _S3):
+            import asyncio  # noqa: PLC0415 - only an S3 remote needs an event loop
+
+            result = asyncio.run(_materialize_s3(remote, args.jobs, request, reporter))
+        else:
+            result = _in_thread(_run_materialize, request(remote), reporter)
     finally:
         if reporter is not None:
             reporter.close()
     if args.json:
+        import json  # noqa: PLC0415
+
         out.write(json.dumps(result_dict(result), sort_keys=True) + "\n")
     else:
         out.write(summary(result))
     return 0
 
 
+def _run_materialize(request: Request, progress: ProgressFn | None) -> Result:
+    from datapin_sidecar.engine.materialize import materialize  # noqa: PLC0415
+
+    return materialize(request, progress=progress)
+
+
+async def _materialize_s3(
+    remote: _S3,
+    jobs: int,
+    request: Callable[[Remote | None], Request],
+    progress: ProgressFn | None,
+) -> Result:
+    """The run with an S3 remote: its requests run on this loop, the filesystem work (which is
+    synchronous) in a worker thread."""
+    import asyncio  # noqa: PLC0415 - see the module doc
+
+    from datapin_sidecar.remotes.opening import open_s3_remote  # noqa: PLC0415
+
+    async with open_s3_remote(remote.config, remote.credentials, jobs=jobs) as opened:
+        return await asyncio.to_thread(_run_materialize, request(opened), progress)
+
+
+def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
+    """`fn(*args)` in a worker thread, as `asyncio.to_thread` ran it before (see the module
+    doc): the main thread only waits, so Ctrl-C lands there, and the work is left to finish
+    (the materialiser publishes or unwinds; it is never cut short between two syscalls).
+
+    The wait is on an Event, not `Thread.join`: on Python 3.11 a join interrupted by Ctrl-C
+    marks the still-running thread as stopped, and the interpreter would then exit under it.
+    """
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome.append(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="materialize").start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        done.wait()  # a second Ctrl-C exits now; the interpreter still waits for the thread
+        raise
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def _check_dir(flag: str, path: Path) -> None:
     """`path` can be a directory datapin creates or uses: not a file, not too long."""
+    from datapin_sidecar.errors import UsageError  # noqa: PLC0415 - see the module doc
+
     if len(os.fsencode(path)) > MAX_DIR_PATH_BYTES:
         raise UsageError(
             f"{flag} is {len(os.fsencode(path))} bytes long; datapin accepts at most "
@@ -346,11 +429,12 @@ def _check_dir(flag: str, path: Path) -> None:
         )
 
 
-@contextlib.asynccontextmanager
-async def _open_remote(
-    args: argparse.Namespace, environ: Mapping[str, str]
-) -> AsyncIterator[Remote | None]:
-    """The remote the options name (see the module doc), opened for the run."""
+def _remote(args: argparse.Namespace, environ: Mapping[str, str]) -> Remote | _S3 | None:
+    """The remote the options name (see the module doc): a directory remote, an S3 remote to
+    open, or none."""
+    from datapin_sidecar.errors import UsageError  # noqa: PLC0415 - see the module doc
+    from datapin_sidecar.remotes.directory import DirectoryRemote  # noqa: PLC0415
+
     s3_flags = [
         flag
         for flag, value in (
@@ -372,8 +456,9 @@ async def _open_remote(
             )
         if s3_flags:
             raise UsageError(f"{', '.join(s3_flags)} only apply to an s3:// --remote")
-        yield DirectoryRemote(args.remote)
-        return
+        return DirectoryRemote(args.remote)
+    from datapin_sidecar.remotes.endpoint import Addressing, RemoteConfig  # noqa: PLC0415
+
     if args.remote is not None:
         config = RemoteConfig.from_url(
             args.remote,
@@ -384,10 +469,11 @@ async def _open_remote(
             ca_bundle=args.ca_bundle,
         )
     elif args.dvc_repo is not None:
+        from datapin_sidecar.remotes.dvcconfig import read_dvc_remote  # noqa: PLC0415
+
         dvc = read_dvc_remote(args.dvc_repo, args.remote_name)
         if dvc.directory is not None:
-            yield DirectoryRemote(dvc.directory)
-            return
+            return DirectoryRemote(dvc.directory)
         assert dvc.config is not None  # noqa: S101 - read_dvc_remote returns one or the other
         config = dvc.config
         if args.endpoint_url or args.region or args.ca_bundle or args.no_verify_tls:
@@ -400,14 +486,22 @@ async def _open_remote(
                 ca_bundle=None if args.no_verify_tls else (args.ca_bundle or config.ca_bundle),
             )
         if dvc.credentials is not None:
+            from datapin_sidecar.remotes.credentials import StaticCredentials  # noqa: PLC0415
+
             repo_sources.append(
                 StaticCredentials(dvc.credentials, source=f"{args.dvc_repo}/.dvc/config.local")
             )
     elif s3_flags:
         raise UsageError(f"{', '.join(s3_flags)} need --remote s3://... or --dvc-repo")
     if config is None:
-        yield None
-        return
+        return None
+    from datapin_sidecar.remotes.credentials import (  # noqa: PLC0415
+        ChainCredentials,
+        EnvCredentials,
+        SecretDirCredentials,
+        credentials_from_env_file,
+    )
+
     sources: list[CredentialSource] = []
     if args.credentials_dir is not None:
         sources.append(SecretDirCredentials(args.credentials_dir))
@@ -415,12 +509,13 @@ async def _open_remote(
         sources.append(credentials_from_env_file(args.env_file))
     # DVC's own order: keys in the repo's config win over the environment.
     sources += [*repo_sources, EnvCredentials(environ)]
-    async with open_s3_remote(config, ChainCredentials(sources), jobs=args.jobs) as remote:
-        yield remote
+    return _S3(config, ChainCredentials(sources))
 
 
 def result_dict(result: Result) -> dict[str, object]:
     """The result as plain JSON-able data (for `--json`, tests and benchmarks)."""
+    import dataclasses  # noqa: PLC0415 - see the module doc
+
     data = dataclasses.asdict(result)
     data["quarantined"] = list(result.quarantined)
     data["recovered"] = list(result.recovered)

@@ -10,12 +10,17 @@ credential lookups use), configures logging, creates the metrics registry and ha
 down. Exit codes are those of `errors.py` (0 published, 2 bad settings or annotations, 3-8 the
 materialiser's, 143 stopped before done); on failure the reason also goes to the
 termination-message file, which `kubectl describe pod` shows.
+
+Each mode imports what it runs, when it runs it: `run` and `once` never load the node agent
+(which brings the CSI plugin, gRPC and the Kubernetes client, ~0.5 s of imports on a shared
+node). A pod's time to ready is mostly start-up on a warm
+node, so this is the sidecar's start-up budget (bench/bench_startup.py measures it, and
+tests/test_startup.py guards what `run` imports).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,18 +29,17 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final
-
-from prometheus_client import CollectorRegistry
+from typing import TYPE_CHECKING, Final
 
 from datapin_sidecar.errors import BadSettingsError, DatapinError
 from datapin_sidecar.logs import configure_logging, redacting_excepthook
-from datapin_sidecar.node.agent import Agent
-from datapin_sidecar.node.metrics import Metrics
-from datapin_sidecar.node.server import Health, make_app, serve
-from datapin_sidecar.node.settings import Settings, check_directories, describe, load_settings
-from datapin_sidecar.node.sidecar import Sidecar, outcome_of
 from datapin_sidecar.redaction import redact
+
+if TYPE_CHECKING:  # imported by the mode that runs them: see the module doc
+    from datapin_sidecar.node.agent import Agent
+    from datapin_sidecar.node.metrics import Metrics
+    from datapin_sidecar.node.settings import Settings
+    from datapin_sidecar.node.sidecar import Sidecar
 
 log = logging.getLogger("datapin_sidecar")
 
@@ -58,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `datapin-sidecar` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     sys.excepthook = redacting_excepthook
+    from datapin_sidecar.node.settings import (  # noqa: PLC0415 - see the module doc
+        check_directories,
+        describe,
+        load_settings,
+    )
+
     if args.mode == "settings":
         sys.stdout.write(describe())
         return 0
@@ -76,9 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     static = {"mode": args.mode} | ({"pod": pod} if pod else {})
     if settings.node_name:
         static["node"] = settings.node_name
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from datapin_sidecar.node.metrics import Metrics  # noqa: PLC0415
+
     configure_logging(fmt=settings.log_format, level=settings.log_level, static=static)
     registry = CollectorRegistry()
     metrics = Metrics(registry, role="agent" if args.mode == "agent" else "sidecar")
+    import asyncio  # noqa: PLC0415
+
     try:
         code, message = asyncio.run(
             run_program(args.mode, settings, environ=environ, metrics=metrics)
@@ -97,6 +113,11 @@ async def run_program(
     mode: str, settings: Settings, *, environ: Mapping[str, str], metrics: Metrics
 ) -> tuple[int, str]:
     """Run `mode` until done (once) or stopped (run, agent); (exit code, message)."""
+    import asyncio  # noqa: PLC0415 - see the module doc
+
+    from datapin_sidecar.node.server import Health, make_app, serve  # noqa: PLC0415
+    from datapin_sidecar.node.sidecar import Sidecar  # noqa: PLC0415
+
     if mode == "once":
         return await _once(settings, environ, metrics)
     health = Health()
@@ -105,6 +126,8 @@ async def run_program(
     if mode == "run":
         worker = Sidecar(settings, environ=environ, metrics=metrics)
     else:
+        from datapin_sidecar.node.agent import Agent  # noqa: PLC0415 - the agent mode only
+
         worker = Agent(settings, environ=environ, metrics=metrics)
     health.status = worker.status
     loop = asyncio.get_running_loop()
@@ -151,6 +174,10 @@ async def run_program(
 async def _once(
     settings: Settings, environ: Mapping[str, str], metrics: Metrics
 ) -> tuple[int, str]:
+    import asyncio  # noqa: PLC0415 - see the module doc
+
+    from datapin_sidecar.node.sidecar import Sidecar, outcome_of  # noqa: PLC0415
+
     sidecar = Sidecar(settings, environ=environ, metrics=metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
