@@ -1315,9 +1315,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def plot(curves: dict[str, dict[str, dict[int, float]]], where: Path, note: str) -> None:
     """The fetch family's figures (see the module doc), from what the cases measured."""
 
+    def label(family: str, tool: str) -> str:
+        if family == "scale" and tool == "s5cmd":
+            return "s5cmd run (one cp per key)"
+        return TOOL_LABELS[tool].replace("`", "")
+
     def lines(family: str) -> list[Line]:
         return [
-            Line(label=TOOL_LABELS[tool].replace("`", ""), points=sorted(points.items()))
+            Line(label=label(family, tool), points=sorted(points.items()))
             for tool, points in curves[family].items()
         ]
 
@@ -1327,10 +1332,7 @@ def plot(curves: dict[str, dict[str, dict[int, float]]], where: Path, note: str)
             title="Cold pull: time per object against revision size (1-4 KiB objects)",
             x_label="objects in the revision",
             y_label="wall time per object, median",
-            lines=[
-                Line(label=TOOL_LABELS[t], points=sorted(c.items()))
-                for t, c in curves["scale"].items()
-            ],
+            lines=lines("scale"),
             x_format=count_label,
             y_format=seconds_label,
             note=note,
@@ -1341,10 +1343,7 @@ def plot(curves: dict[str, dict[str, dict[int, float]]], where: Path, note: str)
             title="Cold pull: time per GB against object size (20,000 x 64 KiB; 4 x 1 GiB)",
             x_label="object size",
             y_label="wall time per GB, median",
-            lines=[
-                Line(label=TOOL_LABELS[t], points=sorted(c.items()))
-                for t, c in curves["peers"].items()
-            ],
+            lines=lines("peers"),
             x_format=bytes_label,
             y_format=seconds_label,
             note=note,

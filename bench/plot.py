@@ -27,6 +27,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,12 @@ def save_png(
             ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: x_format(v)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: y_format(v)))
+        for axis, fmt, log in ((ax.xaxis, x_format, log_x), (ax.yaxis, y_format, log_y)):
+            axis.set_major_formatter(FuncFormatter(lambda v, _, fmt=fmt: fmt(v)))
+            if log:  # a range inside one decade has no major tick: label 2x, 3x and 5x too
+                axis.set_minor_formatter(
+                    FuncFormatter(lambda v, _, fmt=fmt: fmt(v) if _mantissa(v) in (2, 3, 5) else "")
+                )
         ax.grid(visible=True, which="major", alpha=0.45)
         ax.grid(visible=True, which="minor", alpha=0.15)
         ax.set_title(title, fontsize=11)
@@ -117,6 +122,11 @@ def save_png(
     finally:
         plt.close(fig)
     return path
+
+
+def _mantissa(v: float) -> int:
+    """The leading digit of a positive number (3 for 0.003 and for 300)."""
+    return round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
 
 
 def count_label(n: float) -> str:
