@@ -380,6 +380,10 @@ def test_an_unreadable_directory_remote_exits_8_naming_the_path(public_dir: Path
         "from datapin_sidecar import cli, safefs\n"
         "from datapin_sidecar.engine import cache, materialize\n"
         "from datapin_sidecar.engine import remote\n"
+        # What the CLI imports when it gets there (progress, the directory remote and its slot
+        # files): the checkout may be unreadable to nobody (a CI clone is mode 0700).
+        "from datapin_sidecar import progress\n"
+        "from datapin_sidecar.remotes import directory, slotfiles\n"
         f"os.setgroups([]); os.setgid({nobody}); os.setuid({nobody})\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )

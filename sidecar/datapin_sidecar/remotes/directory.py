@@ -56,7 +56,6 @@ reached through a link is `mismatched`, never read from wherever the link points
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -90,6 +89,16 @@ from datapin_sidecar.remotes.slotfiles import (
     write_small,
 )
 from datapin_sidecar.safefs import open_dir_beneath, open_regular
+
+
+def _cancelled() -> BaseException:
+    """What `abort` raises: asyncio's CancelledError, as the S3 remote's fetch does. Imported
+    here, not at the top: a no-op (the CLI without an S3 remote) runs with no event loop, and
+    loading asyncio would cost it ~25 ms (tests/test_startup.py)."""
+    import asyncio  # noqa: PLC0415
+
+    return asyncio.CancelledError()
+
 
 #: Threads copying objects, by default: the copies wait on the disk more than on the CPU
 #: (md5 and the syscalls release the GIL), and DVC's own default for a local remote on a
@@ -183,7 +192,7 @@ class DirectoryRemote:
     ) -> FetchReport:
         """Copy `oids` into `cache`, verified, in batches on `jobs` threads (see the module doc)."""
         if self._aborted.is_set():
-            raise asyncio.CancelledError
+            raise _cancelled()
         report = FetchReport()
         todo = list(oids)
         if not todo:
@@ -206,7 +215,7 @@ class DirectoryRemote:
                     if progress is not None:
                         progress(done)
                     if self._aborted.is_set():
-                        raise asyncio.CancelledError
+                        raise _cancelled()
             except BaseException:
                 # A batch not started yet claims nothing; one running finishes (and installs
                 # or gives back every slot it claimed) before the pool's exit returns.
@@ -233,7 +242,7 @@ class DirectoryRemote:
         """
         report = FetchReport()
         if self._aborted.is_set():
-            raise asyncio.CancelledError
+            raise _cancelled()
         try:
             claims = claim_many(cache, oids, layout)
         except OSError as exc:

@@ -29,7 +29,6 @@ the call ends, or by `close_if_cancelled` if the call never ran (see `s3fetch.Fe
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
@@ -37,13 +36,16 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache, Slot
 from datapin_sidecar.engine.hashing import DVC2_CHUNK, Layout, ObjectHasher
 from datapin_sidecar.engine.streamhash import StreamHash
 from datapin_sidecar.errors import DestinationError, Md5MismatchError
 from datapin_sidecar.safefs import open_regular, read_regular
+
+if TYPE_CHECKING:  # the directory remote's threads use this module without an event loop
+    import asyncio
 
 T = TypeVar("T")
 MiB: Final = 1024 * 1024
@@ -290,6 +292,8 @@ def wait_unlocked(path: str) -> asyncio.Future[None]:
     lock the moment it gets it. A slot that is gone, or not a plain file, resolves at once:
     the claim that follows sorts out what is there.
     """
+    import asyncio  # noqa: PLC0415 - only the S3 fetch waits, and it runs in an event loop
+
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
