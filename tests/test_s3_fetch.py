@@ -478,3 +478,41 @@ def test_an_object_another_process_holds_is_waited_for_then_taken_over(
     assert info.value.cause == "wait_timeout"
     assert time.monotonic() - started < 30.0
     stuck.release()
+
+
+def test_a_batch_of_small_writes_keeps_each_objects_outcome_and_closes_every_descriptor(
+    xfs_dir: Path,
+) -> None:
+    """Small objects are written in batches (s3fetch._SmallWrites): a body that fails its md5,
+    or a write that fails, is that object's outcome only, and no descriptor outlives the batch
+    (a leaked duplicate would hold its slot's lock for the life of the process)."""
+    from datapin_sidecar.remotes.slotfiles import write_small_many  # noqa: PLC0415
+
+    good, bad, unwritable = (os.urandom(70_000) for _ in range(3))
+    names = {
+        "good": hashlib.md5(good).hexdigest(),
+        "bad": hashlib.md5(bad).hexdigest(),
+        "unwritable": hashlib.md5(unwritable).hexdigest(),
+    }
+    paths = {name: xfs_dir / name for name in names}
+    for path in paths.values():
+        path.write_bytes(b"")
+    fds = [
+        os.open(paths["good"], os.O_RDWR),
+        os.open(paths["bad"], os.O_RDWR),
+        os.open(paths["unwritable"], os.O_RDONLY),  # its write fails: EBADF
+    ]
+    results = write_small_many(
+        [
+            (fds[0], Layout.DVC3, names["good"], good, 0),
+            (fds[1], Layout.DVC3, names["bad"], bad[:-1] + b"!", 0),
+            (fds[2], Layout.DVC3, names["unwritable"], unwritable, 0),
+        ]
+    )
+    assert results[:2] == [True, False]
+    assert isinstance(results[2], OSError)
+    assert paths["good"].read_bytes() == good
+    assert paths["bad"].read_bytes() == b""  # a body that fails its md5 is never written
+    for fd in fds:
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fd)

@@ -76,8 +76,10 @@ from datapin_sidecar.remotes.slotfiles import (
     MAX_OBJECT_BYTES,
     MiB,
     Present,
+    SmallWrite,
     TiB,
     claim_many,
+    close_all_if_cancelled,
     close_if_cancelled,
     mark_done,
     read_journal,
@@ -90,7 +92,7 @@ from datapin_sidecar.remotes.slotfiles import (
     wait_unlocked,
     with_dup,
     write_and_feed,
-    write_small,
+    write_small_many,
 )
 
 T = TypeVar("T")
@@ -127,6 +129,7 @@ class Fetch:
         self.loop = asyncio.get_running_loop()
         self.io = io
         self.committer = _Committer(cache, run=self._run)
+        self.small = _SmallWrites(self)
         #: What parts that land ahead of their object's hash cursor may hold (streamhash).
         self.hash_budget = ByteBudget(self.opts.hash_window, on_give=self._gave_room)
         self._room_freed = asyncio.Event()
@@ -308,7 +311,7 @@ class Fetch:
         await self.client.retrying(key, self.report.retries, probe)
         head = first[0]
         if isinstance(head, bytes):
-            if not await self._on(slot, write_small, slot.layout, slot.oid, head, slot.size):
+            if not await self.small.write(slot, head):
                 raise Md5MismatchError
             self.report.fetched_bytes += len(head)
             return len(head)
@@ -548,6 +551,80 @@ class Fetch:
 
     def _run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         return self._track(self.loop.run_in_executor(self.io, fn, *args))
+
+
+class _SmallWrites:
+    """Writes small objects to their slots in batches: one worker-thread call per batch.
+
+    A small object costs the loop one GET. Handing its write to a thread on its own cost as
+    much again: a submit, a wake-up of the loop through its self-pipe, a future copied across,
+    and hand-offs of the GIL on each, which make the loop thread (the fetch's bottleneck) wait
+    in every syscall of its own. Bodies that land while a batch is being written go into the
+    next one (a group commit): under load the batches grow by themselves, and an idle fetch
+    writes each body at once. At most `in_flight` batches run at a time, so several cores hash
+    while few threads contend for the GIL.
+
+    Each body's slot descriptor is duplicated when it is queued (as `Fetch._on` does): a worker
+    cancelled while its batch runs releases its slot, and the batch must not write to a reused
+    descriptor number. A body whose worker was cancelled before its batch started is dropped.
+    """
+
+    def __init__(self, fetch: Fetch) -> None:
+        self.fetch = fetch
+        self.in_flight = max(1, fetch.opts.io_threads // 2)
+        self.running = 0
+        self.pending: list[tuple[SmallWrite, asyncio.Future[bool]]] = []
+
+    async def write(self, slot: Slot, body: bytes) -> bool:
+        """Whether `body` passed its md5 and is in the slot (not yet durable: the committer's
+        sync makes it so)."""
+        done: asyncio.Future[bool] = self.fetch.loop.create_future()
+        fd = os.dup(slot.fd)
+        self.pending.append(((fd, slot.layout, slot.oid, body, slot.size), done))
+        if self.running < self.in_flight:
+            self._start()
+        return await done
+
+    def _start(self) -> None:
+        batch = []
+        for item, done in self.pending:
+            if done.done():  # its worker was cancelled: nobody wants it written
+                os.close(item[0])
+            else:
+                batch.append((item, done))
+        self.pending = []
+        if not batch:
+            return
+        items = [item for item, _ in batch]
+        try:
+            job = self.fetch.io.submit(write_small_many, items)
+        except BaseException:
+            for item in items:
+                os.close(item[0])
+            raise
+        job.add_done_callback(functools.partial(close_all_if_cancelled, items))
+        self.running += 1
+        future = self.fetch._track(asyncio.wrap_future(job, loop=self.fetch.loop))
+        future.add_done_callback(functools.partial(self._finished, [d for _, d in batch]))
+
+    def _finished(self, waiting: list[asyncio.Future[bool]], job: asyncio.Future[Any]) -> None:
+        self.running -= 1
+        results: list[bool | BaseException]
+        if job.cancelled():
+            results = [asyncio.CancelledError()] * len(waiting)
+        elif (exc := job.exception()) is not None:
+            results = [exc] * len(waiting)
+        else:
+            results = job.result()
+        for done, result in zip(waiting, results, strict=True):
+            if done.done():
+                continue
+            if isinstance(result, BaseException):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
+        if self.pending and self.running < self.in_flight:
+            self._start()
 
 
 class _Committer:

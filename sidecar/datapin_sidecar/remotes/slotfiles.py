@@ -23,8 +23,12 @@ Durability: `sync_and_install` makes a batch of verified slots durable with one 
 (fsync each where libc lacks it), then installs them; `start_writeback` starts each write's
 writeback early so the sync waits only for the tail.
 
+Small objects: `write_small` checks a whole body's md5, then writes it; `write_small_many` does
+a batch of them in one thread call (see `s3fetch._SmallWrites`).
+
 Slot descriptors: a call on a slot gets a duplicate of its descriptor (`with_dup`), closed when
-the call ends, or by `close_if_cancelled` if the call never ran (see `s3fetch.Fetch._on`).
+the call ends, or by `close_if_cancelled` (`close_all_if_cancelled`) if the call never ran (see
+`s3fetch.Fetch._on`).
 """
 
 from __future__ import annotations
@@ -158,6 +162,36 @@ def write_small(
     if writeback:
         start_writeback(fd, 0, len(body))
     return True
+
+
+#: One small object for `write_small_many`: (a duplicate of its slot's descriptor, which the
+#: call closes; layout; oid; body; bytes the slot held when claimed).
+SmallWrite = tuple[int, Layout, str, bytes, int]
+
+
+def write_small_many(items: Sequence[SmallWrite]) -> list[bool | OSError]:
+    """`write_small` for each item, in one worker-thread call; an item's OSError (a full volume)
+    is its result, not the batch's. Every item's descriptor is closed, whatever happens."""
+    results: list[bool | OSError] = []
+    try:
+        for fd, layout, oid, body, found in items:
+            try:
+                results.append(write_small(fd, layout, oid, body, found))
+            except OSError as exc:
+                results.append(exc)
+    finally:
+        for item in items:
+            os.close(item[0])
+    return results
+
+
+def close_all_if_cancelled(
+    items: Sequence[SmallWrite], job: concurrent.futures.Future[Any]
+) -> None:
+    """`close_if_cancelled` for a `write_small_many` call that never ran."""
+    if job.cancelled():
+        for item in items:
+            os.close(item[0])
 
 
 def read_journal(path: str) -> tuple[int, int, bytearray] | None:
