@@ -33,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import os
 import random
 import re
 import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import aiohttp
@@ -77,6 +78,14 @@ _AUTH_CODES: Final = frozenset(
 )  # fmt: skip
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container's cpuset sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FetchOptions:
     """How hard to pull. The defaults suit one node talking to B2 over the internet."""
@@ -108,8 +117,11 @@ class FetchOptions:
     #: `min_rate` bytes per second: a server trickling bytes cannot hold a request forever.
     request_timeout: float = 60.0
     min_rate: int = 32 * 1024
-    #: Threads for file writes and hashing (both release the GIL).
-    io_threads: int = 4
+    #: Threads for file writes and hashing (both release the GIL): one per CPU, at most 4.
+    #: More threads than cores hash no faster, and each thread wanting the GIL back after a
+    #: syscall makes the loop thread wait in its own: on 2 cores, 4 threads cost a cold pull
+    #: of small objects 15-20% more CPU per object than 2 (docs/benchmarks.md, issue 15).
+    io_threads: int = field(default_factory=lambda: min(4, available_cpus()))
     #: How long to wait for an object another process on the node is downloading.
     wait_timeout: float = 900.0
 
