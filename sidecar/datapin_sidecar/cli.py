@@ -323,9 +323,9 @@ def _materialize(
             )
 
         if isinstance(remote, _S3):
-            import asyncio  # noqa: PLC0415 - only an S3 remote needs an event loop
+            from datapin_sidecar import eventloop  # noqa: PLC0415 - only S3 needs a loop
 
-            result = asyncio.run(_materialize_s3(remote, args.jobs, request, reporter))
+            result = eventloop.run(_materialize_s3(remote, args.jobs, request, reporter))
         else:
             result = _in_thread(_run_materialize, request(remote), reporter)
     finally:

@@ -93,11 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(fmt=settings.log_format, level=settings.log_level, static=static)
     registry = CollectorRegistry()
     metrics = Metrics(registry, role="agent" if args.mode == "agent" else "sidecar")
-    import asyncio  # noqa: PLC0415
+    from datapin_sidecar import eventloop  # noqa: PLC0415
 
     try:
-        code, message = asyncio.run(
-            run_program(args.mode, settings, environ=environ, metrics=metrics)
+        code, message = eventloop.run(
+            run_program(args.mode, settings, environ=environ, metrics=metrics),
+            fast=args.mode != "agent",  # grpc.aio: see eventloop's doc
         )
     except DatapinError as exc:
         code, message = exc.exit_code, str(exc)
