@@ -1,6 +1,6 @@
 """Before and after in one run: cold small-object pulls of datapin at several commits, with s5cmd.
 
-    python -m bench.bench_versions --at 81f51be --at HEAD [--objects 20000] [--size 64KiB]
+    python -m bench.bench_versions --at 81f51be --at HEAD [--objects 20000] [--size 64K]
                                    [--runs 3] [--jobs 32] [--env NAME=VALUE@N ...]
 
 Run it from the repository root as root (it builds an XFS loop volume). It prints a markdown
@@ -66,13 +66,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.bench_versions", description=__doc__)
     p.add_argument("--at", action="append", required=True, help="a commit, or . (repeat)")
     p.add_argument("--objects", type=int, default=20_000, help="objects (default 20000)")
-    p.add_argument("--size", type=parse_size, default=64 * 1024, help="bytes each (64KiB)")
+    p.add_argument("--size", type=parse_size, default=64 * 1024, help="bytes each (64K, 1G)")
     p.add_argument("--runs", type=int, default=3, help="runs per version (default 3)")
     p.add_argument("--jobs", type=int, default=32, help="concurrency of every tool (32)")
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE@N for version N")
     p.add_argument("--seed", type=int, default=3, help="PRNG seed of the data")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="where data goes")
     return p.parse_args(argv)
+
+
+def random_bytes(rng: random.Random, size: int) -> bytes:
+    """`size` bytes from `rng`, in pieces (`randbytes` stops at 256 MiB)."""
+    step = 64 * 1024 * 1024
+    return b"".join(rng.randbytes(min(step, size - at)) for at in range(0, size, step))
 
 
 def extract(at: str, into: Path) -> tuple[str, Path]:
@@ -140,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stage = Stage(base / "stage")
             rng = random.Random(f"{args.seed}-versions")
             entries = [
-                (relpath(i), stage.put(rng.randbytes(args.size))) for i in range(args.objects)
+                (relpath(i), stage.put(random_bytes(rng, args.size))) for i in range(args.objects)
             ]
             rev, _ = stage.revision(entries)
             server.make_bucket(BUCKET)
