@@ -1345,6 +1345,7 @@ def plot(curves: dict[str, dict[str, dict[int, float]]], where: Path, note: str)
             y_label="wall time per GB, median",
             lines=lines("peers"),
             x_format=bytes_label,
+            x_ticks=sorted({x for points in curves["peers"].values() for x in points}),
             y_format=seconds_label,
             note=note,
         )
