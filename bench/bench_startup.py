@@ -48,7 +48,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -62,8 +61,6 @@ from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 
 from bench.bench_sidecar import probe
 from bench.harness import (
-    REPO_ROOT,
-    SNAPSHOT_ENV,
     SOURCE_ENV,
     BenchError,
     Corpus,
@@ -538,20 +535,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def add_generated_stubs() -> None:
-    """Copy the generated gRPC stubs (gitignored, so not in `git archive`) into an `--at`
-    snapshot: without them `datapin-sidecar` of any commit fails to import (the agent's CSI
-    plugin). They are build output of the same .proto, not part of the measured source."""
-    snap = Path(os.environ[SNAPSHOT_ENV]) / "datapin_sidecar" / "csi" / "proto"
-    here = REPO_ROOT / "sidecar" / "datapin_sidecar" / "csi" / "proto"
-    for stub in here.glob("*_pb2*.py*"):
-        if snap.is_dir() and not (snap / stub.name).exists():
-            shutil.copy2(stub, snap / stub.name)
-
-
 def run(args: argparse.Namespace, _argv: Sequence[str]) -> int:
-    if args.at is not None:
-        add_generated_stubs()
     check_pinned()
     dvc = find_dvc(args)
     when = dt.datetime.now(dt.UTC)

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from bench.bench_fetch import PREFIX, Stage, parse_size, relpath
 from bench.harness import (
-    REPO_ROOT,
     BenchError,
     Sample,
+    copy_package,
     datapin_cmd,
     interleave,
     machine,
@@ -82,21 +82,10 @@ def random_bytes(rng: random.Random, size: int) -> bytes:
 
 
 def extract(at: str, into: Path) -> tuple[str, Path]:
-    """(label, directory to put first on PYTHONPATH) of version `at`."""
-    package = REPO_ROOT / "sidecar" / "datapin_sidecar"
-    if at == ".":
-        shutil.copytree(package, into / package.name, ignore=shutil.ignore_patterns("__pycache__"))
-        return source_state(None), into
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", at, "sidecar/datapin_sidecar"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    subprocess.run(
-        ["tar", "-x", "-C", str(into), "--strip-components=1"], input=archive, check=True
-    )
-    return source_state(at), into
+    """(label, directory to put first on PYTHONPATH) of version `at` (`.`: the working tree)."""
+    commit = None if at == "." else at
+    copy_package(commit, into)
+    return source_state(commit), into
 
 
 def extra_env(specs: Sequence[str], n: int) -> dict[str, str]:

@@ -429,6 +429,35 @@ def source_state(at: str | None, paths: Sequence[str] = ("sidecar",)) -> str:
     return f"working tree at {commit} + uncommitted changes to {', '.join(dirty)}"
 
 
+def copy_package(at: str | None, into: Path) -> None:
+    """Put a copy of the package, as of commit `at` (None: the working tree), in `into`
+    (which then goes first on PYTHONPATH)."""
+    package = REPO_ROOT / "sidecar" / "datapin_sidecar"
+    if at is None:
+        shutil.copytree(package, into / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+        return
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", at, "sidecar/datapin_sidecar"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    tar = ["tar", "-x", "-C", str(into), "--strip-components=1"]
+    subprocess.run(tar, input=archive, check=True)
+    copy_generated_stubs(into / package.name)
+
+
+def copy_generated_stubs(package: Path) -> None:
+    """Copy the generated gRPC stubs (gitignored, so not in `git archive`) into a snapshot of
+    the package taken from a commit: without them `datapin-sidecar` of any commit fails to import
+    (the agent's CSI plugin). They are build output of the same .proto, not measured source."""
+    into = package / "csi" / "proto"
+    here = REPO_ROOT / "sidecar" / "datapin_sidecar" / "csi" / "proto"
+    for stub in here.glob("*_pb2*.py*"):
+        if into.is_dir() and not (into / stub.name).exists():
+            shutil.copy2(stub, into / stub.name)
+
+
 def pin_sources(at: str | None, argv: Sequence[str], *, module: str) -> None:
     """Re-exec benchmark `module` against a private copy of the package, taken now.
 
@@ -440,19 +469,7 @@ def pin_sources(at: str | None, argv: Sequence[str], *, module: str) -> None:
     if os.environ.get(SNAPSHOT_ENV):
         return
     snap = Path(tempfile.mkdtemp(prefix="datapin-bench-src-"))
-    package = REPO_ROOT / "sidecar" / "datapin_sidecar"
-    if at is None:
-        shutil.copytree(package, snap / package.name, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        archive = subprocess.run(
-            ["git", "archive", "--format=tar", at, "sidecar/datapin_sidecar"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(
-            ["tar", "-x", "-C", str(snap), "--strip-components=1"], input=archive, check=True
-        )
+    copy_package(at, snap)
     path = os.pathsep.join(
         p for p in (str(snap), str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
     )
