@@ -598,10 +598,11 @@ class _SmallWrites:
         items = [item for item, _ in batch]
         try:
             job = self.fetch.io.submit(write_small_many, items)
-        except BaseException:
-            for item in items:
+        except RuntimeError as exc:  # the pool is shut down: each writer hears it, none waits
+            for item, done in batch:
                 os.close(item[0])
-            raise
+                done.set_exception(exc)
+            return
         job.add_done_callback(functools.partial(close_all_if_cancelled, items))
         self.running += 1
         future = self.fetch._track(asyncio.wrap_future(job, loop=self.fetch.loop))
