@@ -24,6 +24,8 @@ What is timed, each in a fresh process from fork (`harness.run_timed`) to exit, 
     them), from fork until `/readyz` answers 200 (polled every 1 ms with
     `bench_sidecar.probe`, which costs a refused connect while nothing listens). Each run must
     log `already serving`. SIGTERM and the exit are not timed (the exit must be 0).
+  - the same with the pod's dataset on an S3 remote (https, as B2, at a port nobody listens
+    on: a warm start must not contact it); the keys in the environment.
   - `dvc checkout` in a DVC 3 repository whose cache is the node cache (`cache.type reflink`)
     and whose data is already checked out: DVC's no-op. `--heavy-runs` at 100k files and up.
 
@@ -85,10 +87,13 @@ from bench.harness import (
 )
 from bench.plot import Line, count_label, save_png, seconds_label
 from testkit.k8svolume import kubelet_update
+from testkit.launcher import free_ports
 from testkit.sidecarproc import SidecarProcess
 from testkit.xfs import xfs_volume
 
 DATASET = "ds"
+#: The sidecar peer whose dataset is an S3 remote (https, as B2), on the same warm node.
+S3_RUN = "S3 dataset: `datapin-sidecar run` -> `/readyz` 200"
 FILE_BYTES = 256  # a no-op never reads a file's bytes; small files keep the volume small
 HELP_GOAL = 0.150  # seconds: `datapin --help` and the CLI no-op
 READY_GOAL = 1.10  # `datapin-sidecar run` to ready / the CLI no-op
@@ -247,10 +252,20 @@ class Bench:
                 raise BenchError(f"sidecar run {r + 1} did not find {rev} already served")
             return sample
 
+        s3_pod = Pod(self, n, rev, s3=True)
+        s3_pod.ready()  # untimed: publishes its workspace from the warm cache
+
+        def run_s3_sidecar(r: int) -> Sample:
+            sample = s3_pod.ready()
+            if s3_pod.noops() != r + 1:
+                raise BenchError(f"S3 sidecar run {r + 1} did not find {rev} already served")
+            return sample
+
         peers: list[tuple[str, int, Callable[[int], Sample]]] = [
             ("`python -c pass`", self.args.runs, self.timed([sys.executable, "-c", "pass"])),
             ("`datapin materialize` (no-op)", self.args.runs, run_cli),
             ("`datapin-sidecar run` -> `/readyz` 200", self.args.runs, run_sidecar),
+            (S3_RUN, self.args.runs, run_s3_sidecar),
         ]
         if self.dvc is not None:
             repo = DvcRepo(self.vol / f"dvc-{n}", self.dvc, self.cache).create()
@@ -400,6 +415,7 @@ class Bench:
         series = [
             ("datapin materialize (no-op)", "`datapin materialize`", False),
             ("datapin-sidecar run -> ready", "`datapin-sidecar run`", False),
+            ("the same, S3 dataset (https)", S3_RUN, True),
             ("dvc checkout (no-op)", "`dvc checkout`", False),
         ]
         lines = []
@@ -428,16 +444,20 @@ class Bench:
 class Pod:
     """One pod's `datapin-sidecar run`, restarted for every round (same UID, same workspace)."""
 
-    def __init__(self, bench: Bench, n: int, rev: str) -> None:
+    def __init__(self, bench: Bench, n: int, rev: str, *, s3: bool = False) -> None:
         self.bench = bench
         uid = str(uuid.uuid4())
-        podinfo = bench.home / f"podinfo-{n}"
+        podinfo = bench.home / f"podinfo-{n}{'-s3' if s3 else ''}"
         pins = json.dumps({DATASET: {"pin": rev, "ref": f"bench-{n}"}})
         kubelet_update(
             podinfo,
             {"annotations": format_downward_annotations({ANNOTATION: pins})},
             "2026_12_02_00_00_00.1",
         )
+        dataset: dict[str, str] = {"name": DATASET, "remote": str(bench.remote)}
+        if s3:  # as a B2 bucket over https; warm, so never contacted (nothing listens there)
+            (port,) = free_ports(1)
+            dataset |= {"remote": "s3://bench/store", "endpoint_url": f"https://127.0.0.1:{port}"}
         self.sp = SidecarProcess(
             "run",
             bench.home,
@@ -446,12 +466,14 @@ class Pod:
                 "pod_uid": uid,
                 "pod_name": f"bench-{n}",
                 "pod_namespace": "bench",
-                "datasets": [{"name": DATASET, "remote": str(bench.remote)}],
+                "datasets": [dataset],
                 "annotations_file": str(podinfo / "annotations"),
                 "log_format": "json",
             },
         )
         self.sp.env.update(bench.env)
+        if s3:
+            self.sp.env |= {"AWS_ACCESS_KEY_ID": "AKIDBENCH", "AWS_SECRET_ACCESS_KEY": "bench"}
         self.argv = [*sidecar_cmd(), "run"]
 
     def spawn(self, argv: Sequence[str]) -> float:

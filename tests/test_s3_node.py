@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,62 @@ def test_cli_keys_from_env_file_and_credentials_dir(
     err = capsys.readouterr().err
     assert "AWS_ACCESS_KEY_ID" in err
     assert seaweed.secret_key not in err
+
+
+def test_an_s3_remote_opens_once_at_its_first_use_and_never_after_an_abort(
+    seaweed: SeaweedServer, s3_bucket: str, tmp_path: Path
+) -> None:
+    """node.remotes.LazyRemote: nothing opens (no HTTP client, no connection) until a call
+    needs the network; threads asking at once share one opening; the program's exit closes
+    it; an abort before the first use means no call opens it at all."""
+    import contextlib  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from datapin_sidecar.engine.remote import Remote  # noqa: PLC0415
+    from datapin_sidecar.node.remotes import LazyRemote  # noqa: PLC0415
+    from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials  # noqa: PLC0415
+    from datapin_sidecar.remotes.opening import open_s3_remote  # noqa: PLC0415
+
+    rev = put_revision(NodeCache(tmp_path / "src"), {"a.txt": b"a"}).oid
+    seaweed.put(s3_bucket, f"store/files/md5/{rev[:2]}/{rev[2:]}", b"x")  # any object will do
+    config = RemoteConfig.from_url(f"s3://{s3_bucket}/store", endpoint_url=seaweed.endpoint)
+    keys = StaticCredentials(
+        Credentials(access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key),
+        source="the test",
+    )
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def opener() -> AsyncIterator[Remote]:
+        events.append("open")
+        async with open_s3_remote(config, keys, jobs=4) as remote:
+            yield remote
+        events.append("closed")
+
+    async def scenario() -> list[Layout | None]:
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            lazy = LazyRemote(config, opener, loop=loop, stack=stack)
+            assert lazy.url == config.describe()
+            assert lazy.key(rev, Layout.DVC3).endswith(f"files/md5/{rev[:2]}/{rev[2:]}")
+            assert events == []  # no network yet
+            found: list[Layout | None] = []
+            lock = threading.Lock()
+
+            def ask() -> None:
+                layout = lazy.find(rev, (Layout.DVC3,))
+                with lock:
+                    found.append(layout)
+
+            await asyncio.gather(*(asyncio.to_thread(ask) for _ in range(4)))
+            assert events == ["open"]  # one opening for four threads
+
+            aborted = LazyRemote(config, opener, loop=loop, stack=stack)
+            aborted.abort()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.to_thread(aborted.find, rev, (Layout.DVC3,))
+            assert events == ["open"]
+        assert events == ["open", "closed"]
+        return found
+
+    assert asyncio.run(scenario()) == [Layout.DVC3] * 4

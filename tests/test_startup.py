@@ -30,6 +30,7 @@ from datapin_sidecar.pins import ANNOTATION, format_downward_annotations
 from datapin_sidecar.remotes.endpoint import Addressing
 
 from testkit.k8svolume import kubelet_update
+from testkit.launcher import free_ports
 from testkit.sidecarproc import SidecarProcess
 from testkit.trees import put_revision
 
@@ -139,6 +140,49 @@ def test_sidecar_run_loads_neither_the_agent_nor_aiohttp(rootfs_dir: Path, tmp_p
     modules = imported(sidecar.output())
     assert "datapin_sidecar.node.sidecar" in modules, sidecar.output()[-2000:]
     assert loaded(modules, AGENT) == []
+
+
+def test_a_warm_start_from_an_s3_remote_opens_no_connection_and_loads_no_http_client(
+    rootfs_dir: Path, tmp_path: Path
+) -> None:
+    """A pod whose revision is already on the node never reads its S3 remote, so `run` is ready
+    without loading aiohttp: the remote opens at its first use (node.remotes.LazyRemote). The
+    endpoint is a port nobody listens on: a connection attempt would fail the start."""
+    (port,) = free_ports(1)
+    root = rootfs_dir / "node"
+    rev = put_revision(NodeCache(root / "cache"), {"a.txt": b"a", "b/c.txt": b"c"}).oid
+    podinfo = tmp_path / "podinfo"
+    pins = json.dumps({"ds": {"pin": rev, "ref": "v1"}})
+    kubelet_update(
+        podinfo,
+        {"annotations": format_downward_annotations({ANNOTATION: pins})},
+        "2026_12_02_00_00_00.1",
+    )
+    settings = {
+        "root": str(root),
+        "pod_uid": str(uuid.uuid4()),
+        "datasets": [
+            {
+                "name": "ds",
+                "remote": "s3://bucket/store",
+                "endpoint_url": f"http://127.0.0.1:{port}",
+            }
+        ],
+        "annotations_file": str(podinfo / "annotations"),
+        "log_format": "json",
+    }
+    sidecar = SidecarProcess("run", tmp_path, settings)
+    sidecar.env |= {
+        "PYTHONPROFILEIMPORTTIME": "1",
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "never-used-" + uuid.uuid4().hex,
+    }
+    with sidecar:
+        sidecar.wait_until("/readyz 200", lambda: sidecar.get("/readyz")[0] == 200)
+        assert sidecar.stop() == 0
+    modules = imported(sidecar.output())
+    assert "datapin_sidecar.node.sidecar" in modules, sidecar.output()[-2000:]
+    assert loaded(modules, ("aiohttp", "datapin_sidecar.remotes.s3client")) == []
 
 
 def test_ctrl_c_during_a_run_lets_it_finish_then_exits_130(rootfs_dir: Path) -> None:

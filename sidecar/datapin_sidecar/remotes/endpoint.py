@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote, urlsplit
 
+from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.errors import UsageError
 
 __all__ = ["URL_SCHEME", "Addressing", "RemoteConfig", "shown_url"]
@@ -416,6 +417,10 @@ class RemoteConfig:
         """URL prefix object keys are appended to (encoded): `.../bucket/` or `bucket.host/`."""
         bucket = "" if self._virtual else f"{self.bucket}/"
         return f"{self.scheme}://{self.signing_host}/{bucket}"
+
+    def object_key(self, oid: str, layout: Layout) -> str:
+        """The key of object `oid` stored in `layout` (`<prefix>/files/md5/ab/cdef...`)."""
+        return self.key(f"{layout.prefix()}{oid[:2]}/{oid[2:]}")
 
     def key(self, relative: str) -> str:
         """The object key of `relative` (e.g. `files/md5/ab/cdef...`) under the prefix."""

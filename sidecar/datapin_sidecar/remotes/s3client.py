@@ -197,7 +197,7 @@ class S3Client:
 
     def key(self, oid: str, layout: Layout) -> str:
         """The object key of `oid` in `layout`."""
-        return self.config.key(f"{layout.prefix()}{oid[:2]}/{oid[2:]}")
+        return self.config.object_key(oid, layout)
 
     def _signed(self, method: str, key: str, query: str = "") -> tuple[yarl.URL, dict[str, str]]:
         creds = self._credentials.get()
