@@ -112,24 +112,33 @@ def test_noop_with_a_directory_remote_loads_no_event_loop(rootfs_dir: Path) -> N
     assert loaded(modules, HEAVY) == []
 
 
-def test_sidecar_run_loads_neither_the_agent_nor_aiohttp(rootfs_dir: Path, tmp_path: Path) -> None:
-    """`run` with a directory remote, to ready, then a clean stop: none of the agent's world."""
-    remote = rootfs_dir / "remote"
-    rev = put_revision(NodeCache(remote), {"a.txt": b"a", "b/c.txt": b"c"}).oid
+def pod_settings(
+    tmp_path: Path, rev: str, *, root: Path, dataset: dict[str, str]
+) -> dict[str, object]:
+    """The settings of a pod of one dataset pinned to `rev`, its pin in a downward-API file."""
     podinfo = tmp_path / "podinfo"
-    pins = json.dumps({"ds": {"pin": rev, "ref": "v1"}})
+    pins = json.dumps({dataset["name"]: {"pin": rev, "ref": "v1"}})
     kubelet_update(
         podinfo,
         {"annotations": format_downward_annotations({ANNOTATION: pins})},
         "2026_12_02_00_00_00.1",
     )
-    settings = {
-        "root": str(rootfs_dir / "node"),
+    return {
+        "root": str(root),
         "pod_uid": str(uuid.uuid4()),
-        "datasets": [{"name": "ds", "remote": str(remote)}],
+        "datasets": [dataset],
         "annotations_file": str(podinfo / "annotations"),
         "log_format": "json",
     }
+
+
+def test_sidecar_run_loads_neither_the_agent_nor_aiohttp(rootfs_dir: Path, tmp_path: Path) -> None:
+    """`run` with a directory remote, to ready, then a clean stop: none of the agent's world."""
+    remote = rootfs_dir / "remote"
+    rev = put_revision(NodeCache(remote), {"a.txt": b"a", "b/c.txt": b"c"}).oid
+    settings = pod_settings(
+        tmp_path, rev, root=rootfs_dir / "node", dataset={"name": "ds", "remote": str(remote)}
+    )
     sidecar = SidecarProcess("run", tmp_path, settings)
     sidecar.env["PYTHONPROFILEIMPORTTIME"] = "1"
     with sidecar:
@@ -151,26 +160,9 @@ def test_a_warm_start_from_an_s3_remote_opens_no_connection_and_loads_no_http_cl
     (port,) = free_ports(1)
     root = rootfs_dir / "node"
     rev = put_revision(NodeCache(root / "cache"), {"a.txt": b"a", "b/c.txt": b"c"}).oid
-    podinfo = tmp_path / "podinfo"
-    pins = json.dumps({"ds": {"pin": rev, "ref": "v1"}})
-    kubelet_update(
-        podinfo,
-        {"annotations": format_downward_annotations({ANNOTATION: pins})},
-        "2026_12_02_00_00_00.1",
-    )
-    settings = {
-        "root": str(root),
-        "pod_uid": str(uuid.uuid4()),
-        "datasets": [
-            {
-                "name": "ds",
-                "remote": "s3://bucket/store",
-                "endpoint_url": f"http://127.0.0.1:{port}",
-            }
-        ],
-        "annotations_file": str(podinfo / "annotations"),
-        "log_format": "json",
-    }
+    endpoint = f"http://127.0.0.1:{port}"
+    dataset = {"name": "ds", "remote": "s3://bucket/store", "endpoint_url": endpoint}
+    settings = pod_settings(tmp_path, rev, root=root, dataset=dataset)
     sidecar = SidecarProcess("run", tmp_path, settings)
     sidecar.env |= {
         "PYTHONPROFILEIMPORTTIME": "1",
