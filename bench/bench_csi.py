@@ -80,8 +80,10 @@ from bench.harness import (
     DvcRepo,
     Peer,
     Target,
+    add_at_option,
     at_most,
     check_pinned,
+    chosen_cases,
     count_files,
     dvc_version,
     find_dvc,
@@ -631,12 +633,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="for the XFS image")
     p.add_argument("--seed", type=int, default=14, help="PRNG seed of the data")
-    p.add_argument("--at", metavar="COMMIT", help="measure datapin as of COMMIT")
+    add_at_option(p)
     args = p.parse_args(argv)
-    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASES)
-    if unknown:
-        p.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+    args.cases = chosen_cases(p, args.only, CASES)
     default_sizes = QUICK_SIZES if args.quick else FULL_SIZES
     args.sizes = (
         tuple(sorted(int(s) for s in args.sizes.split(","))) if args.sizes else default_sizes

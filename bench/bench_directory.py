@@ -78,7 +78,9 @@ from bench.harness import (
     Peer,
     Sample,
     Target,
+    add_at_option,
     check_pinned,
+    chosen_cases,
     count_files,
     datapin_cmd,
     dvc_version,
@@ -340,14 +342,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="image, root remotes")
     p.add_argument("--seed", type=int, default=15, help="PRNG seed of the data")
     p.add_argument("--plot", type=Path, help="write the size plot (PNG) here (needs `sizes`)")
-    p.add_argument(
-        "--at", metavar="COMMIT", help="measure datapin as of COMMIT (default: the working tree)"
-    )
+    add_at_option(p)
     args = p.parse_args(argv)
-    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASES)
-    if unknown:
-        p.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+    args.cases = chosen_cases(p, args.only, CASES)
     args.runs = args.runs or (1 if args.quick else 3)
     if args.runs < 1 or args.jobs < 1:
         p.error("--runs and --jobs must be at least 1")

@@ -111,8 +111,10 @@ from bench.harness import (
     Peer,
     Sample,
     Target,
+    add_at_option,
     at_most,
     check_pinned,
+    chosen_cases,
     datapin_cmd,
     find_dvc,
     interleave,
@@ -1205,16 +1207,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200.0, help="cap per tool run (s)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="image, server data")
     p.add_argument("--seed", type=int, default=3, help="PRNG seed of the data")
-    p.add_argument(
-        "--at", metavar="COMMIT", help="measure datapin as of COMMIT (default: the working tree)"
-    )
+    add_at_option(p)
     args = p.parse_args(argv)
-    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
-    if args.profile and "profile" not in args.cases:
-        args.cases.append("profile")
-    unknown = set(args.cases) - set(CASES)
-    if unknown:
-        p.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+    args.cases = chosen_cases(p, args.only + (",profile" if args.profile else ""), CASES)
     args.runs = args.runs or (2 if args.quick else 5)
     args.large_runs = args.large_runs or (2 if args.quick else 3)
     args.dvc_runs = args.dvc_runs if args.dvc_runs is not None else (1 if args.quick else 3)

@@ -84,8 +84,10 @@ from bench.harness import (
     Peer,
     Sample,
     Target,
+    add_at_option,
     at_most,
     check_pinned,
+    chosen_cases,
     count_files,
     datapin_cmd,
     dvc_version,
@@ -750,14 +752,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dvc-timeout", type=float, default=1800.0, help="cap per dvc run (s)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="for the XFS image")
     p.add_argument("--seed", type=int, default=2, help="PRNG seed of the data")
-    p.add_argument(
-        "--at", metavar="COMMIT", help="measure datapin as of COMMIT (default: the working tree)"
-    )
+    add_at_option(p)
     args = p.parse_args(argv)
-    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASES)
-    if unknown:
-        p.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+    args.cases = chosen_cases(p, args.only, CASES)
     args.runs = args.runs or (3 if args.quick else 5)
     args.heavy_runs = args.heavy_runs or (2 if args.quick else 3)
     if args.runs < 1 or args.heavy_runs < 1:

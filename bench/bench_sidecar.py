@@ -105,7 +105,9 @@ from bench.harness import (
     DvcRepo,
     Peer,
     Sample,
+    add_at_option,
     check_pinned,
+    chosen_cases,
     count_files,
     dvc_version,
     find_dvc,
@@ -1068,14 +1070,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dvc-timeout", type=float, default=600.0, help="cap per dvc run (s)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="for the XFS image")
     p.add_argument("--seed", type=int, default=4, help="PRNG seed of the data")
-    p.add_argument(
-        "--at", metavar="COMMIT", help="measure datapin as of COMMIT (default: the working tree)"
-    )
+    add_at_option(p)
     args = p.parse_args(argv)
-    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASES)
-    if unknown:
-        p.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(CASES)}")
+    args.cases = chosen_cases(p, args.only, CASES)
     args.runs = args.runs or (3 if args.quick else 5)
     if args.runs < 1:
         p.error("--runs must be at least 1")

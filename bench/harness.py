@@ -533,6 +533,23 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def add_at_option(parser: argparse.ArgumentParser) -> None:
+    """`--at COMMIT`, which every pinned benchmark takes (see `pin_sources`)."""
+    parser.add_argument(
+        "--at", metavar="COMMIT", help="measure datapin as of COMMIT (default: the working tree)"
+    )
+
+
+def chosen_cases(parser: argparse.ArgumentParser, only: str, cases: Sequence[str]) -> list[str]:
+    """The cases of an `--only` comma list, in order, each once; an unknown one is a usage
+    error naming the choices."""
+    chosen = list(dict.fromkeys(c.strip() for c in only.split(",") if c.strip()))
+    unknown = set(chosen) - set(cases)
+    if unknown:
+        parser.error(f"unknown case(s) {sorted(unknown)}; choose from {','.join(cases)}")
+    return chosen
+
+
 def main_pinned(
     argv: Sequence[str] | None,
     parse: Callable[[Sequence[str]], argparse.Namespace],
