@@ -210,7 +210,7 @@ async def test_dataset_lifecycle_conditions_prefetch_and_events(
             )
         assert obj["status"]["prefetch"]["summary"] == "1/1 nodes warm"
         assert obj["status"]["prefetch"]["nodes"] == [
-            {"node": "node-a", "warm": 1, "total": 1, "failed": []}
+            {"node": "node-a", "warm": 1, "total": 1, "failed": [], "warmRevisions": [b.dvc.rev]}
         ]
         assert all(c["observedGeneration"] == 1 for c in obj["status"]["conditions"])
 

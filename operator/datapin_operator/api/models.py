@@ -242,6 +242,14 @@ class NodePrefetch(_Model):
     failed: Annotated[
         list[str], Field(default_factory=list, description="Revisions that failed, with why.")
     ]
+    warm_revisions: Annotated[
+        list[Pin],
+        Field(
+            default_factory=list,
+            description="The pins fully in the node's cache (sorted). The webhook prefers "
+            "these nodes for Jobs pinned to them.",
+        ),
+    ]
 
 
 class PrefetchStatus(_Model):

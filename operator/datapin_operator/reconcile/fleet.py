@@ -243,6 +243,9 @@ def summarise(
 ) -> PrefetchStatus:
     """One Dataset's progress: a node is warm when its agent reports every pin warm.
 
+    Each node also lists the pins its agent reports warm (`warmRevisions`): the webhook reads
+    them to prefer, for a Job pinned to one, the nodes that already hold it (placement.py).
+
     The nodes counted are those the selector chose *and* that run an agent: a node without
     one can run no datapin pod, so it is not waited for.
     """
@@ -258,7 +261,12 @@ def summarise(
             for e, s in states.items()
             if s.get("state") == "failed"
         ]
-        nodes.append(NodePrefetch(node=node, warm=warm, total=len(mine), failed=failed))
+        warm_pins = sorted({e.pin for e, s in states.items() if s.get("state") == "warm"})
+        nodes.append(
+            NodePrefetch(
+                node=node, warm=warm, total=len(mine), failed=failed, warm_revisions=warm_pins
+            )
+        )
     warm_nodes = sum(1 for n in nodes if n.warm == n.total)
     return PrefetchStatus(
         summary=f"{warm_nodes}/{len(nodes)} nodes warm",
