@@ -31,6 +31,7 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 from datapin_operator.settings import Settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from testkit import podsecurity
 from testkit.dvcremote import S3DvcFixture
@@ -42,6 +43,7 @@ from testkit.seaweed import SeaweedServer, free_ports
 pytestmark = [pytest.mark.s3, pytest.mark.dvc]
 
 NS = "ml"
+DATASETS = "datapin.dev/v1alpha1/datasets"
 VERSIONS = ("1.29", kubernetes_validate.latest_version())
 
 
@@ -56,6 +58,7 @@ class World:
     commit_v1: str
     commit_v2: str
     seaweed: SeaweedServer
+    metrics_url: str  # the operator's /metrics
 
     async def review(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         resource = {"Job": "jobs", "Pod": "pods"}[obj["kind"]]
@@ -133,13 +136,17 @@ async def world(
 ) -> AsyncIterator[World]:
     a, b = dvc3_revisions
     repo, commit_v1, commit_v2 = tagged_repo(tmp_path, a, b)
+    webhook_port, metrics_port = free_ports(2)
     settings = Settings(
         api_server="http://unused.invalid",  # replaced below, once kmock has a port
         namespace="datapin",
         webhook_mode="dev",
         webhook_host="127.0.0.1",
-        webhook_port=free_ports(1)[0],
-        resync_seconds=30,
+        webhook_port=webhook_port,
+        metrics_port=metrics_port,
+        # No resync during a test: the Dataset statuses a test writes stay as it wrote them,
+        # and every resolve the metrics count is one the test made.
+        resync_seconds=600,
         git_cache_dir=tmp_path / "git-cache",
         git_allow_protocols=["file"],  # the test repositories are local
         git_ref_ttl_seconds=0,
@@ -195,14 +202,16 @@ async def world(
                 lambda o: len(o.get("webhooks") or []) == 2,
             )
             webhooks = {w["rules"][0]["resources"][0]: w for w in config["webhooks"]}
-            # The Datasets must be indexed before the webhook can find them.
-            await api.wait_for(
-                "datapin.dev/v1alpha1/datasets",
-                "images",
-                lambda o: bool((o.get("status") or {}).get("conditions")),
-                namespace=NS,
-            )
-            yield World(api, http, webhooks, repo, a, b, commit_v1, commit_v2, seaweed)
+            # Every Dataset reconciled once: no reconcile runs during the test after this.
+            for name in ("images", "labels", "nosecret", "gitgone"):
+                await api.wait_for(
+                    DATASETS,
+                    name,
+                    lambda o: bool((o.get("status") or {}).get("conditions")),
+                    namespace=NS,
+                )
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            yield World(api, http, webhooks, repo, a, b, commit_v1, commit_v2, seaweed, metrics_url)
 
 
 async def test_the_registered_webhook_configuration_is_served_over_verified_https(
@@ -487,3 +496,185 @@ async def test_rejections_post_events_on_the_job_and_the_dataset(world: World) -
     events = await world.api.list("v1/events", NS)
     assert events_of(events, kind="Job", name="dry") == []
     assert not any("dry" in e["message"] for e in events_of(events, kind="Dataset", name="images"))
+
+
+# -- cache-aware placement (issue 16) -------------------------------------------------------
+
+PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
+
+
+def _warm_status(*nodes: tuple[str, list[str]]) -> dict[str, Any]:
+    """status.prefetch as the operator writes it from its agents' reports."""
+    return {
+        "prefetch": {
+            "summary": f"0/{len(nodes)} nodes warm",
+            "warmNodes": 0,
+            "totalNodes": len(nodes),
+            "nodes": [
+                {"node": n, "warm": len(p), "total": 2, "failed": [], "warmRevisions": p}
+                for n, p in nodes
+            ],
+        }
+    }
+
+
+async def test_admitted_jobs_prefer_the_nodes_their_pins_are_warm_on(world: World) -> None:
+    """The webhook reads the warm nodes from the Dataset's status (listed fresh, as every
+    replica does) and adds a preference for them, never a requirement; the user's own
+    affinity stays; the Job's Pods are not changed again; nothing warm, nothing added."""
+    # labels' golden is B; gpu-1 holds B, gpu-2 only A.
+    status = _warm_status(("gpu-2", [world.a.dvc.rev]), ("gpu-1", [world.b.dvc.rev]))
+    await world.api.patch(DATASETS, "labels", {"status": status}, namespace=NS)
+    own = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}
+                ]
+            },
+            PREFERRED: [
+                {
+                    "weight": 100,
+                    "preference": {
+                        "matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]
+                    },
+                }
+            ],
+        },
+        "podAffinity": {
+            PREFERRED: [
+                {
+                    "weight": 5,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {"team": "ml"}},
+                    },
+                }
+            ]
+        },
+    }
+    job = _job(
+        "warm",
+        {"datapin.dev/dataset": "labels", "datapin.dev/revision": "golden"},
+        affinity=copy.deepcopy(own),
+    )
+    admitted = await world.admit(job)
+    _validate(admitted)
+    affinity = admitted["spec"]["template"]["spec"]["affinity"]
+    preferred = affinity["nodeAffinity"][PREFERRED]
+    assert preferred[0] == own["nodeAffinity"][PREFERRED][0]
+    assert preferred[1] == {
+        "weight": Settings().warm_node_weight,
+        "preference": {
+            "matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-1"]}]
+        },
+    }
+    assert len(preferred) == 2
+    assert (
+        affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        == (own["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"])
+    )
+    assert affinity["podAffinity"] == own["podAffinity"]
+    # The Job controller's Pods carry the template's preference and are not mutated again.
+    pod = _pod_of(admitted, "warm-abcde")
+    assert await world.admit(pod) == pod
+    _validate(pod)
+
+    # images is warm nowhere (its status has no prefetch): no affinity at all.
+    cold = await world.admit(
+        _job("cold", {"datapin.dev/dataset": "images", "datapin.dev/revision": "golden"})
+    )
+    _validate(cold)
+    assert "affinity" not in cold["spec"]["template"]["spec"]
+
+
+# -- the operator's metrics (issue 16) --------------------------------------------------------
+
+
+async def _scrape(world: World) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """The operator's /metrics over HTTP: (text, (sample name, labels) -> value)."""
+    async with world.http.get(world.metrics_url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return text, samples
+
+
+def _delta(
+    before: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    after: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+) -> dict[frozenset[tuple[str, str]], float]:
+    """The series of `name` that moved, by labels."""
+    moved = {}
+    for (sample, labels), value in after.items():
+        if sample == name and value != before.get((sample, labels), 0.0):
+            moved[labels] = value - before.get((sample, labels), 0.0)
+    return moved
+
+
+def _labels(**labels: str) -> frozenset[tuple[str, str]]:
+    return frozenset(labels.items())
+
+
+async def test_operator_metrics_count_what_the_webhook_did(world: World, promtool: Path) -> None:
+    """Real admissions through the HTTPS webhook, then the operator's own /metrics: promtool
+    accepts the exposition, and the counters moved by exactly what happened."""
+    _, before = await _scrape(world)
+    plain = {"datapin.dev/dataset": "images"}
+    admitted = await world.admit(_job("by-tag", {**plain, "datapin.dev/revision": "v1"}))
+    await world.admit(_job("by-name", {**plain, "datapin.dev/revision": "golden"}))
+    await world.admit(_job("by-pin", {**plain, "datapin.dev/revision": world.a.dvc.rev}))
+    await world.reject(
+        _job("no-such", {"datapin.dev/dataset": "imagez", "datapin.dev/revision": "v1"})
+    )
+    await world.reject(_job("bad-tag", {**plain, "datapin.dev/revision": "v9"}))
+    await world.admit(_job("plain", {}))  # not ours
+    await world.admit(admitted)  # injected already
+    text, after = await _scrape(world)
+
+    proc = await asyncio.create_subprocess_exec(
+        str(promtool),
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
+    assert (proc.returncode, out.decode()) == (0, "")
+
+    assert _delta(before, after, "datapin_operator_admissions_total") == {
+        _labels(result="admitted", reason="Pinned"): 3,
+        _labels(result="rejected", reason="UnknownDataset"): 1,
+        _labels(result="rejected", reason="GitFailed"): 1,
+        _labels(result="skipped", reason="NotAnnotated"): 1,
+        _labels(result="skipped", reason="AlreadyInjected"): 1,
+    }
+    assert _delta(before, after, "datapin_operator_admission_seconds_count") == {
+        _labels(result="admitted"): 3,
+        _labels(result="rejected"): 2,
+        _labels(result="skipped"): 2,
+    }
+    # One resolve of each kind admitted, and the unknown tag failing as git.
+    assert _delta(before, after, "datapin_operator_resolve_seconds_count") == {
+        _labels(kind="git", result="ok"): 1,
+        _labels(kind="named", result="ok"): 1,
+        _labels(kind="pin", result="ok"): 1,
+        _labels(kind="git", result="failed"): 1,
+    }
+    assert _delta(before, after, "datapin_operator_resolve_errors_total") == {
+        _labels(reason="GitFailed"): 1
+    }
+    # images is warm nowhere: three injected pods without a preference.
+    assert _delta(before, after, "datapin_operator_placements_total") == {_labels(result="none"): 3}
+    # Bounded labels only: no dataset, namespace or Job name, and no key, anywhere.
+    for secret in (world.seaweed.secret_key, world.seaweed.access_key):
+        assert secret not in text
+    for name in ("images", "imagez", "by-tag", NS):
+        assert f'"{name}"' not in text

@@ -1,6 +1,7 @@
 """The operator's parts, built once from `Settings`: `App` and its factory `build_app`.
 
-`build_app` builds the API client, the git source, the resolver, the fleet, the controller, the
+`build_app` builds the API client, the metrics registry (one per app, injected into every part
+that counts: no global metrics), the git source, the resolver, the fleet, the controller, the
 admission and the webhook server; `handlers.py` registers kopf callbacks over an `App` and
 `main.py` runs it. `App` lives here, apart from both, so that neither imports the other
 (handlers need the type, main needs the handlers).
@@ -17,8 +18,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
+
 from datapin_operator.api.models import GROUP, PLURAL, VERSION
 from datapin_operator.kube import Kube
+from datapin_operator.metrics import OperatorMetrics
 from datapin_operator.reconcile.controller import Controller
 from datapin_operator.reconcile.fleet import Fleet
 from datapin_operator.resolve.gitsource import GitSource
@@ -85,6 +89,8 @@ class App:
 
     settings: Settings
     kube: Kube
+    #: Every family of `OperatorMetrics`, served at /metrics (`metrics_port`).
+    registry: CollectorRegistry
     controller: Controller
     admission: Admission
     tls: TLSKeeper | None  # the shared self-signed certificate (cluster mode, no cert files)
@@ -101,17 +107,23 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
         ref_ttl=settings.git_ref_ttl_seconds,
         allow_protocols=tuple(settings.git_allow_protocols),
     )
-    resolver = Resolver(git, secrets=kube.get_secret)
-    fleet = Fleet(kube, settings)
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    resolver = Resolver(git, secrets=kube.get_secret, metrics=metrics)
+    fleet = Fleet(kube, settings, metrics=metrics)
     return App(
         settings=settings,
         kube=kube,
-        controller=Controller(settings=settings, kube=kube, resolver=resolver, fleet=fleet),
+        registry=registry,
+        controller=Controller(
+            settings=settings, kube=kube, resolver=resolver, fleet=fleet, metrics=metrics
+        ),
         admission=Admission(
             settings=settings,
             secrets=kube.get_secret,
             datasets=kube.list_datasets,
             resolver=resolver,
+            metrics=metrics,
         ),
         tls=tls_keeper(settings, kube),
         webhook_server=webhook_server(settings),

@@ -15,8 +15,9 @@ content type (`application/merge-patch+json`): the generated client would otherw
 dict as a JSON Patch, which a real API server refuses.
 
 Also here: the webhook certificate Secret (`webhooktls.py`), the caBundle of the chart's
-webhook configuration, and the Datasets of a namespace, read fresh for each admission so that
-every replica (kopf peering pauses the watches of all but one) answers alike.
+webhook configuration, and the Datasets of a namespace (specs and statuses, one list call), read
+fresh for each admission so that every replica (kopf peering pauses the watches of all but one)
+answers alike.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import base64
 import binascii
 import datetime
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import kopf
 import kubernetes.client
 import kubernetes.config
+import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from datapin_operator.api.models import GROUP, PLURAL, VERSION
@@ -45,6 +47,9 @@ MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "datapin-operator"}
 #: The patch type of every write: a JSON merge patch (RFC 7386).
 MERGE_PATCH: Final = "application/merge-patch+json"
 
+#: What a call to the API server may raise: its answer, or no answer at all.
+API_ERRORS: Final = (ApiException, urllib3.exceptions.HTTPError, OSError)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SecretRead:
@@ -52,6 +57,16 @@ class SecretRead:
 
     data: dict[str, str]
     resource_version: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetListing:
+    """The Datasets of one namespace as one list call returned them, by name: each spec, and
+    each status (the webhook reads the agents' warm nodes there; a Dataset not reconciled yet
+    has none)."""
+
+    specs: Mapping[str, Mapping[str, Any]]
+    statuses: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,16 +154,24 @@ class Kube:
                 continue  # a binary key cannot be a key id or a password: ignore it
         return SecretRead(data=data, resource_version=str(secret.metadata.resource_version))
 
-    async def list_datasets(self, namespace: str) -> dict[str, dict[str, Any]]:
-        """The Datasets of `namespace`: name -> spec."""
+    async def list_datasets(self, namespace: str) -> DatasetListing:
+        """The Datasets of `namespace` (not being deleted): specs and statuses by name."""
         listed: Any = await asyncio.to_thread(
             self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL
         )
-        return {
-            item["metadata"]["name"]: dict(item.get("spec") or {})
+        items = [
+            item
             for item in listed.get("items") or []
             if not (item.get("metadata") or {}).get("deletionTimestamp")
-        }
+        ]
+        return DatasetListing(
+            specs={item["metadata"]["name"]: dict(item.get("spec") or {}) for item in items},
+            statuses={
+                item["metadata"]["name"]: dict(item["status"])
+                for item in items
+                if isinstance(item.get("status"), dict)
+            },
+        )
 
     async def serves(self, group: str, version: str, plural: str) -> bool:
         """Whether the API server serves `plural` in `group/version` (discovery, which every

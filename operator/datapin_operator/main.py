@@ -38,6 +38,7 @@ from datapin_operator.api.rbac import build_rbac
 from datapin_operator.app import App, build_app
 from datapin_operator.errors import SettingsError
 from datapin_operator.handlers import build_registry
+from datapin_operator.metrics import serve as serve_metrics
 from datapin_operator.settings import describe, load_settings
 
 __all__ = ["App", "build_app", "main", "run"]
@@ -51,7 +52,8 @@ _CRD_CHECK_SECONDS: Final = 5.0
 async def run(app: App, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     """Run kopf with the app's handlers until `stop` is set.
 
-    With a TLS keeper the certificate is made current first (the server loads its files when
+    With `metrics_port` set, the app's registry is served at /metrics beside kopf. With a TLS
+    keeper the certificate is made current first (the server loads its files when
     it starts), then kept current beside kopf. With `peering` set, the replicas elect one to
     reconcile through kopf peering: each takes a random priority, because replicas of equal
     priority would all pause each other; the webhook is served by every replica regardless.
@@ -65,6 +67,14 @@ async def run(app: App, *, stop: asyncio.Event, ready: asyncio.Event | None = No
         if app.tls is not None:
             tasks.create_task(app.tls.run(interval=settings.webhook_tls_check_seconds, stop=stop))
         tasks.create_task(app.datasets.run(interval=_CRD_CHECK_SECONDS, stop=stop))
+        if settings.metrics_port:
+            # On every interface in a cluster (Prometheus scrapes the pod's address); from a
+            # laptop only where the webhook is served.
+            cluster = settings.webhook_mode == "cluster"
+            host = "0.0.0.0" if cluster else settings.webhook_host  # noqa: S104 - the pod's IPs
+            tasks.create_task(
+                serve_metrics(app.registry, host=host, port=settings.metrics_port, stop=stop)
+            )
         await kopf.operator(
             registry=registry,
             clusterwide=True,

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
         "Port of kopf's liveness endpoint /healthz on 0.0.0.0 (the chart sets 8080); 0: none.",
         lowest=0,
     )
+    metrics_port: int = _port(
+        0,
+        "Port of the operator's Prometheus /metrics (the chart sets 8081): on 0.0.0.0 in "
+        "cluster mode, on webhook_host in dev mode; 0: none.",
+        lowest=0,
+    )
 
     # -- what we inject -----------------------------------------------------------------------
     sidecar_image: str = Field(
@@ -188,6 +194,19 @@ class Settings(BaseSettings):
     mount_root: str = _path(
         "/data",
         "Default mount path of a dataset in app containers: MOUNT_ROOT/<dataset>.",
+    )
+    prefer_warm_nodes: bool = Field(
+        default=True,
+        description="Give admitted pods a preferred node affinity toward the nodes whose "
+        "agents report their pinned revisions warm (Dataset status.prefetch). Preferred only: "
+        "it never keeps a pod from being scheduled.",
+    )
+    warm_node_weight: int = Field(
+        default=50,
+        ge=1,
+        le=100,
+        description="Weight (1-100) of that preference, split over a pod's datasets: datapin "
+        "never adds more than this to a node's score, so the pod's own preferences still count.",
     )
 
     # -- agents and timings -------------------------------------------------------------------

@@ -44,9 +44,9 @@ from datapin_operator.errors import (
     RemoteCheckError,
     SecretError,
 )
-from datapin_operator.kube import Kube
+from datapin_operator.kube import API_ERRORS, Kube
+from datapin_operator.metrics import OperatorMetrics
 from datapin_operator.reconcile.fleet import (
-    API_ERRORS,
     DatasetKey,
     Fleet,
     PrefetchEntry,
@@ -92,14 +92,36 @@ class _Watch:
 class Controller:
     """Everything a reconcile needs, built once in `main()`."""
 
-    def __init__(self, *, settings: Settings, kube: Kube, resolver: Resolver, fleet: Fleet):
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kube: Kube,
+        resolver: Resolver,
+        fleet: Fleet,
+        metrics: OperatorMetrics | None = None,
+    ):
         self.settings = settings
         self.kube = kube
         self.resolver = resolver
         self.fleet = fleet
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
         self._watches: dict[DatasetKey, _Watch] = {}
 
     async def reconcile(self, body: Mapping[str, Any], *, known: Iterable[DatasetKey]) -> Outcome:
+        """The Dataset's status and the Events to post; counted with the problems it found
+        (`datapin_operator_reconcile_errors_total`, by the reasons its conditions show)."""
+        try:
+            outcome, problems = await self._reconcile(body, known=known)
+        except Exception as exc:  # kopf retries it; counted, then raised on
+            self.metrics.reconciled([exc])
+            raise
+        self.metrics.reconciled(problems)
+        return outcome
+
+    async def _reconcile(
+        self, body: Mapping[str, Any], *, known: Iterable[DatasetKey]
+    ) -> tuple[Outcome, list[OperatorError]]:
         meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace")), str(meta.get("name"))
         previous = body.get("status") or None
@@ -120,14 +142,19 @@ class Controller:
                 resolution_errors=[error],
             )
             status = build_status(obs, previous=previous, now=now_iso())
-            return Outcome(status=status, transitions=transitions(previous, status))
+            return Outcome(status=status, transitions=transitions(previous, status)), [error]
 
         obs, entries, wrote = await self._observe(
             namespace, name, spec, generation, previous, known
         )
         self._watch((namespace, name), obs, entries, wrote=wrote)
         status = build_status(obs, previous=previous, now=now_iso())
-        return Outcome(status=status, transitions=transitions(previous, status))
+        problems = [
+            e
+            for e in (obs.remote_error, *obs.resolution_errors, obs.prefetch_error)
+            if e is not None
+        ]
+        return Outcome(status=status, transitions=transitions(previous, status)), problems
 
     def _watch(
         self, key: DatasetKey, obs: Observation, entries: list[PrefetchEntry], *, wrote: bool

@@ -15,7 +15,8 @@ cluster's widest). The operator writes, and the agents read files kubelet projec
 
 Reports flow back by pull: the operator lists the agent pods and GETs each one's `/status`
 (`prefetch: {"<name>@<pin>": {"state": "warm"|"pending"|"failed", "last_error": ...}}`),
-cached for a few seconds so reconciling many Datasets costs one round.
+cached for a few seconds so reconciling many Datasets costs one round. Each round is counted
+(`datapin_operator_agent_reports_total` by result, `datapin_operator_agents` by state).
 
 The lists are written only once every Dataset the operator knows of has been reconciled since
 start, so a restart never publishes a list that forgets another Dataset's revisions.
@@ -40,14 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
-import urllib3.exceptions
 from datapin_sidecar.engine.hashing import LayoutChoice
 from datapin_sidecar.node.settings import DatasetSettings
 from kubernetes.client.exceptions import ApiException
 
 from datapin_operator.api.models import NodePrefetch, PrefetchStatus, Remote
 from datapin_operator.errors import AgentConfigError
-from datapin_operator.kube import Kube
+from datapin_operator.kube import API_ERRORS, Kube
+from datapin_operator.metrics import OperatorMetrics
 from datapin_operator.reconcile.remotecheck import RemoteKeys
 from datapin_operator.settings import Settings
 
@@ -115,9 +116,12 @@ def render(
 class Fleet:
     """The prefetch lists of all Datasets, and the agents' reports."""
 
-    def __init__(self, kube: Kube, settings: Settings) -> None:
+    def __init__(
+        self, kube: Kube, settings: Settings, *, metrics: OperatorMetrics | None = None
+    ) -> None:
         self.kube = kube
         self.settings = settings
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
         self._entries: dict[DatasetKey, list[PrefetchEntry]] = {}
         self._lock = asyncio.Lock()
         self._reports: dict[str, dict[str, dict[str, str]]] = {}
@@ -191,12 +195,12 @@ class Fleet:
                 for p in pods:
                     if p.ip and p.node and p.phase == "Running":
                         tg.create_task(one(p.node, p.ip))
+        failed = sum(1 for p in pods if p.ip and p.node and p.phase == "Running") - len(reports)
+        self.metrics.reported(
+            ok=len(reports), failed=max(failed, 0), silent=max(len(agents) - len(reports), 0)
+        )
         self._agents, self._reports, self._reports_at = agents, reports, time.monotonic()
         return agents, reports
-
-
-#: What a call to the API server may raise: its answer, or no answer at all.
-API_ERRORS: Final = (ApiException, urllib3.exceptions.HTTPError, OSError)
 
 
 def agent_config_error(exc: BaseException, *, what: str, namespace: str) -> AgentConfigError:

@@ -17,6 +17,13 @@ The flow, for a Job (a Pod is the same with the Pod as its own template):
    from the user's `kubectl apply`), and its revision is resolved (`resolve/resolver.py`, which
    reads the git Secret of `spec.source` itself).
 5. `inject.py` builds the new pod template; the pins go on the Job and on the template.
+6. Unless `DATAPIN_PREFER_WARM_NODES` is off, the template prefers the nodes whose agents
+   report the pins warm, read from the same listing's Dataset statuses (`placement.py`, which
+   says why this is a preference and never a requirement). It is added in the pass that
+   injects, so like the pins it is decided once per Job and copied into every Pod.
+
+Every answer is counted by result and reason and timed (`metrics.py`): admitted (`Pinned`,
+`Reused`), skipped (`NotAnnotated`, `AlreadyInjected`), rejected (the error's reason) or error.
 
 Any `OperatorError` is a rejection whose message says what is wrong and how to fix it. The
 class is free of kopf: the handlers adapt it (`handlers.py`), and tests drive it directly too.
@@ -25,37 +32,59 @@ class is free of kopf: the handlers adapt it (`handlers.py`), and tests drive it
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from datapin_sidecar.pins import PinRecord, format_pins
 
 from datapin_operator.api.models import DatasetSpec
-from datapin_operator.errors import UnknownDatasetError
+from datapin_operator.errors import OperatorError, UnknownDatasetError
+from datapin_operator.kube import DatasetListing
+from datapin_operator.metrics import (
+    AdmissionReason,
+    AdmissionResult,
+    OperatorMetrics,
+    Placement,
+    error_reason,
+)
 from datapin_operator.reconcile.remotecheck import keys_from_secret
 from datapin_operator.resolve.resolver import Resolver, SecretReader
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.inject import DatasetMount, inject, is_injected
+from datapin_operator.webhook.placement import WarmNodes, prefer, preferred_terms, warm_nodes
 from datapin_operator.webhook.requests import Request, parse_request, read_pins
 
-#: namespace -> the Datasets there, name -> spec.
-DatasetLister = Callable[[str], Awaitable[Mapping[str, Mapping[str, Any]]]]
+#: namespace -> the Datasets there: their specs and statuses (`kube.list_datasets`), or only
+#: their specs, name -> spec (then nothing is known warm and no placement is added).
+DatasetLister = Callable[[str], Awaitable[DatasetListing | Mapping[str, Mapping[str, Any]]]]
 
 
 @dataclass(frozen=True, slots=True)
 class Catalog:
-    """The Datasets the webhook can see: (namespace, name) -> spec."""
+    """The Datasets the webhook can see: (namespace, name) -> spec, and -> status."""
 
     specs: Mapping[tuple[str, str], Mapping[str, Any]]
+    statuses: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, namespace: str, specs: Mapping[str, Mapping[str, Any]]) -> Catalog:
-        """The Datasets of one namespace, name -> spec."""
-        return cls({(namespace, name): spec for name, spec in specs.items()})
+    def of(
+        cls, namespace: str, listed: DatasetListing | Mapping[str, Mapping[str, Any]]
+    ) -> Catalog:
+        """The Datasets of one namespace as a lister returned them."""
+        if not isinstance(listed, DatasetListing):
+            listed = DatasetListing(specs=listed)
+        return cls(
+            {(namespace, name): spec for name, spec in listed.specs.items()},
+            {(namespace, name): status for name, status in listed.statuses.items()},
+        )
 
     def get(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         return self.specs.get((namespace, name))
+
+    def status(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return self.statuses.get((namespace, name))
 
     def names(self, namespace: str) -> list[str]:
         return sorted(n for ns, n in self.specs if ns == namespace)
@@ -70,6 +99,9 @@ class Admitted:
     pins: tuple[PinRecord, ...]
     #: True when the pins were already recorded (a Pod of an admitted Job, a re-applied Job).
     reused: bool
+    #: The nodes each dataset's pin is warm on, as the Datasets' statuses said (empty when
+    #: `DATAPIN_PREFER_WARM_NODES` is off); the pod template prefers them (placement.py).
+    warm: tuple[WarmNodes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,9 +112,34 @@ class Admission:
     secrets: SecretReader
     datasets: DatasetLister
     resolver: Resolver
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     async def admit(self, obj: Mapping[str, Any], *, namespace: str) -> Admitted | None:
-        """The mutated object, or None when it is not ours or already done."""
+        """The mutated object, or None when it is not ours or already done; counted and
+        timed by result and reason (`datapin_operator_admissions_total`)."""
+        started = time.perf_counter()
+        try:
+            outcome = await self._admit(obj, namespace=namespace)
+        except OperatorError as exc:
+            self._count(AdmissionResult.REJECTED, error_reason(exc), started)
+            raise
+        except Exception as exc:
+            self._count(AdmissionResult.ERROR, error_reason(exc), started)
+            raise
+        if isinstance(outcome, AdmissionReason):
+            self._count(AdmissionResult.SKIPPED, outcome, started)
+            return None
+        reason = AdmissionReason.REUSED if outcome.reused else AdmissionReason.PINNED
+        self._count(AdmissionResult.ADMITTED, reason, started)
+        if self.settings.prefer_warm_nodes:
+            found = any(w.nodes for w in outcome.warm)
+            self.metrics.placed(Placement.PREFERRED if found else Placement.NONE)
+        return outcome
+
+    def _count(self, result: AdmissionResult, reason: str, started: float) -> None:
+        self.metrics.admitted(result, reason, seconds=time.perf_counter() - started)
+
+    async def _admit(self, obj: Mapping[str, Any], *, namespace: str) -> Admitted | AdmissionReason:
         new = copy.deepcopy(dict(obj))
         template = _template(new)
         own = (new.get("metadata") or {}).get("annotations") or {}
@@ -91,8 +148,10 @@ class Admission:
         request = parse_request(
             merged, mount_root=self.settings.mount_root, default_mode=self.settings.default_mode
         )
-        if request is None or is_injected(template):
-            return None
+        if request is None:
+            return AdmissionReason.NOT_ANNOTATED
+        if is_injected(template):
+            return AdmissionReason.ALREADY_INJECTED
         catalog = Catalog.of(namespace, await self.datasets(namespace))
         recorded = read_pins(own) or read_pins(tmpl_annotations)
         if recorded is not None and set(request.datasets) <= set(recorded):
@@ -110,13 +169,21 @@ class Admission:
         for mount in mounts:
             await self._check_secret(namespace, mount.spec)
         injected = inject(template, request=request, mounts=mounts, settings=self.settings)
+        warm: tuple[WarmNodes, ...] = ()
+        if self.settings.prefer_warm_nodes:
+            warm = tuple(
+                warm_nodes(catalog.status(namespace, p.dataset), dataset=p.dataset, pin=p.pin)
+                for p in pins
+            )
+            terms = preferred_terms(warm, weight=self.settings.warm_node_weight)
+            injected["spec"] = prefer(injected.get("spec") or {}, terms)
         if template is new:
             new = injected
         else:
             new["spec"]["template"] = injected
             meta = new.setdefault("metadata", {})
             meta["annotations"] = {**(meta.get("annotations") or {}), **format_pins(pins)}
-        return Admitted(obj=new, request=request, pins=pins, reused=reused)
+        return Admitted(obj=new, request=request, pins=pins, reused=reused, warm=warm)
 
     @staticmethod
     def _spec(catalog: Catalog, namespace: str, dataset: str) -> DatasetSpec:
