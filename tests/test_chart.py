@@ -134,6 +134,7 @@ HA_VALUES: dict[str, Any] = {
     "metrics": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "podMonitor": {"enabled": True},
+        "operatorMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     },
     "networkPolicy": {
         "enabled": True,
@@ -160,9 +161,12 @@ TUNED_VALUES: dict[str, Any] = {
         "jobFailurePolicy": "Ignore",
         "podFailurePolicy": "Fail",
         "tls": {"selfSigned": {"validityDays": 90, "renewBeforeDays": 10}},
+        "preferWarmNodes": False,
+        "warmNodeWeight": 20,
     },
     "operator": {
         "healthPort": 8081,
+        "metricsPort": 9102,
         "resyncSeconds": 30,
         "gitRefTTLSeconds": 0,
         "gitAllowProtocols": ["https"],
@@ -216,7 +220,7 @@ COMBOS = [
             {
                 "NetworkPolicy": 2,
                 "ServiceMonitor": 1,
-                "PodMonitor": 1,
+                "PodMonitor": 2,  # the sidecars', the operator's
                 "Certificate": 1,
                 "ClusterKopfPeering": 1,
             }
@@ -513,6 +517,7 @@ BAD_VALUES = [
         id="git-file",
     ),
     pytest.param({"webhook": {"tls": {"mode": "vault"}}}, "/webhook/tls/mode", id="tls-vault"),
+    pytest.param({"webhook": {"warmNodeWeight": 0}}, "/webhook/warmNodeWeight", id="warm-weight-0"),
     pytest.param(
         {"sidecar": {"resources": {"limits": {"memory": "lots"}}}},
         "/sidecar/resources/limits/memory",
@@ -559,6 +564,11 @@ def test_schema_rejects_bad_values_naming_the_key(
             {"webhook": {"tls": {"selfSigned": {"validityDays": 30, "renewBeforeDays": 30}}}},
             ["webhook.tls.selfSigned.renewBeforeDays", "validityDays"],
             id="renewal",
+        ),
+        pytest.param(
+            {"operator": {"healthPort": 8081}},
+            ["operator.healthPort", "operator.metricsPort"],
+            id="port-clash",
         ),
     ],
 )
@@ -663,6 +673,9 @@ def test_operator_env_parses_to_the_values(
         "git_allow_protocols": v["operator"]["gitAllowProtocols"],
         "log_level": v["operator"]["logLevel"],
         "log_format": "json",
+        "metrics_port": v["operator"]["metricsPort"],
+        "prefer_warm_nodes": v["webhook"]["preferWarmNodes"],
+        "warm_node_weight": v["webhook"]["warmNodeWeight"],
         "sidecar_cpu_request": str(requests["cpu"]),
         "sidecar_memory_request": str(requests["memory"]),
         "sidecar_memory_limit": str(limits["memory"]),
@@ -855,6 +868,8 @@ def test_operator_peering_and_health(
     probe = container["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
     assert resolve_port(container, probe["port"]) == s.health_port
+    # The operator serves /metrics where the operator's PodMonitor looks.
+    assert resolve_port(container, "metrics") == s.metrics_port
 
 
 def test_prefetch_file_the_agent_reads_is_the_key_the_operator_writes(
@@ -1231,13 +1246,32 @@ def test_monitors_select_what_exports_metrics(release: Release, values: dict[str
         assert endpoint["interval"] == values["metrics"]["serviceMonitor"]["interval"]
         for key, value in values["metrics"]["serviceMonitor"]["labels"].items():
             assert monitor["metadata"]["labels"][key] == value
+    deployment, _, operator = _operator(release)
+    operator_monitors = []
     for monitor in release.of_kind("PodMonitor"):
+        if selector_matches(monitor["spec"]["selector"]["matchLabels"], _pod_labels(deployment)):
+            operator_monitors.append(monitor)
+            continue
         # What datapin_operator.webhook.inject puts on every injected sidecar.
         assert monitor["spec"]["selector"] == {"matchLabels": {SIDECAR_LABEL: "true"}}
         assert monitor["spec"]["namespaceSelector"] == {"any": True}
         [endpoint] = monitor["spec"]["podMetricsEndpoints"]
         assert endpoint["port"] == HTTP_PORT_NAME
         assert endpoint["path"] == "/metrics"
+    assert len(operator_monitors) == int(values["metrics"]["operatorMonitor"]["enabled"])
+    for monitor in operator_monitors:
+        # Every operator replica, by its own address, on the port the operator serves.
+        if agent := _agent(release):
+            assert not selector_matches(
+                monitor["spec"]["selector"]["matchLabels"], _pod_labels(agent[0])
+            )
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [release.namespace]}
+        [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+        assert resolve_port(operator, endpoint["port"]) == values["operator"]["metricsPort"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["interval"] == values["metrics"]["operatorMonitor"]["interval"]
+        for key, value in values["metrics"]["operatorMonitor"]["labels"].items():
+            assert monitor["metadata"]["labels"][key] == value
 
 
 def test_notes_render_and_name_the_namespace(release: Release) -> None:
@@ -1287,9 +1321,11 @@ def test_network_policies_admit_the_webhook_and_scrapes(releases: dict[str, Rele
         [target] = targets
         by_target[target] = policy
     webhook_port = resolve_port(operator, "webhook")
-    [webhook_rule] = by_target["Deployment"]["spec"]["ingress"]
+    [webhook_rule, operator_scrape] = by_target["Deployment"]["spec"]["ingress"]
     assert "from" not in webhook_rule  # the API server's address cannot be selected
     assert [p["port"] for p in webhook_rule["ports"]] == [webhook_port]
+    assert [p["port"] for p in operator_scrape["ports"]] == [resolve_port(operator, "metrics")]
+    assert operator_scrape["from"] == HA_VALUES["networkPolicy"]["metricsFrom"]
     agent_port = resolve_port(agent, "datapin-http")
     rules = by_target["DaemonSet"]["spec"]["ingress"]
     assert all([p["port"] for p in r["ports"]] == [agent_port] for r in rules)
