@@ -3,12 +3,13 @@
 Three layers:
 
 - Static: the dashboard is well-formed and every ``datapin_*`` name a query reads is a name a
-  fresh :class:`Metrics` exports (a renamed metric breaks this test, not a dashboard in
-  production); every family a user needs is on some panel.
+  fresh :class:`Metrics` or :class:`OperatorMetrics` exports (a renamed metric breaks this test,
+  not a dashboard in production); every family a user needs is on some panel.
 - ``promtool check metrics`` on the exposition after real materialises (cold, warm, no-op) and
   a real failure.
 - Live: a real Prometheus scrapes a sidecar-like and an agent-like registry (two endpoints on
-  the same ``node`` label, as in a cluster) while real materialises run; every panel query,
+  the same ``node`` label, as in a cluster) and an operator registry (no ``node``: the operator
+  serves the cluster) while real materialises run; every panel query,
   with Grafana's variables expanded, must return data, and the hit ratio and egress must equal
   what the materialises reported.
 """
@@ -24,6 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from datapin_operator.errors import GitError, UnknownDatasetError
+from datapin_operator.metrics import (
+    AdmissionReason,
+    AdmissionResult,
+    OperatorMetrics,
+    Placement,
+)
+from datapin_operator.resolve.kinds import RevisionKind
 from datapin_sidecar.csi.volume import PublishResult
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.materialize import Request, Result, materialize
@@ -150,8 +159,14 @@ def test_every_panel_has_a_description_and_queries() -> None:
         assert len(ref_ids) == len(set(ref_ids)), title
 
 
+def _operator_only(expr: str) -> bool:
+    return all(name.startswith("datapin_operator_") for name in metric_names(expr))
+
+
 def test_queries_filter_by_the_variables() -> None:
-    """Every query honours $node, and $dataset where its metric has a dataset label."""
+    """Every query honours $node, and $dataset where its metric has a dataset label; the
+    operator's queries neither (it serves the cluster: its series carry no node, and it has
+    no per-dataset label), and they read only the operator's families."""
     registry = CollectorRegistry()
     metrics = Metrics(registry, role="agent")
     result = Result(revision="0" * 32 + ".dir", path="p", tree="t", files=1, bytes=1, hits=1)
@@ -164,7 +179,15 @@ def test_queries_filter_by_the_variables() -> None:
         if "dataset" in sample.labels
     }
     assert "datapin_revision_info" in per_dataset
+    operator_panels = {p["title"] for p in _operator_row(load_dashboard(DASHBOARD))}
+    assert len(operator_panels) >= 5
     for title, expr in panel_queries(load_dashboard(DASHBOARD)):
+        if title in operator_panels:
+            assert _operator_only(expr), (title, expr)
+            assert "$node" not in expr, (title, expr)
+            assert "$dataset" not in expr, (title, expr)
+            continue
+        assert not any(n.startswith("datapin_operator_") for n in metric_names(expr)), title
         assert 'node=~"$node"' in expr, (title, expr)
         if metric_names(expr) & per_dataset:
             assert 'dataset=~"$dataset"' in expr, (title, expr)
@@ -198,9 +221,24 @@ def test_every_user_facing_family_is_on_the_dashboard() -> None:
 
 
 def _fresh() -> CollectorRegistry:
+    """Every family datapin exports: the agent's registry holds every node-side family, and
+    the operator's live on one of their own (here the same; the names do not overlap)."""
     registry = CollectorRegistry()
-    Metrics(registry, role="agent")  # the agent's registry holds every family
+    Metrics(registry, role="agent")
+    OperatorMetrics(registry)
     return registry
+
+
+def _operator_row(dashboard: dict[str, object]) -> list[dict[str, object]]:
+    """The panels under the "Operator" row (up to the next row)."""
+    panels = list(iter_panels(dashboard))
+    [start] = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Operator"]
+    row = []
+    for panel in panels[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        row.append(panel)
+    return row
 
 
 def test_the_csi_panels_read_the_node_plugins_metrics() -> None:
@@ -336,8 +374,10 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
     dashboard = load_dashboard(DASHBOARD)
     token = secrets.token_hex(3)
     node, dataset = f"node-{token}", f"ds-{token}"
-    jobs = {"sidecar": f"sidecar-{token}", "agent": f"agent-{token}"}
+    jobs = {"sidecar": f"sidecar-{token}", "agent": f"agent-{token}", "operator": f"op-{token}"}
     sidecar_registry, agent_registry = CollectorRegistry(), CollectorRegistry()
+    operator_registry = CollectorRegistry()
+    operator = OperatorMetrics(operator_registry)
     sidecar, agent = Metrics(sidecar_registry), Metrics(agent_registry, role="agent")
     # Series at zero before the first scrape, so rate()/increase() see the first materialise:
     # a series whose first sample is already non-zero hides its first increase.
@@ -348,14 +388,23 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
     sidecar.duration.labels(dataset, "none", "error")
     sel = _exact(("node", node), ("dataset", dataset))
 
-    with serve_registry(sidecar_registry) as s_addr, serve_registry(agent_registry) as a_addr:
+    op_sel = f'job="{jobs["operator"]}"'
+    with (
+        serve_registry(sidecar_registry) as s_addr,
+        serve_registry(agent_registry) as a_addr,
+        serve_registry(operator_registry) as o_addr,
+    ):
         prometheus.add_target(jobs["sidecar"], s_addr, {"node": node})
         prometheus.add_target(jobs["agent"], a_addr, {"node": node})
+        prometheus.add_target(jobs["operator"], o_addr)  # no node: it serves the cluster
         try:
             started = time.monotonic()
             _set_agent_metrics(agent, xfs_dir, NodeCache(xfs_dir / "cache"))
             prometheus.wait_for(f"datapin_cache_hit_objects_total{{{sel}}} == 0", timeout=60)
             prometheus.wait_for(f'datapin_volume_size_bytes{{node="{node}"}} > 0', timeout=60)
+            prometheus.wait_for(
+                f"sum(datapin_operator_admissions_total{{{op_sel}}}) == 0", timeout=60
+            )
             first_scrape = time.monotonic() - started
 
             runs = _materialise_runs(xfs_dir)
@@ -384,8 +433,10 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
             agent.shared_trees.set(1)
             agent.published_volumes.set(2)
             used, size = _set_agent_metrics(agent, xfs_dir, runs.cache)
+            _operate(operator)
             prometheus.wait_for(  # everything above has been scraped
                 f'datapin_volume_used_bytes{{job="{jobs["agent"]}"}} == {used}'
+                f" and on() sum(datapin_operator_admissions_total{{{op_sel}}}) == 4"
                 " and on() "
                 f'datapin_fetch_errors_total{{{sel}, reason="missing"}} == 1'
                 f" and on() (sum(datapin_cache_hit_objects_total{{{sel}}}) == {runs.warm.hits})"
@@ -413,6 +464,27 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
         finally:
             for job in jobs.values():
                 prometheus.remove_target(job)
+
+
+def _operate(operator: OperatorMetrics) -> None:
+    """What a few minutes of an operator report: admissions of each result, resolves of each
+    kind, a placement, reconciles (one with a problem) and a round of agent reports."""
+    operator.admitted(AdmissionResult.ADMITTED, AdmissionReason.PINNED, seconds=0.004)
+    operator.admitted(AdmissionResult.ADMITTED, AdmissionReason.PINNED, seconds=1.2)
+    operator.admitted(AdmissionResult.SKIPPED, AdmissionReason.ALREADY_INJECTED, seconds=0.0005)
+    rejected = UnknownDatasetError(dataset="imagez", namespace="ml", known=["images"])
+    operator.admitted(AdmissionResult.REJECTED, rejected.reason, seconds=0.003)
+    operator.placed(Placement.PREFERRED)
+    for kind, seconds in (
+        (RevisionKind.PIN, 1e-5),
+        (RevisionKind.NAMED, 2e-5),
+        (RevisionKind.GIT, 0.8),
+    ):
+        operator.resolved(kind, seconds=seconds)
+    operator.resolve_failed(GitError("unknown ref v9"), RevisionKind.GIT, seconds=0.5)
+    operator.reconciled([])
+    operator.reconciled([GitError("unreachable")])
+    operator.reported(ok=3, failed=1, silent=1)
 
 
 def _query_of(dashboard: dict[str, object], title: str, metric: str) -> str:
