@@ -33,6 +33,7 @@ import yaml
 from datapin_operator.api.crd import validate_dataset
 from datapin_operator.api.models import DatasetSpec
 from datapin_operator.errors import OperatorError
+from datapin_operator.metrics import OperatorMetrics
 from datapin_operator.resolve.gitsource import GitSource
 from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings as OperatorSettings
@@ -224,14 +225,27 @@ class Exposition:
     values: Mapping[tuple[str, str], frozenset[str]]
 
 
+#: The processes that export metrics: the node side's two roles of `Metrics`, and the operator.
+ROLES = ("sidecar", "agent", "operator")
+
+
+def fresh_registry(role: str) -> CollectorRegistry:
+    """A fresh registry of `role`, with every series it creates up front."""
+    registry = CollectorRegistry()
+    if role == "operator":
+        OperatorMetrics(registry)
+        return registry
+    metrics = Metrics(registry, role=role)
+    metrics.dataset("probe")  # creates every per-dataset series, with its fixed label values
+    return registry
+
+
 @cache
 def exposition(role: str) -> Exposition:
-    metrics = Metrics(CollectorRegistry(), role=role)
-    metrics.dataset("probe")  # creates every per-dataset series, with its fixed label values
     names: set[str] = set()
     labels: dict[str, set[str]] = {}
     values: dict[tuple[str, str], set[str]] = {}
-    for family in metrics.registry.collect():
+    for family in fresh_registry(role).collect():
         sample_names = {family.name + s for s in _SUFFIXES[family.type]}
         names |= sample_names | {family.name}
         for sample in family.samples:
@@ -252,7 +266,7 @@ def metric_reasons() -> frozenset[str]:
     (some are only created when they happen)."""
     created = {
         v
-        for role in ("sidecar", "agent")
+        for role in ROLES
         for (_, label), vs in exposition(role).values.items()
         if label == "reason"
         for v in vs
@@ -403,8 +417,8 @@ _METRIC = re.compile(
 
 def metric_problems(text: str, where: str) -> list[str]:
     """`datapin_*` names (and `{label="value"}` selectors) that no role exports."""
-    sidecar, agent = exposition("sidecar"), exposition("agent")
-    names = sidecar.names | agent.names
+    roles = [exposition(role) for role in ROLES]
+    names = frozenset().union(*(r.names for r in roles))
     reasons = metric_reasons()
     problems = []
     for m in _METRIC.finditer(text):
@@ -419,15 +433,13 @@ def metric_problems(text: str, where: str) -> list[str]:
             problems.append(f"{where}: `{name}` is not a metric datapin exports")
             continue
         for label, value in re.findall(r'(\w+)\s*=~?\s*"([^"]*)"', m["labels"] or ""):
-            known = sidecar.labels.get(name, frozenset()) | agent.labels.get(name, frozenset())
+            known = frozenset().union(*(r.labels.get(name, frozenset()) for r in roles))
             if known and label not in known and label not in {"node", "namespace", "pod"}:
                 problems.append(
                     f"{where}: `{name}` has no label `{label}` (it has {sorted(known)})"
                 )
                 continue
-            allowed = sidecar.values.get((name, label), frozenset()) | agent.values.get(
-                (name, label), frozenset()
-            )
+            allowed = frozenset().union(*(r.values.get((name, label), frozenset()) for r in roles))
             if label == "reason":
                 allowed |= reasons
             if label in {"mode", "result", "reason", "kind", "level", "state"} and (

@@ -43,8 +43,6 @@ from typing import Any
 import datapin_operator.errors as operator_errors
 import pytest
 import yaml
-from datapin_sidecar.node.metrics import Metrics
-from prometheus_client import CollectorRegistry
 
 from testkit.docscheck import (
     CHART,
@@ -53,6 +51,7 @@ from testkit.docscheck import (
     FAKE_PIN,
     INSTALL,
     OPERATIONS,
+    ROLES,
     Block,
     Page,
     catalogue,
@@ -61,6 +60,7 @@ from testkit.docscheck import (
     dashboard_panel_titles,
     dashboard_table_problems,
     exposition,
+    fresh_registry,
     helm_commands,
     key_path_problems,
     key_path_spans,
@@ -213,15 +213,15 @@ def test_metrics_table_lists_every_family_with_who_exports_it() -> None:
             documented[name.strip("`")] = roles
     families = {
         f.name if f.type != "counter" else f"{f.name}_total"
-        for role in ("sidecar", "agent")
-        for f in Metrics(CollectorRegistry(), role=role).registry.collect()
+        for role in ROLES
+        for f in fresh_registry(role).collect()
     }
     assert set(documented) == families, (
         f"undocumented: {sorted(families - set(documented))}; "
         f"not exported: {sorted(set(documented) - families)}"
     )
     for name, roles in documented.items():
-        for role in ("sidecar", "agent"):
+        for role in ROLES:
             if role in roles:
                 assert name in exposition(role).names, f"{name} is not exported by the {role}"
 
