@@ -141,7 +141,7 @@ async def test_dataset_lifecycle_conditions_prefetch_and_events(
         revisions={"golden": a.dvc.rev},
         prefetch={"revisions": ["v2"], "nodeSelector": {"pool": "gpu"}},
     )
-    async with running_operator(settings):
+    async with running_operator(settings) as app:
         # 1. No Secret yet: not reachable, not ready, and the message says how to fix it.
         await api.create("datapin.dev/v1alpha1/datasets", dataset)
         obj = await api.wait_for(
@@ -221,6 +221,26 @@ async def test_dataset_lifecycle_conditions_prefetch_and_events(
         assert ("Normal", "Reachable") in seen
         assert ("Normal", "Warm") in seen
         assert all(seaweed.secret_key not in json.dumps(e) for e in events)
+
+        # The operator's metrics saw the same: the reconcile that found no Secret, the agent
+        # that answered. (Exact counts depend on kopf's retries; at least once each.)
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in app.registry.collect()
+            for s in family.samples
+        }
+        reconcile_errors = (
+            "datapin_operator_reconcile_errors_total",
+            (("reason", "SecretNotFound"),),
+        )
+        assert samples[reconcile_errors] >= 1
+        assert samples[("datapin_operator_reconciles_total", ())] >= 2
+        assert samples[("datapin_operator_agent_reports_total", (("result", "ok"),))] >= 1
+        # One agent pod listed (reporting, or silent if read again after it stopped).
+        agents = [
+            samples[("datapin_operator_agents", (("state", st),))] for st in ("reporting", "silent")
+        ]
+        assert sum(agents) == 1
 
         # 6. Deleting the Dataset empties the agents' lists.
         await api.delete("datapin.dev/v1alpha1/datasets", "images", namespace=NS)
