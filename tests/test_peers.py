@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from datapin_sidecar.engine.cache import NodeCache
-from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.materialize import Request, materialize
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.node.agent import prefetch_file_text
@@ -170,6 +170,4 @@ def test_agents_prefetching_at_once_fetch_each_object_from_the_remote_once_in_to
 
 
 def _md5s(fx: S3DvcFixture) -> set[str]:
-    import hashlib
-
-    return {hashlib.md5(data).hexdigest() for data in fx.files.values()}  # noqa: S324
+    return {hashlib.md5(data).hexdigest() for data in fx.files.values()}
