@@ -30,8 +30,12 @@ would look right.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import socket
+import ssl
+import threading
 import tomllib
 import warnings
 from collections import Counter
@@ -58,6 +62,7 @@ from datapin_operator.settings import load_settings as load_operator_settings
 from datapin_operator.webhook.inject import HTTP_PORT_NAME, SIDECAR_LABEL
 from datapin_sidecar.node.settings import Settings as SidecarSettings
 from datapin_sidecar.node.settings import load_settings as load_sidecar_settings
+from datapin_sidecar.peers import tls as peer_tls
 
 from testkit.chart import (
     CHART_DIR,
@@ -95,6 +100,7 @@ CSI_ENV = frozenset(
     }
 )
 AGENT_POD = "datapin-agent-x7k2p"
+AGENT_IP = "10.244.3.17"
 SCRIPTS: dict[str, str] = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
     "scripts"
 ]
@@ -117,7 +123,9 @@ BASE_KINDS = CSI_KINDS + Counter(
         "RoleBinding": 1,
         "MutatingWebhookConfiguration": 1,
         "ConfigMap": 2,  # the dashboard, the agents' prefetch lists (empty; the operator's)
-        "Secret": 1,  # the agents' copy of prefetched Datasets' keys (empty; the operator's)
+        # The agents' copy of prefetched Datasets' keys (empty; the operator's), and their
+        # peer certificate (agent.peers).
+        "Secret": 2,
         "PodDisruptionBudget": 1,
     }
 )
@@ -251,9 +259,17 @@ COMBOS = [
                 "ServiceAccount": 1,
                 "PodDisruptionBudget": 1,
                 "ConfigMap": 1,
-                "Secret": 1,
+                "Secret": 2,
             }
         ),
+    ),
+    # Peer fetch off: every agent reads the remote itself; no peer certificate.
+    Combo(
+        "no-peers",
+        "datapin",
+        "datapin",
+        {"agent": {"peers": {"enabled": False}}},
+        BASE_KINDS - Counter({"Secret": 1}),
     ),
     # The agent as before issue 14: no node plugin, the sidecar modes only.
     Combo(
@@ -395,6 +411,7 @@ def _agent_env(release: Release, container: Mapping[str, Any]) -> dict[str, str]
             "spec.nodeName": NODE,
             "metadata.name": AGENT_POD,
             "metadata.namespace": release.namespace,
+            "status.podIP": AGENT_IP,
         },
     )
 
@@ -1002,6 +1019,20 @@ def test_agent_env_parses_to_the_values(
     assert root["mountPath"] == str(s.root)
     assert not root.get("readOnly", False)  # the cache and workspaces are written here
     assert volume_named(spec, root["name"])["hostPath"]["path"] == values["nodeVolume"]["path"]
+    peers = values["agent"].get("peers", {}).get("enabled", True)
+    if peers:
+        assert s.peer_port == values["agent"].get("peers", {}).get("port", 9480)
+        assert resolve_port(container, "datapin-peer") == s.peer_port
+        assert s.peer_address == AGENT_IP
+        assert s.peer_service == f"{_agent(release)[0]['metadata']['name']}.{release.namespace}.svc"
+        assert s.peer_tls_dir is not None
+        mount = mount_covering(container, str(s.peer_tls_dir / "tls.key"))
+        secret = volume_named(spec, mount["name"])["secret"]["secretName"]
+        assert set(release.one("Secret", secret)["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+        service = release.one("Service", _agent(release)[0]["metadata"]["name"])
+        assert service["spec"]["clusterIP"] == "None"  # DNS lists every ready agent
+    else:
+        assert s.peer_port == 0
     pods_dir = values["agent"]["kubeletPodsDir"]
     if csi:
         # The node plugin: root, and the mounts of tests/test_chart_csi.py.
@@ -1327,7 +1358,14 @@ def test_network_policies_admit_the_webhook_and_scrapes(releases: dict[str, Rele
     assert [p["port"] for p in operator_scrape["ports"]] == [resolve_port(operator, "metrics")]
     assert operator_scrape["from"] == HA_VALUES["networkPolicy"]["metricsFrom"]
     agent_port = resolve_port(agent, "datapin-http")
-    rules = by_target["DaemonSet"]["spec"]["ingress"]
+    peer_port = resolve_port(agent, "datapin-peer")
+    all_rules = by_target["DaemonSet"]["spec"]["ingress"]
+    [peer_rule] = [r for r in all_rules if [p["port"] for p in r["ports"]] == [peer_port]]
+    [[peer_from]] = [peer_rule["from"]]
+    # Only agents reach the peer port (mutual TLS is the second lock).
+    assert selector_matches(peer_from["podSelector"]["matchLabels"], _pod_labels(daemonset))
+    assert not selector_matches(peer_from["podSelector"]["matchLabels"], _pod_labels(deployment))
+    rules = [r for r in all_rules if r is not peer_rule]
     assert all([p["port"] for p in r["ports"]] == [agent_port] for r in rules)
     sources = [r.get("from") for r in rules]
     assert HA_VALUES["networkPolicy"]["metricsFrom"] in sources
@@ -1370,3 +1408,45 @@ def test_kind_e2e_install(releases: dict[str, Release], monkeypatch: pytest.Monk
 def _app_version() -> str:
     chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text(encoding="utf-8"))
     return str(chart["appVersion"])
+
+
+def test_the_agents_peer_certificate_makes_mutual_tls_work(
+    release: Release, tmp_path: Path
+) -> None:
+    """The Secret helm generates is what `peers.tls` needs: two agents holding it complete a
+    mutual TLS 1.3 handshake, and a client without it is refused."""
+    if not release.of_kind("DaemonSet") or not any(
+        s["metadata"]["name"].endswith("-peers") for s in release.of_kind("Secret")
+    ):
+        return
+    [secret] = [s for s in release.of_kind("Secret") if s["metadata"]["name"].endswith("-peers")]
+    for name, value in secret["data"].items():
+        (tmp_path / name).write_bytes(base64.b64decode(value))
+    server, client = peer_tls.server_context(tmp_path), peer_tls.client_context(tmp_path)
+    anonymous = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    anonymous.check_hostname = False
+    for ctx, ok in ((client, True), (anonymous, False)):
+        a, b = socket.socketpair()
+        with a, b:
+            outcome: list[BaseException | None] = []
+
+            def serve(
+                sock: socket.socket = a, outcome: list[BaseException | None] = outcome
+            ) -> None:
+                try:
+                    with server.wrap_socket(sock, server_side=True) as tls_sock:
+                        tls_sock.recv(1)
+                    outcome.append(None)
+                except (ssl.SSLError, OSError) as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=serve)
+            thread.start()
+            try:
+                with ctx.wrap_socket(b) as tls_sock:
+                    assert tls_sock.version() == "TLSv1.3"
+                    tls_sock.sendall(b"x")
+            except (ssl.SSLError, OSError):
+                pass
+            thread.join(10)
+            assert (outcome[0] is None) is ok, outcome

@@ -98,6 +98,7 @@ def _env(release: Release, container: dict[str, Any]) -> dict[str, str]:
             "spec.nodeName": NODE,
             "metadata.name": "datapin-agent-x7k2p",
             "metadata.namespace": release.namespace,
+            "status.podIP": "10.244.3.17",
         },
     )
 
@@ -197,7 +198,9 @@ def test_the_agent_mounts_what_a_node_plugin_needs_and_nothing_more(
         "registration-dir": None,
         "prefetch": None,
         "credentials": None,
+        "peers": None,  # the peer certificate (read-only Secret)
     }
+    assert mounts["peers"]["readOnly"] is True
 
 
 def test_the_agents_csi_settings_point_into_its_mounts(
@@ -304,7 +307,13 @@ def test_csi_off_renders_the_agent_as_before(sidecar_only: Release) -> None:
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert "privileged" not in security
     env = container_env(
-        container, fields={"spec.nodeName": NODE, "metadata.name": "a", "metadata.namespace": "b"}
+        container,
+        fields={
+            "spec.nodeName": NODE,
+            "metadata.name": "a",
+            "metadata.namespace": "b",
+            "status.podIP": "10.244.3.17",
+        },
     )
     assert not [k for k in env if k.startswith("DATAPIN_CSI_") or k == "DATAPIN_KUBELET_DIR"]
     assert not [

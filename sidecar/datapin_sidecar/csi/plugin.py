@@ -93,6 +93,7 @@ class NodePlugin:
         publisher: Publisher,
         jobs: int,
         trusted_endpoints: Sequence[str] = (),
+        build_remote: Callable[[Remote], Remote] | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -101,6 +102,9 @@ class NodePlugin:
         self.publisher = publisher
         self.jobs = jobs
         self.trusted_endpoints = tuple(trusted_endpoints)
+        #: What a tree build fetches through (the agent's peers, `node.peering.wrap`); a proof
+        #: of access always reads the request's own remote.
+        self.build_remote = build_remote or (lambda remote: remote)
         self._keys: dict[str, _Keys] = {}
         self._builds: dict[str, asyncio.Task[Path]] = {}
         self._ready = False
@@ -177,7 +181,8 @@ class NodePlugin:
     async def _build(self, keys: _Keys, revision: Revision, layout: Layout) -> Path:
         """A build owns its remote: it outlives the call that started it."""
         async with self._remote(keys) as remote:
-            return await self.trees.ensure(revision, LayoutChoice(layout.value), remote)
+            built = self.build_remote(remote)
+            return await self.trees.ensure(revision, LayoutChoice(layout.value), built)
 
     def _built(self, key: str, task: asyncio.Task[Path]) -> None:
         if self._builds.get(key) is task:

@@ -65,6 +65,7 @@ class FetchReport:
     reread_bytes: int = 0  # bytes hashed by reading them back, not as they were written
     waited: int = 0  # objects another process on the node downloaded while we waited
     present: int = 0  # objects that were already in place when claimed
+    peer_objects: int = 0  # objects other agents gave instead of the remote (peers.remote)
     absent: list[str] = field(default_factory=list)  # the remote does not have them
     corrupt: list[str] = field(default_factory=list)  # failed their md5 every time
     retries: Counter[str] = field(default_factory=Counter)  # by reason

@@ -73,10 +73,12 @@ from datapin_sidecar.node.housekeeping.roots import roots
 from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.tasks import Task
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks, above
+from datapin_sidecar.node.peering import open_peers, run_membership, wrap
 from datapin_sidecar.node.plugin import PluginState, serve_plugin
 from datapin_sidecar.node.program import Program
 from datapin_sidecar.node.remotes import open_remote
 from datapin_sidecar.node.settings import DatasetSettings
+from datapin_sidecar.peers.exchange import Peers
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,8 @@ class Agent(Program):
         self._logged: set[tuple[str, str, str]] = set()
         self._logged_lock = threading.Lock()
         self._warned: set[str] = set()  # odd names under workspaces/, warned about once
+        #: This agent among its peers (`DATAPIN_PEER_PORT`), once `opened()`.
+        self.peers: Peers | None = None
         #: The CSI node plugin's parts once it runs (`DATAPIN_CSI_SOCKET`).
         self.plugin = PluginState()
         for name, value in (
@@ -217,6 +221,10 @@ class Agent(Program):
         self.settings.workspaces_dir.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
             self._stack = stack
+            if self.settings.peer_port:
+                self.peers = await stack.enter_async_context(
+                    open_peers(self.settings, cache=self.cache, metrics=self.metrics)
+                )
             yield self
             self._stack = None
 
@@ -281,6 +289,8 @@ class Agent(Program):
                 tg.create_task(
                     self._every(min(s.scan_interval_seconds, GAUGE_SECONDS), self.gauges)
                 )
+                if self.peers is not None:
+                    tg.create_task(run_membership(self.peers, self.metrics, self.stopping))
                 if s.csi_socket is not None:
                     tg.create_task(
                         serve_plugin(
@@ -291,6 +301,7 @@ class Agent(Program):
                             state=self.plugin,
                             stopping=self.stopping,
                             run=_in_thread,
+                            build_remote=self._through_peers,
                         )
                     )
         finally:
@@ -447,7 +458,11 @@ class Agent(Program):
                     open_remote(entry, jobs=self.settings.jobs, environ=self.environ)
                 )
                 self.remotes[key] = remote
-        return remote
+        return self._through_peers(remote)
+
+    def _through_peers(self, remote: Remote) -> Remote:
+        """`remote` with this agent's peers asked first, when peer fetch is on."""
+        return wrap(self.peers, remote)
 
     def _count_warmth(self) -> None:
         for state in ("warm", "pending", "failed"):

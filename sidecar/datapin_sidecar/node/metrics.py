@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from datapin_sidecar.csi.volume import PublishResult
 from datapin_sidecar.engine.materialize import Result
 from datapin_sidecar.errors import DatapinError, Refusal, RemoteCause, RemoteError
+from datapin_sidecar.peers.events import Direction
 
 #: Error reasons created at zero for every dataset (the `reason` of each error class, and the
 #: `cause` of `RemoteError`s, which is the more useful label for remote failures: the labelled
@@ -63,6 +64,18 @@ RETRY_REASONS: Final = (
     "InternalError",
 )
 LINK_MODES: Final = ("reflink", "hardlink", "copy")
+#: Why a peer exchange failed (`peers.client`, `peers.transfer`), created at zero.
+PEER_ERROR_REASONS: Final = (
+    "connection",
+    "timeout",
+    "tls",
+    "http_4xx",
+    "http_5xx",
+    "protocol",
+    "truncated",
+    "overlong",
+    "corrupt",
+)
 #: The agent's tasks, the `task` label of `datapin_agent_item_errors_total` (housekeeping `Task`).
 AGENT_TASKS: Final = ("roots", "collect", "slots", "reap", "scan", "builds", "prefetch")
 #: Materialise latency: a no-op is ~1 ms, a warm start of a large revision seconds, a cold one
@@ -284,7 +297,33 @@ class Metrics:
             "Live switches of a published volume to a new pin, by result (ok, failed).",
             "result",
         )
+        # -- peer fetch (agent) ------------------------------------------------------------------
+        self.peer_bytes = node.counter(
+            "datapin_peer_bytes_total",
+            "Bytes of objects that crossed between agents, by direction: received (from the "
+            "object's home instead of the remote: egress saved), served (to an asker), delivered "
+            "and stored (a lease holder's copy to the object's home).",
+            "direction",
+        )
+        self.peer_objects = node.counter(
+            "datapin_peer_objects_total",
+            "Objects that crossed between agents, by direction (as datapin_peer_bytes_total).",
+            "direction",
+        )
+        self.peer_errors = node.counter(
+            "datapin_peer_errors_total",
+            "Peer exchanges that failed, by reason; their objects came from the remote instead.",
+            "reason",
+        )
+        self.peer_members = node.gauge(
+            "datapin_peer_members", "Agents taking part in peer fetch, this one included."
+        )
         if role == "agent":
+            for direction in Direction:
+                self.peer_bytes.labels(direction.value)
+                self.peer_objects.labels(direction.value)
+            for reason in PEER_ERROR_REASONS:
+                self.peer_errors.labels(reason)
             for published in PublishResult:
                 self.publish_seconds.labels(published.value)
             for refusal in Refusal:
@@ -354,3 +393,23 @@ class Metrics:
             self.revision.remove(dataset, *old)
         self.revision.labels(dataset, ref, pin).set(1)
         self._pins[dataset] = (ref, pin)
+
+    # -- peer fetch -------------------------------------------------------------------------
+
+    def peer_events(self) -> PeerCounters:
+        """What the peer ends report, counted here (`peers.events.PeerEvents`)."""
+        return PeerCounters(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCounters:
+    """`peers.events.PeerEvents` on the agent's metrics."""
+
+    metrics: Metrics
+
+    def moved(self, direction: Direction, nbytes: int) -> None:
+        self.metrics.peer_bytes.labels(direction.value).inc(nbytes)
+        self.metrics.peer_objects.labels(direction.value).inc()
+
+    def error(self, reason: str) -> None:
+        self.metrics.peer_errors.labels(reason).inc()

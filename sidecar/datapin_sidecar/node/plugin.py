@@ -33,6 +33,7 @@ from datapin_sidecar.csi.volume import PublishResult
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import tree_layout, tree_md5
 from datapin_sidecar.errors import UsageError, VolumeError
@@ -144,6 +145,7 @@ async def serve_plugin(
     state: PluginState,
     stopping: asyncio.Event,
     run: Runner,
+    build_remote: Callable[[Remote], Remote] | None = None,
 ) -> None:
     """Serve the node plugin until `stopping` (see the module doc)."""
     socket = settings.csi_socket
@@ -173,6 +175,7 @@ async def serve_plugin(
             publisher=publisher,
             jobs=settings.jobs,
             trusted_endpoints=settings.csi_trusted_endpoints,
+            build_remote=build_remote,
         )
         plugin.on_switch = lambda ok: metrics.switches.labels("ok" if ok else "failed").inc()
         await plugin.start()

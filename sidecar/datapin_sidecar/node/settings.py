@@ -380,6 +380,58 @@ class Settings(BaseSettings):
         "from its remote) is remembered per keys, remote and pin",
     )
 
+    # -- peer fetch (agent) ---------------------------------------------------------------------
+    peer_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="The port the agent serves its node cache to the other agents on, over "
+        "mutual TLS (the chart sets 9480). 0: no peer fetch; every object comes from the remote.",
+    )
+    peer_address: str | None = Field(
+        default=None,
+        description="This agent's own address as its peers reach it (the pod IP: the chart "
+        "sets it from status.podIP). Required with DATAPIN_PEER_PORT.",
+    )
+    peer_service: str | None = Field(
+        default=None,
+        description="DNS name of the agents' headless Service, resolved for the members "
+        "(the chart sets <agents>.<namespace>.svc).",
+    )
+    peers: list[str] = Field(
+        default_factory=list,
+        description="JSON list of further members, host:port (agents outside the Service).",
+    )
+    peer_tls_dir: Path | None = Field(
+        default=None,
+        description="Directory of the peer Secret: ca.crt, tls.crt, tls.key (mutual TLS "
+        "between agents). Required with DATAPIN_PEER_PORT.",
+    )
+    peer_wait_seconds: float = _seconds(
+        600.0,
+        at_most=HOUR,
+        what="How long an agent waits for the agent fetching an object (its lease) before "
+        "fetching it from the remote itself; also a lease's lifetime",
+    )
+    peer_refresh_seconds: float = _seconds(
+        10.0, at_most=HOUR, what="How often the agents' Service is resolved again"
+    )
+
+    @model_validator(mode="after")
+    def _peering(self) -> Settings:
+        if self.peer_port:
+            missing = [
+                f"{ENV_PREFIX}{name.upper()}"
+                for name in ("peer_address", "peer_tls_dir")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"DATAPIN_PEER_PORT is set, so {' and '.join(missing)} must be too (the "
+                    "chart sets both; or set DATAPIN_PEER_PORT=0 to fetch from the remote only)"
+                )
+        return self
+
     @field_validator("csi_socket", "csi_registration_dir", "kubelet_dir")
     @classmethod
     def _csi_path(cls, value: Path | None) -> Path | None:

@@ -1,0 +1,213 @@
+"""Issue 16 benchmark: N node agents prefetching one revision at once, with and without peer
+fetch, against one real S3 server: bytes the remote served, and wall time.
+
+    python -m bench.bench_peers [--agents 8] [--objects 20000] [--size 64K] [--runs 1]
+
+Each agent is the real `datapin-sidecar agent` process with its own node cache on one XFS
+volume, its own loopback address (127.0.0.N, all on one peer port as pods have their IPs) and
+the chart's peer certificate shape. The remote is SeaweedFS behind the test kit's fault proxy,
+which counts the body bytes it sent (the egress bill). Both modes run in each round, one after
+the other, on fresh caches: `peers` (DATAPIN_PEER_PORT set) and `remote` (every agent reads the
+remote, as before issue 16). The wall time is from writing the prefetch lists to the last agent
+reporting the revision warm.
+
+On one machine the agents share its 2 cores with each other and with the server, so the wall
+time says what peer fetch costs in CPU, not what it saves where B2's per-connection throughput
+or the egress price is the limit; the remote bytes are the figure that carries over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from datapin_sidecar.engine.revision import Revision
+from datapin_sidecar.node.agent import prefetch_file_text
+from datapin_sidecar.node.settings import DatasetSettings
+
+from bench.bench_fetch import Stage, parse_size, relpath
+from testkit.faultproxy import FaultProxy
+from testkit.k8svolume import kubelet_update
+from testkit.peercerts import write_peer_tls
+from testkit.seaweed import SeaweedServer, free_ports
+from testkit.sidecarproc import SidecarProcess
+from testkit.xfs import xfs_volume
+
+PREFIX = "store"
+
+
+def upload(server: SeaweedServer, stage: Stage, bucket: str) -> None:
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_REGION": "us-east-1",
+    }
+    cmd = [
+        "s5cmd",
+        "--endpoint-url",
+        server.endpoint,
+        "cp",
+        f"{stage.root}/*",
+        f"s3://{bucket}/{PREFIX}/",
+    ]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+
+def one_round(
+    *,
+    peers: bool,
+    volume: Path,
+    work: Path,
+    n: int,
+    entry: DatasetSettings,
+    tls: Path,
+) -> tuple[float, float, int]:
+    """(wall s, agents' CPU s, agents' remote bytes) of one cold prefetch by n agents."""
+    (port,) = free_ports(1)
+    addresses = [f"127.0.0.{i + 2}" for i in range(n)]
+    procs: list[SidecarProcess] = []
+    try:
+        for i in range(n):
+            root = volume / f"{'p' if peers else 'r'}-node-{i}"
+            listing = work / f"prefetch-{i}.json"
+            listing.write_text(prefetch_file_text([]))
+            settings = {
+                "root": str(root),
+                "prefetch_file": str(listing),
+                "prefetch_interval_seconds": "0.1",
+                "gc_interval_seconds": "600",
+                "scan_interval_seconds": "3600",
+                "log_format": "json",
+            }
+            if peers:
+                settings |= {
+                    "peer_port": str(port),
+                    "peer_address": addresses[i],
+                    "peers": json.dumps([f"{a}:{port}" for a in addresses]),
+                    "peer_tls_dir": str(tls),
+                }
+            (work / f"agent-{i}").mkdir(exist_ok=True)
+            procs.append(SidecarProcess("agent", work / f"agent-{i}", settings).start())
+        cpu0 = sum(_cpu(p.pid) for p in procs)
+        start = time.monotonic()
+        for i in range(n):
+            (work / f"prefetch-{i}.json").write_text(prefetch_file_text([entry]))
+        for p in procs:
+            p.wait_until(
+                "warm",
+                lambda p=p: p.sample("datapin_prefetch_revisions", state="warm") == 1,
+                timeout=3600,
+            )
+        wall = time.monotonic() - start
+        cpu = sum(_cpu(p.pid) for p in procs) - cpu0
+        fetched = int(
+            sum(p.sample("datapin_remote_fetched_bytes_total", dataset="bench") for p in procs)
+        )
+        return wall, cpu, fetched
+    finally:
+        for p in procs:
+            p.stop()
+        for i in range(n):
+            shutil.rmtree(volume / f"{'p' if peers else 'r'}-node-{i}", ignore_errors=True)
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--objects", type=int, default=20000)
+    parser.add_argument("--size", default="64K")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--volume", default="40G")
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    base = Path(tempfile.mkdtemp(prefix="bench-peers-", dir="/var/tmp"))
+    (base / "xfs").mkdir()
+    try:
+        with (
+            SeaweedServer(base / "weed") as server,
+            xfs_volume(args.volume, workdir=base / "xfs") as volume,
+        ):
+            bucket = server.make_bucket("peers")
+            stage = Stage(base / "stage")
+            rng = random.Random(16)
+            entries = [(relpath(i), stage.put(rng.randbytes(size))) for i in range(args.objects)]
+            rev, raw = stage.revision(entries)
+            upload(server, stage, bucket)
+            shutil.rmtree(stage.root)
+            dataset_bytes = size * args.objects + len(raw)
+            tls = write_peer_tls(base / "tls")
+            secret = base / "secret"
+            kubelet_update(
+                secret,
+                {
+                    "AWS_ACCESS_KEY_ID": server.access_key,
+                    "AWS_SECRET_ACCESS_KEY": server.secret_key,
+                },
+                "2026_12_02_00_00_00.1",
+            )
+            with FaultProxy(server.endpoint) as proxy:
+                entry = DatasetSettings(
+                    name="bench",
+                    remote=f"s3://{bucket}/{PREFIX}",
+                    endpoint_url=proxy.endpoint,
+                    credentials_dir=secret,
+                    layout="dvc3",
+                    pin=rev,
+                    ref="bench",
+                )
+                Revision.parse(rev)
+                rows: dict[str, list[tuple[float, float, int, int]]] = {"peers": [], "remote": []}
+                for _ in range(args.runs):
+                    for mode in ("peers", "remote"):
+                        proxy.reset_counters()
+                        work = Path(tempfile.mkdtemp(dir=base))
+                        wall, cpu, fetched = one_round(
+                            peers=mode == "peers",
+                            volume=volume,
+                            work=work,
+                            n=args.agents,
+                            entry=entry,
+                            tls=tls,
+                        )
+                        sent = sum(r.body_bytes for r in proxy.requests if r.method == "GET")
+                        rows[mode].append((wall, cpu, fetched, sent))
+                        print(
+                            f"{mode}: wall {wall:.1f} s, agents' CPU {cpu:.1f} s, remote bytes "
+                            f"{sent / dataset_bytes:.2f}x the dataset",
+                            flush=True,
+                        )
+        print()
+        print(
+            f"{args.agents} agents, one revision of {args.objects} x {args.size} "
+            f"({dataset_bytes / 2**20:.0f} MiB), cold, median of {args.runs}:"
+        )
+        print("| mode | wall (s) | agents' CPU (s) | remote bytes / dataset |")
+        print("| --- | ---: | ---: | ---: |")
+        for mode, got in rows.items():
+            wall = statistics.median(r[0] for r in got)
+            cpu = statistics.median(r[1] for r in got)
+            sent = statistics.median(r[3] for r in got)
+            print(f"| {mode} | {wall:.1f} | {cpu:.1f} | {sent / dataset_bytes:.2f}x |")
+        pw = statistics.median(r[0] for r in rows["peers"])
+        rw = statistics.median(r[0] for r in rows["remote"])
+        print(f"\nwall time, peers / all-from-remote: {pw / rw:.2f}x")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

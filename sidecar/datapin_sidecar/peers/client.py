@@ -1,0 +1,188 @@
+"""The asking end of the peer protocol (`protocol`): one aiohttp session, mutual TLS.
+
+Every failure a peer can cause (refused connection, TLS, timeout, a 5xx, a body that is not
+the object, a malformed answer) is a `PeerError` with a short `reason` (a metric label); the
+caller falls back to the remote for the objects concerned. Deadlines: connecting 5 s; between
+bytes `read_timeout`, plus the `wait` the home was asked to hold a GET for; a whole body at
+least `min_rate` bytes per second after its headers, so a trickling peer costs bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+
+from datapin_sidecar.engine.cache import NodeCache, Slot
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.peers import protocol
+from datapin_sidecar.peers.rendezvous import Member
+from datapin_sidecar.peers.transfer import Committer, TransferError, check_size, receive
+
+_CHUNK: Final = 256 * 1024
+
+
+class PeerError(Exception):
+    """A peer could not help; `reason` is a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claims:
+    """A home's answer to a claims request."""
+
+    have: tuple[str, ...] = ()
+    leases: dict[str, str] | None = None
+    busy: tuple[str, ...] = ()
+
+
+class PeerClient:
+    """Use as `async with PeerClient(...) as client:`."""
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        connections: int = 64,
+        read_timeout: float = 30.0,
+        min_rate: float = 1024 * 1024,
+    ) -> None:
+        self._ssl = ssl_context
+        self._connections = connections
+        self.read_timeout = read_timeout
+        self.min_rate = min_rate
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> PeerClient:
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl, limit=self._connections, limit_per_host=self._connections
+        )
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _url(self, member: Member, path: str) -> str:
+        return f"https://{member}{path}"
+
+    def _timeout(self, wait: float = 0.0) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(sock_connect=5, sock_read=self.read_timeout + wait)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("PeerClient used outside `async with`")
+        return self._session
+
+    async def claims(self, member: Member, layout: Layout, oids: Sequence[str]) -> Claims:
+        """Ask `member` (their home) about `oids` (at most `protocol.MAX_CLAIMS`)."""
+        body = {"layout": layout.value, "oids": list(oids)}
+        asked = set(oids)
+        with _errors(member):
+            async with self.session.post(
+                self._url(member, protocol.CLAIMS), json=body, timeout=self._timeout()
+            ) as resp:
+                if resp.status != 200:
+                    raise PeerError(_status_reason(resp.status), f"{member} answered {resp.status}")
+                try:
+                    answer: Any = await resp.json()
+                    have = tuple(str(o) for o in answer["have"])
+                    leases = {str(o): str(t) for o, t in answer["leases"].items()}
+                    busy = tuple(str(o) for o in answer["busy"])
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise PeerError(
+                        "protocol", f"{member} sent a malformed claims answer"
+                    ) from None
+        if not ({*have, *leases, *busy} <= asked):
+            raise PeerError("protocol", f"{member} answered about objects nobody asked for")
+        return Claims(have=have, leases=leases, busy=busy)
+
+    async def get(
+        self, member: Member, slot: Slot, committer: Committer, *, wait: float = 0.0
+    ) -> int | None:
+        """The object of `slot` from `member` into the cache: its size, or None when the home
+        does not have it (404; the slot is kept). PeerError on anything else; the slot is then
+        discarded."""
+        url = self._url(member, protocol.object_path(slot.layout, slot.oid))
+        with _errors(member):
+            async with self.session.get(
+                url, params={"wait": f"{wait:g}"}, timeout=self._timeout(wait)
+            ) as resp:
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    raise PeerError(_status_reason(resp.status), f"{member} answered {resp.status}")
+                size = check_size(slot.oid, resp.content_length)
+                async with asyncio.timeout(self.read_timeout + size / self.min_rate):
+                    await receive(committer, slot, size, resp.content.iter_chunked(_CHUNK))
+                return size
+
+    async def put(
+        self, member: Member, cache: NodeCache, oid: str, layout: Layout, token: str
+    ) -> int:
+        """Deliver a leased object (in our cache) to its home; the bytes sent."""
+        path = cache.path(oid, layout)
+        with _errors(member):
+            f = await asyncio.to_thread(open, path, "rb")
+            try:
+                size = os.fstat(f.fileno()).st_size
+                headers = {protocol.LEASE_HEADER: token, "Content-Length": str(size)}
+                async with (
+                    asyncio.timeout(self.read_timeout + size / self.min_rate),
+                    self.session.put(
+                        self._url(member, protocol.object_path(layout, oid)),
+                        data=f,
+                        headers=headers,
+                        timeout=self._timeout(),
+                    ) as resp,
+                ):
+                    if resp.status != 204:
+                        raise PeerError(
+                            _status_reason(resp.status), f"{member} answered {resp.status}"
+                        )
+            finally:
+                await asyncio.to_thread(f.close)
+        return size
+
+    async def release(self, member: Member, oid: str, layout: Layout, token: str) -> None:
+        """Give a lease back (we could not fetch the object)."""
+        with _errors(member):
+            async with self.session.delete(
+                self._url(member, protocol.object_path(layout, oid)),
+                headers={protocol.LEASE_HEADER: token},
+                timeout=self._timeout(),
+            ):
+                pass
+
+
+@contextlib.contextmanager
+def _errors(member: Member) -> Iterator[None]:
+    """Whatever a peer exchange raises, as a `PeerError` (cancellation passes)."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except TransferError as exc:
+        raise PeerError(exc.reason, f"{member}: {exc}") from None
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise PeerError("timeout", f"{member} timed out") from None
+    except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+        raise PeerError("tls", f"{member}: TLS failed ({type(exc).__name__})") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise PeerError("connection", f"{member}: {type(exc).__name__}: {exc}") from None
+
+
+def _status_reason(status: int) -> str:
+    return "http_5xx" if status >= 500 else "http_4xx"

@@ -1,0 +1,144 @@
+"""`PeeredRemote`: a dataset's remote, with the cluster's agents asked first.
+
+It implements the engine's `Remote` protocol around the real remote (`inner`), so the
+materialiser, the prefetcher and the node plugin's tree builds use peers without knowing.
+`find` and `prove` go to the remote itself: the layout a revision was pushed in is the remote's
+to say, and a proof of access is about what *this tenant's* remote holds (the node plugin proves
+with the raw remote, never this one). `fetch` runs the steps of `exchange` (plan; the remote
+fetch of our share while the objects homes have stream in; deliveries; the waits), then fetches
+from the remote whatever no peer gave.
+
+The remote fetch of our share goes in chunks of `CHUNK` objects, each chunk's deliveries
+running while the next is fetched: a home's waiters get an object minutes before a batch of
+20,000 ends, and a lease is delivered well within its expiry.
+
+The materialiser calls `fetch` from a worker thread, as it calls `S3Remote`; the peer steps
+run on the program's loop (`loop`), and `abort()` cancels them with the remote's own calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, Final, TypeVar
+
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.remote import FetchReport, ProofReport, Remote, Ticker
+from datapin_sidecar.peers.exchange import Peers, Plan
+
+T = TypeVar("T")
+
+#: Objects of our own share fetched from the remote per call (see the module doc).
+CHUNK: Final = 1024
+
+
+class PeeredRemote:
+    """`inner`, with `peers` asked first for what `fetch` needs (see the module doc)."""
+
+    def __init__(self, inner: Remote, peers: Peers, *, loop: asyncio.AbstractEventLoop) -> None:
+        self.inner = inner
+        self.peers = peers
+        self._loop = loop
+        self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    def key(self, oid: str, layout: Layout) -> str:
+        return self.inner.key(oid, layout)
+
+    def find(self, oid: str, layouts: tuple[Layout, ...]) -> Layout | None:
+        return self.inner.find(oid, layouts)
+
+    def prove(
+        self,
+        oids: Sequence[str],
+        layout: Layout,
+        *,
+        trust_etags: bool = True,
+        sizes: Mapping[str, int] | None = None,
+    ) -> ProofReport:
+        return self.inner.prove(oids, layout, trust_etags=trust_etags, sizes=sizes)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            calls = list(self._calls)
+        for future in calls:
+            future.cancel()
+        self.inner.abort()
+
+    def fetch(
+        self, cache: NodeCache, oids: Sequence[str], layout: Layout, progress: Ticker | None = None
+    ) -> FetchReport:
+        peers = self.peers
+        if not peers.active():
+            return self.inner.fetch(cache, oids, layout, progress)
+        plan = self._call(peers.plan(oids, layout))
+        report = FetchReport()
+        arriving = self._submit(peers.collect(cache, plan.have, layout, wait=0))
+        deliveries: list[concurrent.futures.Future[None]] = []
+        try:
+            own = plan.own()
+            for start in range(0, len(own), CHUNK):
+                chunk = own[start : start + CHUNK]
+                try:
+                    _add(report, self.inner.fetch(cache, chunk, layout, progress))
+                finally:  # delivered, or given back so that nobody waits for an expiry
+                    deliveries.append(self._submit(peers.settle(cache, plan, layout, chunk)))
+        finally:
+            for future in deliveries:
+                with contextlib.suppress(Exception):
+                    future.result()
+        got = self._wait(arriving)
+        got |= self._call(peers.collect(cache, plan.busy, layout, wait=peers.wait))
+        rest = [oid for oid in (*plan.have, *plan.busy) if oid not in got]
+        report.peer_objects = len(got)
+        if rest:
+            _add(report, self.inner.fetch(cache, rest, layout, progress))
+        return report
+
+    # -- the bridge to the loop ---------------------------------------------------------------
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        with self._lock:
+            if self._aborted:
+                coro.close()
+                raise asyncio.CancelledError("remote aborted")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._calls.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._calls.discard(future)
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
+        return future.result()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._wait(self._submit(coro))
+
+
+def _add(report: FetchReport, more: FetchReport) -> None:
+    """`more` added into `report`."""
+    report.fetched += more.fetched
+    report.fetched_bytes += more.fetched_bytes
+    report.resumed_bytes += more.resumed_bytes
+    report.reread_bytes += more.reread_bytes
+    report.waited += more.waited
+    report.present += more.present
+    report.absent.extend(more.absent)
+    report.corrupt.extend(more.corrupt)
+    report.retries.update(more.retries)
+
+
+__all__ = ["PeeredRemote", "Plan"]

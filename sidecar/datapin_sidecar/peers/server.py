@@ -1,0 +1,195 @@
+"""The answering end of the peer protocol (`protocol`): an agent serving its node cache.
+
+An aiohttp application on the agent's peer port, HTTPS with client certificates required
+(`tls`), so only agents reach it. It serves objects from the node cache, hands out leases
+(`leases`) for objects nobody is fetching, and takes leased objects back, verified into the
+cache (`transfer`). Everything a request names is validated (`protocol.parse_object`) before a
+path is built from it; a body is bounded by its announced size; no request can make the agent
+read or write outside `cache.path(oid, layout)` and its download slot.
+
+Events for metrics go to `events` (`events.PeerEvents`, the node program's metrics), so this
+module owns no metrics of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.peers import protocol
+from datapin_sidecar.peers.events import Direction, PeerEvents
+from datapin_sidecar.peers.leases import Claim, Leases
+from datapin_sidecar.peers.transfer import Committer, TransferError, check_size, claim, receive
+
+log = logging.getLogger(__name__)
+
+_CHUNK: Final = 256 * 1024
+#: A claims body: 1,024 names of 36 characters, quoted, with room to spare.
+_MAX_CLAIMS_BODY: Final = 128 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Home:
+    """What the server needs: the cache it serves, the lease table, the committer."""
+
+    cache: NodeCache
+    leases: Leases
+    committer: Committer
+    events: PeerEvents
+
+
+def build_app(home: Home) -> web.Application:
+    app = web.Application(client_max_size=_MAX_CLAIMS_BODY)
+    handlers = _Handlers(home)
+    app.router.add_post(protocol.CLAIMS, handlers.claims)
+    path = protocol.OBJECTS + "/{layout}/{oid}"
+    app.router.add_get(path, handlers.get)
+    app.router.add_put(path, handlers.put)
+    app.router.add_delete(path, handlers.delete)
+    return app
+
+
+def _bad(detail: str) -> web.Response:
+    return web.Response(status=400, text=detail + "\n")
+
+
+class _Handlers:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+
+    def _object(self, request: web.Request) -> tuple[Layout, str]:
+        return protocol.parse_object(request.match_info["layout"], request.match_info["oid"])
+
+    async def claims(self, request: web.Request) -> web.Response:
+        try:
+            body: Any = await request.json()
+            layout, oids = _parse_claims(body)
+        except (ValueError, TypeError, KeyError, web.HTTPRequestEntityTooLarge) as exc:
+            return _bad(f"bad claims request: {exc}")
+        cache = self.home.cache
+        present = await asyncio.to_thread(_present, cache, oids, layout)
+        have: list[str] = []
+        leases: dict[str, str] = {}
+        busy: list[str] = []
+        holder = request.remote or "peer"
+        for oid, here in zip(oids, present, strict=True):
+            if here:
+                have.append(oid)
+                continue
+            got, lease = self.home.leases.take((layout, oid), holder=holder)
+            if got is Claim.GRANTED:
+                leases[oid] = lease.token
+            else:
+                busy.append(oid)
+        return web.json_response({"have": have, "leases": leases, "busy": busy})
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        try:
+            layout, oid = self._object(request)
+            wait = protocol.parse_wait(request.query.get("wait"))
+        except ValueError as exc:
+            return _bad(str(exc))
+        cache = self.home.cache
+        path = cache.path(oid, layout)
+        if wait > 0 and not await asyncio.to_thread(os.path.isfile, path):
+            lease = self.home.leases.current((layout, oid))
+            if lease is not None:
+                await self.home.leases.wait(lease, wait)
+        return await self._send(request, path)
+
+    async def _send(self, request: web.Request, path: str) -> web.StreamResponse:
+        try:
+            f = await asyncio.to_thread(_open_object, path)
+        except FileNotFoundError:
+            return web.Response(status=404)
+        try:
+            size = os.fstat(f.fileno()).st_size
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = size
+            await resp.prepare(request)
+            while chunk := await asyncio.to_thread(f.read, _CHUNK):
+                await resp.write(chunk)
+            await resp.write_eof()
+        finally:
+            await asyncio.to_thread(f.close)
+        self.home.events.moved(Direction.SERVED, size)
+        return resp
+
+    async def put(self, request: web.Request) -> web.Response:
+        try:
+            layout, oid = self._object(request)
+            token = protocol.parse_token(request.headers.get(protocol.LEASE_HEADER))
+            size = check_size(oid, request.content_length)
+        except (ValueError, TransferError) as exc:
+            return _bad(str(exc))
+        key = (layout, oid)
+        leases = self.home.leases
+        if not leases.holds(key, token):
+            return web.Response(
+                status=409, text="no such lease (expired, or this home restarted)\n"
+            )
+        slot = await claim(self.home.cache, oid, layout)
+        if slot is None:  # in place already, or a process on this node is downloading it
+            delivered = await asyncio.to_thread(self.home.cache.present, oid, layout)
+            leases.finish(key, token, delivered=delivered)
+            return web.Response(status=204 if delivered else 409)
+        try:
+            await receive(self.home.committer, slot, size, request.content.iter_chunked(_CHUNK))
+        except TransferError as exc:
+            leases.finish(key, token, delivered=False)
+            self.home.events.error(exc.reason)
+            log.warning("peer %s delivered %s: %s", request.remote, oid, exc)
+            return web.Response(status=422, text=f"{exc}\n")
+        except BaseException:
+            leases.finish(key, token, delivered=False)
+            if slot.fd >= 0:
+                await asyncio.shield(asyncio.to_thread(slot.release))
+            raise
+        leases.finish(key, token, delivered=True)
+        self.home.events.moved(Direction.STORED, size)
+        return web.Response(status=204)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        try:
+            layout, oid = self._object(request)
+            token = protocol.parse_token(request.headers.get(protocol.LEASE_HEADER))
+        except ValueError as exc:
+            return _bad(str(exc))
+        ended = self.home.leases.finish((layout, oid), token, delivered=False)
+        return web.Response(status=204 if ended else 409)
+
+
+def _parse_claims(body: Any) -> tuple[Layout, list[str]]:
+    if not isinstance(body, dict) or not isinstance(body.get("oids"), list):
+        raise ValueError('expected {"layout": ..., "oids": [...]}')
+    oids = body["oids"]
+    if len(oids) > protocol.MAX_CLAIMS:
+        raise ValueError(f"at most {protocol.MAX_CLAIMS} objects per request")
+    layout = str(body.get("layout"))
+    parsed = [protocol.parse_object(layout, str(oid)) for oid in oids]
+    return (parsed[0][0] if parsed else Layout(layout)), [oid for _, oid in parsed]
+
+
+def _present(cache: NodeCache, oids: Sequence[str], layout: Layout) -> list[bool]:
+    return [os.path.isfile(cache.path(oid, layout)) for oid in oids]
+
+
+def _open_object(path: str) -> Any:
+    """An object file, never through a symlink (objects are regular files we installed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileNotFoundError(path)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
