@@ -84,19 +84,11 @@ class PeeredRemote:
         plan = self._call(peers.plan(oids, layout))
         report = FetchReport()
         arriving = self._submit(peers.collect(cache, plan.have, layout, wait=0))
-        deliveries: list[concurrent.futures.Future[None]] = []
         try:
-            own = plan.own()
-            for start in range(0, len(own), CHUNK):
-                chunk = own[start : start + CHUNK]
-                try:
-                    _add(report, self.inner.fetch(cache, chunk, layout, progress))
-                finally:  # delivered, or given back so that nobody waits for an expiry
-                    deliveries.append(self._submit(peers.settle(cache, plan, layout, chunk)))
-        finally:
-            for future in deliveries:
-                with contextlib.suppress(Exception):
-                    future.result()
+            self._fetch_own(cache, plan, layout, progress, report)
+        except BaseException:
+            arriving.cancel()  # the claims it holds are released as it unwinds
+            raise
         got = self._wait(arriving)
         got |= self._call(peers.collect(cache, plan.busy, layout, wait=peers.wait))
         rest = [oid for oid in (*plan.have, *plan.busy) if oid not in got]
@@ -104,6 +96,33 @@ class PeeredRemote:
         if rest:
             _add(report, self.inner.fetch(cache, rest, layout, progress))
         return report
+
+    def _fetch_own(
+        self,
+        cache: NodeCache,
+        plan: Plan,
+        layout: Layout,
+        progress: Ticker | None,
+        report: FetchReport,
+    ) -> None:
+        """Our share from the remote, in chunks; each chunk's leases settled (delivered, or
+        given back so that nobody waits for an expiry) while the next is fetched."""
+        deliveries: list[concurrent.futures.Future[None]] = []
+        own = plan.own()
+        try:
+            for start in range(0, len(own), CHUNK):
+                chunk = own[start : start + CHUNK]
+                try:
+                    _add(report, self.inner.fetch(cache, chunk, layout, progress))
+                finally:
+                    with contextlib.suppress(asyncio.CancelledError):  # aborted: leases expire
+                        deliveries.append(
+                            self._submit(self.peers.settle(cache, plan, layout, chunk))
+                        )
+        finally:
+            for future in deliveries:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    future.result()
 
     # -- the bridge to the loop ---------------------------------------------------------------
 
