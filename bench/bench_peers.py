@@ -1,7 +1,8 @@
 """Issue 16 benchmark: N node agents prefetching one revision at once, with and without peer
 fetch, against one real S3 server: bytes the remote served, and wall time.
 
-    python -m bench.bench_peers [--agents 8] [--objects 20000] [--size 64K] [--runs 1]
+    python -m bench.bench_peers [--agents 2,4,8] [--objects 20000] [--size 64K] [--runs 1]
+                                [--plot-dir docs/img]
 
 Each agent is the real `datapin-sidecar agent` process with its own node cache on one XFS
 volume, its own loopback address (127.0.0.N, all on one peer port as pods have their IPs) and
@@ -9,7 +10,8 @@ the chart's peer certificate shape. The remote is SeaweedFS behind the test kit'
 which counts the body bytes it sent (the egress bill). Both modes run in each round, one after
 the other, on fresh caches: `peers` (DATAPIN_PEER_PORT set) and `remote` (every agent reads the
 remote, as before issue 16). The wall time is from writing the prefetch lists to the last agent
-reporting the revision warm.
+reporting the revision warm. `--plot-dir` draws the remote's bytes (as a multiple of the
+dataset) against the number of agents, both modes: `peers-egress-<size>.png`.
 
 On one machine the agents share its 2 cores with each other and with the server, so the wall
 time says what peer fetch costs in CPU, not what it saves where B2's per-connection throughput
@@ -29,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.node.agent import prefetch_file_text
 from datapin_sidecar.node.settings import DatasetSettings
 
@@ -42,6 +43,8 @@ from testkit.sidecarproc import SidecarProcess
 from testkit.xfs import xfs_volume
 
 PREFIX = "store"
+#: One round's (wall seconds, agents' CPU seconds, bytes the remote sent).
+Row = tuple[float, float, int]
 
 
 def upload(server: SeaweedServer, stage: Stage, bucket: str) -> None:
@@ -127,15 +130,18 @@ def _cpu(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--agents", default="8", help="comma list of agent counts")
     parser.add_argument("--objects", type=int, default=20000)
     parser.add_argument("--size", default="64K")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--volume", default="40G")
+    parser.add_argument("--plot-dir", type=Path, default=None)
     args = parser.parse_args()
+    counts = [int(n) for n in args.agents.split(",")]
     size = parse_size(args.size)
     base = Path(tempfile.mkdtemp(prefix="bench-peers-", dir="/var/tmp"))
     (base / "xfs").mkdir()
+    rows: dict[tuple[int, str], list[Row]] = {}
     try:
         with (
             SeaweedServer(base / "weed") as server,
@@ -169,44 +175,84 @@ def main() -> None:
                     pin=rev,
                     ref="bench",
                 )
-                Revision.parse(rev)
-                rows: dict[str, list[tuple[float, float, int, int]]] = {"peers": [], "remote": []}
                 for _ in range(args.runs):
-                    for mode in ("peers", "remote"):
-                        proxy.reset_counters()
-                        work = Path(tempfile.mkdtemp(dir=base))
-                        wall, cpu, fetched = one_round(
-                            peers=mode == "peers",
-                            volume=volume,
-                            work=work,
-                            n=args.agents,
-                            entry=entry,
-                            tls=tls,
-                        )
-                        sent = sum(r.body_bytes for r in proxy.requests if r.method == "GET")
-                        rows[mode].append((wall, cpu, fetched, sent))
-                        print(
-                            f"{mode}: wall {wall:.1f} s, agents' CPU {cpu:.1f} s, remote bytes "
-                            f"{sent / dataset_bytes:.2f}x the dataset",
-                            flush=True,
-                        )
-        print()
-        print(
-            f"{args.agents} agents, one revision of {args.objects} x {args.size} "
-            f"({dataset_bytes / 2**20:.0f} MiB), cold, median of {args.runs}:"
-        )
-        print("| mode | wall (s) | agents' CPU (s) | remote bytes / dataset |")
-        print("| --- | ---: | ---: | ---: |")
-        for mode, got in rows.items():
-            wall = statistics.median(r[0] for r in got)
-            cpu = statistics.median(r[1] for r in got)
-            sent = statistics.median(r[3] for r in got)
-            print(f"| {mode} | {wall:.1f} | {cpu:.1f} | {sent / dataset_bytes:.2f}x |")
-        pw = statistics.median(r[0] for r in rows["peers"])
-        rw = statistics.median(r[0] for r in rows["remote"])
-        print(f"\nwall time, peers / all-from-remote: {pw / rw:.2f}x")
+                    for n in counts:
+                        for mode in ("peers", "remote"):
+                            proxy.reset_counters()
+                            work = Path(tempfile.mkdtemp(dir=base))
+                            wall, cpu, _ = one_round(
+                                peers=mode == "peers",
+                                volume=volume,
+                                work=work,
+                                n=n,
+                                entry=entry,
+                                tls=tls,
+                            )
+                            sent = sum(r.body_bytes for r in proxy.requests if r.method == "GET")
+                            rows.setdefault((n, mode), []).append((wall, cpu, sent))
+                            print(
+                                f"{n} agents, {mode}: wall {wall:.1f} s, agents' CPU {cpu:.1f} s, "
+                                f"remote bytes {sent / dataset_bytes:.2f}x the dataset",
+                                flush=True,
+                            )
+        report(rows, counts, args, dataset_bytes)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def report(
+    rows: dict[tuple[int, str], list[Row]],
+    counts: list[int],
+    args: argparse.Namespace,
+    dataset_bytes: int,
+) -> None:
+    print()
+    print(
+        f"One revision of {args.objects} x {args.size} ({dataset_bytes / 2**20:.0f} MiB), cold, "
+        f"prefetched by N agents at once; median of {args.runs}:"
+    )
+    print(
+        "| agents | mode | wall (s) | agents' CPU (s) | remote bytes / dataset | wall vs remote |"
+    )
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for n in counts:
+        base_wall = statistics.median(r[0] for r in rows[(n, "remote")])
+        for mode in ("peers", "remote"):
+            got = rows[(n, mode)]
+            wall = statistics.median(r[0] for r in got)
+            cpu = statistics.median(r[1] for r in got)
+            sent = statistics.median(r[2] for r in got)
+            print(
+                f"| {n} | {mode} | {wall:.1f} | {cpu:.1f} | {sent / dataset_bytes:.2f}x | "
+                f"{wall / base_wall:.2f}x |"
+            )
+    if args.plot_dir is not None:
+        from bench.plot import Line, save_png  # noqa: PLC0415 - only when drawing
+
+        lines = [
+            Line(
+                label=label,
+                points=[
+                    (n, statistics.median(r[2] for r in rows[(n, mode)]) / dataset_bytes)
+                    for n in counts
+                ],
+            )
+            for mode, label in (
+                ("peers", "peer fetch (issue 16)"),
+                ("remote", "every agent reads the remote"),
+            )
+        ]
+        path = save_png(
+            args.plot_dir / f"peers-egress-{args.size}.png",
+            title=f"Bytes read from the remote: {args.objects} x {args.size}, cold, N agents",
+            x_label="agents prefetching the revision at once",
+            y_label="remote bytes / dataset size",
+            lines=lines,
+            log_x=False,
+            log_y=False,
+            x_ticks=counts,
+        )
+        print(f"plot: {path}")
 
 
 if __name__ == "__main__":
