@@ -73,7 +73,7 @@ async def open_peers(
                 f"peer fetch: cannot listen on {me} ({exc.strerror}). Fix: DATAPIN_PEER_ADDRESS "
                 "must be this pod's IP and DATAPIN_PEER_PORT a free port"
             ) from None
-        async with PeerClient(client_ssl, connections=settings.jobs) as client:
+        async with PeerClient(client_ssl, connections=2 * settings.jobs) as client:
             await membership.refresh()
             metrics.peer_members.set(len(membership.members()))
             log.info("peer fetch: serving on %s, %d members", me, len(membership.members()))

@@ -23,7 +23,7 @@ from datapin_sidecar.engine.cache import NodeCache, Slot
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.peers import protocol
 from datapin_sidecar.peers.rendezvous import Member
-from datapin_sidecar.peers.transfer import Committer, TransferError, check_size, receive
+from datapin_sidecar.peers.transfer import SMALL, Committer, TransferError, check_size, receive
 
 _CHUNK: Final = 256 * 1024
 
@@ -132,18 +132,18 @@ class PeerClient:
     async def put(
         self, member: Member, cache: NodeCache, oid: str, layout: Layout, token: str
     ) -> int:
-        """Deliver a leased object (in our cache) to its home; the bytes sent."""
+        """Deliver a leased object (in our cache) to its home; the bytes sent. A small one is
+        read in one worker-thread call, a large one streamed from the file."""
         path = cache.path(oid, layout)
         with _errors(member):
-            f = await asyncio.to_thread(open, path, "rb")
+            f, size, body = await asyncio.to_thread(_open_to_send, path)
             try:
-                size = os.fstat(f.fileno()).st_size
                 headers = {protocol.LEASE_HEADER: token, "Content-Length": str(size)}
                 async with (
                     asyncio.timeout(self.read_timeout + size / self.min_rate),
                     self.session.put(
                         self._url(member, protocol.object_path(layout, oid)),
-                        data=f,
+                        data=body if body is not None else f,
                         headers=headers,
                         timeout=self._timeout(),
                     ) as resp,
@@ -153,7 +153,8 @@ class PeerClient:
                             _status_reason(resp.status), f"{member} answered {resp.status}"
                         )
             finally:
-                await asyncio.to_thread(f.close)
+                if f is not None:
+                    await asyncio.to_thread(f.close)
         return size
 
     async def release(self, member: Member, oid: str, layout: Layout, token: str) -> None:
@@ -182,6 +183,21 @@ def _errors(member: Member) -> Iterator[None]:
         raise PeerError("tls", f"{member}: TLS failed ({type(exc).__name__})") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise PeerError("connection", f"{member}: {type(exc).__name__}: {exc}") from None
+
+
+def _open_to_send(path: str) -> tuple[Any, int, bytes | None]:
+    """(open file, size, None), or (None, size, the bytes) for a small object."""
+    f = open(path, "rb")  # noqa: SIM115 - returned open for streaming, closed by the caller
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size > SMALL:
+            return f, size, None
+        body = f.read()
+    except BaseException:
+        f.close()
+        raise
+    f.close()
+    return None, len(body), body
 
 
 def _status_reason(status: int) -> str:

@@ -28,7 +28,14 @@ from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.peers import protocol
 from datapin_sidecar.peers.events import Direction, PeerEvents
 from datapin_sidecar.peers.leases import Claim, Leases
-from datapin_sidecar.peers.transfer import Committer, TransferError, check_size, claim, receive
+from datapin_sidecar.peers.transfer import (
+    SMALL,
+    Committer,
+    TransferError,
+    check_size,
+    claim,
+    receive,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +114,16 @@ class _Handlers:
         return await self._send(request, path)
 
     async def _send(self, request: web.Request, path: str) -> web.StreamResponse:
+        """The object at `path`: a small one read whole in one worker-thread call (a thread
+        hop costs the loop more than the read), a large one streamed."""
         try:
-            f = await asyncio.to_thread(_open_object, path)
+            f, size, body = await asyncio.to_thread(_open_object, path)
         except FileNotFoundError:
             return web.Response(status=404)
+        if body is not None:
+            self.home.events.moved(Direction.SERVED, size)
+            return web.Response(body=body, content_type="application/octet-stream")
         try:
-            size = os.fstat(f.fileno()).st_size
             resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
             resp.content_length = size
             await resp.prepare(request)
@@ -183,13 +194,20 @@ def _present(cache: NodeCache, oids: Sequence[str], layout: Layout) -> list[bool
     return [os.path.isfile(cache.path(oid, layout)) for oid in oids]
 
 
-def _open_object(path: str) -> Any:
-    """An object file, never through a symlink (objects are regular files we installed)."""
+def _open_object(path: str) -> tuple[Any, int, bytes | None]:
+    """(open file, size, None) of an object, or (None, size, its bytes) when it is small;
+    never through a symlink (objects are regular files we installed)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise FileNotFoundError(path)
-        return os.fdopen(fd, "rb", buffering=0)
+        f = os.fdopen(fd, "rb", buffering=0)
     except BaseException:
         os.close(fd)
         raise
+    if st.st_size > SMALL:
+        return f, st.st_size, None
+    with f:
+        body = f.read()
+    return None, len(body), body
