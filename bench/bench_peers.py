@@ -128,6 +128,12 @@ def one_round(
             shutil.rmtree(volume / f"{'p' if peers else 'r'}-node-{i}", ignore_errors=True)
 
 
+def _payload(rng: random.Random, size: int) -> bytes:
+    """`size` random bytes (randbytes of more than 256 MiB overflows, so in pieces)."""
+    piece = 64 * 1024 * 1024
+    return b"".join(rng.randbytes(min(piece, size - at)) for at in range(0, size, piece))
+
+
 def _cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -157,7 +163,7 @@ def main() -> None:
             bucket = server.make_bucket("peers")
             stage = Stage(base / "stage")
             rng = random.Random(16)
-            entries = [(relpath(i), stage.put(rng.randbytes(size))) for i in range(args.objects)]
+            entries = [(relpath(i), stage.put(_payload(rng, size))) for i in range(args.objects)]
             rev, raw = stage.revision(entries)
             upload(server, stage, bucket)
             shutil.rmtree(stage.root)

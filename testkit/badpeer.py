@@ -4,12 +4,14 @@ the middle of a body (`cut`: headers and half the bytes, then the connection is 
 
 It runs the real protocol's routes on a real aiohttp server with mutual TLS, in a thread with
 its own loop, so the agent under test reaches it exactly as it reaches a real peer. It counts
-the GETs it answered, so a test knows the bad peer was actually asked.
+the objects it answered for (one per GET, each object of a bundle), so a test knows the bad
+peer was actually asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import threading
 from pathlib import Path
@@ -53,6 +55,7 @@ class BadPeer:
         app = web.Application()
         app.router.add_post(protocol.CLAIMS, self._claims)
         app.router.add_get(protocol.OBJECTS + "/{layout}/{oid}", self._get)
+        app.router.add_post(protocol.BUNDLE, self._bundle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context).start()
@@ -60,6 +63,24 @@ class BadPeer:
     async def _claims(self, request: web.Request) -> web.Response:
         body: Any = await request.json()
         return web.json_response({"have": body["oids"], "leases": {}, "busy": []})
+
+    async def _bundle(self, request: web.Request) -> web.StreamResponse:
+        oids = (await request.json())["oids"]
+        self.gets += len(oids)
+        size = 4096
+        head = json.dumps({"objects": [[oid, size] for oid in oids]}).encode() + b"\n"
+        resp = web.StreamResponse()
+        resp.content_length = len(head) + size * len(oids)
+        await resp.prepare(request)
+        await resp.write(head)
+        if self.mode == "corrupt":
+            await resp.write(b"\0" * size * len(oids))
+            await resp.write_eof()
+            return resp
+        await resp.write(b"\0" * (size // 2))
+        assert request.transport is not None
+        request.transport.close()
+        return resp
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         self.gets += 1

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,6 +27,8 @@ from datapin_sidecar.peers.rendezvous import Member
 from datapin_sidecar.peers.transfer import SMALL, Committer, TransferError, check_size, receive
 
 _CHUNK: Final = 256 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class PeerError(Exception):
@@ -108,6 +111,66 @@ class PeerClient:
         if not ({*have, *leases, *busy} <= asked):
             raise PeerError("protocol", f"{member} answered about objects nobody asked for")
         return Claims(have=have, leases=leases, busy=busy)
+
+    async def bundle(
+        self,
+        member: Member,
+        layout: Layout,
+        slots: Mapping[str, Slot],
+        committer: Committer,
+        *,
+        wait: float = 0.0,
+    ) -> tuple[dict[str, int], list[str], PeerError | None]:
+        """The small objects of `slots` that `member` sends in one bundle, into the cache:
+        (oid -> size received, oids whose bytes were not the object, why the bundle failed).
+        A received object's slot is installed, a corrupt one's discarded, the others' left
+        claimed for the caller; objects committed before a failure count as received."""
+        body = {"layout": layout.value, "oids": list(slots), "wait": wait}
+        got: dict[str, int] = {}
+        corrupt: list[str] = []
+        commits: list[tuple[str, int, asyncio.Task[bool]]] = []
+        failure: PeerError | None = None
+        try:
+            with _errors(member):
+                async with self.session.post(
+                    self._url(member, protocol.BUNDLE), json=body, timeout=self._timeout(wait)
+                ) as resp:
+                    if resp.status != 200:
+                        raise PeerError(
+                            _status_reason(resp.status), f"{member} answered {resp.status}"
+                        )
+                    line = await resp.content.readline()
+                    if not line.endswith(b"\n") or len(line) > protocol.MAX_BUNDLE_HEAD:
+                        raise PeerError("protocol", f"{member} sent a bundle without its head")
+                    try:
+                        entries = protocol.parse_bundle_head(line, set(slots))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise PeerError("protocol", f"{member}: {exc}") from None
+                    total = sum(n for _, n in entries)
+                    if resp.content_length not in (None, len(line) + total):
+                        raise PeerError("protocol", f"{member}: a bundle of the wrong length")
+                    async with asyncio.timeout(self.read_timeout + total / self.min_rate):
+                        for oid, size in entries:
+                            try:
+                                data = await resp.content.readexactly(size)
+                            except asyncio.IncompleteReadError:
+                                raise PeerError("truncated", f"{member} cut a bundle") from None
+                            task = asyncio.create_task(committer.commit(slots[oid], data))
+                            commits.append((oid, size, task))
+        except PeerError as exc:
+            failure = exc
+        finally:
+            for oid, size, task in commits:  # each committed batch installs or discards its slot
+                try:
+                    ok = await asyncio.shield(task)
+                except Exception as exc:  # its batch failed (a full volume): the remote's turn
+                    log.info("peer fetch: %s from %s not committed: %s", oid, member, exc)
+                    continue
+                if ok:
+                    got[oid] = size
+                else:
+                    corrupt.append(oid)
+        return got, corrupt, failure
 
     async def get(
         self, member: Member, slot: Slot, committer: Committer, *, wait: float = 0.0

@@ -148,6 +148,18 @@ class Peers:
         slots, present_now, _busy_on_node = await claim_all(cache, theirs, layout)
         got.update(present_now)  # objects another process on the node is fetching are left
 
+        async def bundle(member: Member, oids: list[str]) -> None:
+            got_sizes, corrupt, failure = await self.client.bundle(
+                member, layout, {o: slots[o] for o in oids}, self.committer, wait=wait
+            )
+            if failure is not None:
+                self._failed(failure)
+            for _ in corrupt:
+                self.events.error("corrupt")
+            for oid, size in got_sizes.items():
+                got.add(oid)
+                self.events.moved(Direction.RECEIVED, size)
+
         async def one(oid: str) -> None:
             slot = slots[oid]
             member = sources[oid]
@@ -164,8 +176,21 @@ class Peers:
                 got.add(oid)
                 self.events.moved(Direction.RECEIVED, size)
 
+        by_member: dict[Member, list[str]] = defaultdict(list)
+        for oid in slots:
+            member = sources[oid]
+            assert member is not None  # noqa: S101 - theirs
+            by_member[member].append(oid)
+        step = protocol.MAX_BUNDLE
         try:
-            await self._gather((one(oid) for oid in slots), limit=self.jobs * _WAITING)
+            # Small objects in bundles; what a bundle left out (large, or not there) one by one.
+            await self._gather(
+                bundle(member, oids[i : i + step])
+                for member, oids in by_member.items()
+                for i in range(0, len(oids), step)
+            )
+            left = [oid for oid, slot in slots.items() if slot.fd >= 0]
+            await self._gather((one(oid) for oid in left), limit=self.jobs * _WAITING)
         finally:
             for slot in slots.values():
                 if slot.fd >= 0:

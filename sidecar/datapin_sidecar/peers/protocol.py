@@ -11,6 +11,11 @@ through. Three questions:
   20 requests to learn who does what.
 * `GET /datapin-peer/v1/objects/<layout>/<oid>?wait=<seconds>` -> 200 and the bytes, or 404.
   While a lease is held the home waits up to `wait` (capped at `MAX_WAIT`) for it to end.
+* `POST /datapin-peer/v1/bundle` `{"layout", "oids": [...], "wait": <s>}` (at most
+  `MAX_BUNDLE`): many small objects in one answer, for the objects a home has (or gets within
+  `wait`): one line of JSON `{"objects": [[oid, size], ...]}`, then their bytes in that order.
+  Objects left out (large, absent, still leased) are asked for one by one. A small object's
+  request costs more CPU than its bytes, so 20,000 of them cost ~80 bundles, not 20,000 GETs.
 * `PUT` the same path with header `Datapin-Lease: <token>` and the bytes -> 204 once verified
   into the home's cache; 409 if the lease is not (or no longer) the asker's; 422 if the bytes
   are not the object. `DELETE` with the token gives a lease back (the fetch failed), so the
@@ -24,15 +29,23 @@ Object names and layouts are validated here before any path is built from them.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final
 
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.peers.transfer import SMALL
 
 PREFIX: Final = "/datapin-peer/v1"
 CLAIMS: Final = f"{PREFIX}/claims"
 OBJECTS: Final = f"{PREFIX}/objects"
+BUNDLE: Final = f"{PREFIX}/bundle"
 LEASE_HEADER: Final = "Datapin-Lease"
+#: Objects per bundle request, and the most bytes of objects one bundle answer carries.
+MAX_BUNDLE: Final = 256
+BUNDLE_BYTES: Final = 16 * 1024 * 1024
+#: The longest a bundle answer's JSON line may be (256 entries of ~50 bytes, with room).
+MAX_BUNDLE_HEAD: Final = 64 * 1024
 #: Objects per claims request (the body stays under ~60 KiB).
 MAX_CLAIMS: Final = 1024
 #: The longest a GET may ask the home to wait for a lease to end.
@@ -55,6 +68,19 @@ def parse_object(layout: str, oid: str) -> tuple[Layout, str]:
     if not _OID.fullmatch(oid):
         raise ValueError(f"{oid[:80]!r} is not an object name (32 hex digits, maybe .dir)")
     return parsed, oid
+
+
+def parse_bundle_head(line: bytes, asked: set[str]) -> list[tuple[str, int]]:
+    """A bundle answer's first line: (oid, size) of each object that follows, or ValueError:
+    only objects asked for, each once, each a small object's size, within the byte budget."""
+    head = json.loads(line)
+    entries = [(str(o), int(n)) for o, n in head["objects"]]
+    oids = [o for o, _ in entries]
+    if len(set(oids)) != len(oids) or not set(oids) <= asked:
+        raise ValueError("a bundle names objects nobody asked for, or one twice")
+    if any(not 0 <= n <= SMALL for _, n in entries) or sum(n for _, n in entries) > BUNDLE_BYTES:
+        raise ValueError("a bundle announces sizes no bundle may carry")
+    return entries
 
 
 def parse_token(token: str | None) -> str:

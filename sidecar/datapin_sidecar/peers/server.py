@@ -14,6 +14,7 @@ module owns no metrics of its own.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import stat
@@ -58,6 +59,7 @@ def build_app(home: Home) -> web.Application:
     app = web.Application(client_max_size=_MAX_CLAIMS_BODY)
     handlers = _Handlers(home)
     app.router.add_post(protocol.CLAIMS, handlers.claims)
+    app.router.add_post(protocol.BUNDLE, handlers.bundle)
     path = protocol.OBJECTS + "/{layout}/{oid}"
     app.router.add_get(path, handlers.get)
     app.router.add_put(path, handlers.put)
@@ -79,7 +81,7 @@ class _Handlers:
     async def claims(self, request: web.Request) -> web.Response:
         try:
             body: Any = await request.json()
-            layout, oids = _parse_claims(body)
+            layout, oids = _parse_oids(body, limit=protocol.MAX_CLAIMS)
         except (ValueError, TypeError, KeyError, web.HTTPRequestEntityTooLarge) as exc:
             return _bad(f"bad claims request: {exc}")
         cache = self.home.cache
@@ -98,6 +100,27 @@ class _Handlers:
             else:
                 busy.append(oid)
         return web.json_response({"have": have, "leases": leases, "busy": busy})
+
+    async def bundle(self, request: web.Request) -> web.Response:
+        try:
+            body: Any = await request.json()
+            layout, oids = _parse_oids(body, limit=protocol.MAX_BUNDLE)
+            wait = protocol.parse_wait(str(body.get("wait", 0)))
+        except (ValueError, TypeError, KeyError, web.HTTPRequestEntityTooLarge) as exc:
+            return _bad(f"bad bundle request: {exc}")
+        if wait > 0:  # the objects still being fetched: wait for their leases, all at once
+            leases = [self.home.leases.current((layout, oid)) for oid in oids]
+            live = [lease for lease in leases if lease is not None]
+            if live:
+                await asyncio.gather(*(self.home.leases.wait(lease, wait) for lease in live))
+        found = await asyncio.to_thread(_read_small_many, self.home.cache, oids, layout)
+        head = json.dumps({"objects": [[oid, len(data)] for oid, data in found]}).encode()
+        for _, data in found:
+            self.home.events.moved(Direction.SERVED, len(data))
+        return web.Response(
+            body=b"".join([head, b"\n", *(data for _, data in found)]),
+            content_type="application/octet-stream",
+        )
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -179,15 +202,37 @@ class _Handlers:
         return web.Response(status=204 if ended else 409)
 
 
-def _parse_claims(body: Any) -> tuple[Layout, list[str]]:
+def _parse_oids(body: Any, *, limit: int) -> tuple[Layout, list[str]]:
     if not isinstance(body, dict) or not isinstance(body.get("oids"), list):
         raise ValueError('expected {"layout": ..., "oids": [...]}')
     oids = body["oids"]
-    if len(oids) > protocol.MAX_CLAIMS:
-        raise ValueError(f"at most {protocol.MAX_CLAIMS} objects per request")
+    if len(oids) > limit:
+        raise ValueError(f"at most {limit} objects per request")
     layout = str(body.get("layout"))
     parsed = [protocol.parse_object(layout, str(oid)) for oid in oids]
     return (parsed[0][0] if parsed else Layout(layout)), [oid for _, oid in parsed]
+
+
+def _read_small_many(
+    cache: NodeCache, oids: Sequence[str], layout: Layout
+) -> list[tuple[str, bytes]]:
+    """The small objects among `oids` that are in the cache, read whole, in order, up to
+    `protocol.BUNDLE_BYTES` in all (one worker-thread call for a whole bundle)."""
+    found: list[tuple[str, bytes]] = []
+    total = 0
+    for oid in oids:
+        try:
+            f, size, body = _open_object(cache.path(oid, layout))
+        except (FileNotFoundError, OSError):
+            continue
+        if body is None:  # large: asked for on its own
+            f.close()
+            continue
+        if total + size > protocol.BUNDLE_BYTES:
+            break
+        found.append((oid, body))
+        total += size
+    return found
 
 
 def _present(cache: NodeCache, oids: Sequence[str], layout: Layout) -> list[bool]:
