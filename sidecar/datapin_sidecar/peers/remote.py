@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import threading
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeVar
 
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.remote import FetchReport, ProofReport, Remote, Ticker
 from datapin_sidecar.peers.exchange import Peers, Plan
+from datapin_sidecar.remotes.loopcalls import LoopCalls
 
 T = TypeVar("T")
 
@@ -42,10 +42,7 @@ class PeeredRemote:
     def __init__(self, inner: Remote, peers: Peers, *, loop: asyncio.AbstractEventLoop) -> None:
         self.inner = inner
         self.peers = peers
-        self._loop = loop
-        self._calls: set[concurrent.futures.Future[Any]] = set()
-        self._lock = threading.Lock()
-        self._aborted = False
+        self._calls = LoopCalls("PeeredRemote", loop)
 
     @property
     def url(self) -> str:
@@ -68,11 +65,7 @@ class PeeredRemote:
         return self.inner.prove(oids, layout, trust_etags=trust_etags, sizes=sizes)
 
     def abort(self) -> None:
-        with self._lock:
-            self._aborted = True
-            calls = list(self._calls)
-        for future in calls:
-            future.cancel()
+        self._calls.abort()
         self.inner.abort()
 
     def fetch(
@@ -81,16 +74,16 @@ class PeeredRemote:
         peers = self.peers
         if not peers.active():
             return self.inner.fetch(cache, oids, layout, progress)
-        plan = self._call(peers.plan(oids, layout))
+        plan = self._calls.call(peers.plan(oids, layout))
         report = FetchReport()
-        arriving = self._submit(peers.collect(cache, plan.have, layout, wait=0))
+        arriving = self._calls.submit(peers.collect(cache, plan.have, layout, wait=0))
         try:
             self._fetch_own(cache, plan, layout, progress, report)
         except BaseException:
             arriving.cancel()  # the claims it holds are released as it unwinds
             raise
-        got = self._wait(arriving)
-        got |= self._call(peers.collect(cache, plan.busy, layout, wait=peers.wait))
+        got = arriving.result()
+        got |= self._calls.call(peers.collect(cache, plan.busy, layout, wait=peers.wait))
         rest = [oid for oid in (*plan.have, *plan.busy) if oid not in got]
         report.peer_objects = len(got)
         if rest:
@@ -117,34 +110,12 @@ class PeeredRemote:
                 finally:
                     with contextlib.suppress(asyncio.CancelledError):  # aborted: leases expire
                         deliveries.append(
-                            self._submit(self.peers.settle(cache, plan, layout, chunk))
+                            self._calls.submit(self.peers.settle(cache, plan, layout, chunk))
                         )
         finally:
             for future in deliveries:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     future.result()
-
-    # -- the bridge to the loop ---------------------------------------------------------------
-
-    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        with self._lock:
-            if self._aborted:
-                coro.close()
-                raise asyncio.CancelledError("remote aborted")
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-            self._calls.add(future)
-        future.add_done_callback(self._forget)
-        return future
-
-    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
-        with self._lock:
-            self._calls.discard(future)
-
-    def _wait(self, future: concurrent.futures.Future[T]) -> T:
-        return future.result()
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._wait(self._submit(coro))
 
 
 def _add(report: FetchReport, more: FetchReport) -> None:

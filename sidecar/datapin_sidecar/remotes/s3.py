@@ -39,12 +39,9 @@ request decides small-object throughput (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import functools
-import threading
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,6 +49,7 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.remote import FetchReport, ProofReport, Ticker
 from datapin_sidecar.errors import AbsentError, GaveUpError, RemoteCause, RemoteError
+from datapin_sidecar.remotes.loopcalls import LoopCalls
 from datapin_sidecar.remotes.s3client import LAST_ERROR, FetchOptions, S3Client
 from datapin_sidecar.remotes.s3fetch import Fetch
 from datapin_sidecar.remotes.s3prove import Proof
@@ -83,13 +81,10 @@ class S3Remote:
         self.config = config
         self.options = options or FetchOptions()
         self._client = S3Client(config, credentials, options=self.options)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls = LoopCalls("S3Remote")
         self._io: ThreadPoolExecutor | None = None
         #: Retries of `find` requests, reported with the next fetch.
         self._find_retries: Counter[str] = Counter()
-        self._calls: set[concurrent.futures.Future[Any]] = set()
-        self._calls_lock = threading.Lock()
-        self._aborted = False
         #: Requests in flight and worker tasks: `options.jobs`, capped at `MAX_JOBS`.
         self.jobs = self._client.jobs
 
@@ -97,7 +92,7 @@ class S3Remote:
 
     async def __aenter__(self) -> S3Remote:
         await self._client.__aenter__()
-        self._loop = asyncio.get_running_loop()
+        self._calls.loop = asyncio.get_running_loop()
         self._io = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="datapin-io")
         return self
 
@@ -105,7 +100,8 @@ class S3Remote:
         await self._client.__aexit__()
         if self._io is not None:
             self._io.shutdown(wait=True)
-        self._io = self._loop = None
+        self._io = None
+        self._calls.loop = None
 
     # -- the Remote protocol (sync, from a worker thread) -------------------------------------
 
@@ -134,29 +130,8 @@ class S3Remote:
     ) -> ProofReport:
         return self._call(self.aprove(oids, layout, trust_etags=trust_etags, sizes=sizes))
 
-    def _call(self, coro: Awaitable[T]) -> T:
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError("S3Remote used outside `async with`")
-        with contextlib.suppress(RuntimeError):
-            if asyncio.get_running_loop() is loop:
-                raise RuntimeError("sync S3Remote call on its own loop: use asyncio.to_thread")
-        if self._aborted:
-            close = getattr(coro, "close", None)
-            if close is not None:
-                close()  # never awaited: say so to the coroutine, not to the warnings filter
-            raise asyncio.CancelledError("S3Remote aborted")
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
-            coro,  # type: ignore[arg-type]
-            loop,
-        )
-        with self._calls_lock:
-            self._calls.add(future)
-        try:
-            return future.result()
-        finally:
-            with self._calls_lock:
-                self._calls.discard(future)
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._calls.call(coro)
 
     def abort(self) -> None:
         """Cancel every sync call in flight and refuse new ones (thread-safe).
@@ -165,11 +140,7 @@ class S3Remote:
         coroutine makes `fetch` raise `CancelledError` there, so the build unwinds (claims
         released, the partial tree discarded) instead of the thread outliving the program.
         """
-        self._aborted = True
-        with self._calls_lock:
-            calls = list(self._calls)
-        for future in calls:
-            future.cancel()
+        self._calls.abort()
 
     # -- async API ----------------------------------------------------------------------------
 
