@@ -78,7 +78,7 @@ def test_run_ready_after_publish_and_metrics_cold_then_warm(
         assert m[("datapin_cache_miss_bytes_total", label)] == sum(len(v) for v in a.files.values())
         info = (
             "datapin_revision_info",
-            (("dataset", "images"), ("pin", a.rev), ("revision", "v1")),
+            (("dataset", "images"), ("path", ""), ("pin", a.rev), ("revision", "v1")),
         )
         assert m[info] == 1
         assert m[("datapin_ready", ())] == 1
@@ -197,7 +197,7 @@ def test_live_switch_reader_sees_whole_revisions_only(
         m = proc.metrics()
         info = (
             "datapin_revision_info",
-            (("dataset", "images"), ("pin", a.rev), ("revision", "v1")),
+            (("dataset", "images"), ("path", ""), ("pin", a.rev), ("revision", "v1")),
         )
         assert m[info] == 1
         assert not any(k[0] == "datapin_revision_info" and ("pin", b.rev) in k[1] for k in m)

@@ -1,7 +1,7 @@
 """`datapin`: the command line.
 
     datapin materialize --cache DIR --dest DIR (--rev MD5.dir | --dvc-repo PATH --target T)
-                        [--link auto|reflink|hardlink|copy]
+                        [--path FOLDER ...] [--link auto|reflink|hardlink|copy]
                         [--remote DIR | --remote s3://BUCKET/PREFIX [--endpoint-url URL]
                          [--region R] [--credentials-dir DIR | --env-file FILE]]
 
@@ -176,12 +176,23 @@ def _parser() -> argparse.ArgumentParser:
         help="where missing objects come from: s3://BUCKET/PREFIX (S3, Backblaze B2) or the "
         "path of a DVC directory remote (default with --dvc-repo: the repo's default remote)",
     )
+    m.add_argument(
+        "--path",
+        action="append",
+        type=_text,
+        default=[],
+        metavar="FOLDER",
+        help="publish only this folder of the revision (repeatable, or a comma list; relative "
+        "to the revision's root, e.g. images/train): only its objects are fetched",
+    )
     dvc = m.add_argument_group("taking the revision and remote from a DVC repository")
     dvc.add_argument("--dvc-repo", type=_path, help="root of the DVC repository")
     dvc.add_argument(
         "--target",
         type=_target,
-        help="data.dvc, data.dvc:PATH, a stage output PATH or dvc.lock:PATH (needs --dvc-repo)",
+        help="data.dvc, data.dvc:PATH, a stage output PATH or dvc.lock:PATH (needs --dvc-repo); "
+        "a folder inside a tracked directory (data.dvc:data/images/train, data/images/train) "
+        "publishes only that folder, like `dvc pull data/images/train`",
     )
     dvc.add_argument(
         "--remote-name", type=_text, help="which DVC remote (default: the repo's default)"
@@ -276,6 +287,7 @@ def _materialize(
     args: argparse.Namespace, out: TextIO, err: TextIO, environ: Mapping[str, str]
 ) -> int:
     from datapin_sidecar.engine.hashing import LayoutChoice  # noqa: PLC0415 - see the module doc
+    from datapin_sidecar.engine.part import Part  # noqa: PLC0415
     from datapin_sidecar.engine.revision import Revision, resolve_target  # noqa: PLC0415
     from datapin_sidecar.errors import UsageError  # noqa: PLC0415
     from datapin_sidecar.progress import Reporter  # noqa: PLC0415
@@ -284,6 +296,7 @@ def _materialize(
     _check_dir("--dest", args.dest)
     layout = LayoutChoice(args.layout).pinned
     file_name = args.file_name
+    paths: list[str] = list(args.path)
     if args.target is not None:
         if args.dvc_repo is None:
             raise UsageError("--target needs --dvc-repo (the repository it is in)")
@@ -292,6 +305,8 @@ def _materialize(
         target = resolve_target(args.dvc_repo, args.target)
         revision = target.revision
         layout = layout or target.layout
+        if target.within:
+            paths.append(target.within)
         if not revision.is_dir and file_name is None:
             file_name = Path(target.path).name
     elif args.rev is not None:
@@ -300,6 +315,12 @@ def _materialize(
         raise UsageError("name a revision: --rev MD5[.dir], or --dvc-repo PATH --target T")
     if file_name is not None and revision.is_dir:
         raise UsageError("--file-name is only for single-file revisions (an md5 without .dir)")
+    part = Part.parse(paths, what="--path")
+    if not part.whole and not revision.is_dir:
+        raise UsageError(
+            f"--path {part}: revision {revision.oid} is a single file, which has no folders. "
+            "Fix: leave --path out"
+        )
     reporter = None if args.quiet else Reporter(err, tty=err.isatty())
     try:
         remote = _remote(args, environ)
@@ -320,6 +341,7 @@ def _materialize(
                 keep_spare=not args.no_spare,
                 file_name=file_name,
                 layout=layout,
+                part=part,
             )
 
         if isinstance(remote, _S3):
@@ -539,6 +561,8 @@ def summary(r: Result) -> str:
         head = f"datapin: {r.revision} is already published at {r.path} (nothing to do)"
     else:
         head = f"datapin: published {r.revision} at {r.path}"
+    if r.paths:
+        head += f" (only {', '.join(r.paths)})"
     mix = ", ".join(f"{n} {m}" for m, n in sorted(r.modes.items()))
     ro = "yes (hardlinks into the cache: mount it readOnly)" if r.read_only else "no"
     lines = [

@@ -9,7 +9,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     │   └── NoCredentialsError        2  a credential source has no S3 keys at all
     │                                    (a chain of sources moves on to the next)
     ├── RevisionError                 3  the revision the user named cannot be read
-    │   └── ManifestError             3  a `.dir`/`.dvc`/`dvc.lock` is malformed or unsafe
+    │   ├── ManifestError             3  a `.dir`/`.dvc`/`dvc.lock` is malformed or unsafe
+    │   └── PathNotInRevisionError    3  a part's folder is not in the revision (or is a
+    │                                    file); lists the folders that are
     ├── ObjectsMissingError           4  objects are in neither the node cache nor the remote
     ├── CorruptObjectError            5  objects fail their md5 and cannot be repaired
     ├── DestinationError              6  the destination cannot take the tree
@@ -186,6 +188,46 @@ class ManifestError(RevisionError):
             "Fix: regenerate it with `dvc add`/`dvc commit` (a hand-edited or truncated "
             "manifest cannot be materialised safely)"
         )
+
+
+class PathNotInRevisionError(RevisionError):
+    """A folder a part names (`engine.part`) is not in the revision, or names a file."""
+
+    reason = "path"
+
+    def __init__(
+        self,
+        *,
+        revision: str,
+        path: str,
+        is_file: bool,
+        parent: str,
+        siblings: Sequence[str],
+        top: Sequence[str],
+    ) -> None:
+        self.revision = revision
+        self.path = path
+        self.is_file = is_file
+        self.top = tuple(top)
+        if is_file:
+            problem = f"path {path!r} is a file in revision {revision}, not a folder"
+            folder = path.rpartition("/")[0]
+            fix = (
+                f"name its folder ({folder!r})"
+                if folder
+                else "leave the path out to get the whole revision"
+            )
+            fix += "; a part is one or more folders"
+        else:
+            problem = f"revision {revision} has no folder {path!r}"
+            fix = "name one of the revision's folders"
+        hints = []
+        if parent:
+            inside = ", ".join(siblings) or "no folders, only files"
+            hints.append(f"{parent!r} holds: {inside}")
+        top_text = ", ".join(top) or "none (it holds only files: leave the path out)"
+        hints.append(f"its top-level folders are: {top_text}")
+        super().__init__(f"{problem}; {'; '.join(hints)}. Fix: {fix}")
 
 
 class ObjectsMissingError(DatapinError):

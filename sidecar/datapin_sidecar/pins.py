@@ -45,12 +45,14 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, cast
 
 from datapin_sidecar.engine.hashing import Layout, LayoutChoice
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import (
     SNIPPET_CHARS,
     AnnotationsError,
     RevisionError,
     UnsafeFileError,
+    UsageError,
 )
 from datapin_sidecar.errors import snippet as _snippet
 from datapin_sidecar.safefs import read_regular
@@ -71,7 +73,7 @@ _FILE_FIX: Final = (
 _PINS_FIX: Final = (
     f"the datapin webhook writes {ANNOTATION}; if you set it by hand, make it a JSON object "
     'of dataset name -> "<md5>.dir" or {"pin": "<md5>.dir", "layout": "dvc3"|"legacy"|"auto", '
-    '"ref": "<tag>"}'
+    '"ref": "<tag>", "paths": ["<folder>", ...]}'
 )
 
 # A Go double-quoted string literal as `strconv.Unquote` accepts it. Possessive quantifiers:
@@ -101,7 +103,7 @@ DATASET_NAME_MAX: Final = 253
 #: annotation key's name part (`datapin.dev/mount-path.<dataset>`), which Kubernetes caps at
 #: 63 characters, and the longest prefix, `mount-path.`, takes 11 of them.
 KEYED_DATASET_NAME_MAX: Final = 63 - len("mount-path.")
-_PIN_KEYS: Final = frozenset({"pin", "layout", "ref"})
+_PIN_KEYS: Final = frozenset({"pin", "layout", "ref", "paths"})
 #: What the webhook writes as a pin: a directory id as DVC writes it (lower case).
 _PIN: Final = re.compile(r"[0-9a-f]{32}\.dir")
 _LAYOUTS: Final = tuple(choice.value for choice in LayoutChoice)
@@ -118,6 +120,8 @@ class Pin:
     #: What the user asked for (`v1`, a branch, or the md5 itself): for display and metric
     #: labels only. The revision is what is served.
     ref: str
+    #: The folders of the revision to serve (`engine.part`); `Part.WHOLE`: all of it.
+    part: Part = Part.WHOLE
 
 
 # --- the downward-API file ---------------------------------------------------------------
@@ -353,11 +357,19 @@ def _pin(where: str, name: str, value: Any) -> Pin:
     ref = value.get("ref", pin)
     if not isinstance(ref, str) or not ref:
         _pins_error(where, f"ref {_json_snippet(ref)} is not a non-empty string", dataset=name)
+    revision = _revision(where, name, pin)
+    try:
+        part = Part.from_list(value.get("paths"), what="paths")
+    except UsageError as exc:
+        _pins_error(where, str(exc), dataset=name)
+    if not part.whole and not revision.is_dir:
+        _pins_error(where, "paths are folders of a directory revision (<md5>.dir)", dataset=name)
     return Pin(
         dataset=name,
-        revision=_revision(where, name, pin),
+        revision=revision,
         layout=LayoutChoice(layout).pinned,
         ref=ref,
+        part=part,
     )
 
 
@@ -401,6 +413,8 @@ class PinRecord:
     ref: str
     layout: LayoutChoice
     commit: str | None = None
+    #: The folders of the revision the pod gets (`engine.part`); `Part.WHOLE`: all of it.
+    part: Part = Part.WHOLE
 
 
 def format_pins(records: Sequence[PinRecord]) -> dict[str, str]:
@@ -413,7 +427,7 @@ def format_pins(records: Sequence[PinRecord]) -> dict[str, str]:
     """
     if not records:
         raise ValueError("format_pins needs at least one record")
-    pins: dict[str, dict[str, str]] = {}
+    pins: dict[str, dict[str, str | list[str]]] = {}
     commits: dict[str, str] = {}
     for record in records:
         if record.dataset in pins:
@@ -421,6 +435,8 @@ def format_pins(records: Sequence[PinRecord]) -> dict[str, str]:
         if not _PIN.fullmatch(record.pin) or not record.ref:
             raise ValueError(f"dataset {record.dataset!r}: bad pin {record.pin!r} or empty ref")
         pins[record.dataset] = {"layout": record.layout, "pin": record.pin, "ref": record.ref}
+        if not record.part.whole:
+            pins[record.dataset]["paths"] = record.part.to_list()
         if record.commit is not None:
             commits[record.dataset] = record.commit
     result = {ANNOTATION: _compact(pins)}
@@ -446,6 +462,7 @@ def read_pin_records(annotations: Mapping[str, str], *, source: str) -> dict[str
             ref=pin.ref,
             layout=LayoutChoice.of(pin.layout),
             commit=commits.get(name),
+            part=pin.part,
         )
         for name, pin in pins.items()
     }

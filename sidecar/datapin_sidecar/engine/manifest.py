@@ -185,6 +185,10 @@ class Manifest:
         md5s = bytes(body[start + 8 * n + npaths :])
         return cls(paths=paths, offsets=offsets, md5s=md5s, source=source)
 
+    def buffers(self) -> tuple[bytes, array[int], bytes]:
+        """The flat buffers (paths, offsets, md5s), read-only by contract (`part.select`)."""
+        return self._paths, self._offsets, self._md5s
+
     def nbytes(self) -> int:
         """Memory held by the buffers (for the scale benchmark's accounting)."""
         return len(self._paths) + self._offsets.itemsize * len(self._offsets) + len(self._md5s)
@@ -389,7 +393,7 @@ def _validate_exact(m: Manifest) -> bool:
         if path < prev:
             return False
         prev = path
-        problem = _path_problem(path)
+        problem = path_problem(path)
         if problem:
             raise ManifestError(manifest=source, entry=_show(path), problem=problem)
         while files and not path.startswith(files[-1]):
@@ -408,7 +412,8 @@ def _validate_exact(m: Manifest) -> bool:
     return True
 
 
-def _path_problem(path: bytes) -> str | None:  # noqa: PLR0911 - one return per rule
+def path_problem(path: bytes) -> str | None:  # noqa: PLR0911 - one return per rule
+    """Why `path` cannot be a relpath of a tree (the rules in the module doc), or None."""
     # Fast path for the usual clean ASCII path: no segment can be empty, '.' or '..'.
     if (
         path

@@ -44,11 +44,12 @@ from datapin_sidecar.engine.fetching import Fetcher, layouts_to_try
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Linker, LinkMode, Strategy
 from datapin_sidecar.engine.manifest import Manifest, diff
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.treebuild import TreeBuilder
 from datapin_sidecar.engine.workspace import TreeInfo, Workspace, tree_key
-from datapin_sidecar.errors import DestinationError
+from datapin_sidecar.errors import DestinationError, UsageError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +79,9 @@ class Request:
     writable: bool = False
     #: Directory of the destination's records (see `workspace`); None: `dest/.revs`.
     state: Path | None = None
+    #: Which folders of the revision to publish (`engine.part`); `Part.WHOLE`: all of it.
+    #: Only their objects are fetched; the tree keeps the revision's paths.
+    part: Part = Part.WHOLE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +90,7 @@ class Result:
 
     revision: str
     path: str  # DEST/<link>, what consumers read
+    paths: tuple[str, ...] = ()  # the part's folders (`engine.part`); empty: the whole revision
     tree: str  # the directory the link points at
     files: int
     bytes: int
@@ -134,6 +139,11 @@ def materialize(
     request: Request, *, linker: Linker | None = None, progress: ProgressFn | None = None
 ) -> Result:
     """Make `request.revision` the published tree of `request.dest`. See the module doc."""
+    if not request.part.whole and not request.revision.is_dir:
+        raise UsageError(
+            f"revision {request.revision.oid} is a single file, so it has no folders to pick "
+            f"({request.part}). Fix: leave the path out"
+        )
     started = time.monotonic()
     ws = Workspace(
         request.dest, link_name=request.link_name, grace=request.spare_grace, state=request.state
@@ -186,7 +196,7 @@ class _Run:
     def _build(self, recovered: tuple[str, ...]) -> Result:
         rev = self.req.revision
         self.layout = self._resolve_layout()
-        key = tree_key(rev.md5, self.layout)
+        key = tree_key(rev.md5, self.layout, self.req.part)
         manifest = self._manifest()
         if self.req.verify:
             self._verify(manifest)
@@ -220,8 +230,11 @@ class _Run:
                 if base_info is None or base_name is None:
                     builder.link_entries(manifest, build_fd)
                 else:
-                    old = self.cache.load_manifest(
-                        Revision.parse(base_info.revision), Layout(base_info.layout)
+                    old = base_info.part.select(
+                        self.cache.load_manifest(
+                            Revision.parse(base_info.revision), Layout(base_info.layout)
+                        ),
+                        revision=base_info.revision,
                     )
                     plan = diff(old, manifest)
                     reused, removed = plan.unchanged, len(plan.remove)
@@ -256,6 +269,7 @@ class _Run:
                 modes={m: n for m, n in total_modes.items() if n > 0},
                 read_only=read_only,
                 writable=self.req.writable,
+                paths=self.req.part.to_list(),
             )
             self.ws.commit(build, key, info)
             build = None
@@ -267,6 +281,7 @@ class _Run:
         return Result(
             revision=rev.oid,
             path=str(self.ws.link),
+            paths=self.req.part.paths,
             tree=str(self.ws.tree(key)),
             files=len(manifest),
             bytes=info.bytes,
@@ -291,7 +306,7 @@ class _Run:
         """The revision is already published: O(1), no manifest read."""
         md5 = self.req.revision.md5
         key = self.ws.published()
-        if key not in {tree_key(md5, layout) for layout in self._layouts()}:
+        if key not in {tree_key(md5, layout, self.req.part) for layout in self._layouts()}:
             return None
         assert key is not None  # noqa: S101 - for mypy: None is never a tree key
         # Only a tree the records vouch for (the inode they name): a pod that renamed or
@@ -305,6 +320,7 @@ class _Run:
         return Result(
             revision=self.req.revision.oid,
             path=str(self.ws.link),
+            paths=self.req.part.paths,
             tree=str(self.ws.tree(key)),
             files=info.files,
             bytes=info.bytes,
@@ -347,7 +363,9 @@ class _Run:
     def _manifest(self) -> Manifest:
         rev = self.req.revision
         if rev.is_dir:
-            return self.cache.load_manifest(rev, self.layout)
+            return self.req.part.select(
+                self.cache.load_manifest(rev, self.layout), revision=rev.oid
+            )
         name = self.req.file_name or rev.md5
         return Manifest.from_entries([(name, rev.md5)], source=f"single-file revision {rev.md5}")
 
@@ -384,7 +402,7 @@ class _Run:
         spare = self.ws.spare()
         # A young spare is off limits (readers may still be in it), except when it already is
         # the target: then the recycle renames it and edits nothing (a rollback).
-        target = tree_key(self.req.revision.md5, self.layout)
+        target = tree_key(self.req.revision.md5, self.layout, self.req.part)
         if spare is not None and (spare[0] == target or self._spare_old_enough(spare[1].name)):
             info = self.ws.trusted(spare[0], spare[1].name)
             if usable(info):

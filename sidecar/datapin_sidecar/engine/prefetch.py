@@ -10,6 +10,9 @@ the cache lacks (one `lstat` per distinct object), fetch that in one batch (`fet
 per node, whoever else is fetching), and report. Synchronous like the materialiser: the agent
 runs it in a worker thread, and cancellation reaches it through `S3Remote.abort()`.
 
+A prefetch of a part (`engine.part`) fetches the `.dir` and the objects beneath the part's
+folders only: the node keeps that part warm, not the revision.
+
 The whole run is registered with `NodeCache.building` before the first lookup, so a GC running
 meanwhile keeps every object of the revision that is already in the cache: an object found
 present is never evicted before the prefetch reports the revision warm.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.fetching import Fetcher, layouts_to_try
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 
@@ -32,6 +36,7 @@ from datapin_sidecar.engine.revision import Revision
 class PrefetchResult:
     revision: str
     layout: str
+    paths: tuple[str, ...]  # the part's folders; empty: the whole revision
     objects: int  # distinct objects the revision needs (its .dir included)
     present: int  # already in the cache
     fetched_objects: int
@@ -42,15 +47,21 @@ class PrefetchResult:
 
 
 def prefetch(
-    cache: NodeCache, revision: Revision, remote: Remote, *, layout: Layout | None = None
+    cache: NodeCache,
+    revision: Revision,
+    remote: Remote,
+    *,
+    layout: Layout | None = None,
+    part: Part = Part.WHOLE,
 ) -> PrefetchResult:
-    """Make every object of `revision` present in `cache`; raise if the remote lacks some."""
+    """Make every object of `revision` (of `part` of it) present in `cache`; raise if the
+    remote lacks some, or the revision lacks one of the part's folders."""
     with cache.building(revision.oid):
-        return _prefetch(cache, revision, remote, layout=layout)
+        return _prefetch(cache, revision, remote, layout=layout, part=part)
 
 
 def _prefetch(
-    cache: NodeCache, revision: Revision, remote: Remote, *, layout: Layout | None
+    cache: NodeCache, revision: Revision, remote: Remote, *, layout: Layout | None, part: Part
 ) -> PrefetchResult:
     started = time.monotonic()
     fetcher = Fetcher(cache, remote)
@@ -63,7 +74,7 @@ def _prefetch(
     if dir_fetched:
         fetcher.fetch([revision.oid], found)
     if revision.is_dir:
-        manifest = cache.load_manifest(revision, found)
+        manifest = part.select(cache.load_manifest(revision, found), revision=revision.oid)
         needed += sorted({manifest.md5(i) for i in range(len(manifest))})
     missing = [oid for oid in needed if not os.path.lexists(cache.path(oid, found))]
     if missing:
@@ -71,6 +82,7 @@ def _prefetch(
     return PrefetchResult(
         revision=revision.oid,
         layout=str(found),
+        paths=part.paths,
         objects=len(needed),
         present=len(needed) - len(missing) - int(dir_fetched),
         fetched_objects=fetcher.fetched_objects,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,6 +64,9 @@ class Out:
     layout: Layout
     size: int | None = None
     nfiles: int | None = None
+    #: The folder inside a directory out that a target named (`data.dvc:data/images/train`
+    #: -> `images/train`, as `dvc pull data/images/train` takes it); "" for the whole out.
+    within: str = ""
 
 
 def read_dvc_file(path: str | Path) -> list[Out]:
@@ -93,11 +96,16 @@ def read_dvc_lock(path: str | Path) -> dict[str, list[Out]]:
 
 
 def find_out(outs: list[Out], target: str, *, source: str) -> Out:
-    """The out whose path is `target` (normalised), or a clear error listing the choices."""
+    """The out whose path is `target` (normalised), or the directory out `target` is inside
+    (with `within` set: DVC's granular form), or a clear error listing the choices."""
     wanted = target.strip("/")
     for out in outs:
         if out.path.strip("/") == wanted:
             return out
+    for out in outs:
+        inside = out.path.strip("/") + "/"
+        if wanted.startswith(inside) and out.revision.is_dir:
+            return replace(out, within=wanted.removeprefix(inside))
     names = ", ".join(sorted(o.path for o in outs)) or "none"
     raise RevisionError(f"{source} has no out {target!r}; its outs are: {names}")
 
@@ -163,7 +171,9 @@ def resolve_target(repo: str | Path, target: str) -> Out:
     """The out a DVC target names in `repo`, as `dvc pull TARGET` would find it.
 
     `data.dvc` (a `.dvc` file with one out, or `data.dvc:path` to pick one of several), `data`
-    (its `data.dvc`), or an output of a pipeline stage: `path` or `dvc.lock:path`.
+    (its `data.dvc`), or an output of a pipeline stage: `path` or `dvc.lock:path`. A folder
+    inside a directory out (`data.dvc:data/images/train`, `data/images/train`) gives that out
+    with `within` set to the folder (`images/train`): the part to publish (`engine.part`).
     """
     root = Path(repo)
     if not (root / ".dvc").is_dir():
@@ -178,6 +188,11 @@ def resolve_target(repo: str | Path, target: str) -> Out:
         return _dvc_file_out(root / file_part, out_part if sep else None)
     if (root / f"{target}.dvc").is_file():
         return _dvc_file_out(root / f"{target}.dvc", None)
+    parent = target.strip("/")
+    while "/" in parent:  # a folder inside a tracked directory: `data/images/train`
+        parent = parent.rpartition("/")[0]
+        if (root / f"{parent}.dvc").is_file():
+            return _dvc_file_out(root / f"{parent}.dvc", target)
     if (root / "dvc.lock").is_file():
         return _lock_out(root / "dvc.lock", target)
     raise RevisionError(

@@ -55,8 +55,11 @@ Rules:
 Trees are named by a *key*: the revision's md5 for the DVC 3 layout, `<md5>-legacy` for the
 legacy one. The key carries the layout because one `.dir` md5 can name two different trees:
 legacy names a CRLF text file by the md5 of its LF form, so a legacy manifest and a DVC 3
-manifest of the LF-converted files are byte-identical. (`<key>` in the layout above.) The rule
-is written once: `tree_key` makes a key, `tree_layout` reads the layout back from one.
+manifest of the LF-converted files are byte-identical. A tree of a part of the revision (some
+of its folders, `engine.part`) adds `-p<16 hex>` (`Part.suffix`), so a part and the whole
+never share a tree; its record lists the folders (`TreeInfo.paths`). (`<key>` in the layout
+above.) The rule is written once: `tree_key` makes a key, `tree_layout` and `tree_md5` read
+the layout and the md5 back from one.
 
 Opening and claiming the destination (its descriptors, the marker, the lock file, the errors)
 is the base class's, `destination.Destination`; here are the trees, their records and the
@@ -83,13 +86,14 @@ from typing import Final
 from datapin_sidecar import safefs
 from datapin_sidecar.engine.destination import LINK_NAME, Destination
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.errors import UnsafeFileError
 
 #: Records are small; anything bigger is damaged or planted and read as absent.
 META_LIMIT: Final = 64 * 1024
 #: The key of a legacy-layout tree is its md5 with this suffix (see the module doc).
 _LEGACY_SUFFIX: Final = "-legacy"
-_KEY: Final = re.compile(rf"[0-9a-f]{{32}}(?:{_LEGACY_SUFFIX})?")
+_KEY: Final = re.compile(rf"([0-9a-f]{{32}})({_LEGACY_SUFFIX})?(-p[0-9a-f]{{16}})?")
 _TMP_LINK: Final = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9_.-]*\.tmp-[0-9a-f]+")
 #: Names of the records in the state directory (also in `.revs` in the historical layout).
 _RECORDS: Final = frozenset({".datapin", ".lock", ".meta"})
@@ -111,6 +115,12 @@ class TreeInfo:
     writable: bool = False
     #: Inode of the tree's directory: a tree at another inode (renamed, forged) is not this one.
     ino: int = 0
+    #: The folders of the revision the tree holds (`engine.part`); empty: all of it.
+    paths: list[str] = field(default_factory=list)
+
+    @property
+    def part(self) -> Part:
+        return Part.from_list(self.paths or None, what=f"record of {self.revision}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -127,6 +137,7 @@ class TreeInfo:
             read_only=bool(raw.get("read_only", False)),
             writable=bool(raw.get("writable", False)),
             ino=int(raw.get("ino", 0)),
+            paths=[str(p) for p in raw.get("paths", [])],
         )
 
 
@@ -508,9 +519,9 @@ class Workspace(Destination):
         return actions
 
 
-def tree_key(md5: str, layout: str) -> str:
-    """The directory name of a revision's tree under `.revs` (see the module doc)."""
-    return md5 if layout == "dvc3" else f"{md5}{_LEGACY_SUFFIX}"
+def tree_key(md5: str, layout: str, part: Part = Part.WHOLE) -> str:
+    """The directory name of a revision's (or a part's) tree under `.revs` (module doc)."""
+    return (md5 if layout == "dvc3" else f"{md5}{_LEGACY_SUFFIX}") + part.suffix
 
 
 def is_tree_key(name: str) -> bool:
@@ -520,12 +531,19 @@ def is_tree_key(name: str) -> bool:
 
 def tree_layout(key: str) -> Layout:
     """The layout of the tree named `key`: the inverse of `tree_key`."""
-    return Layout.LEGACY if key.endswith(_LEGACY_SUFFIX) else Layout.DVC3
+    m = _KEY.fullmatch(key)
+    return Layout.LEGACY if m is not None and m.group(2) else Layout.DVC3
 
 
 def tree_md5(key: str) -> str:
     """The md5 of the revision of the tree named `key`: the other half of the inverse."""
-    return key.removesuffix(_LEGACY_SUFFIX)
+    return key[:32]
+
+
+def is_part_key(key: str) -> bool:
+    """Whether the tree named `key` holds a part of its revision (its record lists which)."""
+    m = _KEY.fullmatch(key)
+    return m is not None and m.group(3) is not None
 
 
 def remove_tree(path: Path) -> None:

@@ -204,10 +204,12 @@ class Metrics:
         )
         self.revision = pod.gauge(
             "datapin_revision_info",
-            "The revision served (1): the ref the user asked for and the pin it resolved to.",
+            "The revision served (1): the ref the user asked for, the pin it resolved to, and "
+            "the folders of it served (path; empty: all of it).",
             "dataset",
             "revision",
             "pin",
+            "path",
         )
         self.last_success = pod.gauge(
             "datapin_last_success_timestamp_seconds",
@@ -337,7 +339,7 @@ class Metrics:
             for state in ("warm", "pending", "failed"):
                 self.prefetch.labels(state).set(0)
         self._known: set[str] = set()
-        self._pins: dict[str, tuple[str, str]] = {}
+        self._pins: dict[str, tuple[str, str, str]] = {}
 
     # -- sidecar ------------------------------------------------------------------------------
 
@@ -384,15 +386,16 @@ class Metrics:
         for reason, n in items:
             self.retries.labels(dataset, reason).inc(n)
 
-    def serving(self, dataset: str, *, ref: str, pin: str) -> None:
-        """`datapin_revision_info`: one series per dataset, the one being served."""
+    def serving(self, dataset: str, *, ref: str, pin: str, path: str = "") -> None:
+        """`datapin_revision_info`: one series per dataset, the one being served. The part
+        (`path`, a comma list of folders) is a label here only: counters stay per dataset."""
         old = self._pins.get(dataset)
-        if old == (ref, pin):
+        if old == (ref, pin, path):
             return
         if old is not None:
             self.revision.remove(dataset, *old)
-        self.revision.labels(dataset, ref, pin).set(1)
-        self._pins[dataset] = (ref, pin)
+        self.revision.labels(dataset, ref, pin, path).set(1)
+        self._pins[dataset] = (ref, pin, path)
 
     # -- peer fetch -------------------------------------------------------------------------
 

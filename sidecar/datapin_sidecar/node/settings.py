@@ -32,8 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import BadSettingsError, RevisionError
+from datapin_sidecar.errors import BadSettingsError, DatapinError, RevisionError
 from datapin_sidecar.limits import MAX_DIR_PATH_BYTES
 from datapin_sidecar.pins import DATASET_NAME_MAX, is_dataset_name
 from datapin_sidecar.redaction import redact
@@ -171,6 +172,13 @@ class DatasetSettings(BaseModel):
         description="The revision (<md5>.dir) to serve when no annotations file is used.",
     )
     ref: str | None = Field(default=None, description="What `pin` was resolved from (display).")
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Folders of the revision to serve or prefetch, relative to its root "
+        "(e.g. images/train): only their objects are fetched and the tree holds only them. "
+        "Empty: the whole revision. With `pin` when no annotations file is used, and in "
+        "prefetch entries (the pins carry their own).",
+    )
     writable: bool = Field(
         default=False,
         description="The pod mounts this dataset read-write (the webhook sets it for "
@@ -188,6 +196,18 @@ class DatasetSettings(BaseModel):
                 "digit)"
             )
         return value
+
+    @field_validator("paths")
+    @classmethod
+    def _part(cls, value: list[str]) -> list[str]:
+        try:
+            return Part.parse(value, what="path").to_list()
+        except DatapinError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def part(self) -> Part:
+        return Part(tuple(self.paths))
 
     @field_validator("remote")
     @classmethod

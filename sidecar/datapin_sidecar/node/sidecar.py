@@ -48,6 +48,7 @@ from pathlib import Path
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Progress, Request, Result, materialize
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import tree_layout
 from datapin_sidecar.errors import DatapinError, RemoteError, StoppedError, UsageError
@@ -73,6 +74,8 @@ class Target:
     revision: Revision
     layout: Layout | None
     ref: str
+    #: The folders to serve (`engine.part`): the pin's, or the settings' `paths` without pins.
+    part: Part = Part.WHOLE
 
 
 @dataclass(slots=True)
@@ -104,6 +107,7 @@ def targets(settings: Settings) -> dict[str, Target]:
                 revision=Revision.parse(d.pin or ""),
                 layout=d.layout.pinned,
                 ref=d.ref or d.pin or "",
+                part=d.part,
             )
             for d in settings.datasets
         }
@@ -123,7 +127,9 @@ def _target(pin: Pin, dataset: DatasetSettings) -> Target:
     layout = pin.layout
     if layout is None:
         layout = dataset.layout.pinned
-    return Target(dataset=pin.dataset, revision=pin.revision, layout=layout, ref=pin.ref)
+    return Target(
+        dataset=pin.dataset, revision=pin.revision, layout=layout, ref=pin.ref, part=pin.part
+    )
 
 
 class Sidecar(Program):
@@ -214,7 +220,10 @@ class Sidecar(Program):
 
     def status(self) -> dict[str, object]:
         def show(t: Target | None) -> dict[str, str] | None:
-            return None if t is None else {"ref": t.ref, "pin": t.revision.oid}
+            if t is None:
+                return None
+            shown = {"ref": t.ref, "pin": t.revision.oid}
+            return shown | {"path": t.part.label} if not t.part.whole else shown
 
         return {
             "ready": self.ready(),
@@ -329,6 +338,7 @@ class Sidecar(Program):
                 writable=self.datasets[target.dataset].writable,
                 # Records out of the pod's view: it mounts only `<workspace>/<dataset>`.
                 state=self.workspace / STATE_DIR / target.dataset,
+                part=target.part,
             )
             try:
                 if self.cancel.is_set():
@@ -353,7 +363,9 @@ class Sidecar(Program):
                 raise DatapinError(f"unexpected {type(exc).__name__}: {exc}") from exc
             now = self.clock()
             self.metrics.observe(target.dataset, result, now=now)
-            self.metrics.serving(target.dataset, ref=target.ref, pin=target.revision.oid)
+            self.metrics.serving(
+                target.dataset, ref=target.ref, pin=target.revision.oid, path=target.part.label
+            )
             touch_used(self.cache, target.revision, tree_layout(Path(result.tree).name), now=now)
             state.serving = target
             state.path = result.path
