@@ -45,6 +45,7 @@ class Attr(StrEnum):
     LAYOUT = "layout"  # a `LayoutChoice`; default auto
     REF = "ref"  # what the pin was resolved from (display only)
     WRITABLE = "writable"  # "true": an overlay the pod can write; default "false"
+    PATH = "path"  # folders of the revision, a comma list (`engine.part`); absent: all of it
 
 
 class PodInfo(StrEnum):
