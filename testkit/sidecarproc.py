@@ -212,10 +212,14 @@ class Pod:
             "credentials_dir": str(self.secret),
         }
 
-    def pin(self, rev: str, ref: str) -> None:
-        """Change the pod's annotations as kubelet does (atomic `..data` swap)."""
+    def pin(self, rev: str, ref: str, *, paths: list[str] | None = None) -> None:
+        """Change the pod's annotations as kubelet does (atomic `..data` swap); `paths`: the
+        part of the revision the pins name (issue 18)."""
         self.stamp += 1
-        pins = json.dumps({"images": {"pin": rev, "ref": ref}})
+        pin: dict[str, object] = {"pin": rev, "ref": ref}
+        if paths:
+            pin["paths"] = paths
+        pins = json.dumps({"images": pin})
         text = format_downward_annotations({ANNOTATION: pins, "team": "vision"})
         kubelet_update(self.podinfo, {"annotations": text}, f"2026_11_22_00_00_{self.stamp:02d}.1")
 
