@@ -15,6 +15,14 @@ Secret kubelet passes, and the pin is proven against both before anything is ser
 because they become paths on the node: the id is a plain name, and the target lies under
 kubelet's pods directory, in the pod's own directory.
 
+**A part of a revision** (`path`, issue 18): the folders of the pin's `.dir` the pod gets,
+a comma list as `engine.part.Part.parse` reads it (`images/train,images/val`), normalised to
+one spelling so one part has one tree key. Only its syntax is checked here (relative, no `..`,
+no empty or `.` segments, the length caps: nothing a pod writes can name a path outside the
+tree). Whether the revision holds those folders is known only from its `.dir`, which is read
+after the pod's keys proved the pin (`csi.access`): a pod learns nothing about a revision's
+folders that its own remote does not show it.
+
 Parsing is total: a bad request is a `BadVolumeError` naming the attribute and the fix, which
 kubelet shows in the pod's Events.
 """
@@ -29,8 +37,9 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import BadVolumeError, RevisionError
+from datapin_sidecar.errors import BadVolumeError, RevisionError, UsageError
 from datapin_sidecar.pins import is_dataset_name
 
 #: The CSI driver's name: the `CSIDriver` object, the pods' `csi.driver`, the registration.
@@ -71,6 +80,9 @@ class PublishResult(StrEnum):
 _VOLUME_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _POD_UID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _BOOLS: Final = {"true": True, "false": False}
+#: Longest `path` attribute read (64 folders of 4 KiB and their commas are far below it):
+#: anything longer is refused before it is split.
+_PATH_LIMIT: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +109,8 @@ class VolumeRequest:
     ref: str
     writable: bool
     pod: Pod
+    #: The folders of the revision to serve (`Attr.PATH`); `Part.WHOLE`: all of it.
+    part: Part = Part.WHOLE
     #: The Secret kubelet read for the pod (`nodePublishSecretRef`); never logged or shown.
     secrets: Mapping[str, str] = field(repr=False, compare=False)
 
@@ -144,6 +158,13 @@ def parse_publish(
             f"dataset {dataset!r} pin {revision.oid}: the volume is `readOnly` but asks for "
             f'{Attr.WRITABLE.value}: "true". Fix: drop one of them'
         )
+    part = parse_part(context.get(Attr.PATH, ""), volume=f"dataset {dataset!r} pin {revision.oid}")
+    if not part.whole and not revision.is_dir:
+        raise BadVolumeError(
+            f"dataset {dataset!r} pin {revision.oid}: volume attribute {Attr.PATH.value!r} "
+            f"names folders ({part.label}), but the pin is a single file. Fix: drop the "
+            "path, or pin a directory revision (<md5>.dir)"
+        )
     target = check_target(target_path, kubelet_dir=kubelet_dir, pod_uid=pod.uid)
     return VolumeRequest(
         volume_id=volume_id,
@@ -155,8 +176,24 @@ def parse_publish(
         ref=context.get(Attr.REF, "").strip()[:256],
         writable=writable,
         pod=pod,
+        part=part,
         secrets=dict(secrets),
     )
+
+
+def parse_part(value: str, *, volume: str) -> Part:
+    """The `path` attribute as a `Part` (see the module doc); `volume` names it in errors."""
+    what = f"volume attribute {Attr.PATH.value!r}"
+    if len(value) > _PATH_LIMIT:
+        raise BadVolumeError(
+            f"{volume}: {what} is {len(value)} characters long (at most {_PATH_LIMIT}). Fix: "
+            "name fewer folders, or their common parent folder"
+        )
+    try:
+        return Part.parse([value], what=what)
+    except UsageError as exc:
+        # Part's message names the attribute, the value and the fix (`what`).
+        raise BadVolumeError(f"{volume}: {exc}") from None
 
 
 def check_volume_id(volume_id: str) -> str:
