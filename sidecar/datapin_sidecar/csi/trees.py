@@ -1,10 +1,11 @@
-"""The shared tree store: one read-only tree per (node, revision, layout), built once.
+"""The shared tree store: one read-only tree per (node, revision, layout, part), built once.
 
 In CSI mode a pod's volume is a bind mount of a tree that every pod on the node using the same
 revision shares (`publisher`), so a warm publish costs the same at 10 files and at 1,000,000.
 This module builds and keeps those trees::
 
-    ROOT/trees/<key>/                     one destination per tree key (`workspace.tree_key`)
+    ROOT/trees/<key>/                     one destination per tree key (`workspace.tree_key`:
+                                          `<md5>[-legacy][-p<16 hex>]`, the last for a part)
     ROOT/trees/<key>/current -> .revs/<key>   published: the tree is complete
     ROOT/trees/<key>/.revs/<key>/         the tree itself (what `ensure` returns, what is bound)
     ROOT/trees/<key>/.revs/{.lock,.datapin,.meta/}   the workspace's records (`workspace`)
@@ -16,6 +17,16 @@ destination, so everything that makes a sidecar's tree right makes this one righ
 the cache (hardlink or copy fallback), missing objects fetched from the request's remote once
 per node and md5-verified, the build hidden under a `.build-` name and published by renaming
 `current`, and a crash at any point leaving debris the next run's `recover` removes.
+
+**A part is a tree of its own** (`engine.part`: some folders of the revision, keyed with the
+part's `-p` suffix), built by the engine from the part's entries only, so only the part's
+objects are fetched, and its entries keep their paths (`current/images/train/...`). It is
+never cut out of the whole revision's tree, nor the whole from parts: each key is one
+destination that holds exactly what its record (`TreeInfo.paths`) says. Objects are shared
+through the cache, so a part and the whole of one revision on a node cost one download per
+object: their builds take the same per-md5 lock, and whichever comes second finds the objects
+cached. A folder the revision lacks is the engine's `PathNotInRevisionError` (the caller turns
+it into a refusal; nothing is built).
 
 **Warm is O(1).** `find` reads one symlink: `current` exists only once the tree is complete and
 is never changed afterwards (a destination holds one revision), so no manifest is read and no
@@ -60,6 +71,7 @@ from datapin_sidecar.engine.fetching import Fetcher
 from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.materialize import Request, Result, materialize
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import TreeInfo, Workspace, is_tree_key, tree_key
@@ -132,21 +144,29 @@ class TreeStore:
             return None
         return self.tree(key) if target == f".revs/{key}" else None
 
-    def find(self, revision: Revision, layout: LayoutChoice) -> Path | None:
-        """The complete tree of `revision` in `layout` (for auto: DVC 3, then legacy)."""
+    def find(
+        self, revision: Revision, layout: LayoutChoice, part: Part = Part.WHOLE
+    ) -> Path | None:
+        """The complete tree of `part` of `revision` in `layout` (auto: DVC 3, then legacy)."""
         for candidate in layout.candidates:
-            found = self.find_key(tree_key(revision.md5, candidate))
+            found = self.find_key(tree_key(revision.md5, candidate, part))
             if found is not None:
                 return found
         return None
 
     # -- cold ---------------------------------------------------------------------------------
 
-    def build_sync(self, revision: Revision, layout: LayoutChoice, remote: Remote | None) -> Built:
+    def build_sync(
+        self,
+        revision: Revision,
+        layout: LayoutChoice,
+        remote: Remote | None,
+        part: Part = Part.WHOLE,
+    ) -> Built:
         """`build`, in the calling thread."""
         started = time.monotonic()
         for candidate in layout.candidates:
-            key = tree_key(revision.md5, candidate)
+            key = tree_key(revision.md5, candidate, part)
             found = self.find_key(key)
             if found is not None:
                 return Built(
@@ -160,19 +180,20 @@ class TreeStore:
         fetcher = Fetcher(self.cache, remote)
         # Registered as a build before the first lookup, so the GC keeps the `.dir` this may
         # fetch until the materialiser registers its own run (see `cache.building`). The lock
-        # is per md5 (both layouts' keys), taken before the layout is resolved, so that
-        # waiters do not each fetch the `.dir` again.
+        # is per md5 (both layouts' keys, every part's), taken before the layout is resolved,
+        # so that waiters do not each fetch the `.dir` again, and a part and the whole of one
+        # revision built at once fetch each object once: the second build finds it cached.
         with self.cache.building(revision.oid), self._locked(revision.md5):
-            found = self.find(revision, layout)
+            found = self.find(revision, layout, part)
             result = None
             if found is not None:
                 key = found.name
             else:
                 resolved = fetcher.resolve_layout(revision, layout.candidates)
-                key = tree_key(revision.md5, resolved)
+                key = tree_key(revision.md5, resolved, part)
                 found = self.find_key(key)
                 if found is None:
-                    result = materialize(self._request(revision, resolved, remote, key))
+                    result = materialize(self._request(revision, resolved, remote, key, part))
                     found = self.tree(key)
         return Built(
             key=key,
@@ -184,7 +205,7 @@ class TreeStore:
         )
 
     def _request(
-        self, revision: Revision, layout: Layout, remote: Remote | None, key: str
+        self, revision: Revision, layout: Layout, remote: Remote | None, key: str, part: Part
     ) -> Request:
         return Request(
             cache=self.cache,
@@ -196,11 +217,18 @@ class TreeStore:
             layout=layout,
             # One revision per destination, never switched: nothing to recycle.
             keep_spare=False,
+            part=part,
         )
 
-    async def build(self, revision: Revision, layout: LayoutChoice, remote: Remote | None) -> Built:
-        """The tree of `revision`, built now unless it exists (see the module doc)."""
-        found = self.find(revision, layout)
+    async def build(
+        self,
+        revision: Revision,
+        layout: LayoutChoice,
+        remote: Remote | None,
+        part: Part = Part.WHOLE,
+    ) -> Built:
+        """The tree of `part` of `revision`, built now unless it exists (see the module doc)."""
+        found = self.find(revision, layout, part)
         if found is not None:
             return Built(
                 key=found.name,
@@ -210,11 +238,18 @@ class TreeStore:
                 fetched_bytes=0,
                 seconds=0.0,
             )
-        return await asyncio.to_thread(self.build_sync, revision, layout, remote)
+        return await asyncio.to_thread(self.build_sync, revision, layout, remote, part)
 
-    async def ensure(self, revision: Revision, layout: LayoutChoice, remote: Remote | None) -> Path:
-        """The directory of `revision`'s shared tree, to bind into a pod (built if need be)."""
-        return (await self.build(revision, layout, remote)).path
+    async def ensure(
+        self,
+        revision: Revision,
+        layout: LayoutChoice,
+        remote: Remote | None,
+        part: Part = Part.WHOLE,
+    ) -> Path:
+        """The directory of `part` of `revision`'s shared tree, to bind into a pod (built if
+        need be)."""
+        return (await self.build(revision, layout, remote, part)).path
 
     # -- listing and GC -----------------------------------------------------------------------
 
