@@ -35,6 +35,23 @@ b. Every object the `.dir` names is proven on that remote (`Refusal.OBJECTS_NOT_
    hashed. If that fetch is not all this request's own (an object absent, corrupt, or fetched
    by someone else meanwhile), every object is proven the usual way.
 
+**A part of a revision** (`engine.part`: the folders a volume's `path` names) is proven like
+a revision of its own: step (a) proves the pin's `.dir` as always (the manifest is the whole
+revision's, and the pod's keys must read it), step (b) the objects beneath the part's folders
+only, kept as the part's own record (its tree key has the part's `-p` suffix, and the record
+lists the folders). A pod asking for a part never needs the rest of the revision on its
+remote, and a node never downloads the rest to prove it. Records compose within a revision on
+one remote, because each says "this remote held these objects": a record of the whole
+revision proves every part of it (nothing is asked of the remote), and a proof of the whole
+or of another part asks only for the objects no record of that revision already proves (on
+hosts whose ETags are not trusted, that is a download each: the composition is what keeps a
+part and the whole on one node at one download per object). Only records the request may
+accept count (see ETags below). The folders are checked against the `.dir` only here, after
+step (a): a folder the revision lacks is `PathNotInRevisionError`, and a pod whose keys cannot
+read the pin learns nothing of its folders. Proofs of one revision's objects on one remote
+take turns (one lock per remote and revision), so concurrent part and whole proofs compose
+instead of each downloading the same objects.
+
 **Why proof by objects, and why a record per remote.** The `.dir` alone proves nothing about
 the objects: anyone can write a manifest naming any md5s. Proving each object on the
 requesting remote is what ties the cached bytes to B's own storage; keeping the proof per
@@ -86,16 +103,19 @@ from datapin_sidecar import safefs
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.fetching import Fetcher
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.remote import ProofReport, Remote
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.engine.workspace import tree_key
+from datapin_sidecar.engine.workspace import is_tree_key, tree_key, tree_layout, tree_md5
 from datapin_sidecar.errors import (
     AccessRefusedError,
     CorruptObjectError,
+    PathNotInRevisionError,
     Refusal,
     RemoteCause,
     RemoteError,
     UnsafeFileError,
+    UsageError,
 )
 
 #: How long a proven (keys, remote, pin) is remembered, in seconds.
@@ -140,7 +160,7 @@ class ProofMethod(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProvenanceRecord:
-    """A remote proven to hold every object of one tree."""
+    """A remote proven to hold every object of one tree (a revision, or a part of one)."""
 
     remote_id: str
     tree_key: str
@@ -148,6 +168,16 @@ class ProvenanceRecord:
     objects: int
     method: ProofMethod
     proven_at: float  # wall-clock seconds
+    #: The part's folders (`engine.part`), as in the tree key's `-p` suffix; empty: whole.
+    paths: tuple[str, ...] = ()
+
+    @property
+    def part(self) -> Part:
+        return Part(self.paths)
+
+    def accepted(self, trust_etags: bool) -> bool:
+        """Whether a request that may (or may not) trust ETags may rely on this record."""
+        return trust_etags or self.method is ProofMethod.CONTENT
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -183,25 +213,53 @@ class _Ask:
             ) from None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Objects:
+    """What step (b) must prove for one tree."""
+
+    #: Every object the tree holds (the record's count).
+    oids: list[str]
+    #: Those no accepted record of the revision on this remote proves already.
+    unproven: list[str]
+    #: Sizes of the unproven objects the cache holds.
+    sizes: dict[str, int]
+
+
 def _objects_of(
-    remote: Remote, cache: NodeCache, revision: Revision, layout: Layout
-) -> tuple[list[str], dict[str, int]]:
-    """The objects the pin's `.dir` names, read from the cache (fetched if absent, or if the
-    cached copy fails its md5: `load_manifest` quarantined it), and the sizes of those the
-    cache holds (so the remote's copy of another size is refused unread)."""
+    remote: Remote,
+    cache: NodeCache,
+    revision: Revision,
+    layout: Layout,
+    *,
+    part: Part,
+    proven: list[Part],
+) -> _Objects:
+    """The objects of `part` of the pin's `.dir`, read from the cache (fetched if absent, or
+    if the cached copy fails its md5: `load_manifest` quarantined it), less those beneath the
+    `proven` parts (other records of the revision), and the sizes of the rest the cache holds
+    (so the remote's copy of another size is refused unread). `PathNotInRevisionError` if
+    the revision lacks one of the part's folders."""
     try:
-        manifest = cache.load_manifest(revision, layout)
+        full = cache.load_manifest(revision, layout)
     except (FileNotFoundError, CorruptObjectError):
         Fetcher(cache, remote).fetch([revision.oid], layout)
-        manifest = cache.load_manifest(revision, layout)
+        full = cache.load_manifest(revision, layout)
+    manifest = part.select(full, revision=revision.oid)
     oids = list(dict.fromkeys(manifest.md5(i) for i in range(len(manifest))))
+    done: set[str] = set()
+    for other in proven:
+        # A record's folders were in the revision when it was written (the same .dir).
+        with contextlib.suppress(PathNotInRevisionError):
+            sub = other.select(full, revision=revision.oid)
+            done.update(sub.md5(i) for i in range(len(sub)))
+    unproven = [o for o in oids if o not in done]
     sizes: dict[str, int] = {}
-    for oid in oids:
+    for oid in unproven:
         with contextlib.suppress(OSError):
             st = os.lstat(cache.path(oid, layout))
             if stat.S_ISREG(st.st_mode):
                 sizes[oid] = st.st_size
-    return oids, sizes
+    return _Objects(oids=oids, unproven=unproven, sizes=sizes)
 
 
 def _fetched_all(remote: Remote, cache: NodeCache, oids: list[str], layout: Layout) -> bool:
@@ -252,9 +310,11 @@ class Access:
         layout: Layout,
         dataset: str,
         trust_etags: bool,
+        part: Part = Part.WHOLE,
     ) -> None:
-        """Return if the request's remote and keys prove access to `revision`; else raise
-        `AccessRefusedError` (a `RemoteError` other than refused keys propagates).
+        """Return if the request's remote and keys prove access to `part` of `revision`;
+        else raise `AccessRefusedError` (`PathNotInRevisionError` for a folder the revision
+        lacks; a `RemoteError` other than refused keys propagates).
 
         `layout` is the one the pin is served in (the caller resolves `auto`); `trust_etags`
         whether the remote's endpoint may be taken at its word (see the module doc).
@@ -275,13 +335,19 @@ class Access:
                 self._remember(memo)
         if not revision.is_dir:
             return  # the pin is the one object: step (a) proved it all
-        key = tree_key(revision.md5, layout.value)
+        key = tree_key(revision.md5, layout.value, part)
+        whole = tree_key(revision.md5, layout.value)
         rid = remote_id(remote)
-        async with self._lock(("tree", rid, key)):
-            record = await self.run(self.record, rid, key)
-            if record is not None and (trust_etags or record.method is ProofMethod.CONTENT):
-                return
-            count = await self._prove_objects(ask, cache)
+        # Per revision, not per tree: a part's and the whole's proofs compose (module doc).
+        async with self._lock(("tree", rid, whole)):
+            siblings = [
+                r
+                for r in await self.run(self.revision_records, rid, whole)
+                if r.accepted(trust_etags)
+            ]
+            if any(r.tree_key in (key, whole) for r in siblings):
+                return  # this tree's own record, or the whole revision's
+            count = await self._prove_objects(ask, cache, part, [r.part for r in siblings])
             await self.run(
                 self._write,
                 ProvenanceRecord(
@@ -291,6 +357,7 @@ class Access:
                     objects=count,
                     method=ProofMethod.ETAG if trust_etags else ProofMethod.CONTENT,
                     proven_at=time.time(),
+                    paths=part.paths,
                 ),
             )
 
@@ -309,17 +376,22 @@ class Access:
             refusal=Refusal.NOT_ON_REMOTE,
         )
 
-    async def _prove_objects(self, ask: _Ask, cache: NodeCache) -> int:
+    async def _prove_objects(
+        self, ask: _Ask, cache: NodeCache, part: Part, proven: list[Part]
+    ) -> int:
         remote, layout = ask.remote, ask.layout
-        oids, sizes = await self.run(_objects_of, remote, cache, ask.revision, layout)
-        asked = oids
-        if not ask.trust and len(sizes) < len(oids):
+        objects = await self.run(
+            _objects_of, remote, cache, ask.revision, layout, part=part, proven=proven
+        )
+        oids, sizes = objects.oids, objects.sizes
+        asked = objects.unproven
+        if not ask.trust and len(sizes) < len(asked):
             # Proof by content downloads every object; those the node lacks are downloaded
             # into the cache instead (md5-verified, with this request's remote and keys),
             # which proves them as well, so a cold start fetches each object once, not twice.
-            cold = [o for o in oids if o not in sizes]
+            cold = [o for o in asked if o not in sizes]
             if await self.run(_fetched_all, remote, cache, cold, layout):
-                asked = [o for o in oids if o in sizes]
+                asked = [o for o in asked if o in sizes]
         report = await ask.prove(asked, sizes) if asked else ProofReport()
         if report.complete:
             return len(oids)
@@ -380,6 +452,34 @@ class Access:
             return _read_record(sub, rid, key)
         finally:
             os.close(sub)
+
+    def revision_records(self, rid: str, whole: str) -> list[ProvenanceRecord]:
+        """The records on remote `rid` of the revision whose whole tree key is `whole`: its
+        own and every part's (same md5 and layout)."""
+        try:
+            top = safefs.open_dir(self.dir)
+        except (FileNotFoundError, UnsafeFileError):
+            return []
+        try:
+            sub = safefs.open_dir(rid, dir_fd=top)
+        except (FileNotFoundError, UnsafeFileError, NotADirectoryError):
+            return []
+        finally:
+            os.close(top)
+        md5, layout = tree_md5(whole), tree_layout(whole)
+        found = []
+        try:
+            for name in os.listdir(sub):
+                if not name.startswith(md5) or not is_tree_key(name):
+                    continue
+                if tree_layout(name) is not layout:
+                    continue
+                record = _read_record(sub, rid, name)
+                if record is not None:
+                    found.append(record)
+        finally:
+            os.close(sub)
+        return found
 
     def records(self) -> list[ProvenanceRecord]:
         """Every trusted record on the node."""
@@ -463,11 +563,17 @@ def _read_record(dir_fd: int, rid: str, key: str) -> ProvenanceRecord | None:
             objects=int(doc["objects"]),
             method=ProofMethod(doc["method"]),
             proven_at=float(doc["proven_at"]),
+            paths=Part.from_list(doc.get("paths") or None).paths,
         )
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, UsageError):
         return None
-    if record.remote_id != rid or record.tree_key != key:
-        return None
-    if hashlib.sha256(record.remote.encode()).hexdigest() != rid:
-        return None
-    return record
+    # It must be filed where it says, and its folders be the ones its key names: a record
+    # proves exactly its own tree.
+    ok = (
+        record.remote_id == rid
+        and record.tree_key == key
+        and is_tree_key(key)
+        and tree_key(tree_md5(key), tree_layout(key).value, record.part) == key
+        and hashlib.sha256(record.remote.encode()).hexdigest() == rid
+    )
+    return record if ok else None
