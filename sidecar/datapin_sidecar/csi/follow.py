@@ -4,8 +4,12 @@ In sidecar mode the sidecar reads its pod's annotations from a downward-API file
 when they change. In CSI mode there is no container in the pod, so the agent does it: it lists
 and watches the pods of its own node (`spec.nodeName` field selector, read-only RBAC) and, when
 a pod with a published volume carries a pin for that volume's dataset other than the one
-served, asks the plugin to switch that volume (`NodePlugin.switch`: prove access with the
-volume's own keys, ensure the shared tree, bind it under the volume and swap `current`).
+served (or names other folders of it: `Pin.part`), asks the plugin to switch that volume
+(`NodePlugin.switch`: prove access with the volume's own keys, ensure the shared tree, bind it
+under the volume and swap `current`). The pins are what the pod is to see: the folders they
+name (none: the whole revision) are the part a switch serves, so a new pin keeps the part the
+webhook wrote in both the volume's `path` and the pins, and an edit of the folders alone is a
+switch too.
 
 `changes` is the pure part (a pod and what is served in, the switches to make out), so it is
 tested without a watch. `Follower.run` is the loop: list, then watch from the list's
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from datapin_sidecar.csi.kubeapi import KubeApi
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.errors import DatapinError
 from datapin_sidecar.pins import ANNOTATION, Pin, parse_pins
 
@@ -51,10 +56,18 @@ class Served:
     dataset: str
     #: The object id served now (`<md5>.dir`).
     pin: str
+    #: The folders of it served now (`engine.part`); `Part.WHOLE`: all of it.
+    part: Part = Part.WHOLE
+
+    def serves(self, pin: Pin) -> bool:
+        """Whether this volume serves what `pin` names: its revision and its folders."""
+        return pin.revision.oid == self.pin and pin.part == self.part
 
 
 def changes(pod: Mapping[str, Any], served: Iterable[Served]) -> list[tuple[Served, Pin]]:
-    """The volumes of `pod` whose dataset's pin in its annotations differs from the served one."""
+    """The volumes of `pod` whose dataset's pin in its annotations differs from the served one
+    (another revision, or other folders of it: the pins say which folders, and no paths
+    there is the whole revision)."""
     meta = pod.get("metadata") or {}
     uid = str(meta.get("uid") or "")
     mine = [s for s in served if s.pod_uid == uid]
@@ -64,9 +77,7 @@ def changes(pod: Mapping[str, Any], served: Iterable[Served]) -> list[tuple[Serv
     source = f"pod {meta.get('namespace')}/{meta.get('name')}"
     pins = parse_pins(annotations, source=source)  # AnnotationsError: the caller logs it
     return [
-        (s, pins[s.dataset])
-        for s in mine
-        if s.dataset in pins and pins[s.dataset].revision.oid != s.pin
+        (s, pins[s.dataset]) for s in mine if s.dataset in pins and not s.serves(pins[s.dataset])
     ]
 
 
@@ -186,9 +197,7 @@ class Follower:
             log.debug("switch of volume %s failed: %s", served.volume_id, exc)
         finally:
             self._running.pop(served.volume_id, None)
-        took = any(
-            s.volume_id == served.volume_id and s.pin == pin.revision.oid for s in self.served()
-        )
+        took = any(s.volume_id == served.volume_id and s.serves(pin) for s in self.served())
         if took:
             self._retry.pop(served.volume_id, None)
             latest = self._pods.get(served.pod_uid)

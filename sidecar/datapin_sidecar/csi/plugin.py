@@ -26,6 +26,16 @@ changes) runs steps 2-3 for the new pin with the keys of the volume's last publi
 `Publisher.switch`. Without keys (the agent restarted and kubelet has not republished yet)
 it waits for them: the follower retries at its next list.
 
+**Parts** (`engine.part`, the volume's `path` attribute): a publish serves the folders the
+attribute names, a switch the folders the pod's pins name for the new pin (`Pin.paths`: the
+webhook writes the same folders in both, so a switch keeps the part unless the pins change
+it). Each step works on the part: the proof covers the part's objects (`Access.prove`), the
+tree is the part's own (`TreeStore`, keyed with the part's suffix) and the record keeps the
+folders. A folder the revision does not hold is found once the pin's `.dir` is proven with the
+pod's keys, and refused as a bad volume (INVALID_ARGUMENT, like any attribute that will never
+work as written) whose message lists the revision's top-level folders: the request is wrong,
+not the node, so kubelet's retries show the fix in the pod's Events until the pod is fixed.
+
 Remotes: one S3 session per publish or switch that needs the remote (a warm publish whose
 proof is remembered still opens one for the proof's bookkeeping; it sends no request).
 
@@ -52,15 +62,18 @@ from datapin_sidecar.csi.follow import Served
 from datapin_sidecar.csi.kubeapi import KubeApi
 from datapin_sidecar.csi.publisher import Publisher
 from datapin_sidecar.csi.trees import TreeStore
-from datapin_sidecar.csi.volume import PublishResult, VolumeRequest
+from datapin_sidecar.csi.volume import Attr, PublishResult, VolumeRequest
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout, LayoutChoice
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import tree_key, tree_md5
 from datapin_sidecar.errors import (
     AccessRefusedError,
+    BadVolumeError,
     DatasetNotFoundError,
+    PathNotInRevisionError,
     Refusal,
     RemoteCause,
     RemoteError,
@@ -78,6 +91,14 @@ class _Keys:
 
     dataset: DatasetRemote
     credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Asked:
+    """The part a publish or switch asks for, and where it was written (for a refusal)."""
+
+    part: Part
+    source: str
 
 
 class NodePlugin:
@@ -133,7 +154,11 @@ class NodePlugin:
         keys = await self._authorised_keys(request)
         layout_choice = request.layout if request.layout is not LayoutChoice.AUTO else None
         tree, result = await self._prove_and_build(
-            keys, request.revision, layout_choice or keys.dataset.layout, request.dataset
+            keys,
+            request.revision,
+            layout_choice or keys.dataset.layout,
+            request.dataset,
+            _Asked(part=request.part, source=f"volume attribute {Attr.PATH.value!r}"),
         )
         await self.publisher.publish(request, tree)
         self._keys[request.volume_id] = keys
@@ -151,7 +176,18 @@ class NodePlugin:
         return _Keys(dataset=dataset, credentials=credentials)
 
     async def _prove_and_build(
-        self, keys: _Keys, revision: Revision, layout: LayoutChoice, dataset: str
+        self, keys: _Keys, revision: Revision, layout: LayoutChoice, dataset: str, asked: _Asked
+    ) -> tuple[Path, PublishResult]:
+        try:
+            return await self._prove_and_build_part(keys, revision, layout, dataset, asked.part)
+        except PathNotInRevisionError as exc:
+            raise BadVolumeError(
+                f"dataset {dataset!r} pin {revision.oid}: {asked.source} "
+                f"({asked.part.label}): {exc}"
+            ) from None
+
+    async def _prove_and_build_part(
+        self, keys: _Keys, revision: Revision, layout: LayoutChoice, dataset: str, part: Part
     ) -> tuple[Path, PublishResult]:
         async with self._remote(keys) as remote:
             resolved = await self._layout(remote, revision, layout, dataset)
@@ -165,24 +201,25 @@ class NodePlugin:
                 layout=resolved,
                 dataset=dataset,
                 trust_etags=self.trusts(keys.dataset),
+                part=part,
             )
-        key = tree_key(revision.md5, resolved.value)
+        key = tree_key(revision.md5, resolved.value, part)
         tree = self.trees.find_key(key)
         if tree is not None:
             return tree, PublishResult.WARM
         build = self._builds.get(key)
         if build is None:
-            build = asyncio.create_task(self._build(keys, revision, resolved))
+            build = asyncio.create_task(self._build(keys, revision, resolved, part))
             self._builds[key] = build
             build.add_done_callback(functools.partial(self._built, key))
         # A cancelled call (kubelet's deadline) leaves the build running for the retry.
         return await asyncio.shield(build), PublishResult.BUILT
 
-    async def _build(self, keys: _Keys, revision: Revision, layout: Layout) -> Path:
+    async def _build(self, keys: _Keys, revision: Revision, layout: Layout, part: Part) -> Path:
         """A build owns its remote: it outlives the call that started it."""
         async with self._remote(keys) as remote:
             built = self.build_remote(remote)
-            return await self.trees.ensure(revision, LayoutChoice(layout.value), built)
+            return await self.trees.ensure(revision, LayoutChoice(layout.value), built, part)
 
     def _built(self, key: str, task: asyncio.Task[Path]) -> None:
         if self._builds.get(key) is task:
@@ -250,6 +287,7 @@ class NodePlugin:
                 dataset=r.dataset,
                 # What `current` names now (a switch changes the tree, not the record's pin).
                 pin=tree_md5(r.tree_key) + (".dir" if r.pin.endswith(".dir") else ""),
+                part=r.tree_part,
             )
             for r in self.publisher.published()
         ]
@@ -268,17 +306,25 @@ class NodePlugin:
             return
         try:
             layout = LayoutChoice(pin.layout.value) if pin.layout else keys.dataset.layout
-            tree, _ = await self._prove_and_build(keys, pin.revision, layout, served.dataset)
-            await self.publisher.switch(served.volume_id, tree.name, tree)
+            asked = _Asked(part=pin.part, source="the paths of the pod's datapin.dev/pins")
+            tree, _ = await self._prove_and_build(keys, pin.revision, layout, served.dataset, asked)
+            await self.publisher.switch(served.volume_id, tree.name, tree, part=pin.part)
         except Exception as exc:
             self.on_switch(False)
             log.error(
-                "volume %s: switch of dataset %s to %s failed: %s",
+                "volume %s: switch of dataset %s to %s (%s) failed: %s",
                 served.volume_id,
                 served.dataset,
                 pin.revision.oid,
+                pin.part,
                 exc,
             )
             raise
         self.on_switch(True)
-        log.info("volume %s: dataset %s switched to %s", served.volume_id, served.dataset, pin.ref)
+        log.info(
+            "volume %s: dataset %s switched to %s (%s)",
+            served.volume_id,
+            served.dataset,
+            pin.ref,
+            pin.part,
+        )

@@ -3,6 +3,8 @@
 One directory per published volume, made and removed only by the agent (root)::
 
     ROOT/csi/<volume-id>/volume.json      the record (`VolumeRecord`), written atomically
+                                          (the tree keys in it may carry a part's `-p<16 hex>`
+                                          suffix, `engine.part`; its folders are `paths`)
     ROOT/csi/<volume-id>/view/            a shared mount (bound onto itself), bound onto
                                           kubelet's target path: what the pod sees
     ROOT/csi/<volume-id>/view/current -> .revs/<key>    relative symlink, swapped by rename
@@ -29,8 +31,10 @@ itself and made shared (its own peer group), the tree mounted at `.revs/<key>`, 
 created, the target directory made (kubelet made its parent) and the view bound onto it. A
 failure undoes what this call did. Publishing the same request again is a no-op (and repairs a
 target left writable by a crash between the bind and the read-only remount, on a kernel
-without the new mount API); the same volume
-id with a different request is a `VolumeConflictError`.
+without the new mount API); the same volume id with a different request (target, pod,
+dataset, pin, path, writable, readOnly) is a `VolumeConflictError`. kubelet's republish
+sends the pod's attributes as they were (a pod spec is immutable), so the request is compared
+with what was published, not with what a live switch put in `current` since.
 
 **Ownership.** Everything here and every tree is root's (the agent); tree files are 0444 and
 directories 0755. An overlay keeps the lower layer's owners and modes on copy-up, so a writable
@@ -78,8 +82,15 @@ from typing import Any, Final
 from datapin_sidecar import safefs
 from datapin_sidecar.csi import mounts
 from datapin_sidecar.csi.volume import VolumeRequest, check_volume_id
-from datapin_sidecar.engine.workspace import is_tree_key
-from datapin_sidecar.errors import BadVolumeError, MountError, VolumeConflictError, os_error
+from datapin_sidecar.engine.part import Part
+from datapin_sidecar.engine.workspace import is_tree_key, tree_key, tree_layout, tree_md5
+from datapin_sidecar.errors import (
+    BadVolumeError,
+    MountError,
+    UsageError,
+    VolumeConflictError,
+    os_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +116,10 @@ class VolumeRecord:
     #: The key `publish` bound (the request's); `tree_key` is what `current` names now.
     published_key: str
     tree_key: str
+    #: The folders the request asked for (`engine.part`; empty: the whole revision), and
+    #: those of the tree `current` names now (a switch may change them with the pin).
+    paths: list[str] = field(default_factory=list)
+    tree_paths: list[str] = field(default_factory=list)
     #: Every key mounted (or being mounted) under `.revs`: 0 for the current one, else the
     #: time it left `current` (unmounted once `grace` has passed).
     revs: dict[str, float] = field(default_factory=dict)
@@ -121,7 +136,39 @@ class VolumeRecord:
         keys = [record.published_key, record.tree_key, *record.revs]
         if not all(isinstance(k, str) and is_tree_key(k) for k in keys):
             raise ValueError("a tree key of the record is not one")
+        try:
+            # Each key's part suffix must be its folders' (`workspace.tree_key`).
+            if not (
+                _keyed(record.published_key, record.part)
+                and _keyed(record.tree_key, record.tree_part)
+            ):
+                raise ValueError("the record's paths are not its tree keys'")
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
         return record
+
+    @property
+    def part(self) -> Part:
+        """The part the request asked for (`paths`)."""
+        return Part.from_list(self.paths or None, what="a volume record's paths")
+
+    @property
+    def tree_part(self) -> Part:
+        """The part `current` shows now (`tree_paths`)."""
+        return Part.from_list(self.tree_paths or None, what="a volume record's tree paths")
+
+    def summary(self) -> dict[str, object]:
+        """What /status shows of the volume: whose, which dataset, what `current` serves
+        (`path`: the part's folders as the attribute writes them, "" for the whole)."""
+        return {
+            "volume_id": self.volume_id,
+            "pod": f"{self.pod_namespace}/{self.pod_name}",
+            "dataset": self.dataset,
+            "pin": tree_md5(self.tree_key) + (".dir" if self.pin.endswith(".dir") else ""),
+            "path": self.tree_part.label,
+            "tree": self.tree_key,
+            "writable": self.writable,
+        }
 
     @property
     def keys(self) -> set[str]:
@@ -241,6 +288,8 @@ class Publisher:
                 readonly=request.readonly,
                 published_key=key,
                 tree_key=key,
+                paths=request.part.to_list(),
+                tree_paths=request.part.to_list(),
                 revs={key: 0.0},
                 created=time.time(),
             )
@@ -269,6 +318,8 @@ class Publisher:
                 ("target path", record.target_path == str(request.target_path)),
                 ("pod", record.pod_uid == request.pod.uid),
                 ("dataset", record.dataset == request.dataset),
+                ("pin", record.pin == request.pin),
+                ("path", record.part == request.part),
                 ("writable", record.writable == request.writable),
                 ("readOnly", record.readonly == request.readonly),
                 ("revision", key in {record.published_key, record.tree_key}),
@@ -393,13 +444,16 @@ class Publisher:
 
     # -- switch -------------------------------------------------------------------------------
 
-    async def switch(self, volume_id: str, tree_key: str, tree: Path) -> bool:
-        """Point the volume's `current` at `tree` (see the module doc); whether it changed.
+    async def switch(
+        self, volume_id: str, tree_key: str, tree: Path, *, part: Part = Part.WHOLE
+    ) -> bool:
+        """Point the volume's `current` at `tree` (of `part` of its revision: the record
+        keeps the folders, see the module doc); whether it changed.
 
         The old tree stays mounted for `grace` seconds, then `purge_retired` removes it (a
         timer is started here; a restarted agent's `recover` purges what is due).
         """
-        changed = await asyncio.to_thread(self.switch_sync, volume_id, tree_key, tree)
+        changed = await asyncio.to_thread(self.switch_sync, volume_id, tree_key, tree, part=part)
         if changed:
             if self.grace <= 0:
                 await self.purge_retired()
@@ -416,10 +470,12 @@ class Publisher:
         except Exception:
             log.exception("removing retired trees failed; the next switch or restart retries")
 
-    def switch_sync(self, volume_id: str, tree_key: str, tree: Path) -> bool:
+    def switch_sync(
+        self, volume_id: str, tree_key: str, tree: Path, *, part: Part = Part.WHOLE
+    ) -> bool:
         key = self._check_tree(tree)
-        if key != tree_key:
-            raise BadVolumeError(f"tree {tree} is not the tree of key {tree_key}")
+        if key != tree_key or not _keyed(key, part):
+            raise BadVolumeError(f"tree {tree} is not the tree of key {tree_key} ({part})")
         vid = check_volume_id(volume_id)
         with self._lock(vid):
             record = self.record(vid)
@@ -437,7 +493,9 @@ class Publisher:
             self._point(self.view(vid), key)
             now = time.time()
             revs = {**record.revs, key: 0.0, record.tree_key: now}
-            self._write(dataclasses.replace(record, tree_key=key, revs=revs))
+            self._write(
+                dataclasses.replace(record, tree_key=key, tree_paths=part.to_list(), revs=revs)
+            )
             log.info("volume %s switched to %s (%s)", vid, key, point)
             return True
 
@@ -545,6 +603,11 @@ def _error(exc: OSError, what: str) -> Exception:
         fix="kubelet retries; if it persists, check the node directory and kubelet's pods "
         "directory on this node",
     )
+
+
+def _keyed(key: str, part: Part) -> bool:
+    """Whether tree key `key` is the key of `part` (of its revision, in its layout)."""
+    return tree_key(tree_md5(key), tree_layout(key), part) == key
 
 
 def _peer_group(path: Path, table: list[mounts.Mount]) -> str | None:

@@ -247,12 +247,13 @@ class NodeService:
         volume = self.parse_publish(request)
         started = time.monotonic()
         log.info(
-            "publishing volume %s for pod %s/%s: dataset %s pin %s%s",
+            "publishing volume %s for pod %s/%s: dataset %s pin %s%s%s",
             volume.volume_id,
             volume.pod.namespace,
             volume.pod.name,
             volume.dataset,
             volume.pin,
+            "" if volume.part.whole else f" path {volume.part.label}",
             " (writable)" if volume.writable else "",
         )
         result = await self._backend.publish(volume)
