@@ -412,3 +412,33 @@ def test_the_sidecar_serves_the_part_its_pins_name_and_labels_it(
 def _serving(proc: SidecarProcess, rev: str) -> bool:
     serving = proc.status()["datasets"]["images"]["serving"]
     return serving is not None and serving["pin"] == rev
+
+
+def test_a_record_naming_another_part_than_its_key_is_not_trusted(
+    tmp_path: Path, xfs_dir: Path
+) -> None:
+    """A record is trusted only for the part its key names: one edited to name another part
+    (or a traversal) is read as absent, so the tree is rebuilt rather than served."""
+    remote = NodeCache(tmp_path / "remote")
+    files = {f"d{i % 2}/f{i}.bin": f"x{i}".encode() for i in range(10)}
+    rev = put_revision(remote, files)
+    cache = NodeCache(xfs_dir / "cache")
+    request = Request(
+        cache=cache,
+        revision=rev,
+        dest=xfs_dir / "pod",
+        remote=DirectoryRemote(remote.root),
+        part=Part.parse(["d0"]),
+    )
+    built = materialize(request)
+    key = Path(built.tree).name
+    assert key == rev.md5 + Part.parse(["d0"]).suffix
+    assert materialize(request).noop
+    meta = xfs_dir / "pod" / ".revs" / ".meta" / f"{key}.json"
+    for forged in (["d1"], ["../d0"], "d0"):
+        record = json.loads(meta.read_text())
+        record["paths"] = forged
+        meta.write_text(json.dumps(record))
+        again = materialize(request)
+        assert not again.noop, forged
+        assert tree_bytes((xfs_dir / "pod" / "current").resolve()) == under(files, "d0")

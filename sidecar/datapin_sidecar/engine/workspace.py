@@ -87,7 +87,7 @@ from datapin_sidecar import safefs
 from datapin_sidecar.engine.destination import LINK_NAME, Destination
 from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.part import Part
-from datapin_sidecar.errors import UnsafeFileError
+from datapin_sidecar.errors import UnsafeFileError, UsageError
 
 #: Records are small; anything bigger is damaged or planted and read as absent.
 META_LIMIT: Final = 64 * 1024
@@ -137,8 +137,20 @@ class TreeInfo:
             read_only=bool(raw.get("read_only", False)),
             writable=bool(raw.get("writable", False)),
             ino=int(raw.get("ino", 0)),
-            paths=[str(p) for p in raw.get("paths", [])],
+            paths=_record_paths(raw.get("paths")),
         )
+
+
+def _record_paths(value: object) -> list[str]:
+    """A record's `paths`, checked like any part: a record that fails is damaged (ValueError,
+    so `Workspace.info` reads it as absent and the tree is rebuilt, never trusted)."""
+    try:
+        part = Part.from_list(value, what="a record's paths")
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    if list(part.paths) != value and value is not None:
+        raise ValueError("a record's paths are not in their normal form")
+    return part.to_list()
 
 
 class Workspace(Destination):
@@ -243,8 +255,10 @@ class Workspace(Destination):
         return self.revs / key
 
     def info(self, key: str) -> TreeInfo | None:
-        """The record of `key`'s tree; None if missing, damaged or not a small regular file."""
-        if not _KEY.fullmatch(key):
+        """The record of `key`'s tree; None if missing, damaged, not a small regular file, or
+        naming another part than the key does."""
+        m = _KEY.fullmatch(key)
+        if m is None:
             return None
         try:
             if self.is_locked:
@@ -252,9 +266,10 @@ class Workspace(Destination):
             else:
                 with self._unlocked_dir(".meta") as meta:
                     raw = safefs.read_regular(f"{key}.json", limit=META_LIMIT, dir_fd=meta)
-            return TreeInfo.from_json(raw)
+            info = TreeInfo.from_json(raw)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+        return info if info.part.suffix == (m.group(3) or "") else None
 
     @contextlib.contextmanager
     def _unlocked_dir(self, name: str) -> Iterator[int]:
