@@ -7,9 +7,11 @@ unmounting what a pod may use), serves CSI and kubelet registration on their soc
 follows the node's pods for live switches until the agent stops.
 
 What the rest of the agent needs from the plugin goes through `PluginState`: the GC's roots
-(trees a volume uses) and the removal of unused trees under space pressure, the gauges of
-shared trees and published volumes, and `/status`. Metrics are observed here, from the rpc
-layer's observer (every publish, refused ones included) and the plugin's switch callback.
+(trees a volume uses: the revision and layout from each tree's key, the part from its record,
+so a volume of a part keeps only that part's objects cached) and the removal of unused trees
+under space pressure, the gauges of shared trees and published volumes, and `/status`.
+Metrics are observed here, from the rpc layer's observer (every publish, refused ones
+included) and the plugin's switch callback.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from datapin_sidecar.csi.rpc import PluginServer, serve_node_plugin
 from datapin_sidecar.csi.trees import TreeStore
 from datapin_sidecar.csi.volume import PublishResult
 from datapin_sidecar.engine.cache import NodeCache
-from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.linker import Strategy
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.engine.workspace import tree_layout, tree_md5
-from datapin_sidecar.errors import UsageError, VolumeError
+from datapin_sidecar.engine.workspace import is_part_key, tree_key, tree_layout, tree_md5
+from datapin_sidecar.errors import UnsafeFileError, UsageError, VolumeError
+from datapin_sidecar.node.housekeeping.roots import RevisionRoot
+from datapin_sidecar.node.housekeeping.tasks import OnError, Task, log_item_error
 from datapin_sidecar.node.metrics import Metrics
 from datapin_sidecar.node.settings import Settings
 
@@ -56,16 +60,44 @@ class PluginState:
     server: PluginServer | None = None
     removed_trees: list[str] = field(default_factory=list)
 
-    def roots(self) -> list[tuple[Revision, Layout]]:
-        """The revisions of the trees published volumes use: their objects stay cached."""
+    def roots(self, on_error: OnError | None = None) -> list[RevisionRoot]:
+        """The revisions, or parts of them, of the trees published volumes use: their
+        objects stay cached (in a worker thread).
+
+        A key names its tree's revision and layout, and whether it holds a part; which part
+        is in the tree's record (`TreeInfo.paths`, read bounded), read for part keys only. A
+        part key whose record is missing, unreadable or names another part is reported to
+        `on_error` and protects its whole revision: these trees are the agent's own and in
+        use, so the doubt costs cache space, never a re-download under a pod.
+        """
         if self.publisher is None:
             return []
-        found = []
+        report = on_error or log_item_error
+        found: list[RevisionRoot] = []
         for record in self.publisher.published():
             is_dir = record.pin.endswith(".dir")
-            for key in record.keys:
-                found.append((Revision(md5=tree_md5(key), is_dir=is_dir), tree_layout(key)))
+            for key in sorted(record.keys):
+                revision = Revision(md5=tree_md5(key), is_dir=is_dir)
+                part = self._part(key, report) if is_part_key(key) else Part.WHOLE
+                found.append((revision, tree_layout(key), part))
         return found
+
+    def _part(self, key: str, report: OnError) -> Part:
+        """The part the tree `key` holds, from its record (`Part.WHOLE` when in doubt)."""
+        where = f"trees/{key}"
+        info = self.trees.info(key) if self.trees is not None else None
+        if info is None:
+            report(Task.ROOTS, where, UnsafeFileError(where, "has no readable record"))
+            return Part.WHOLE
+        try:
+            part = info.part
+        except Exception as exc:
+            report(Task.ROOTS, where, exc)
+            return Part.WHOLE
+        if tree_key(tree_md5(key), tree_layout(key), part) != key:
+            report(Task.ROOTS, where, UnsafeFileError(where, f"is recorded as {part}"))
+            return Part.WHOLE
+        return part
 
     def remove_unused_trees(self) -> list[str]:
         """Delete the shared trees no volume uses (space pressure; in a worker thread)."""

@@ -35,7 +35,6 @@ from typing import Final
 
 from datapin_sidecar import safefs
 from datapin_sidecar.engine.cache import PRIVATE, NodeCache
-from datapin_sidecar.engine.hashing import Layout
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import UnsafeFileError, os_error
 from datapin_sidecar.node.housekeeping.inventory import (
@@ -45,6 +44,7 @@ from datapin_sidecar.node.housekeeping.inventory import (
     in_eviction_order,
     plan,
 )
+from datapin_sidecar.node.housekeeping.roots import Root
 from datapin_sidecar.node.housekeeping.tasks import (
     OnError,
     Task,
@@ -116,7 +116,7 @@ def _protect_revision(cache: NodeCache, inv: Inventory, oid: str, report: OnErro
         md5 = oid.removesuffix(".dir")
         for d in inv.dirs:
             if d.md5 == md5 and d.layout == layout:
-                d.protected = True
+                d.protected, d.parts = True, ()  # a build registers its revision, whole
         if not os.path.lexists(cache.path(oid, layout)):
             continue  # the builder fetches it; its objects are fetched after it too
         try:
@@ -225,12 +225,19 @@ class _Evictor:
         self.size += size
         if c.is_dir:
             self.revisions.append(c.oid)
-            # The parsed manifest is only valid with its `.dir`, and can be tens of MB.
-            for directory in (f"{PRIVATE}/manifests", f"{PRIVATE}/used"):
-                more = self._unlink(directory, f"{c.layout}-{c.oid}")
-                if more is not None:
-                    freed_bytes += more[1]
-                    freed_inodes += more[2]
+            # The parsed manifest is only valid with its `.dir`, and can be tens of MB; the
+            # clocks of the revision and its parts date nothing without it.
+            name = f"{c.layout}-{c.oid}"
+            parts_used = c.dir.part_used if c.dir is not None else ()
+            for directory, names in (
+                (f"{PRIVATE}/manifests", (name,)),
+                (f"{PRIVATE}/used", (name, *parts_used)),
+            ):
+                for each in names:
+                    more = self._unlink(directory, each)
+                    if more is not None:
+                        freed_bytes += more[1]
+                        freed_inodes += more[2]
         self.freed_bytes += freed_bytes
         self.freed_inodes += freed_inodes
         return freed_bytes, freed_inodes
@@ -268,7 +275,7 @@ class _Evictor:
 
 def collect(
     cache: NodeCache,
-    root_revisions: Iterable[tuple[str, Layout]],
+    root_revisions: Iterable[Root],
     watermarks: Watermarks,
     *,
     usage: VolumeUsage | None = None,
@@ -278,11 +285,12 @@ def collect(
 ) -> GcReport:
     """Evict least recently used objects not in use until the volume is below `watermarks`.
 
-    `root_revisions` is `roots(...)`; `usage` a reading the caller just took (default: measure
-    now); `clock` the time source for `seconds`; `on_error` hears of every item skipped. With
-    `dry_run` nothing is evicted and `after` is the estimate (manifests are still read as on
-    any run, so a `.dir` that fails its md5 is still quarantined). Builds in progress
-    (`NodeCache.building`) are roots too, re-read before every batch of evictions. See the
+    `root_revisions` is `roots(...)` (whole revisions and parts: `inventory.plan`); `usage` a
+    reading the caller just took (default: measure now); `clock` the time source for
+    `seconds`; `on_error` hears of every item skipped. With `dry_run` nothing is evicted and
+    `after` is the estimate (manifests are still read as on any run, so a `.dir` that fails
+    its md5 is still quarantined). Builds in progress (`NodeCache.building`) are roots too,
+    whole, re-read before every batch of evictions. See the
     module doc for the policy.
     """
     started = clock()
@@ -315,7 +323,13 @@ def collect(
                 registered = set(building)
             # Planned without the lock (manifests take a while to read); a build registering
             # meanwhile is seen by the first batch.
-            plan(cache, inv, root_set | {(oid, lay) for oid in registered for lay in LAYOUTS})
+            # Builds are protected whole: a registration names a revision, not a part.
+            plan(
+                cache,
+                inv,
+                root_set | {(oid, lay) for oid in registered for lay in LAYOUTS},
+                on_error=report,
+            )
             candidates = in_eviction_order(cache, inv)
             evictor = _Evictor(cache, report, dry_run=dry_run)
             estimate = before

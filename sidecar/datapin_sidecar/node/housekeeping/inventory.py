@@ -1,12 +1,19 @@
 """The cache's objects, what the roots protect, and the order in which the rest go.
 
+**What is protected.** A root of a whole revision protects its `.dir` and every object its
+manifest names; a root of a part (`roots`) its `.dir` and the objects the part selects
+(`Part.select`): the revision's other objects are planned like those of a revision not in
+use. A part a root names that the revision does not hold protects nothing more (reported).
+
 **Which goes first.** Least recently used, by revision (`clock`): an object takes the newest
-clock among the non-root revisions that name it, so an object shared by an old and a new
-revision lives as long as the new one; an object no revision names (an orphan: a revision whose
-`.dir` went, a damaged `.dir`, a single-file revision) takes its own mtime. A revision's `.dir`
-goes right after its last object at the same clock, so a revision is never left with objects
-and no manifest to find them by. Ties are broken by layout, then path, so a plan is
-reproducible.
+clock among the revisions and parts that name it and do not protect it, so an object shared by
+an old and a new revision lives as long as the new one, and an object of a part used recently
+lives as long as the part, while the rest of its revision keeps the revision's own clock; an
+object no revision names (an orphan: a revision whose `.dir` went, a damaged `.dir`, a
+single-file revision) takes its own mtime. A revision's `.dir` takes the newest clock of the
+revision and its parts and goes right after its last object at that clock, so a revision is
+never left with objects and no manifest to find them by. Ties are broken by layout, then path,
+so a plan is reproducible.
 
 Only names shaped like objects count, and a shard that is not a directory (a symlink someone
 planted) is never followed. The inventory is kept lean (`Inventory`) for caches of millions of
@@ -27,14 +34,25 @@ from typing import Final
 from datapin_sidecar import safefs
 from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.manifest import Manifest
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.errors import UnsafeFileError
-from datapin_sidecar.node.housekeeping.clock import used_clocks
+from datapin_sidecar.node.housekeeping.clock import (
+    part_clock_names,
+    read_parts,
+    used_clocks,
+    used_name,
+)
+from datapin_sidecar.node.housekeeping.roots import Root, root_part
 from datapin_sidecar.node.housekeeping.tasks import OnError, Task, log_item_error, sorted_names
 
 log = logging.getLogger(__name__)
 
 LAYOUTS: Final = (Layout.DVC3, Layout.LEGACY)
+#: Part clocks read per revision, newest first (each is a small file; the rest of a planted
+#: flood is ignored, its parts' objects keep the revision's clock).
+MAX_PART_CLOCKS: Final = 64
 _SHARD: Final = re.compile(r"[0-9a-f]{2}")
 _OBJECT: Final = re.compile(r"[0-9a-f]{30}(\.dir)?")
 
@@ -112,14 +130,19 @@ def scan(cache: NodeCache, *, on_error: OnError | None = None) -> tuple[int, int
 
 @dataclass(slots=True)
 class Dir:
-    """A `.dir` object; `clock` is its revision's LRU time."""
+    """A `.dir` object; `clock` is its LRU time (the newest of its revision's and parts')."""
 
     layout: Layout
     md5: str
     size: int
     mtime: float
     clock: float = 0.0
+    #: A root (or a build) needs it: the `.dir` stays, and its objects per `parts`.
     protected: bool = False
+    #: With `protected`, the parts whose objects are protected; empty: every object.
+    parts: tuple[Part, ...] = ()
+    #: The used-files of parts of this revision (removed with the `.dir`).
+    part_used: tuple[str, ...] = ()
 
 
 class Inventory:
@@ -228,19 +251,50 @@ def _dir_candidate(cache: NodeCache, d: Dir) -> Candidate:
     return Candidate(cache.path(oid, d.layout), d.layout, oid, is_dir=True, dir=d)
 
 
-def plan(cache: NodeCache, inv: Inventory, root_revisions: set[tuple[str, Layout]]) -> None:
-    """Mark what roots protect and give every other object its LRU clock."""
+def plan(
+    cache: NodeCache,
+    inv: Inventory,
+    root_revisions: set[Root],
+    *,
+    on_error: OnError | None = None,
+) -> None:
+    """Mark what roots protect and give every other object its LRU clock (module doc)."""
+    report = on_error or log_item_error
     used = used_clocks(cache)
-    for oid, layout in root_revisions:
+    whole: set[tuple[str, Layout]] = set()
+    parts: dict[tuple[str, Layout], set[Part]] = {}
+    for r in root_revisions:
+        oid, layout, part = r[0], r[1], root_part(r)
         if not oid.endswith(".dir"):
             with contextlib.suppress(ValueError):  # a single-file revision: the object itself
                 inv.protect(bytes.fromhex(oid), layout)
+        elif part.whole:
+            whole.add((oid, layout))
+        else:
+            parts.setdefault((oid, layout), set()).add(part)
+    by_revision = part_clock_names(used)
+    part_names: dict[int, list[str]] = {}
     for d in inv.dirs:
-        d.protected = (d.md5 + ".dir", d.layout) in root_revisions
-        d.clock = used.get(f"{d.layout}-{d.md5}.dir", d.mtime)
+        key = (d.md5 + ".dir", d.layout)
+        d.protected = key in whole or key in parts
+        d.parts = () if key in whole else tuple(sorted(parts.get(key, ()), key=str))
+        names = sorted(by_revision.get(used_name(key[0], d.layout), ()), key=lambda n: -used[n])[
+            :MAX_PART_CLOCKS
+        ]
+        part_names[id(d)] = names
+        d.part_used = tuple(names)
+    dated = read_parts(cache, (n for names in part_names.values() for n in names))
+    # (part, clock) of the parts of each revision used on this node, newest first.
+    part_clocks = {
+        id(d): [(dated[n], used[n]) for n in part_names[id(d)] if n in dated] for d in inv.dirs
+    }
+    own_clock: dict[int, float] = {}
+    for d in inv.dirs:
+        own_clock[id(d)] = used.get(used_name(d.md5 + ".dir", d.layout), d.mtime)
+        d.clock = max([own_clock[id(d)], *(c for _, c in part_clocks[id(d)])])
     gone: set[int] = set()
     # Roots first: `name` must know every protected object before it assigns clocks.
-    for d in sorted(inv.dirs, key=lambda d: not d.protected):
+    for d in sorted(inv.dirs, key=lambda d: (not d.protected, bool(d.parts))):
         revision = Revision(md5=d.md5, is_dir=True)
         try:
             manifest = cache.load_manifest(revision, d.layout)
@@ -261,11 +315,28 @@ def plan(cache: NodeCache, inv: Inventory, root_revisions: set[tuple[str, Layout
             if not os.path.lexists(cache.path(revision.oid, d.layout)):
                 gone.add(id(d))
             continue
-        if d.protected:
-            for i in range(len(manifest)):
-                inv.protect(manifest.md5_raw(i), d.layout)
-        else:
-            for i in range(len(manifest)):
-                inv.name(manifest.md5_raw(i), d.layout, d.clock)
+        if d.protected and not d.parts:
+            _protect_all(inv, manifest, d.layout)
+            continue
+        for part in d.parts:
+            try:
+                _protect_all(inv, part.select(manifest, revision=revision.oid), d.layout)
+            except Exception as exc:
+                # The record names a folder the revision lacks: there is nothing of it to keep.
+                report(Task.ROOTS, f"{cache.path(revision.oid, d.layout)} ({part})", exc)
+        _name_all(inv, manifest, d.layout, own_clock[id(d)])
+        for part, clock in part_clocks[id(d)]:
+            with contextlib.suppress(Exception):  # a part the revision lacks dates nothing
+                _name_all(inv, part.select(manifest, revision=revision.oid), d.layout, clock)
     if gone:  # quarantined just now: no longer in the cache
         inv.dirs = [d for d in inv.dirs if id(d) not in gone]
+
+
+def _protect_all(inv: Inventory, manifest: Manifest, layout: Layout) -> None:
+    for i in range(len(manifest)):
+        inv.protect(manifest.md5_raw(i), layout)
+
+
+def _name_all(inv: Inventory, manifest: Manifest, layout: Layout, clock: float) -> None:
+    for i in range(len(manifest)):
+        inv.name(manifest.md5_raw(i), layout, clock)

@@ -1,10 +1,19 @@
-"""The roots of the GC: every revision in use on the node.
+"""The roots of the GC: every revision, or part of one, in use on the node.
 
-The roots are the revision and layout named by every meta file of every workspace on the node
-(both places: `.state/<dataset>/.meta/` and older sidecars' `<dataset>/.revs/.meta/`; a meta
-file exists for the published and the spare tree of each), plus the agent's prefetch list; the
-GC adds every build in progress (`evict`). Their `.dir` objects and every object their
-manifests name are never evicted.
+The roots are the revision, layout and part named by every meta file of every workspace on the
+node (both places: `.state/<dataset>/.meta/` and older sidecars' `<dataset>/.revs/.meta/`; a
+meta file exists for the published and the spare tree of each; `TreeInfo.part`), plus the
+agent's prefetch list (an entry's `paths`) and the CSI plugin's shared trees in use (their
+records); the GC adds every build in progress (`evict`), always whole: a build registers its
+revision, not its part. A root of a whole revision protects its `.dir` and every object its
+manifest names. A root of a part (`engine.part`) protects the `.dir` and the objects beneath
+the part's folders only: the rest of the revision's cached objects are not in use and age out
+by the LRU clock like any other (`clock`). A revision that is a root whole and as a part is
+protected whole.
+
+A root is `(oid, layout)` for a whole revision, as it was before parts, and `(oid, layout,
+part)` for a part of one (`Root`; `make_root` builds the right one, `root_part` reads the part
+back), so every caller that names whole revisions is unchanged.
 
 Workspace roots are read without taking workspace locks: a race with a sidecar is benign,
 because a tree never depends on the cache entry it came from (trees are reflinks, hardlinks or
@@ -23,8 +32,9 @@ from typing import Final
 
 from datapin_sidecar import safefs
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.engine.workspace import META_LIMIT, TreeInfo
+from datapin_sidecar.engine.workspace import META_LIMIT, TreeInfo, is_part_key, is_tree_key
 from datapin_sidecar.errors import UnsafeFileError
 from datapin_sidecar.node.housekeeping.tasks import (
     STATE,
@@ -37,14 +47,31 @@ from datapin_sidecar.node.housekeeping.tasks import (
 #: Meta files read per workspace meta directory (a workspace has two or three trees).
 MAX_META_FILES: Final = 256
 
+#: A GC root: `(oid, layout)`, a whole revision; `(oid, layout, part)`, a part of one.
+Root = tuple[str, Layout] | tuple[str, Layout, Part]
+#: What callers name roots by: the same with a `Revision`.
+RevisionRoot = tuple[Revision, Layout] | tuple[Revision, Layout, Part]
+
+
+def make_root(oid: str, layout: Layout, part: Part = Part.WHOLE) -> Root:
+    """The root of `oid` in `layout`, of `part` of it (the 2-tuple for the whole revision, so
+    that one revision has one spelling and roots compare as sets)."""
+    return (oid, layout) if part.whole else (oid, layout, part)
+
+
+def root_part(root: Root | RevisionRoot) -> Part:
+    """The part a root protects (`Part.WHOLE`: all of its revision)."""
+    rest = root[2:]
+    return rest[0] if rest else Part.WHOLE
+
 
 def roots(
     root: Path,
-    prefetch: Iterable[tuple[Revision, Layout]] = (),
+    prefetch: Iterable[RevisionRoot] = (),
     *,
     on_error: OnError | None = None,
-) -> set[tuple[str, Layout]]:
-    """`(oid, layout)` of every revision in use on the node: see the module doc.
+) -> set[Root]:
+    """Every revision, or part of one, in use on the node (`Root`s): see the module doc.
 
     A read-only scan of every meta file under `root/workspaces/<uid>/`, in both places (the
     current `.state/<dataset>/.meta/` and older sidecars' `<dataset>/.revs/.meta/`); no
@@ -53,7 +80,7 @@ def roots(
     control them; an unreadable one is reported to `on_error` and skipped.
     """
     report = on_error or log_item_error
-    found = {(revision.oid, layout) for revision, layout in prefetch}
+    found = {make_root(r[0].oid, r[1], root_part(r)) for r in prefetch}
     workspaces = Path(root) / "workspaces"
     try:
         wfd = safefs.open_dir(workspaces)
@@ -106,8 +133,8 @@ def _meta_dirs(pfd: int) -> Iterator[str]:
     yield from (f"{n}/.revs/.meta" for n in names if not n.startswith(".") and n not in current)
 
 
-def _pod_roots(pfd: int, where: Path, report: OnError) -> set[tuple[str, Layout]]:
-    found: set[tuple[str, Layout]] = set()
+def _pod_roots(pfd: int, where: Path, report: OnError) -> set[Root]:
+    found: set[Root] = set()
     for rel in _meta_dirs(pfd):
         try:
             mfd = safefs.open_dir_beneath(pfd, rel)
@@ -131,8 +158,7 @@ def _pod_roots(pfd: int, where: Path, report: OnError) -> set[tuple[str, Layout]
             for name in names:
                 try:
                     data = safefs.read_regular(name, limit=META_LIMIT, dir_fd=mfd)
-                    info = TreeInfo.from_json(data.decode())
-                    found.add((Revision.parse(info.revision).oid, Layout(info.layout)))
+                    found.add(_record_root(name, TreeInfo.from_json(data.decode())))
                 except FileNotFoundError:
                     continue
                 except Exception as exc:
@@ -142,3 +168,15 @@ def _pod_roots(pfd: int, where: Path, report: OnError) -> set[tuple[str, Layout]
         finally:
             os.close(mfd)
     return found
+
+
+def _record_root(name: str, info: TreeInfo) -> Root:
+    """The root a workspace record names. A record named by a tree key (`<key>.json`) must
+    say the part its key says: one that does not is damaged or forged, and is not believed."""
+    part = info.part
+    key = name.removesuffix(".json")
+    if is_tree_key(key):
+        agrees = key.endswith(part.suffix) if not part.whole else not is_part_key(key)
+        if not agrees:
+            raise UnsafeFileError(name, f"is the record of a tree of {part}, not of key {key}")
+    return make_root(Revision.parse(info.revision).oid, Layout(info.layout), part)
