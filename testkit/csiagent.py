@@ -17,7 +17,10 @@ the API server would give the agent on a node, and nothing mocked inside it.
   killed agent's namespace goes with it, as a restarted container's does.
 - `injected` builds a pod's volume the way the webhook does (`inject_csi` on a pod template
   annotated for a Dataset) and returns what kubelet then holds: the `InlineVolume` with the
-  attributes, readOnly and the Secret's data, and the pod object to create in the API.
+  attributes, readOnly and the Secret's data, and the pod object to create in the API. A
+  `part` (some folders of the revision) goes into the pins annotation (`PinRecord.part`) and
+  the volume's `path` attribute, as the webhook's contract says (the attribute is added here
+  when `inject_csi` does not write it yet).
 - `dataset_object` is a Dataset as the operator's CRD defines it.
 - `ContainerView` is a container's view of a volume: a process in its own mount namespace
   that binds the target the way the container runtime does for `mountPropagation:
@@ -51,7 +54,9 @@ from datapin_operator.webhook.mounts import DatasetMount
 from datapin_operator.webhook.requests import parse_request
 from datapin_sidecar.csi import mounts
 from datapin_sidecar.csi.registration import registration_socket
+from datapin_sidecar.csi.volume import Attr
 from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.pins import PinRecord
 
 from testkit import rmtree_robust
@@ -209,6 +214,7 @@ def injected(
     node_name: str = NODE_NAME,
     namespace: str | None = None,
     layout: LayoutChoice = LayoutChoice.DVC3,
+    part: Part = Part.WHOLE,
 ) -> Injected:
     """The webhook's injection of a pod asking for `dataset` at `pin` (see the module doc).
 
@@ -233,11 +239,14 @@ def injected(
     mount = DatasetMount(
         request=request.mounts[0],
         spec=models.DatasetSpec.model_validate(dataset["spec"]),
-        pin=PinRecord(dataset=meta["name"], pin=pin, ref=ref, layout=layout),
+        pin=PinRecord(dataset=meta["name"], pin=pin, ref=ref, layout=layout, part=part),
     )
     out = inject_csi(template, request=request, mounts=[mount])
     (volume,) = [v for v in out["spec"]["volumes"] if "csi" in v]
     csi = volume["csi"]
+    if not part.whole:
+        csi["volumeAttributes"].setdefault(Attr.PATH.value, part.label)
+        assert csi["volumeAttributes"][Attr.PATH.value] == part.label
     uid = str(uuid.uuid4())
     name = pod_name or f"train-{uid[:8]}"
     pod = {
