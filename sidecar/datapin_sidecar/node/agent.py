@@ -5,19 +5,25 @@ Loops in one TaskGroup, each on its own interval:
 * **prefetch** — the operator writes the list of revisions to keep warm into a file (a
   ConfigMap mounted into the agent). The file is checked every `LIST_CHECK_SECONDS` (a `stat`;
   it is re-read when it changed, appeared, or `prefetch_interval` passed), so a list written
-  after the agent started is picked up within seconds. Each listed (dataset, pin) is its own
-  task: its objects are fetched into the cache (`prefetch.prefetch`: no tree, once per node),
-  at most `PREFETCH_CONCURRENCY` at a time, and an entry holding a slot longer than
-  `PREFETCH_SLOT_SECONDS` gives it up (and keeps running), so one tenant's slow, endless or
-  failing endpoint never keeps another dataset from becoming warm. Any failure of an entry
-  (a `DatapinError`, `MemoryError`, any exception) is logged, counted and retried with that
-  entry's own backoff; one that is warm is re-checked every `scan_interval`. A bad file is
-  logged and the previous list kept.
+  after the agent started is picked up within seconds. Each listed (dataset, pin, part) is its
+  own task: its objects are fetched into the cache (`prefetch.prefetch`: no tree, once per
+  node; an entry with `paths` fetches that part of the revision and its `.dir` only, and only
+  that part is a GC root), at most `PREFETCH_CONCURRENCY` at a time, and an entry holding a
+  slot longer than `PREFETCH_SLOT_SECONDS` gives it up (and keeps running), so one tenant's
+  slow, endless or failing endpoint never keeps another dataset from becoming warm. Any
+  failure of an entry (a `DatapinError`, `MemoryError`, any exception) is logged, counted and
+  retried with that entry's own backoff; one that is warm is re-checked every
+  `scan_interval`. A bad file is logged and the previous list kept. `/status` reports each
+  entry under `<name>@<pin>`, or `<name>@<pin>:<folders>` for a part (`Part.label`, `a,b`):
+  the whole revision and a part of it are separate entries, and the operator reads exactly
+  these keys. Logs name the part; the prefetch metrics stay per dataset (a part is no label
+  of a counter: folder lists are unbounded).
 * **gc** — every `gc_interval`: workspaces of pods that left the node are removed
   (`housekeeping.reaper`, when kubelet's pods directory is mounted); abandoned partial
   downloads go (`housekeeping.slots`); above the high watermark (bytes or inodes) the least
   recently used objects that no workspace, no prefetch entry and no build in progress needs
-  are evicted down to the low watermark (`housekeeping.evict`).
+  are evicted down to the low watermark (`housekeeping.evict`). A workspace or an entry that
+  uses a part of a revision keeps that part's objects (`housekeeping.roots`).
 * **gauges** — statvfs of the node volume every `GAUGE_SECONDS`; the cache's objects and bytes
   are counted again (a full walk, in a worker thread) when the volume's used bytes or inodes
   moved since the last count, at most once per `max(GAUGE_SECONDS, 4 * the last walk's
@@ -60,6 +66,7 @@ from typing import Final, ParamSpec, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from datapin_sidecar.engine.hashing import Layout
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.engine.prefetch import PrefetchResult, prefetch
 from datapin_sidecar.engine.remote import Remote
 from datapin_sidecar.engine.revision import Revision
@@ -69,7 +76,7 @@ from datapin_sidecar.node.housekeeping.clock import touch_used
 from datapin_sidecar.node.housekeeping.evict import GcReport, collect
 from datapin_sidecar.node.housekeeping.inventory import scan
 from datapin_sidecar.node.housekeeping.reaper import kubelet_pods_liveness, reap_workspaces
-from datapin_sidecar.node.housekeeping.roots import roots
+from datapin_sidecar.node.housekeeping.roots import RevisionRoot, roots
 from datapin_sidecar.node.housekeeping.slots import clean_slots
 from datapin_sidecar.node.housekeeping.tasks import Task
 from datapin_sidecar.node.housekeeping.volume import VolumeUsage, Watermarks, above
@@ -156,9 +163,25 @@ def read_prefetch_list(path: Path) -> list[DatasetSettings]:
     return entries
 
 
+#: What a prefetch entry is known by: (dataset, pin, part). The same pin whole and as a part
+#: are two entries, each warm on its own.
+EntryKey = tuple[str, str, Part]
+
+
+def entry_key(entry: DatasetSettings) -> EntryKey:
+    return (entry.name, entry.pin or "", entry.part)
+
+
+def status_key(key: EntryKey) -> str:
+    """`<name>@<pin>`, or `<name>@<pin>:<a,b>` for a part: the keys of `/status` the operator
+    parses (see the module doc)."""
+    name, pin, part = key
+    return f"{name}@{pin}" if part.whole else f"{name}@{pin}:{part.label}"
+
+
 @dataclass(slots=True)
 class Warmth:
-    """The prefetch state of one (dataset, pin)."""
+    """The prefetch state of one (dataset, pin, part)."""
 
     state: str = "pending"  # pending | warm | failed
     checked: float = 0.0
@@ -185,7 +208,7 @@ class Agent(Program):
             else None
         )
         self.entries: list[DatasetSettings] = []
-        self.warmth: dict[tuple[str, str], Warmth] = {}
+        self.warmth: dict[EntryKey, Warmth] = {}
         self.last_gc: GcReport | None = None
         self.cycles = 0
         #: Called after every GC cycle (the program updates its probes from it).
@@ -261,8 +284,8 @@ class Agent(Program):
         return {
             "ready": self.ready(),
             "prefetch": {
-                f"{name}@{pin}": {"state": w.state, "last_error": w.last_error}
-                for (name, pin), w in sorted(self.warmth.items())
+                status_key(key): {"state": w.state, "last_error": w.last_error}
+                for key, w in sorted(self.warmth.items(), key=lambda kw: status_key(kw[0]))
             },
             "csi": self.plugin.status() if self.settings.csi_socket is not None else None,
             "gc": None
@@ -355,7 +378,7 @@ class Agent(Program):
     async def prefetch(self) -> None:
         """Start every entry that is due and not running; each runs as its own task."""
         await _in_thread(self._reload_list)
-        wanted = {(e.name, e.pin or ""): e for e in self.entries}
+        wanted = {entry_key(e): e for e in self.entries}
         for key in set(self.warmth) - set(wanted):
             if not self.warmth[key].running:
                 del self.warmth[key]
@@ -378,7 +401,10 @@ class Agent(Program):
         try:
             await self._slots.acquire()
             slot = True
-            with log_context(dataset=entry.name, revision=entry.ref or entry.pin or ""):
+            where = {"dataset": entry.name, "revision": entry.ref or entry.pin or ""}
+            if not entry.part.whole:
+                where["path"] = entry.part.label  # the folders, on every line of the entry
+            with log_context(**where):
                 work = asyncio.ensure_future(self._prefetch_one(entry, w))
                 try:
                     try:
@@ -408,7 +434,7 @@ class Agent(Program):
             layout = entry.layout.pinned
             remote = await self._remote(entry)
             result: PrefetchResult = await _in_thread(
-                prefetch, self.cache, revision, remote, layout=layout
+                prefetch, self.cache, revision, remote, layout=layout, part=entry.part
             )
         except asyncio.CancelledError:
             raise
@@ -422,7 +448,7 @@ class Agent(Program):
             if isinstance(exc, DatapinError):
                 log.error("prefetch failed: %s", exc, extra={"reason": exc.reason})
             else:
-                self.item_error(Task.PREFETCH, f"{entry.name}@{entry.pin}", exc)
+                self.item_error(Task.PREFETCH, status_key(entry_key(entry)), exc)
             return
         now = self.clock()
         w.state, w.checked, w.failures, w.last_error = "warm", now, 0, ""
@@ -438,9 +464,11 @@ class Agent(Program):
         for reason, n in result.retries.items():
             m.retries.labels(entry.name, reason).inc(n)
         m.last_success.labels(entry.name).set(now)
-        touch_used(self.cache, revision, Layout(result.layout), now=now)
+        # A part dates its own clock, not its revision's (`housekeeping.clock`).
+        touch_used(self.cache, revision, Layout(result.layout), part=entry.part, now=now)
         log.info(
-            "warm: %d objects, %d were present, %d fetched (%d bytes), %.3f s",
+            "warm%s: %d objects, %d were present, %d fetched (%d bytes), %.3f s",
+            "" if entry.part.whole else f" (part {entry.part.label})",
             result.objects,
             result.present,
             result.fetched_objects,
@@ -449,7 +477,8 @@ class Agent(Program):
         )
 
     async def _remote(self, entry: DatasetSettings) -> Remote:
-        key = entry.model_dump_json(exclude={"pin", "ref"})
+        # One client per remote, whatever revision or part of it an entry names.
+        key = entry.model_dump_json(exclude={"pin", "ref", "paths"})
         async with self._remote_lock:  # entries run concurrently: one client per remote
             remote = self.remotes.get(key)
             if remote is None:
@@ -511,7 +540,7 @@ class Agent(Program):
 
     async def _collect(self, report: Callable[[Task, str, BaseException], None]) -> None:
         m = self.metrics
-        protected: list[tuple[Revision, Layout]] = []
+        protected: list[RevisionRoot] = []
         for e in self.entries:
             try:
                 revision = Revision.parse(e.pin or "")
@@ -519,9 +548,9 @@ class Agent(Program):
                 report(Task.ROOTS, f"prefetch entry {e.name}", exc)
                 continue
             layouts = e.layout.candidates
-            protected += [(revision, layout) for layout in layouts]
+            protected += [(revision, layout, e.part) for layout in layouts]
         if self.plugin.publisher is not None:
-            protected += await _in_thread(self.plugin.roots)
+            protected += await _in_thread(self.plugin.roots, on_error=report)
             await self._remove_unused_trees(report)
         in_use = await _in_thread(roots, self.settings.root, protected, on_error=report)
         result = await _in_thread(collect, self.cache, in_use, self.watermarks, on_error=report)

@@ -4,6 +4,8 @@ The node agent (one per node) owns a volume rooted at `R`::
 
     R/cache/                                  the NodeCache (see `engine.cache`)
     R/cache/.datapin/used/<layout>-<md5>.dir  empty; mtime = last materialise/prefetch (LRU clock)
+    R/cache/.datapin/used/<layout>-<md5>.dir-p<16 hex>   the same for a part of the revision;
+                                              holds the part's folders (JSON list)
     R/cache/.datapin/gc.lock                  flock: one GC at a time
     R/cache/.datapin/builds/, builds.lock     builds in progress (`NodeCache.building`)
     R/workspaces/<pod-uid>/.pod.json          written by the pod's sidecar (may be absent)
@@ -32,9 +34,10 @@ counts and logs it once) and skipped; the rest of the work goes on.
 One module per job:
 
 * `tasks`: the task names item errors are reported under, and what every task shares.
-* `clock`: the LRU clock (`touch_used`, the used-files).
+* `clock`: the LRU clock (`touch_used`, the used-files), per revision and per part.
 * `volume`: watermarks and statvfs readings of the volume.
-* `roots`: the revisions in use, read from the workspaces' meta files.
+* `roots`: the revisions in use, or the parts of them in use (issue 18: a part protects only
+  its own objects and the `.dir`), read from the workspaces' meta files.
 * `inventory`: the cache's objects, what the roots protect, and the eviction order.
 * `evict`: the GC itself (`collect`), batch by batch against builds in progress.
 * `slots`: abandoned download slots (`clean_slots`).
