@@ -77,7 +77,8 @@ def roots(
     current `.state/<dataset>/.meta/` and older sidecars' `<dataset>/.revs/.meta/`); no
     workspace lock is taken. Everything under `workspaces/` is opened without following
     symlinks or blocking, and meta files are read bounded (`META_LIMIT`), because a pod may
-    control them; an unreadable one is reported to `on_error` and skipped.
+    control them; an unreadable one is reported to `on_error` and skipped, and so is one whose
+    part is not the one its name (`<tree key>.json`) says.
     """
     report = on_error or log_item_error
     found = {make_root(r[0].oid, r[1], root_part(r)) for r in prefetch}
