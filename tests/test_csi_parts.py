@@ -30,10 +30,21 @@ from typing import Any
 import grpc
 import pytest
 from datapin_sidecar.csi import mounts
-from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.csi.access import (
+    Access,
+    ProofMethod,
+    ProvenanceRecord,
+    fingerprint,
+    remote_id,
+)
+from datapin_sidecar.engine.cache import NodeCache
+from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.engine.part import Part
+from datapin_sidecar.engine.revision import Revision
 from datapin_sidecar.engine.workspace import tree_key
+from datapin_sidecar.errors import PathNotInRevisionError
 from datapin_sidecar.pins import ANNOTATION, PinRecord, format_pins
+from datapin_sidecar.remotes.credentials import Credentials, StaticCredentials
 
 from testkit.csiagent import ContainerView, CsiAgentNode, Injected, dataset_object, injected
 from testkit.csinode import md5_files, md5_tree
@@ -44,6 +55,7 @@ from testkit.kubelet import InlineVolume
 from testkit.seaweed import SeaweedUnavailable, find_weed
 from testkit.tenants import Tenant, TenantSeaweed, push_for
 from testkit.trees import object_name
+from tests.test_csi_access import Counting, s3_remote
 
 pytestmark = [pytest.mark.s3, pytest.mark.xfs]
 
@@ -228,6 +240,96 @@ def _md5_or_none(target: Path) -> dict[str, str] | None:
         return md5_tree(target / "current")
     except OSError:
         return None
+
+
+# -- the proof of access of a part --------------------------------------------------------------
+
+
+async def test_proofs_of_a_part_and_of_the_whole_compose(
+    tmp_path: Path, tenants: TenantSeaweed, rev1: S3DvcFixture
+) -> None:
+    """Proof by content (every object asked is downloaded and hashed): a part asks for its own
+    objects and writes its own record; the whole then asks only for the rest; a whole record
+    proves any part; a record whose folders are not its key's is not trusted; an ETag record
+    does not count where ETags are not trusted; a folder the revision lacks is found after the
+    pin was proven."""
+    a = tenants.tenants["a"]
+    all_objects = {object_name(d) for d in rev1.files.values()}
+    train = {object_name(d) for d in _under(rev1.files, TRAIN).values()}
+    md5 = rev1.rev.removesuffix(".dir")
+    cache = NodeCache(tmp_path / "root" / "cache")
+    keys = _static(a)
+    async with s3_remote(tenants.endpoint, a.bucket, keys) as s3:
+        # The node has the revision cached (another pod's): proof by content downloads all.
+        await s3.afetch(cache, [rev1.rev, *all_objects], Layout.DVC3)
+        remote = Counting(s3)
+
+        async def prove(access: Access, part: Part, *, trust: bool = False) -> None:
+            await access.prove(
+                remote=remote,
+                credentials_fingerprint=fingerprint(a.access_key, a.secret_key),
+                cache=cache,
+                revision=Revision.parse(rev1.rev),
+                layout=Layout.DVC3,
+                dataset="images",
+                trust_etags=trust,
+                part=part,
+            )
+
+        access = Access(tmp_path / "root")
+        await prove(access, TRAIN)
+        assert remote.asked == [1, len(train)]
+        (record,) = access.records()
+        assert record.tree_key == tree_key(md5, "dvc3", TRAIN)
+        assert record.paths == ("images/train",)
+        assert record.objects == len(train)
+        await prove(access, Part.WHOLE)
+        assert remote.asked[2:] == [len(all_objects - train)], "the part's objects asked again"
+        assert {r.tree_key for r in access.records()} == {md5, tree_key(md5, "dvc3", TRAIN)}
+        # Another part: the whole's record proves it, nothing is asked (the pin is remembered).
+        remote.asked.clear()
+        await prove(access, Part.parse(["labels"]))
+        assert remote.asked == []
+
+        # Records read by a new process: the part's own record proves it.
+        other_root = tmp_path / "other"
+        other_root.mkdir()
+        fresh = Access(other_root)
+        await prove(fresh, TRAIN, trust=True)  # an ETag record...
+        remote.asked.clear()
+        await prove(fresh, TRAIN)  # ...does not count for proof by content (pin remembered)
+        assert remote.asked == [len(train)]
+
+        # A record whose folders are not the ones its key names is not ours: ignored.
+        val = Part.parse(["images/val"])
+        forged = ProvenanceRecord(
+            remote_id=remote_id(s3),
+            tree_key=tree_key(md5, "dvc3", val),
+            remote=s3.url,
+            objects=1,
+            method=ProofMethod.CONTENT,
+            proven_at=0.0,
+            paths=("images/test",),
+        )
+        path = other_root / "provenance" / forged.remote_id / forged.tree_key
+        path.write_text(forged.to_json())
+        assert forged.tree_key not in {r.tree_key for r in fresh.records()}
+        remote.asked.clear()
+        await prove(fresh, val)
+        # (the train record's proof of the object val shares with train still counts)
+        val_objects = {object_name(d) for d in _under(rev1.files, val).values()}
+        assert val_objects & train, "the dataset has an object in both splits"
+        assert remote.asked == [len(val_objects - train)]
+
+        # A folder the revision lacks: known only once the pin is proven with these keys.
+        (tmp_path / "third").mkdir()
+        with pytest.raises(PathNotInRevisionError, match="top-level folders are: images, labels"):
+            await prove(Access(tmp_path / "third"), Part.parse(["nope"]))
+
+
+def _static(tenant: Tenant) -> StaticCredentials:
+    creds = Credentials(access_key_id=tenant.access_key, secret_access_key=tenant.secret_key)
+    return StaticCredentials(creds, source="the test's Secret")
 
 
 # -- a part, alone ------------------------------------------------------------------------------
