@@ -146,7 +146,16 @@ def test_only_the_part_is_fetched_and_the_whole_later_fetches_the_rest(
     cache = xfs_dir / "cache"
     part = ("shards", "text")
     code = _cli_s3(
-        fx, fault_proxy, cache, xfs_dir / "train", "--rev", fx.rev, "--path", "shards,text/"
+        fx,
+        fault_proxy,
+        cache,
+        xfs_dir / "train",
+        "--rev",
+        fx.rev,
+        "--path",
+        "shards",
+        "--path",
+        "text/",
     )
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -313,7 +322,7 @@ def test_selection_is_exact_at_prefix_boundaries() -> None:
     got = Part.parse(["images/train"]).select(m, revision="r.dir")
     assert [e.relpath for e in got] == ["images/train/a.jpg", "images/train/b/c.jpg"]
     assert folders(m) == ["images"]
-    assert folders(m, "images") == ["train-extra", "train", "val"]
+    assert folders(m, "images") == ["train", "train-extra", "val"]
     with pytest.raises(PathNotInRevisionError, match="is a file"):
         Part.parse(["images/train0.txt"]).select(m, revision="r.dir")
 

@@ -57,8 +57,9 @@ from datapin_sidecar.engine.cache import NodeCache
 from datapin_sidecar.engine.linker import Strategy
 from datapin_sidecar.engine.manifest import Manifest, diff
 from datapin_sidecar.engine.materialize import Request, materialize
+from datapin_sidecar.engine.part import Part, folders
 from datapin_sidecar.engine.revision import Revision
-from datapin_sidecar.errors import ManifestError
+from datapin_sidecar.errors import ManifestError, PathNotInRevisionError
 from datapin_sidecar.remotes.directory import DirectoryRemote
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -409,6 +410,32 @@ def test_manifest_refuses_invalid_paths(
     rows = [{"md5": m, "relpath": p} for p, m in sorted(pairs)]
     with pytest.raises(ManifestError):
         Manifest.parse(json.dumps(rows, sort_keys=True).encode(), source="prop")
+
+
+@PURE
+@given(entries=trees(MD5S, max_files=80).filter(bool), data=st.data())
+def test_part_selection_equals_a_prefix_filter(
+    entries: dict[str, str], data: st.DataObject
+) -> None:
+    """`Part.select` (binary search over the sorted buffers) takes exactly the entries beneath
+    the chosen folders, whatever their names (`a-b`, `a.b` and `a0` sort around `a/`), and a
+    name that is a file or no folder is refused with the revision's top-level folders."""
+    manifest = Manifest.from_entries(entries.items(), source="prop")
+    dirs = sorted({p.rsplit("/", i)[0] for p in entries for i in range(1, p.count("/") + 1)})
+    if dirs:
+        chosen = data.draw(st.lists(st.sampled_from(dirs), min_size=1, max_size=4))
+        part = Part.parse(chosen, split=False)
+        got = [tuple(e) for e in part.select(manifest, revision="r.dir")]
+        want = sorted(
+            ((p, m) for p, m in entries.items() if any(p.startswith(d + "/") for d in chosen)),
+            key=lambda e: e[0].encode(),
+        )
+        assert got == want
+    top = sorted({p.split("/")[0] for p in entries if "/" in p}, key=str.encode)
+    assert folders(manifest) == top
+    file = data.draw(st.sampled_from(sorted(entries)))
+    with pytest.raises(PathNotInRevisionError, match="is a file"):
+        Part.parse([file], split=False).select(manifest, revision="r.dir")
 
 
 @PURE

@@ -182,8 +182,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_text,
         default=[],
         metavar="FOLDER",
-        help="publish only this folder of the revision (repeatable, or a comma list; relative "
-        "to the revision's root, e.g. images/train): only its objects are fetched",
+        help="publish only this folder of the revision (repeatable; relative to the "
+        "revision's root, e.g. images/train): only its objects are fetched",
     )
     dvc = m.add_argument_group("taking the revision and remote from a DVC repository")
     dvc.add_argument("--dvc-repo", type=_path, help="root of the DVC repository")
@@ -315,7 +315,7 @@ def _materialize(
         raise UsageError("name a revision: --rev MD5[.dir], or --dvc-repo PATH --target T")
     if file_name is not None and revision.is_dir:
         raise UsageError("--file-name is only for single-file revisions (an md5 without .dir)")
-    part = Part.parse(paths, what="--path")
+    part = Part.parse(paths, what="--path", split=False)  # one folder per flag, exactly
     if not part.whole and not revision.is_dir:
         raise UsageError(
             f"--path {part}: revision {revision.oid} is a single file, which has no folders. "

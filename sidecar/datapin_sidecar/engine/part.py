@@ -55,12 +55,18 @@ class Part:
     WHOLE: ClassVar[Part]
 
     @classmethod
-    def parse(cls, values: Iterable[str], *, what: str = "path") -> Part:
-        """Normalise and check what a user wrote; `what` names the source in errors."""
+    def parse(cls, values: Iterable[str], *, what: str = "path", split: bool = True) -> Part:
+        """Normalise and check what a user wrote; `what` names the source in errors.
+
+        With `split` (the text forms: annotations, volume attributes, `rev:folders`), each
+        value is a comma list and each item is stripped of blanks, so such a form cannot name
+        a folder with a comma or with blanks at either end. Without (the JSON lists of pins,
+        settings and records, and `--path`), each value is one folder, taken exactly.
+        """
         found: list[str] = []
         for raw in values:
-            for item in raw.split(","):
-                path = item.strip()
+            for item in raw.split(",") if split else (raw,):
+                path = item.strip() if split else item
                 if not path:
                     continue
                 found.append(_normal(path, what))
@@ -78,7 +84,7 @@ class Part:
             return cls.WHOLE
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise UsageError(f"{what} must be a list of folder paths, got {type(values).__name__}")
-        return cls.parse(values, what=what)
+        return cls.parse(values, what=what, split=False)
 
     @property
     def whole(self) -> bool:
@@ -115,7 +121,8 @@ class Part:
             if lo == hi:
                 raise _not_in_revision(manifest, path, revision)
             runs.append((lo, hi))
-        return _take(manifest, runs)
+        # Folder order is not entry order: `a-b/` sorts before `a/`, though `a` < `a-b`.
+        return _take(manifest, sorted(runs))
 
 
 Part.WHOLE = Part()
@@ -141,12 +148,21 @@ def _normal(path: str, what: str) -> str:
 
 def _outermost(paths: list[str]) -> tuple[str, ...]:
     """Sorted, without duplicates and without folders inside another named folder."""
-    kept: list[str] = []
-    for path in sorted(set(paths), key=lambda p: p.encode("utf-8")):
-        if kept and path.startswith(kept[-1] + "/"):
-            continue
-        kept.append(path)
-    return tuple(kept)
+    unique = set(paths)
+
+    def inside_another(path: str) -> bool:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in unique:
+                return True
+            parent = parent.rpartition("/")[0]
+        return False
+
+    return tuple(sorted((p for p in unique if not inside_another(p)), key=_utf8))
+
+
+def _utf8(path: str) -> bytes:
+    return path.encode("utf-8", "surrogatepass")
 
 
 def _lower_bound(manifest: Manifest, key: bytes, lo: int = 0) -> int:
@@ -193,7 +209,7 @@ def folders(manifest: Manifest, parent: str = "") -> list[str]:
             continue
         found.append(name.decode("utf-8"))
         i = _lower_bound(manifest, prefix + name + b"0", i + 1)
-    return found
+    return sorted(found, key=_utf8)
 
 
 def _not_in_revision(manifest: Manifest, path: str, revision: str) -> PathNotInRevisionError:

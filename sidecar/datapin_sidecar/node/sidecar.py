@@ -366,7 +366,13 @@ class Sidecar(Program):
             self.metrics.serving(
                 target.dataset, ref=target.ref, pin=target.revision.oid, path=target.part.label
             )
-            touch_used(self.cache, target.revision, tree_layout(Path(result.tree).name), now=now)
+            touch_used(
+                self.cache,
+                target.revision,
+                tree_layout(Path(result.tree).name),
+                part=target.part,
+                now=now,
+            )
             state.serving = target
             state.path = result.path
             state.last_error = ""
