@@ -190,7 +190,8 @@ def test_schema_keeps_the_constraints_of_the_models() -> None:
     assert revisions["type"] == "object"
     assert revisions["additionalProperties"] == {
         "type": "string",
-        "pattern": r"^[0-9a-f]{32}\.dir$",
+        # a pin, optionally with folders of it (`<md5>.dir:images/train`)
+        "pattern": r"^[0-9a-f]{32}\.dir(:.+)?$",
     }
     node = schema()["properties"]["status"]["properties"]["prefetch"]["properties"]["nodes"]
     assert node["items"]["properties"]["warm"]["minimum"] == 0

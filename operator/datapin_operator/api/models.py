@@ -6,6 +6,15 @@ controllers parse. Field names are camelCase on the wire (Kubernetes convention)
 in Python; `extra="forbid"` makes a typo in a spec an error here as it is in the API server
 (structural schemas prune unknown fields, so the two agree).
 
+**Revisions with folders.** A named revision (`spec.revisions` value) and a prefetch entry
+(`spec.prefetch.revisions`) may name part of a revision as `<revision>:<folders>`:
+`golden: 3f0c...e1.dir:images/train`, `prefetch.revisions: [v2:images/train,images/val]`
+(`split_revision`). No git ref (git forbids `:` in ref names), md5 or revision name holds a
+`:`, so the first one separates the two without ambiguity, and the field stays a plain string:
+a string-or-object union would not be a structural schema. The folders are checked here with
+the sidecar's own `Part.parse`, so a spec the operator accepts names a part the agents can
+serve.
+
 The status is written by the operator only. Conditions follow the Kubernetes convention
 (`type`, `status`, `reason`, `message`, `lastTransitionTime`, `observedGeneration`); the types
 are `Ready`, `RemoteReachable`, `Resolved` and `Prefetched`.
@@ -17,6 +26,8 @@ import re
 from typing import Annotated, Final, Literal
 
 from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.part import Part
+from datapin_sidecar.errors import DatapinError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,11 +44,14 @@ PLURAL: Final = "datasets"
 KIND: Final = "Dataset"
 
 PIN_PATTERN: Final = r"^[0-9a-f]{32}\.dir$"
+#: A pin, optionally with the folders of it that are meant: `<md5>.dir[:<folders>]`.
+PIN_PART_PATTERN: Final = r"^[0-9a-f]{32}\.dir(:.+)?$"
 _REVISION_NAME: Final = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 _OBJECT_NAME: Final = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _DATA_KEY: Final = r"^[-._a-zA-Z0-9]+$"
 
 Pin = Annotated[str, StringConstraints(pattern=PIN_PATTERN)]
+PinPart = Annotated[str, StringConstraints(pattern=PIN_PART_PATTERN)]
 #: `hashing.LayoutChoice`, schema'd as a plain string enum: the enum's docstring is for readers of
 #: the code, and would otherwise become the description of every layout field in the CRD.
 Layout = Annotated[
@@ -51,6 +65,28 @@ CONDITION_TYPES: Final[tuple[ConditionType, ...]] = (
     "Resolved",
     "Prefetched",
 )
+
+
+def split_revision(text: str, *, what: str = "revision") -> tuple[str, Part]:
+    """`<revision>[:<folders>]` -> (revision, part). Raises `ValueError` for bad folders
+    (`what` names the field in the message)."""
+    revision, sep, folders = text.strip().partition(":")
+    if not sep:
+        return revision, Part.WHOLE
+    if not folders.strip():
+        raise ValueError(
+            f"{what} {text!r} has a ':' but no folders after it. Fix: name folders "
+            "(<revision>:images/train,images/val) or drop the ':'"
+        )
+    try:
+        return revision, Part.parse([folders], what=f"{what} {text!r}: path")
+    except DatapinError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def join_revision(revision: str, part: Part) -> str:
+    """The inverse of `split_revision`: `revision` alone for the whole of it."""
+    return f"{revision}:{part.label}" if not part.whole else revision
 
 
 class _Model(BaseModel):
@@ -163,9 +199,19 @@ class Prefetch(_Model):
         list[str],
         Field(
             default_factory=list,
-            description="Revisions to keep in the node caches (any form a Job may name).",
+            description="Revisions to keep in the node caches (any form a Job may name), "
+            "each optionally with folders of it: <revision>:<folder>[,<folder>...] (e.g. "
+            "v2:images/train) keeps only those folders warm.",
         ),
     ]
+
+    @field_validator("revisions")
+    @classmethod
+    def _parts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            split_revision(entry, what="prefetch revision")
+        return value
+
     node_selector: Annotated[
         dict[str, str],
         Field(
@@ -184,10 +230,12 @@ class DatasetSpec(_Model):
         Field(default=None, description="The DVC repository revisions may be git refs of."),
     ] = None
     revisions: Annotated[
-        dict[str, Pin],
+        dict[str, PinPart],
         Field(
             default_factory=dict,
-            description="Named pins, name: <md5>.dir (the `md5` of a .dvc file's directory out).",
+            description="Named pins, name: <md5>.dir (the `md5` of a .dvc file's directory "
+            "out), or <md5>.dir:<folder>[,<folder>...] for only those folders of it (e.g. "
+            "3f0c...e1.dir:images/train).",
         ),
     ]
     prefetch: Annotated[
@@ -203,6 +251,8 @@ class DatasetSpec(_Model):
                 f"revision names {bad} must be letters, digits, '-', '_' and '.', and start "
                 "and end with a letter or digit"
             )
+        for name, pin in value.items():
+            split_revision(pin, what=f"named revision {name!r}")
         return value
 
 
@@ -226,6 +276,15 @@ class ResolvedRevision(_Model):
 
     ref: Annotated[str, Field(description="What was asked for: a name, git ref or md5.")]
     pin: Pin
+    path: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="The folders of the pin meant (comma-separated), when only part of "
+            "it is: from a prefetch entry <revision>:<folders>, a named revision "
+            "<md5>.dir:<folders>, or spec.source.path naming a folder inside an out.",
+        ),
+    ] = None
     layout: Layout = LayoutChoice.AUTO
     commit: Annotated[
         str | None, Field(default=None, description="The git commit, for git refs.")
@@ -243,11 +302,12 @@ class NodePrefetch(_Model):
         list[str], Field(default_factory=list, description="Revisions that failed, with why.")
     ]
     warm_revisions: Annotated[
-        list[Pin],
+        list[PinPart],
         Field(
             default_factory=list,
-            description="The pins fully in the node's cache (sorted). The webhook prefers "
-            "these nodes for Jobs pinned to them.",
+            description="The pins fully in the node's cache (sorted): <md5>.dir for a whole "
+            "revision, <md5>.dir:<folders> for part of one. The webhook prefers these nodes "
+            "for Jobs pinned to them (or to folders of them).",
         ),
     ]
 
