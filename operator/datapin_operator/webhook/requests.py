@@ -8,12 +8,16 @@ template::
     datapin.dev/revision: v2                      # tag, branch, commit, named revision or
                                                   # <md5>.dir
     datapin.dev/mount-path: /data/imagenet        # optional; default <mount_root>/<dataset>
+    datapin.dev/path: images/train,images/val     # optional: only these folders of the
+                                                  # revision (relative to its root); default
+                                                  # the whole revision
 
     # several datasets: a comma-separated list, with per-dataset keys
     datapin.dev/dataset: imagenet, coco
     datapin.dev/revision: v2                      # default revision of every listed dataset
     datapin.dev/revision.coco: 3f0c...e1.dir      # per-dataset revision (wins over the default)
     datapin.dev/mount-path.coco: /coco            # per-dataset mount path
+    datapin.dev/path.coco: val2017                # per-dataset folders (wins over the default)
 
     datapin.dev/mode: csi | sidecar | init        # optional, default csi (the operator's
                                                   # default_mode): a `csi` volume the node
@@ -52,6 +56,15 @@ Design:
   own `/proc`, `/sys`, `/dev`, and a last component `current` (the data would then be at
   `.../current/current`, a sure sign of a misunderstanding). Two datasets on the same or
   nested paths are a `MountCollisionError`: one mount would hide the other.
+* Paths (`datapin.dev/path[.<dataset>]`) are a comma list of folders of the revision,
+  checked and normalised by the sidecar's own `Part.parse` (relative, no `.`/`..`, not the
+  root, at most 64): a part has one spelling whoever reads it. Like the revision, the plain key
+  is the default of every listed dataset and a per-dataset key wins. An empty value is an
+  error rather than "the whole revision": leaving the key out says that. Whether the folders
+  exist is not known from the annotations; the webhook checks it against the pin's `.dir`
+  (`resolve/partindex.py`). A revision holding `:` is refused with the path key as the fix:
+  `<revision>:<folders>` is the Dataset's spelling (`spec.revisions`, `spec.prefetch`), and a
+  Job says folders in one place only.
 * Values are stripped of surrounding whitespace (YAML block scalars add newlines); nothing else
   is normalised, so what is accepted is what was written.
 """
@@ -63,7 +76,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, NoReturn, cast, get_args
 
-from datapin_sidecar.errors import AnnotationsError
+from datapin_sidecar.engine.part import Part
+from datapin_sidecar.errors import AnnotationsError, UsageError
 from datapin_sidecar.pins import (
     ANNOTATION,
     COMMITS_ANNOTATION,
@@ -79,16 +93,17 @@ ANNOTATION_PREFIX: Final = "datapin.dev/"
 DATASET_KEY: Final = f"{ANNOTATION_PREFIX}dataset"
 REVISION_KEY: Final = f"{ANNOTATION_PREFIX}revision"
 MOUNT_PATH_KEY: Final = f"{ANNOTATION_PREFIX}mount-path"
+PATH_KEY: Final = f"{ANNOTATION_PREFIX}path"
 MODE_KEY: Final = f"{ANNOTATION_PREFIX}mode"
 WRITABLE_KEY: Final = f"{ANNOTATION_PREFIX}writable"
 #: Written by the operator; the sidecar reads it (`datapin_sidecar.pins` owns the format).
 PINS_KEY: Final = ANNOTATION
 COMMITS_KEY: Final = COMMITS_ANNOTATION
 
-#: Keys users write (per-dataset keys are `<key>.<dataset>` of the first two).
-USER_KEYS: Final = (DATASET_KEY, REVISION_KEY, MOUNT_PATH_KEY, MODE_KEY, WRITABLE_KEY)
+#: Keys users write (per-dataset keys are `<key>.<dataset>` of revision, mount-path and path).
+USER_KEYS: Final = (DATASET_KEY, REVISION_KEY, MOUNT_PATH_KEY, PATH_KEY, MODE_KEY, WRITABLE_KEY)
 OPERATOR_KEYS: Final = (PINS_KEY, COMMITS_KEY)
-_PER_DATASET: Final = ("revision.", "mount-path.")
+_PER_DATASET: Final = ("revision.", "mount-path.", "path.")
 
 #: Mounting onto these breaks the container (runtimes refuse, or the app loses its /dev).
 _KERNEL_DIRS: Final = ("/proc", "/sys", "/dev")
@@ -102,11 +117,15 @@ _MODES: Final[tuple[str, ...]] = get_args(Mode)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountRequest:
-    """One dataset a pod asks for: which, at which revision, mounted where."""
+    """One dataset a pod asks for: which, at which revision, which folders, mounted where."""
 
     dataset: str
     revision: str
     mount_path: str
+    #: The folders asked for (`datapin.dev/path[.<dataset>]`); `Part.WHOLE`: all of them.
+    part: Part = Part.WHOLE
+    #: The annotation the part came from (for messages); empty for the whole revision.
+    part_key: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +160,8 @@ def parse_request(
         _no_dataset_key(ours)
         return None
     datasets = _datasets(ours[DATASET_KEY])
-    revisions, paths = _per_dataset_keys(ours, datasets)
+    keyed = _per_dataset_keys(ours, datasets)
+    revisions, paths, folders = keyed["revision."], keyed["mount-path."], keyed["path."]
 
     default_revision = ours.get(REVISION_KEY)
     if MOUNT_PATH_KEY in ours and len(datasets) > 1:
@@ -169,11 +189,16 @@ def parse_request(
             path = f"{mount_root.rstrip('/')}/{dataset}"
             path_key = f"{MOUNT_PATH_KEY} (default {mount_root.rstrip('/')}/<dataset>)"
         path_keys[dataset] = path_key
+        part_key = f"{PATH_KEY}.{dataset}" if dataset in folders else PATH_KEY
+        folder_list = folders.get(dataset, ours.get(PATH_KEY))
+        part = Part.WHOLE if folder_list is None else _part(part_key, folder_list)
         mounts.append(
             MountRequest(
                 dataset=dataset,
                 revision=_revision(revision_key, revision),
                 mount_path=_mount_path(path_key, path),
+                part=part,
+                part_key="" if part.whole else part_key,
             )
         )
     _check_nesting(mounts, path_keys)
@@ -228,10 +253,10 @@ def _datasets(value: str) -> list[str]:
 
 def _per_dataset_keys(
     ours: Mapping[str, str], datasets: Sequence[str]
-) -> tuple[dict[str, str], dict[str, str]]:
-    """The per-dataset revisions and mount paths; refuse unknown keys and unlisted datasets."""
-    revisions: dict[str, str] = {}
-    paths: dict[str, str] = {}
+) -> dict[str, dict[str, str]]:
+    """The per-dataset values by prefix (`revision.`, `mount-path.`, `path.`), each dataset ->
+    value; refuse unknown keys and unlisted datasets."""
+    keyed: dict[str, dict[str, str]] = {prefix: {} for prefix in _PER_DATASET}
     known = [*USER_KEYS, *OPERATOR_KEYS]
     known += [f"{ANNOTATION_PREFIX}{p}{d}" for p in _PER_DATASET for d in datasets]
     for key in sorted(ours):
@@ -245,8 +270,8 @@ def _per_dataset_keys(
             _fail(
                 key,
                 "unknown datapin annotation",
-                f"{hint}datapin reads {', '.join(USER_KEYS)}, {REVISION_KEY}.<dataset> and "
-                f"{MOUNT_PATH_KEY}.<dataset>",
+                f"{hint}datapin reads {', '.join(USER_KEYS)}, {REVISION_KEY}.<dataset>, "
+                f"{MOUNT_PATH_KEY}.<dataset> and {PATH_KEY}.<dataset>",
             )
         dataset = name.removeprefix(prefix)
         if dataset not in datasets:
@@ -258,14 +283,23 @@ def _per_dataset_keys(
                 f"({', '.join(datasets)})",
                 f"{hint}add {dataset!r} to {DATASET_KEY} or remove this key",
             )
-        (revisions if prefix == "revision." else paths)[dataset] = ours[key]
-    return revisions, paths
+        keyed[prefix][dataset] = ours[key]
+    return keyed
 
 
 def _revision(key: str, value: str) -> str:
     revision = value.strip()
     if not revision:
         _fail(key, "empty revision", "set a tag, branch, commit, named revision or <md5>.dir")
+    if ":" in revision:
+        # `<revision>:<folders>` is the Dataset's spelling; no ref, md5 or name holds ':'.
+        name, _, folders = revision.partition(":")
+        _fail(
+            key,
+            f"revision {revision!r} contains ':'",
+            f"name the revision alone ({name!r}) and its folders in {PATH_KEY} "
+            f"(or {PATH_KEY}.<dataset>): {folders!r}",
+        )
     if any(c.isspace() for c in revision):
         # No git ref, commit, revision name or md5 can hold whitespace: a list was meant?
         _fail(
@@ -274,6 +308,22 @@ def _revision(key: str, value: str) -> str:
             f"give one revision; several datasets take {REVISION_KEY}.<dataset> each",
         )
     return revision
+
+
+def _part(key: str, value: str) -> Part:
+    """The folders a path key names, normalised (`Part.parse`: the sidecar's own rules)."""
+    if not value.strip():
+        _fail(
+            key,
+            "names no folder",
+            "name folders of the revision, comma-separated (like images/train,images/val), "
+            "or remove the key to get the whole revision",
+        )
+    try:
+        return Part.parse([value], what="path")
+    except UsageError as exc:
+        problem, _, fix = str(exc).partition(". Fix: ")
+        _fail(key, problem, fix or "name folders relative to the revision's root")
 
 
 def _mount_path(key: str, value: str) -> str:
