@@ -14,7 +14,9 @@ The hierarchy (in the style of httpx: one base, a branch per thing that went wro
     ├── ResolutionError                 a revision cannot be turned into a pin
     │   ├── UnknownRevisionError        not an md5, not a named revision, no git source
     │   ├── GitError                    git failed (unreachable, auth, unknown ref)
-    │   └── PinReadError                the `.dvc`/`dvc.lock` at that commit has no such out
+    │   ├── PinReadError                the `.dvc`/`dvc.lock` at that commit has no such out
+    │   └── PartNotFoundError           folders asked for are not in the pin (or name a
+    │                                   file, or a revision with folders gets more folders)
     ├── RemoteCheckError                the Dataset's remote cannot be reached or read
     └── AgentConfigError                the node agents' prefetch ConfigMap or credentials
                                         Secret cannot be written (or the agents listed)
@@ -120,6 +122,12 @@ class GitError(ResolutionError, reason="GitFailed"):
 
 class PinReadError(ResolutionError, reason="PinNotFound"):
     """The commit exists but its `.dvc` file or `dvc.lock` does not name the dataset's out."""
+
+
+class PartNotFoundError(ResolutionError, reason="PathNotInRevision"):
+    """The folders a revision is asked for cannot be served: one is not a folder of the pin
+    (the sidecar's `PathNotInRevisionError` message, with the folders there are), or folders
+    are asked of a revision that already stands for some."""
 
 
 class RemoteCheckError(OperatorError, reason="RemoteUnreachable"):

@@ -1,7 +1,10 @@
 """Reading the pin a DVC file names at a git commit.
 
 **Targets** follow `datapin_sidecar.engine.revision.resolve_target`: `data.dvc`, `data.dvc:OUT`,
-`dvc.lock:OUT`, or `OUT` (its `OUT.dvc` if that exists at the commit, else `dvc.lock`). The file
+`dvc.lock:OUT`, or `OUT` (its `OUT.dvc` if that exists at the commit, else the `.dvc` of the
+nearest folder it is inside, else `dvc.lock`). A folder inside a directory out
+(`data.dvc:data/images/train`, `data/images/train`) gives that out with `within` set: the
+resolver turns it into the part the revision stands for. The file
 is found with `git ls-tree` (trees only) and read with `git cat-file`, which fetches just that
 blob from a partial clone's promisor remote. It is parsed by the sidecar's own
 `read_dvc_file`/`read_dvc_lock`/`find_out`, so the pin and its layout (dvc3 or legacy) are
@@ -60,9 +63,24 @@ async def read_out(
             "Fix: set spec.source.path to data.dvc, data.dvc:OUT, dvc.lock:OUT or OUT"
         )
     else:
-        found = await _ls_tree(git, url, repo, commit, f"{target}.dvc", "dvc.lock")
+        # A folder inside a tracked directory (`data/images/train` beside `data.dvc`) is
+        # that out with `within` set, as `dvc pull data/images/train` takes it: the nearest
+        # ancestor's .dvc file, looked up in the same ls-tree.
+        ancestors = _ancestors(target)
+        found = await _ls_tree(
+            git, url, repo, commit, f"{target}.dvc", *(f"{a}.dvc" for a in ancestors), "dvc.lock"
+        )
+        parent = next((a for a in ancestors if f"{a}.dvc" in found), None)
         if f"{target}.dvc" in found:
             file, out, lock = f"{target}.dvc", None, False
+        elif parent is not None:
+            # Outs are relative to their .dvc file's directory.
+            base = parent.rpartition("/")[0]
+            file, out, lock = (
+                f"{parent}.dvc",
+                target.removeprefix(f"{base}/" if base else ""),
+                False,
+            )
         elif "dvc.lock" in found:
             file, out, lock = "dvc.lock", target, True
         else:
@@ -93,6 +111,16 @@ async def read_out(
             "directory out (dvc add <dir>), or use a named revision"
         )
     return result
+
+
+def _ancestors(target: str) -> list[str]:
+    """The folders `target` is inside, nearest first (`a/b/c` -> `a/b`, `a`)."""
+    found = []
+    parent = target.strip("/")
+    while "/" in parent:
+        parent = parent.rpartition("/")[0]
+        found.append(parent)
+    return found
 
 
 async def _ls_tree(

@@ -15,6 +15,14 @@ and it keeps working when the repository is unreachable. Git is asked only when 
 is set; otherwise the error lists the named revisions and says how to make the revision
 resolvable.
 
+Parts: a revision may stand for folders of a pin. A named revision written
+`<md5>.dir:<folders>` resolves to the pin and that part; a git ref of a source whose
+`spec.source.path` names a folder inside a directory out (`data.dvc:data/images/train`, or
+`data/images/train` beside `data.dvc`) resolves to the out's pin and that folder, as
+`dvc pull data/images/train` would take it. Never silently the whole: `Resolved.part` carries
+it to the pins, and a Job's own `datapin.dev/path` on top of such a revision is refused by the
+webhook (one revision, one place that says which folders).
+
 Layouts: a git pin carries the layout its out records (`hash: md5` -> dvc3, none -> legacy),
 which is what the materialiser must use; a literal or named pin has no such record, so it takes
 `spec.remote.layout` (by default `auto`, which tries dvc3 then legacy).
@@ -42,10 +50,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.part import Part
+from datapin_sidecar.errors import UsageError
 
-from datapin_operator.api.models import DatasetSpec
+from datapin_operator.api.models import DatasetSpec, split_revision
 from datapin_operator.errors import (
     OperatorError,
+    PinReadError,
     ResolutionError,
     SecretError,
     UnknownRevisionError,
@@ -76,6 +87,18 @@ class Resolved:
     kind: RevisionKind
     commit: str | None = None
     """The commit, for git refs."""
+    part: Part = Part.WHOLE
+    """The folders of the pin the revision stands for (a named `<md5>.dir:<folders>`, or a
+    source path inside an out); `Part.WHOLE` for all of it."""
+
+    @property
+    def part_source(self) -> str:
+        """Where the part was said, for messages (empty for the whole pin)."""
+        if self.part.whole:
+            return ""
+        if self.kind is RevisionKind.NAMED:
+            return f"spec.revisions.{self.ref}"
+        return "spec.source.path"
 
 
 class Resolver:
@@ -179,7 +202,15 @@ class Resolver:
             )
         named = spec.revisions.get(ref)
         if named is not None:
-            return Resolved(ref=ref, pin=named, layout=spec.remote.layout, kind=RevisionKind.NAMED)
+            # The models checked the folders when the spec was parsed.
+            named_pin, part = split_revision(named)
+            return Resolved(
+                ref=ref,
+                pin=named_pin,
+                layout=spec.remote.layout,
+                kind=RevisionKind.NAMED,
+                part=part,
+            )
         if spec.source is None:
             hint = (
                 " (it looks like a DVC md5: a directory pin ends in `.dir`)"
@@ -205,12 +236,19 @@ class Resolver:
             # Same class (GitError, PinReadError), now saying which Dataset and revision.
             raise type(exc)(exc.message, dataset=dataset, revision=revision) from exc
         layout = LayoutChoice.of(pin.out.layout)
+        part = Part.WHOLE
+        if pin.out.within:
+            try:
+                part = Part.parse([pin.out.within], what="spec.source.path folder")
+            except UsageError as exc:
+                raise PinReadError(str(exc), dataset=dataset, revision=revision) from None
         return Resolved(
             ref=ref,
             pin=pin.out.revision.oid,
             layout=layout,
             kind=RevisionKind.GIT,
             commit=pin.commit,
+            part=part,
         )
 
 
