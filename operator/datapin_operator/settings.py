@@ -242,6 +242,30 @@ class Settings(BaseSettings):
         at_most=86400,
     )
     remote_timeout_seconds: float = _seconds(10.0, "Timeout of one remote check request.")
+    part_index_dir: Path = Field(
+        default=Path("/tmp/datapin-parts"),  # noqa: S108 - an emptyDir in the chart
+        description="Where a pin's .dir is downloaded to check the folders a Job asks for "
+        "(datapin.dev/path); removed once parsed.",
+    )
+    part_index_cache_mib: int = _whole(
+        64,
+        "Memory for the folder indexes of pins read to check datapin.dev/path (least "
+        "recently used dropped first); about 8 bytes per file of a revision.",
+        at_least=1,
+    )
+    part_index_max_dir_mib: int = _whole(
+        128,
+        "The largest .dir (a revision's list of files) read to check datapin.dev/path; "
+        "reading takes about twice its size in memory. Jobs naming folders of a larger "
+        "revision are refused with this setting as the fix.",
+        at_least=1,
+    )
+    part_index_wait_seconds: float = _seconds(
+        8.0,
+        "How long an admission waits for a pin's .dir to be read (keep it below the webhook's "
+        "timeoutSeconds); a longer read goes on and the Job is refused with 'apply again'.",
+        at_most=30,
+    )
     git_cache_dir: Path = Field(
         default=Path("/tmp/datapin-git"),  # noqa: S108 - an emptyDir in the chart
         description="Where bare clones of DVC repositories are cached.",

@@ -12,15 +12,17 @@ shows as not Resolved before any Job asks for it.
 Keys are taken from the Secret's data under the names the sidecar reads them by
 (`remotes.secretkeys`: the names the Dataset gives, else the AWS and B2 names) and live only in
 memory for the duration of the check. A remote failure's `RemoteCause` picks the condition's
-reason.
+reason. `open_remote` is that opening and that error mapping, shared with the webhook's read
+of a pin's `.dir` when a Job asks for folders of it (`resolve/partindex.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from datapin_sidecar.engine.hashing import Layout, LayoutChoice
 from datapin_sidecar.errors import DatapinError, RemoteCause, RemoteError
@@ -36,6 +38,9 @@ from datapin_sidecar.remotes.secretkeys import (
 
 from datapin_operator.api.models import CredentialsSecretRef, Remote
 from datapin_operator.errors import RemoteCheckError, SecretError
+
+if TYPE_CHECKING:
+    from datapin_sidecar.remotes.s3 import S3Remote
 
 #: A `.dir` no one can have pushed: its absence proves the request was accepted.
 _PROBE: Final = "0" * 32 + ".dir"
@@ -91,19 +96,19 @@ def keys_from_secret(
     )
 
 
-async def check_remote(
+@contextlib.asynccontextmanager
+async def open_remote(
     remote: Remote,
     keys: RemoteKeys,
     *,
-    pins: Sequence[tuple[str, LayoutChoice]] = (),
-    request_timeout: float = 10.0,
     where: str,
-) -> list[str]:
-    """Probe the remote; return the pins (of `(pin, layout)`) it does not hold.
-
-    Raises `RemoteCheckError` when the remote cannot be read at all. `where` names the Secret
-    in messages (`Secret ns/name`).
-    """
+    request_timeout: float = 10.0,
+    total: float | None = None,
+) -> AsyncIterator[S3Remote]:
+    """The Dataset's remote, opened with `keys` as the sidecar opens it; every failure inside
+    the block (and `total` seconds passing, when given) is a `RemoteCheckError` whose reason
+    says why (`RemoteTimeout`, `AccessDenied`, `NoSuchBucket`, `WrongRegion`, `BadRemote`,
+    `RemoteUnreachable`). `where` names the Secret in messages (`Secret ns/name`)."""
     try:
         config = RemoteConfig.from_url(
             remote.url,
@@ -119,21 +124,16 @@ async def check_remote(
     except DatapinError as exc:
         raise RemoteCheckError(str(exc), reason="BadRemote") from None
     try:
-        async with asyncio.timeout(request_timeout * 3):
+        async with asyncio.timeout(total):
             async with open_s3_remote(
                 config, credentials, jobs=4, socket_timeout=request_timeout, attempts=2
             ) as s3:
-                await s3.afind(_PROBE, (Layout.DVC3,))
-                missing = []
-                for pin, layout in pins:
-                    if await s3.afind(pin, LayoutChoice(layout).candidates) is None:
-                        missing.append(pin)
-                return missing
+                yield s3
     except TimeoutError:
         raise RemoteCheckError(
             f"{remote.url} at {config.resolved_endpoint} did not answer within "
-            f"{request_timeout * 3:g} s. Fix: check spec.remote.endpoint and the network path from "
-            "the operator to it",
+            f"{total or request_timeout:g} s. Fix: check spec.remote.endpoint and the network "
+            "path from the operator to it",
             reason="RemoteTimeout",
         ) from None
     except RemoteError as exc:
@@ -143,5 +143,31 @@ async def check_remote(
             RemoteCause.REGION: "WrongRegion",
         }.get(exc.cause, "RemoteUnreachable")
         raise RemoteCheckError(str(exc), reason=reason) from None
+    except RemoteCheckError:
+        raise
     except DatapinError as exc:
         raise RemoteCheckError(str(exc), reason="RemoteUnreachable") from None
+
+
+async def check_remote(
+    remote: Remote,
+    keys: RemoteKeys,
+    *,
+    pins: Sequence[tuple[str, LayoutChoice]] = (),
+    request_timeout: float = 10.0,
+    where: str,
+) -> list[str]:
+    """Probe the remote; return the pins (of `(pin, layout)`) it does not hold.
+
+    Raises `RemoteCheckError` when the remote cannot be read at all. `where` names the Secret
+    in messages (`Secret ns/name`).
+    """
+    async with open_remote(
+        remote, keys, where=where, request_timeout=request_timeout, total=request_timeout * 3
+    ) as s3:
+        await s3.afind(_PROBE, (Layout.DVC3,))
+        missing = []
+        for pin, layout in pins:
+            if await s3.afind(pin, LayoutChoice(layout).candidates) is None:
+                missing.append(pin)
+        return missing
