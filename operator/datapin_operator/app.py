@@ -1,7 +1,8 @@
 """The operator's parts, built once from `Settings`: `App` and its factory `build_app`.
 
 `build_app` builds the API client, the metrics registry (one per app, injected into every part
-that counts: no global metrics), the git source, the resolver, the fleet, the controller, the
+that counts: no global metrics), the git source, the resolver, the folder-index cache of pins
+(shared by the webhook and the controller), the fleet, the controller, the
 admission and the webhook server; `handlers.py` registers kopf callbacks over an `App` and
 `main.py` runs it. `App` lives here, apart from both, so that neither imports the other
 (handlers need the type, main needs the handlers).
@@ -28,7 +29,7 @@ from datapin_operator.reconcile.fleet import Fleet
 from datapin_operator.resolve.gitsource import GitSource
 from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
-from datapin_operator.webhook.admission import Admission
+from datapin_operator.webhook.admission import Admission, part_index
 from datapin_operator.webhook.certs import DevWebhookServer, ServiceWebhookServer
 from datapin_operator.webhook.tls import CA, CERT, CURRENT, KEY, TLSKeeper
 
@@ -111,12 +112,20 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
     metrics = OperatorMetrics(registry)
     resolver = Resolver(git, secrets=kube.get_secret, metrics=metrics)
     fleet = Fleet(kube, settings, metrics=metrics)
+    # One folder-index cache: the controller's checks of named and prefetch folders warm
+    # the webhook's answers for Jobs naming them.
+    parts = part_index(settings)
     return App(
         settings=settings,
         kube=kube,
         registry=registry,
         controller=Controller(
-            settings=settings, kube=kube, resolver=resolver, fleet=fleet, metrics=metrics
+            settings=settings,
+            kube=kube,
+            resolver=resolver,
+            fleet=fleet,
+            metrics=metrics,
+            parts=parts,
         ),
         admission=Admission(
             settings=settings,
@@ -124,6 +133,7 @@ def build_app(settings: Settings, *, kube: Kube | None = None) -> App:
             datasets=kube.list_datasets,
             resolver=resolver,
             metrics=metrics,
+            parts=parts,
         ),
         tls=tls_keeper(settings, kube),
         webhook_server=webhook_server(settings),

@@ -154,7 +154,11 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
             pins = read_pins(body.metadata.annotations) or {}
         except OperatorError:
             return
-        shown = ", ".join(f"{p.dataset}={p.ref} ({p.pin})" for p in pins.values())
+        shown = ", ".join(
+            f"{p.dataset}={p.ref} ({p.pin})"
+            + (f" folders {p.part.label}" if not p.part.whole else "")
+            for p in pins.values()
+        )
         kopf.event(body, type="Normal", reason="Injected", message=f"datapin pinned {shown}")
 
     return registry

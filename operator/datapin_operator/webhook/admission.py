@@ -16,10 +16,18 @@ The flow, for a Job (a Pod is the same with the Pod as its own template):
    for a key pair (a pod whose sidecar cannot authenticate would fail after scheduling, far
    from the user's `kubectl apply`), and its revision is resolved (`resolve/resolver.py`, which
    reads the git Secret of `spec.source` itself).
-5. `inject.py` builds the new pod template; the pins go on the Job and on the template.
-6. Unless `DATAPIN_PREFER_WARM_NODES` is off, the template prefers the nodes whose agents
-   report the pins warm, read from the same listing's Dataset statuses (`placement.py`, which
-   says why this is a preference and never a requirement). It is added in the pass that
+5. Folders (`datapin.dev/path`, or a revision that stands for folders: a named
+   `<md5>.dir:<folders>`, a source path inside an out) are checked against the pin's `.dir`
+   in the Dataset's remote, read with the Dataset's keys once per pin and remembered
+   (`resolve/partindex.py`): a folder the revision does not hold is refused here with the
+   folders it does hold, not on a node minutes later. Only pins with folders are read; reused
+   pins were checked when the Job was admitted. The part goes into the pins
+   (`PinRecord.part`), which the csi volume (`path` attribute) and the sidecar both read.
+6. `inject.py` builds the new pod template; the pins go on the Job and on the template.
+7. Unless `DATAPIN_PREFER_WARM_NODES` is off, the template prefers the nodes whose agents
+   report the pins (or, for a part, the pin or a part holding it) warm, read from the same
+   listing's Dataset statuses (`placement.py`, which says why this is a preference and never
+   a requirement). It is added in the pass that
    injects, so like the pins it is decided once per Job and copied into every Pod.
 
 Every answer is counted by result and reason and timed (`metrics.py`): admitted (`Pinned`,
@@ -37,10 +45,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from datapin_sidecar.errors import PathNotInRevisionError
 from datapin_sidecar.pins import PinRecord, format_pins
 
 from datapin_operator.api.models import DatasetSpec
-from datapin_operator.errors import OperatorError, UnknownDatasetError
+from datapin_operator.errors import (
+    OperatorError,
+    PartNotFoundError,
+    RemoteCheckError,
+    UnknownDatasetError,
+)
 from datapin_operator.kube import DatasetListing
 from datapin_operator.metrics import (
     AdmissionReason,
@@ -49,12 +63,13 @@ from datapin_operator.metrics import (
     Placement,
     error_reason,
 )
-from datapin_operator.reconcile.remotecheck import keys_from_secret
-from datapin_operator.resolve.resolver import Resolver, SecretReader
+from datapin_operator.reconcile.remotecheck import RemoteKeys, keys_from_secret
+from datapin_operator.resolve.partindex import PartIndex
+from datapin_operator.resolve.resolver import Resolved, Resolver, SecretReader
 from datapin_operator.settings import Settings
 from datapin_operator.webhook.inject import DatasetMount, inject, is_injected
 from datapin_operator.webhook.placement import WarmNodes, prefer, preferred_terms, warm_nodes
-from datapin_operator.webhook.requests import Request, parse_request, read_pins
+from datapin_operator.webhook.requests import MountRequest, Request, parse_request, read_pins
 
 #: namespace -> the Datasets there: their specs and statuses (`kube.list_datasets`), or only
 #: their specs, name -> spec (then nothing is known warm and no placement is added).
@@ -113,6 +128,12 @@ class Admission:
     datasets: DatasetLister
     resolver: Resolver
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    #: Folder indexes of pins (shared with the controller); one from `settings` if not given.
+    parts: PartIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.parts is None:
+            object.__setattr__(self, "parts", part_index(self.settings))
 
     async def admit(self, obj: Mapping[str, Any], *, namespace: str) -> Admitted | None:
         """The mutated object, or None when it is not ours or already done; counted and
@@ -154,25 +175,33 @@ class Admission:
             return AdmissionReason.ALREADY_INJECTED
         catalog = Catalog.of(namespace, await self.datasets(namespace))
         recorded = read_pins(own) or read_pins(tmpl_annotations)
+        # Where each dataset's part was said, for messages: the annotation or the Dataset.
+        sources: dict[str, str] = {}
         if recorded is not None and set(request.datasets) <= set(recorded):
+            # The part too is the recorded one: the Pods of a Job serve what the Job was
+            # admitted with, folders included.
             pins = tuple(recorded[d] for d in request.datasets)
             reused = True
         else:
-            pins = tuple(
-                [await self._pin(catalog, namespace, m.dataset, m.revision) for m in request.mounts]
-            )
+            pinned = [await self._pin(catalog, namespace, m) for m in request.mounts]
+            pins = tuple(p for p, _ in pinned)
+            sources = {p.dataset: source for p, source in pinned}
             reused = False
         mounts = [
             DatasetMount(request=m, spec=self._spec(catalog, namespace, m.dataset), pin=p)
             for m, p in zip(request.mounts, pins, strict=True)
         ]
         for mount in mounts:
-            await self._check_secret(namespace, mount.spec)
+            keys = await self._check_secret(namespace, mount.spec)
+            if not reused:
+                await self._check_part(namespace, mount, keys, source=sources[mount.pin.dataset])
         injected = inject(template, request=request, mounts=mounts, settings=self.settings)
         warm: tuple[WarmNodes, ...] = ()
         if self.settings.prefer_warm_nodes:
             warm = tuple(
-                warm_nodes(catalog.status(namespace, p.dataset), dataset=p.dataset, pin=p.pin)
+                warm_nodes(
+                    catalog.status(namespace, p.dataset), dataset=p.dataset, pin=p.pin, part=p.part
+                )
                 for p in pins
             )
             terms = preferred_terms(warm, weight=self.settings.warm_node_weight)
@@ -195,23 +224,95 @@ class Admission:
         return DatasetSpec.model_validate(raw)
 
     async def _pin(
-        self, catalog: Catalog, namespace: str, dataset: str, revision: str
-    ) -> PinRecord:
-        spec = self._spec(catalog, namespace, dataset)
+        self, catalog: Catalog, namespace: str, mount: MountRequest
+    ) -> tuple[PinRecord, str]:
+        """The pin of one dataset, with its part, and where the part was said."""
+        spec = self._spec(catalog, namespace, mount.dataset)
         resolved = await self.resolver.resolve_in(
-            namespace, dataset=dataset, spec=spec, revision=revision
+            namespace, dataset=mount.dataset, spec=spec, revision=mount.revision
         )
-        return PinRecord(
-            dataset=dataset,
+        part, source = resolved.part, resolved.part_source
+        if not mount.part.whole:
+            if not resolved.part.whole:
+                raise _part_twice(mount, resolved)
+            part, source = mount.part, mount.part_key
+        record = PinRecord(
+            dataset=mount.dataset,
             pin=resolved.pin,
-            ref=revision,
+            ref=mount.revision,
             layout=resolved.layout,
             commit=resolved.commit,
+            part=part,
+        )
+        return record, source
+
+    async def _check_secret(self, namespace: str, spec: DatasetSpec) -> RemoteKeys:
+        ref = spec.remote.credentials_secret_ref
+        return keys_from_secret(
+            await self.secrets(namespace, ref.name), ref=ref, namespace=namespace
         )
 
-    async def _check_secret(self, namespace: str, spec: DatasetSpec) -> None:
-        ref = spec.remote.credentials_secret_ref
-        keys_from_secret(await self.secrets(namespace, ref.name), ref=ref, namespace=namespace)
+    async def _check_part(
+        self, namespace: str, mount: DatasetMount, keys: RemoteKeys, *, source: str
+    ) -> None:
+        """Refuse folders the pin does not hold (read from its `.dir`, once per pin)."""
+        pin = mount.pin
+        if pin.part.whole or self.parts is None:
+            return
+        secret = mount.spec.remote.credentials_secret_ref.name
+        try:
+            await self.parts.check(
+                remote=mount.spec.remote,
+                keys=keys,
+                pin=pin.pin,
+                layout=mount.layout,
+                part=pin.part,
+                where=f"Secret {namespace}/{secret}",
+                wait=self.settings.part_index_wait_seconds,
+            )
+        except PathNotInRevisionError as exc:
+            raise PartNotFoundError(
+                f"{source} asks for folders {pin.part.label}, but {exc}",
+                dataset=pin.dataset,
+                revision=pin.ref,
+            ) from None
+        except RemoteCheckError as exc:
+            raise RemoteCheckError(
+                f"Dataset {pin.dataset!r} revision {pin.ref!r}: the folders {pin.part.label} "
+                f"({source}) cannot be checked against {pin.pin}: {exc.message}",
+                reason=exc.reason,
+            ) from None
+
+
+def part_index(settings: Settings) -> PartIndex:
+    """The folder-index cache `settings` describe (the app builds one and shares it)."""
+    mib = 1024 * 1024
+    return PartIndex(
+        scratch=settings.part_index_dir,
+        max_bytes=settings.part_index_cache_mib * mib,
+        max_dir_bytes=settings.part_index_max_dir_mib * mib,
+        request_timeout=settings.remote_timeout_seconds,
+    )
+
+
+def _part_twice(mount: MountRequest, resolved: Resolved) -> PartNotFoundError:
+    """Folders asked of a revision that already stands for folders: refused, not guessed."""
+    fix = (
+        f"remove {mount.part_key} to get {resolved.part.label}, or name the pin "
+        f"{resolved.pin} in datapin.dev/revision and keep {mount.part_key}"
+    )
+    if resolved.part_source == "spec.source.path":
+        fix += (
+            "; to let Jobs choose folders of a git revision, point the Dataset's "
+            "spec.source.path at the whole out (e.g. data.dvc)"
+        )
+    return PartNotFoundError(
+        f"{mount.part_key} asks for folders {mount.part.label}, but the revision already "
+        f"stands for folders {resolved.part.label} ({resolved.part_source}); a revision's "
+        f"folders are said in one place. Fix: {fix}",
+        dataset=mount.dataset,
+        revision=mount.revision,
+    )
 
 
 def _template(obj: dict[str, Any]) -> dict[str, Any]:

@@ -10,13 +10,16 @@ What is added, and nothing else:
       csi:
         driver: datapin.dev
         readOnly: true                   # false for a writable request
-        volumeAttributes: {dataset, pin, layout, ref, writable}
+        volumeAttributes: {dataset, pin, layout, ref, writable[, path]}
         nodePublishSecretRef: {name: <the Dataset's credentials Secret>}
 
   kubelet reads the Secret from the pod's namespace and hands it to the node plugin in the
   `NodePublishVolume` request, so the keys never enter the pod. The attribute names and the
   driver name are `datapin_sidecar.csi.volume`'s (`DRIVER`, `Attr`): that module is the other
-  side of this contract. Volume names carry an index, not the dataset's name: a Dataset name
+  side of this contract. `path` is written only for part of a revision (the pin's
+  `Part.label`, a comma list of folders): absent means the whole revision, so pods of
+  Jobs without `datapin.dev/path` carry exactly the attributes they did before parts.
+  Volume names carry an index, not the dataset's name: a Dataset name
   may hold dots, which a volume name may not.
 * In every app container and user init container (not ephemeral containers: they are added
   after admission), per dataset, a mount of that volume at the dataset's mount path with
@@ -113,6 +116,8 @@ def _volume(index: int, mount: DatasetMount, *, writable: bool) -> dict[str, Any
         Attr.REF.value: mount.pin.ref,
         Attr.WRITABLE.value: "true" if writable else "false",
     }
+    if not mount.pin.part.whole:
+        attributes[Attr.PATH.value] = mount.pin.part.label
     return {
         "name": volume_name(index),
         "csi": {

@@ -27,6 +27,11 @@ The choices, and why:
 * **Kept:** everything the pod already says about placement (required node affinity, its own
   preferred terms, pod affinity and anti-affinity); the terms are appended. A pod with
   `spec.nodeName` set is not scheduled at all and gets nothing.
+* **Parts.** Agents report a whole revision as `<pin>` and part of one as
+  `<pin>:<folders>` (`Part.label`). A pod that asks for the whole pin prefers nodes warm for
+  `<pin>`, never a part of it (the rest would still be fetched). A pod that asks for folders X
+  of the pin prefers nodes warm for the whole pin, for exactly X, or for any part holding all
+  of X (warm for `images`, asked for `images/train`): their caches hold every object it needs.
 * **Tolerant reading.** The status may come from an older or newer operator: anything not
   shaped as expected counts as "nothing warm", never as a rejection.
 """
@@ -38,6 +43,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from datapin_sidecar.engine.part import Part
+from datapin_sidecar.errors import DatapinError
+
 #: The most node names one term lists (see the module doc).
 MAX_NODES: Final = 100
 #: The node field a term matches: the node's name, which agents report.
@@ -47,15 +55,37 @@ PREFERRED: Final = "preferredDuringSchedulingIgnoredDuringExecution"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WarmNodes:
-    """The nodes whose agents report one dataset's pin warm (sorted, at most `MAX_NODES`)."""
+    """The nodes whose agents report one dataset's pin (or its part) warm (sorted, at most
+    `MAX_NODES`)."""
 
     dataset: str
     pin: str
     nodes: tuple[str, ...]
+    part: Part = Part.WHOLE
 
 
-def warm_nodes(status: Mapping[str, Any] | None, *, dataset: str, pin: str) -> WarmNodes:
-    """The nodes a Dataset's status reports `pin` warm on."""
+def serves(reported: object, *, pin: str, part: Part) -> bool:
+    """Whether a node warm for `reported` (a `warmRevisions` item) holds `part` of `pin`."""
+    if not isinstance(reported, str):
+        return False
+    warm_pin, sep, label = reported.partition(":")
+    if warm_pin != pin:
+        return False
+    if not sep:
+        return True  # the whole pin serves any part of it
+    if part.whole:
+        return False
+    try:
+        held = Part.parse([label])
+    except DatapinError:
+        return False  # a newer agent's spelling: nothing warm, never a rejection
+    return all(any(p == h or p.startswith(f"{h}/") for h in held.paths) for p in part.paths)
+
+
+def warm_nodes(
+    status: Mapping[str, Any] | None, *, dataset: str, pin: str, part: Part = Part.WHOLE
+) -> WarmNodes:
+    """The nodes a Dataset's status reports `pin` (or, for a part, one holding it) warm on."""
     prefetch = (status or {}).get("prefetch") if isinstance(status, Mapping) else None
     reported = prefetch.get("nodes") if isinstance(prefetch, Mapping) else None
     names = {
@@ -64,9 +94,9 @@ def warm_nodes(status: Mapping[str, Any] | None, *, dataset: str, pin: str) -> W
         if isinstance(node, Mapping)
         and node.get("node")
         and isinstance(node.get("warmRevisions"), list)
-        and pin in node["warmRevisions"]
+        and any(serves(item, pin=pin, part=part) for item in node["warmRevisions"])
     }
-    return WarmNodes(dataset=dataset, pin=pin, nodes=tuple(sorted(names)[:MAX_NODES]))
+    return WarmNodes(dataset=dataset, pin=pin, part=part, nodes=tuple(sorted(names)[:MAX_NODES]))
 
 
 def preferred_terms(warm: Sequence[WarmNodes], *, weight: int) -> list[dict[str, Any]]:
