@@ -6,9 +6,15 @@ Observing, in order, each step feeding the next:
 2. the remote's Secret exists and holds a key pair;
 3. every named and prefetch revision resolves to a pin (git refs through the DVC repo, with
    the git Secret the resolver reads);
-4. the remote answers with those keys and holds every pin's `.dir`;
-5. for prefetch: the selected nodes get the pins in their agents' lists (fleet.py), and the
-   agents' reports say how far they got.
+4. the remote answers with those keys and holds every pin's `.dir`, and every revision
+   that stands for folders (a prefetch entry `v2:images/train`, a named revision
+   `<md5>.dir:<folders>`, a source path inside an out) names folders its `.dir` holds, read
+   through the webhook's own folder-index cache (`resolve/partindex.py`), so a bad folder is
+   a `Resolved=False` naming the folders there are, and the admissions that follow are
+   answered from memory;
+5. for prefetch: the selected nodes get the pins (and parts) in their agents' lists
+   (fleet.py), and the agents' reports say how far they got. An entry whose folders are not
+   in its pin is left off the lists.
 
 A failure in one step is recorded and the others still run where they can, so the status
 names every problem at once rather than one per resync. `resolvedAt` is kept while a ref
@@ -34,13 +40,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from datapin_sidecar.engine.part import Part
+from datapin_sidecar.errors import PathNotInRevisionError
 from pydantic import ValidationError
 
-from datapin_operator.api.models import DatasetSpec, PrefetchStatus, ResolvedRevision
+from datapin_operator.api.models import (
+    DatasetSpec,
+    PrefetchStatus,
+    ResolvedRevision,
+    join_revision,
+    split_revision,
+)
 from datapin_operator.errors import (
     AgentConfigError,
     BadSpecError,
     OperatorError,
+    PartNotFoundError,
     RemoteCheckError,
     SecretError,
 )
@@ -59,6 +74,7 @@ from datapin_operator.reconcile.remotecheck import (
     keys_from_secret,
 )
 from datapin_operator.reconcile.status import Observation, Transition, build_status, transitions
+from datapin_operator.resolve.partindex import PartIndex
 from datapin_operator.resolve.resolver import Resolver
 from datapin_operator.settings import Settings
 
@@ -100,12 +116,14 @@ class Controller:
         resolver: Resolver,
         fleet: Fleet,
         metrics: OperatorMetrics | None = None,
+        parts: PartIndex | None = None,
     ):
         self.settings = settings
         self.kube = kube
         self.resolver = resolver
         self.fleet = fleet
         self.metrics = metrics if metrics is not None else OperatorMetrics()
+        self.parts = parts
         self._watches: dict[DatasetKey, _Watch] = {}
 
     async def reconcile(self, body: Mapping[str, Any], *, known: Iterable[DatasetKey]) -> Outcome:
@@ -238,7 +256,8 @@ class Controller:
             remote_error = exc
 
         errors: list[OperatorError] = []
-        resolved = await self._resolve(namespace, name, spec, previous, errors)
+        by_entry = await self._resolve(namespace, name, spec, previous, errors)
+        resolved = list(dict.fromkeys(by_entry.values()))  # named and prefetched: once each
 
         not_pushed: list[str] = []
         checked = False
@@ -247,16 +266,20 @@ class Controller:
                 not_pushed = await check_remote(
                     spec.remote,
                     keys,
-                    pins=[(r.pin, r.layout) for r in resolved],
+                    pins=list(dict.fromkeys((r.pin, r.layout) for r in resolved)),
                     request_timeout=self.settings.remote_timeout_seconds,
                     where=f"Secret {namespace}/{secret_ref.name}",
                 )
                 checked = True
             except RemoteCheckError as exc:
                 remote_error = exc
+        if checked and keys is not None:
+            bad = await self._check_parts(namespace, name, spec, keys, resolved, not_pushed)
+            errors += bad.values()
+            by_entry = {entry: r for entry, r in by_entry.items() if r not in bad}
 
         prefetch, prefetch_error, entries, wrote = await self._prefetch(
-            namespace, name, spec, resolved, keys, known
+            namespace, name, spec, by_entry, keys, known
         )
         obs = Observation(
             generation=generation,
@@ -279,36 +302,95 @@ class Controller:
         spec: DatasetSpec,
         previous: Mapping[str, Any] | None,
         errors: list[OperatorError],
-    ) -> list[ResolvedRevision]:
-        wanted = list(
+    ) -> dict[str, ResolvedRevision]:
+        """Every named revision and prefetch entry (`<revision>[:<folders>]`), as the spec
+        writes it, -> how it resolved; what fails is in `errors`."""
+        entries = list(
             dict.fromkeys([*spec.revisions, *(spec.prefetch.revisions if spec.prefetch else [])])
         )
+        asked = {entry: split_revision(entry) for entry in entries}  # the models checked them
         found, failed = await self.resolver.resolve_many(
-            namespace, dataset=name, spec=spec, revisions=wanted
+            namespace,
+            dataset=name,
+            spec=spec,
+            revisions=list(dict.fromkeys(revision for revision, _ in asked.values())),
         )
         errors += failed
         before = {
-            (r.get("ref"), r.get("pin")): r.get("resolvedAt")
+            (r.get("ref"), r.get("pin"), r.get("path")): r.get("resolvedAt")
             for r in (previous or {}).get("resolved", []) or []
             if isinstance(r, dict)
         }
-        return [
-            ResolvedRevision(
+        result: dict[str, ResolvedRevision] = {}
+        for entry, (revision, part) in asked.items():
+            r = found.get(revision)
+            if r is None:
+                continue
+            if not part.whole and not r.part.whole:
+                errors.append(
+                    PartNotFoundError(
+                        f"prefetch entry {entry!r} asks for folders {part.label}, but "
+                        f"{revision!r} already stands for folders {r.part.label} "
+                        f"({r.part_source}); a revision's folders are said in one place. Fix: "
+                        f"list {revision!r} alone, or {join_revision(r.pin, part)}",
+                        dataset=name,
+                        revision=entry,
+                    )
+                )
+                continue
+            path = (part if not part.whole else r.part).label or None
+            result[entry] = ResolvedRevision(
                 ref=revision,
                 pin=r.pin,
+                path=path,
                 layout=r.layout,
                 commit=r.commit,
-                resolved_at=before.get((revision, r.pin)) or now_iso(),
+                resolved_at=before.get((revision, r.pin, path)) or now_iso(),
             )
-            for revision, r in found.items()
-        ]
+        return result
+
+    async def _check_parts(  # noqa: PLR0917 - private; the steps of one reconcile
+        self,
+        namespace: str,
+        name: str,
+        spec: DatasetSpec,
+        keys: RemoteKeys,
+        resolved: list[ResolvedRevision],
+        not_pushed: list[str],
+    ) -> dict[ResolvedRevision, OperatorError]:
+        """The revisions with folders their pin does not hold (or that cannot be checked)."""
+        bad: dict[ResolvedRevision, OperatorError] = {}
+        if self.parts is None:
+            return bad
+        secret = spec.remote.credentials_secret_ref.name
+        for r in resolved:
+            if r.path is None or r.pin in not_pushed:
+                continue
+            try:
+                await self.parts.check(
+                    remote=spec.remote,
+                    keys=keys,
+                    pin=r.pin,
+                    layout=r.layout,
+                    part=Part.parse([r.path]),
+                    where=f"Secret {namespace}/{secret}",
+                )
+            except PathNotInRevisionError as exc:
+                bad[r] = PartNotFoundError(str(exc), dataset=name, revision=r.ref)
+            except RemoteCheckError as exc:
+                bad[r] = PartNotFoundError(
+                    f"folders {r.path} cannot be checked: {exc.message}",
+                    dataset=name,
+                    revision=r.ref,
+                )
+        return bad
 
     async def _prefetch(  # noqa: PLR0917 - private; the steps of one reconcile
         self,
         namespace: str,
         name: str,
         spec: DatasetSpec,
-        resolved: list[ResolvedRevision],
+        by_entry: Mapping[str, ResolvedRevision],
         keys: RemoteKeys | None,
         known: Iterable[DatasetKey],
     ) -> tuple[PrefetchStatus | None, AgentConfigError | None, list[PrefetchEntry], bool]:
@@ -320,7 +402,6 @@ class Controller:
             with contextlib.suppress(AgentConfigError):
                 await self.fleet.sync(known)
             return None, None, [], False
-        wanted = set(spec.prefetch.revisions)
         try:
             listed = await self.kube.list_nodes(spec.prefetch.node_selector)
         except API_ERRORS as exc:
@@ -332,6 +413,11 @@ class Controller:
             error = agent_config_error(exc, what=what, namespace=self.settings.namespace)
             return None, error, [], False
         nodes = frozenset(n.name for n in listed)
+        # `golden` and its pin itself, both listed: one entry for the agents.
+        prefetched: dict[tuple[str, str | None], ResolvedRevision] = {}
+        for entry in spec.prefetch.revisions:
+            if entry in by_entry:
+                prefetched.setdefault((by_entry[entry].pin, by_entry[entry].path), by_entry[entry])
         entries = [
             PrefetchEntry(
                 namespace=namespace,
@@ -342,9 +428,9 @@ class Controller:
                 remote=spec.remote,
                 keys=keys,
                 nodes=nodes,
+                part=Part.parse([r.path]) if r.path else Part.WHOLE,
             )
-            for r in resolved
-            if r.ref in wanted
+            for r in prefetched.values()
         ]
         self.fleet.set(key, entries)
         try:

@@ -7,14 +7,17 @@ cluster's widest). The operator writes, and the agents read files kubelet projec
   `<node>.json` = `{"revisions": [<DatasetSettings with a pin>, ...]}` (the agent's
   `DATAPIN_PREFETCH_FILE`, `agent.read_prefetch_list`). A node with nothing to prefetch has no
   key; the agent reads a missing file as an empty list. Entries are named
-  `<namespace>.<dataset>` (namespaces hold no dots, so the name is unambiguous).
+  `<namespace>.<dataset>` (namespaces hold no dots, so the name is unambiguous). An entry for
+  part of a revision (a prefetch entry `v2:images/train`, a named revision with folders)
+  carries `paths` (the part's folders); the whole revision has none.
 * Secret `<agent_credentials_secret>`: a copy of each prefetched Dataset's key pair under
   `<namespace>.<dataset>.access_key_id` / `.secret_access_key`, which the entries name through
   `credentials_dir` + `access_key_id_file`/`secret_access_key_file`. The copy is needed because
   a pod can only mount Secrets of its own namespace; it holds only Datasets with prefetch.
 
 Reports flow back by pull: the operator lists the agent pods and GETs each one's `/status`
-(`prefetch: {"<name>@<pin>": {"state": "warm"|"pending"|"failed", "last_error": ...}}`),
+(`prefetch: {"<name>@<pin>[:<folders>]": {"state": "warm"|"pending"|"failed", "last_error":
+...}}`: `<name>@<pin>` for a whole revision, `<name>@<pin>:<Part.label>` for a part),
 cached for a few seconds so reconciling many Datasets costs one round. Each round is counted
 (`datapin_operator_agent_reports_total` by result, `datapin_operator_agents` by state).
 
@@ -42,6 +45,7 @@ from typing import Any, Final
 
 import aiohttp
 from datapin_sidecar.engine.hashing import LayoutChoice
+from datapin_sidecar.engine.part import Part
 from datapin_sidecar.node.settings import DatasetSettings
 from kubernetes.client.exceptions import ApiException
 
@@ -75,10 +79,23 @@ class PrefetchEntry:
     remote: Remote
     keys: RemoteKeys = field(repr=False)
     nodes: frozenset[str]
+    #: The folders to keep warm; `Part.WHOLE`: the whole revision.
+    part: Part = Part.WHOLE
 
     @property
     def name(self) -> str:
         return agent_name(self.namespace, self.dataset)
+
+    @property
+    def revision(self) -> str:
+        """The revision as agents report it and `warmRevisions` lists it: `<pin>` for the
+        whole, `<pin>:<folders>` for a part."""
+        return f"{self.pin}:{self.part.label}" if not self.part.whole else self.pin
+
+    @property
+    def report_key(self) -> str:
+        """The key of this entry in an agent's `/status` `prefetch` map."""
+        return f"{self.name}@{self.revision}"
 
 
 def render(
@@ -87,7 +104,7 @@ def render(
     """(ConfigMap data, Secret data) for all entries: pure, deterministic."""
     per_node: dict[str, list[dict[str, Any]]] = {}
     secret: dict[str, str] = {}
-    for e in sorted(entries, key=lambda e: (e.namespace, e.dataset, e.pin)):
+    for e in sorted(entries, key=lambda e: (e.namespace, e.dataset, e.pin, e.part.paths)):
         id_file, secret_file = f"{e.name}.access_key_id", f"{e.name}.secret_access_key"
         secret[id_file] = e.keys.access_key_id
         secret[secret_file] = e.keys.secret_access_key
@@ -103,7 +120,10 @@ def render(
             secret_access_key_file=secret_file,
             pin=e.pin,
             ref=e.ref,
+            paths=e.part.to_list(),
         ).model_dump(mode="json", exclude_none=True)
+        if not item["paths"]:
+            del item["paths"]  # the whole revision: entries read as they did before parts
         for node in sorted(e.nodes):
             per_node.setdefault(node, []).append(item)
     data = {
@@ -247,8 +267,9 @@ def summarise(
 ) -> PrefetchStatus:
     """One Dataset's progress: a node is warm when its agent reports every pin warm.
 
-    Each node also lists the pins its agent reports warm (`warmRevisions`): the webhook reads
-    them to prefer, for a Job pinned to one, the nodes that already hold it (placement.py).
+    Each node also lists the revisions its agent reports warm (`warmRevisions`: `<pin>`, or
+    `<pin>:<folders>` for a part): the webhook reads them to prefer, for a Job pinned to one,
+    the nodes that already hold it (placement.py).
 
     The nodes counted are those the selector chose *and* that run an agent: a node without
     one can run no datapin pod, so it is not waited for.
@@ -258,14 +279,14 @@ def summarise(
     for node in targets:
         report = reports.get(node, {})
         mine = [e for e in entries if node in e.nodes]
-        states = {e: report.get(f"{e.name}@{e.pin}", {}) for e in mine}
+        states = {e: report.get(e.report_key, {}) for e in mine}
         warm = sum(1 for s in states.values() if s.get("state") == "warm")
         failed = [
-            f"{e.ref} ({e.pin}): {s.get('last_error') or 'failed'}"
+            f"{e.ref}{_folders(e.part)} ({e.pin}): {s.get('last_error') or 'failed'}"
             for e, s in states.items()
             if s.get("state") == "failed"
         ]
-        warm_pins = sorted({e.pin for e, s in states.items() if s.get("state") == "warm"})
+        warm_pins = sorted({e.revision for e, s in states.items() if s.get("state") == "warm"})
         nodes.append(
             NodePrefetch(
                 node=node, warm=warm, total=len(mine), failed=failed, warm_revisions=warm_pins
@@ -278,3 +299,7 @@ def summarise(
         total_nodes=len(nodes),
         nodes=nodes,
     )
+
+
+def _folders(part: Part) -> str:
+    return f" folders {part.label}" if not part.whole else ""

@@ -155,7 +155,9 @@ def _condition(  # noqa: PLR0911 - one return per rule of the module doc
             )
         if not obs.resolved:
             return "True", "NothingToResolve", "no named or prefetch revisions"
-        refs = ", ".join(f"{r.ref}={r.pin}" for r in obs.resolved)
+        refs = ", ".join(
+            f"{r.ref}={r.pin}" + (f" (folders {r.path})" if r.path else "") for r in obs.resolved
+        )
         return "True", "Resolved", f"{len(obs.resolved)} revision(s): {refs}"
     # Prefetched
     if not obs.wants_prefetch:
