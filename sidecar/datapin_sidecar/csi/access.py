@@ -340,13 +340,15 @@ class Access:
         rid = remote_id(remote)
         # Per revision, not per tree: a part's and the whole's proofs compose (module doc).
         async with self._lock(("tree", rid, whole)):
+            # A warm publish reads one or two records by name (O(1)); the revision's other
+            # records are listed only when objects must be proven.
+            if await self.run(self._proven_tree, rid, key, whole, trust_etags):
+                return  # this tree's own record, or the whole revision's
             siblings = [
                 r
                 for r in await self.run(self.revision_records, rid, whole)
                 if r.accepted(trust_etags)
             ]
-            if any(r.tree_key in (key, whole) for r in siblings):
-                return  # this tree's own record, or the whole revision's
             count = await self._prove_objects(ask, cache, part, [r.part for r in siblings])
             await self.run(
                 self._write,
@@ -360,6 +362,14 @@ class Access:
                     paths=part.paths,
                 ),
             )
+
+    def _proven_tree(self, rid: str, key: str, whole: str, trust_etags: bool) -> bool:
+        """Whether an accepted record proves tree `key`: its own, or its whole revision's."""
+        for name in dict.fromkeys((key, whole)):
+            record = self.record(rid, name)
+            if record is not None and record.accepted(trust_etags):
+                return True
+        return False
 
     async def _prove_pin(self, ask: _Ask) -> None:
         remote, oid, layout = ask.remote, ask.revision.oid, ask.layout
