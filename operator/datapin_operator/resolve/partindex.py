@@ -14,9 +14,9 @@ same fetch (`S3Remote.afetch`, md5-checked into a scratch `NodeCache`) and the s
 `.dir` says never changes and is cached per (remote, pin) in a least-recently-used map bounded
 by bytes (`DATAPIN_PART_INDEX_CACHE_MIB`). The questions asked of it are "is this a folder?",
 "is it a file?" and "which folders are inside that one?", never "which object is that file?".
-So `FolderIndex` keeps every folder (`<folder>/`, sorted as the manifest sorts paths, so the
-hints list folders in the sidecar's order and a folder's descendants are one binary-searched
-run) and one 64-bit hash per file (sorted, for "is it a file"). A manifest costs ~25 bytes
+So `FolderIndex` keeps every folder (`<folder>/`, sorted as the manifest sorts paths, so a
+folder's descendants are one binary-searched run; hints list names sorted, as the sidecar's)
+and one 64-bit hash per file (sorted, for "is it a file"). A manifest costs ~25 bytes
 plus the path per file; the index 8 bytes per file plus its folders, which are few: a
 1 GiB `.dir` (about 15 million files) is ~120 MB of index instead of ~700 MB of manifest, so
 the cache holds many revisions, not one. The file hashes are Python's per-process `hash` of
@@ -128,7 +128,8 @@ class FolderIndex:
                 raise self._not_in_revision(path, revision)
 
     def children(self, parent: str = "") -> list[str]:
-        """The folders directly inside `parent` ("" = the root), in the manifest's order."""
+        """The folders directly inside `parent` ("" = the root), sorted by their names'
+        UTF-8 bytes, as the sidecar's hints list them (`engine.part.folders`)."""
         prefix = f"{parent}/".encode() if parent else b""
         end = bisect.bisect_left(self.folders, parent.encode() + b"0") if parent else None
         # `bisect_right`: past `parent/` itself, which is the first key of its own run.
@@ -140,7 +141,8 @@ class FolderIndex:
             found.append(name.decode("utf-8"))
             # Past this child's own run (`<child>/...`): `0` follows `/`.
             i = bisect.bisect_left(self.folders, prefix + name + b"0", i + 1, stop)
-        return found
+        # The keys' order puts `a-b/` before `a/`; names are listed in their own order.
+        return sorted(found, key=lambda name: name.encode("utf-8", "surrogatepass"))
 
     def _is_folder(self, raw: bytes) -> bool:
         key = raw + b"/"
