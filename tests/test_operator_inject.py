@@ -231,6 +231,7 @@ def _resolve(request: Request, datasets: dict[str, bool]) -> list[DatasetMount]:
                 ref=m.revision,
                 layout=pins[m.dataset][1],  # type: ignore[arg-type]
                 commit=pins[m.dataset][2],
+                part=m.part,  # a plain revision: the annotation's folders
             ),
         )
         for m in request.mounts

@@ -114,7 +114,8 @@ def test_one_csi_volume_per_dataset_that_the_node_plugin_reads_back(case: Case) 
         assert csi["driver"] == DRIVER == "datapin.dev"
         assert csi["readOnly"] is (not writable)
         assert csi["nodePublishSecretRef"] == {"name": "b2-keys"}  # the Dataset's Secret
-        assert set(csi["volumeAttributes"]) == {a.value for a in Attr}
+        # `path` only for part of a revision (these cases ask for whole ones).
+        assert set(csi["volumeAttributes"]) == {a.value for a in Attr} - {Attr.PATH.value}
         # What kubelet sends for this volume: the pod's attributes, pod info merged over them.
         context = {
             **csi["volumeAttributes"],
@@ -142,6 +143,39 @@ def test_one_csi_volume_per_dataset_that_the_node_plugin_reads_back(case: Case) 
     }
     assert layouts["imagenet"]["layout"] == "dvc3"
     assert layouts["imagenet"]["pin"] == PIN_A
+
+
+def test_folders_asked_for_become_the_path_attribute_the_node_plugin_reads_back() -> None:
+    """`datapin.dev/path.<dataset>`: that dataset's volume says which folders, in the one
+    spelling the plugin keys its trees by; the other dataset's volume stays whole."""
+    annotated = _annotate(TEMPLATES["one-container"](), DATASETS["two-mixed"], "csi")
+    annotated["metadata"]["annotations"]["datapin.dev/path.coco"] = "val2017/, annotations"
+    case = Case(annotated, DATASETS["two-mixed"], _settings())
+    volumes = {v["csi"]["volumeAttributes"]["dataset"]: v for v in _ours(case)}
+    assert "path" not in volumes["imagenet"]["csi"]["volumeAttributes"]
+    attributes = volumes["coco"]["csi"]["volumeAttributes"]
+    assert attributes["path"] == "annotations,val2017"
+    pins = json.loads(case.out["metadata"]["annotations"]["datapin.dev/pins"])
+    assert pins["coco"]["paths"] == ["annotations", "val2017"]
+    assert "paths" not in pins["imagenet"]
+    parsed = parse_publish(
+        volume_id="csi-" + "ab" * 32,
+        target_path=f"{KUBELET}/pods/{POD_UID}/volumes/kubernetes.io~csi/"
+        f"{volumes['coco']['name']}/mount",
+        readonly=True,
+        context={
+            **attributes,
+            PodInfo.NAME.value: "train-x7k2p",
+            PodInfo.NAMESPACE.value: "ml",
+            PodInfo.UID.value: POD_UID,
+            PodInfo.EPHEMERAL.value: "true",
+        },
+        secrets={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        kubelet_dir=KUBELET,
+    )
+    assert parsed.part.paths == ("annotations", "val2017")
+    for version in VERSIONS:
+        kubernetes_validate.validate(_job(case.out), version, strict=True)
 
 
 def test_every_user_container_mounts_each_dataset(case: Case) -> None:
