@@ -29,6 +29,9 @@ Run it with ``sudo demo/run`` (which installs what it needs first) or, once set 
 7. A revision switch: 1% of the files change in the repository (``dvc add`` + ``dvc push``) and
    pod-a moves to the new revision, fetching only the changed objects; then it rolls back to the
    first revision (``--rev``; the remote still comes from the repository).
+8. Part of a revision: an evaluation Job on a new node (an empty cache of its own) asks only
+   for ``images/val`` with DVC's own spelling (``--target data.dvc:data/images/val``): only that
+   folder's objects are fetched, and its tree holds ``images/val/...`` and nothing else.
 
 Design notes: the SeaweedFS server, the XFS volume and DVC's environment are the test kit's
 (:mod:`testkit`), so the demo meets the same servers and volumes the tests do. DVC and git run
@@ -517,6 +520,22 @@ def demo(workdir: Path, stack: contextlib.ExitStack, keep: bool) -> None:
     wall = tools.materialize("--cache", cache, "--dest", pod_a, "--dvc-repo", repo, "--rev", rev1)
     cache_report(cache, want_switch, want_switch, wall, "nothing fetched")
     show_dest(pod_a)
+
+    heading("An evaluation Job on a new node: only images/val (like `dvc pull data/images/val`)")
+    say("a folder inside the tracked directory, as DVC names it; a new node's empty cache:")
+    cache_val, pod_val = vol / "cache-val", pods / "pod-val"
+    part = "data.dvc:data/images/val"
+    wall = tools.materialize(
+        "--cache", cache_val, "--dest", pod_val, "--dvc-repo", repo, "--target", part
+    )
+    val = {rel: b for rel, b in files.items() if rel.startswith("images/val/")}
+    want_val = len({md5_hex((repo / "data" / rel).read_bytes()) for rel in val}) + 1
+    cache_report(cache_val, 0, want_val, wall, f"only the part's objects (of {want_switch})")
+    n = verify_same_tree(pod_val / "current" / "images" / "val", repo / "data" / "images" / "val")
+    outside = [r for r in relpaths(pod_val / "current") if not r.startswith("images/val/")]
+    if outside:
+        raise DemoError(f"{pod_val / 'current'} holds more than images/val: {outside[:5]}")
+    say(f"OK: {shown(pod_val / 'current')} holds images/val/ only ({n} files, paths as in data/)")
 
 
 def md5_hex(data: bytes) -> str:
