@@ -390,6 +390,14 @@ async def test_a_part_volume_serves_exactly_the_part_and_fetches_nothing_else(
         assert _tree_key_of(second) == key
         assert not [k for k, n in _object_gets(proxy, rev1).items() if n], "a warm publish fetched"
 
+        # The agent's /status lists each volume with the part it serves.
+        def listed() -> list[Any]:
+            csi = node.agent.status()["csi"]
+            return [v for v in csi["volumes"] if v["path"] == "images/train"]
+
+        await node.until("/status lists the part's volumes", lambda: len(listed()) == 2)
+        assert {v["tree"] for v in listed()} == {key}
+
         # The same volume id asking for other folders is not the volume kubelet published.
         other = _with_path(pod.volume, "labels")
         async with node.kubelet.csi(node.csi_socket) as again:

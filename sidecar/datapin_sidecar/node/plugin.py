@@ -59,6 +59,10 @@ class PluginState:
     access: Access | None = None
     server: PluginServer | None = None
     removed_trees: list[str] = field(default_factory=list)
+    #: What /status lists of the published volumes (`VolumeRecord.summary`: pod, dataset, pin,
+    #: the part served), refreshed by `counts` in a worker thread with the gauges, so /status
+    #: never reads records on the event loop.
+    volumes: list[dict[str, object]] = field(default_factory=list)
 
     def roots(self, on_error: OnError | None = None) -> list[RevisionRoot]:
         """The revisions, or parts of them, of the trees published volumes use: their
@@ -113,16 +117,18 @@ class PluginState:
         return removed
 
     def counts(self) -> tuple[int, int]:
-        """(shared trees, published volumes); in a worker thread."""
+        """(shared trees, published volumes); in a worker thread. Refreshes `volumes`."""
         trees = len(self.trees.keys()) if self.trees is not None else 0
-        volumes = len(self.publisher.published()) if self.publisher is not None else 0
-        return trees, volumes
+        published = self.publisher.published() if self.publisher is not None else []
+        self.volumes = [record.summary() for record in published]
+        return trees, len(published)
 
     def status(self) -> dict[str, object]:
         registration = self.server.registration if self.server is not None else None
         return {
             "registered": None if registration is None else registration.registered,
             "registration_error": None if registration is None else registration.error,
+            "volumes": self.volumes,
         }
 
 
