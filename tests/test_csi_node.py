@@ -191,7 +191,11 @@ async def test_registration_identity_and_a_read_only_publish_then_a_warm_one(
     # kubelet refusing the plugin is shown on /status, where an admin looks.
     await node.kubelet.notify(node.registration_socket, registered=False, error="kubelet says no")
     status = (await asyncio.to_thread(node.agent.status))["csi"]
-    assert status == {"registered": False, "registration_error": "kubelet says no"}
+    assert status == {
+        "registered": False,
+        "registration_error": "kubelet says no",
+        "volumes": [],  # nothing published yet
+    }
     registered = await node.kubelet.register(node.registration_socket)
     assert registered.name == DRIVER
     assert registered.endpoint == str(node.csi_socket)
